@@ -1,0 +1,16 @@
+//! Generates Rust types from the `.proto` files with a vendored `protoc`.
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let protos = [
+        "callapi/v1/commands.proto",
+        "callapi/v1/mi.proto",
+        "callapi/v1/events.proto",
+    ];
+    for proto in protos {
+        println!("cargo:rerun-if-changed={proto}");
+    }
+    let mut config = prost_build::Config::new();
+    config.protoc_executable(protoc_bin_vendored::protoc_bin_path()?);
+    config.compile_protos(&protos, &["."])?;
+    Ok(())
+}

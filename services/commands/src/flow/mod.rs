@@ -1,0 +1,433 @@
+//! Call flows as pure state machines: no sockets, no clocks, no randomness.
+//!
+//! A flow is created from a command, asked for its first [`Action`]s with `start`, then fed
+//! [`Input`]s (MI replies, OpenSIPS events about the Call-IDs it watches, its deadline) and
+//! answers each with more actions, until it emits [`Action::Finish`]. The driver
+//! (`crate::driver`) performs the actions over NATS; tests feed inputs by hand.
+
+mod end;
+mod hold;
+mod start;
+mod transfer;
+
+pub use end::EndFlow;
+pub use hold::{HoldAction, HoldFlow};
+pub use start::StartFlow;
+pub use transfer::{AttendedTransferFlow, BlindTransferFlow};
+
+use serde_json::Value;
+
+/// Which party of a dialog.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Leg {
+    /// The party that sent the initial INVITE.
+    Caller,
+    /// The party that received it.
+    Callee,
+}
+
+impl Leg {
+    /// The name OpenSIPS uses.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Caller => "caller",
+            Self::Callee => "callee",
+        }
+    }
+}
+
+/// Which MI request an answer belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// `t_uac_dlg` INVITE of CallStart.
+    Invite,
+    /// `call_transfer`.
+    Transfer,
+    /// `call_hold` / `call_unhold`.
+    Hold,
+    /// `dlg_end_dlg` of CallEnd.
+    End,
+}
+
+/// How an MI request ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum MiResult {
+    /// OpenSIPS answered a `result`.
+    Ok(Value),
+    /// OpenSIPS answered an `error`.
+    Err {
+        /// Error code (JSON-RPC or SIP-like).
+        code: i64,
+        /// Error message.
+        message: String,
+        /// Error data, if any, as text.
+        data: String,
+    },
+    /// No answer: node down, timeout, no connector.
+    Unreachable(String),
+}
+
+/// An OpenSIPS event about a watched Call-ID.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CallEvent {
+    /// E_CALL_TRANSFER.
+    Transfer {
+        /// Dialog the transfer runs on.
+        callid: String,
+        /// Leg (quirk: the transfer Call-ID in `start`, "" in the last `notify`).
+        leg: String,
+        /// Call-ID of the new call.
+        transfer_callid: String,
+        /// Transfer target as OpenSIPS sent it.
+        destination: String,
+        /// start | notify | ok | fail.
+        state: String,
+        /// SIP status line, may be empty.
+        status: String,
+    },
+    /// E_CALL_HOLD.
+    Hold {
+        /// Dialog.
+        callid: String,
+        /// caller | callee.
+        leg: String,
+        /// hold | unhold.
+        action: String,
+        /// start | ok | fail.
+        state: String,
+    },
+    /// E_DLG_STATE_CHANGED.
+    DialogState {
+        /// Dialog.
+        callid: String,
+        /// Previous state (1..5).
+        old_state: i32,
+        /// New state (1..5).
+        new_state: i32,
+    },
+}
+
+/// What a flow is told.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Input {
+    /// The answer to an MI request the flow asked for.
+    Mi(Step, MiResult),
+    /// An event about a watched Call-ID.
+    Event(CallEvent),
+    /// The command's deadline passed.
+    Deadline,
+}
+
+/// A step reported to the client (`Event` notification).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct StepNote {
+    /// Event name of the call-api protocol (CALL_ANSWER, TRANSFER_ACCEPT, ...).
+    pub name: &'static str,
+    /// Call-ID the step is about.
+    pub callid: String,
+    /// Leg, or empty.
+    pub leg: String,
+    /// SIP status line, or empty.
+    pub sip_status: String,
+    /// Destination, or empty.
+    pub destination: String,
+}
+
+/// Stable error codes sent to clients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorCode {
+    /// The caller of a CallStart did not answer (busy, no answer, unknown user).
+    CallFailed,
+    /// The transfer target did not answer.
+    TransferFailed,
+    /// No such dialog on OpenSIPS.
+    DialogNotFound,
+    /// OpenSIPS refused a transfer: 491 Request Pending (one transfer per dialog).
+    TransferPending,
+    /// Hold of a dialog whose legs are already on hold.
+    AlreadyHeld,
+    /// Unhold of a dialog with no leg on hold.
+    NotHeld,
+    /// The dialog is not confirmed yet (ringing).
+    DialogNotReady,
+    /// The OpenSIPS node does not support what was asked (per-leg hold on 3.x).
+    NotSupported,
+    /// A leg failed to go on / off hold.
+    HoldFailed,
+    /// The command did not complete before its deadline.
+    Timeout,
+    /// The OpenSIPS node could not be reached.
+    NodeUnreachable,
+    /// Any other error OpenSIPS answered.
+    OpensipsError,
+}
+
+impl ErrorCode {
+    /// The code as sent to clients.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::CallFailed => "CALL_FAILED",
+            Self::TransferFailed => "TRANSFER_FAILED",
+            Self::DialogNotFound => "DIALOG_NOT_FOUND",
+            Self::TransferPending => "TRANSFER_PENDING",
+            Self::AlreadyHeld => "ALREADY_HELD",
+            Self::NotHeld => "NOT_HELD",
+            Self::DialogNotReady => "DIALOG_NOT_READY",
+            Self::NotSupported => "NOT_SUPPORTED",
+            Self::HoldFailed => "HOLD_FAILED",
+            Self::Timeout => "TIMEOUT",
+            Self::NodeUnreachable => "NODE_UNREACHABLE",
+            Self::OpensipsError => "OPENSIPS_ERROR",
+        }
+    }
+}
+
+/// A failure reported to the client (`Error` notification).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ErrorNote {
+    /// Stable code.
+    pub code: ErrorCode,
+    /// Human-readable message.
+    pub message: String,
+    /// SIP or MI status behind it, 0 if none.
+    pub sip_code: i32,
+}
+
+impl ErrorNote {
+    /// A new error note.
+    pub fn new(code: ErrorCode, message: impl Into<String>, sip_code: i32) -> Self {
+        Self {
+            code,
+            message: message.into(),
+            sip_code,
+        }
+    }
+}
+
+/// What a flow asks the driver to do, in order.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    /// Subscribe to events about this Call-ID (before any MI request that follows).
+    Watch(String),
+    /// Send an MI request and feed its answer back as `Input::Mi(step, ..)`.
+    Mi {
+        /// Which request this is.
+        step: Step,
+        /// MI command.
+        method: &'static str,
+        /// Named params.
+        params: Value,
+    },
+    /// Send an MI request whose answer does not matter (clean-up).
+    MiDetached {
+        /// MI command.
+        method: &'static str,
+        /// Named params.
+        params: Value,
+    },
+    /// Tell the client about a step.
+    Notify(StepNote),
+    /// Tell the client the command failed.
+    Fail(ErrorNote),
+    /// The command is over (the driver sends `Ended`).
+    Finish,
+}
+
+/// Any flow, as the driver holds it.
+#[derive(Debug)]
+pub enum Flow {
+    /// CallStart.
+    Start(StartFlow),
+    /// CallBlindTransfer.
+    Blind(BlindTransferFlow),
+    /// CallAttendedTransfer.
+    Attended(AttendedTransferFlow),
+    /// CallHold / CallUnHold.
+    Hold(HoldFlow),
+    /// CallEnd.
+    End(EndFlow),
+}
+
+impl Flow {
+    /// The first actions.
+    pub fn start(&mut self) -> Vec<Action> {
+        match self {
+            Self::Start(f) => f.start(),
+            Self::Blind(f) => f.start(),
+            Self::Attended(f) => f.start(),
+            Self::Hold(f) => f.start(),
+            Self::End(f) => f.start(),
+        }
+    }
+
+    /// The actions that follow an input.
+    pub fn handle(&mut self, input: Input) -> Vec<Action> {
+        match self {
+            Self::Start(f) => f.handle(input),
+            Self::Blind(f) => f.handle(input),
+            Self::Attended(f) => f.handle(input),
+            Self::Hold(f) => f.handle(input),
+            Self::End(f) => f.handle(input),
+        }
+    }
+}
+
+/// The numeric code of a SIP status line ("486 Busy Here" → 486), 0 if none.
+pub fn status_code(status: &str) -> i32 {
+    status
+        .split_whitespace()
+        .next()
+        .and_then(|code| code.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Maps an MI error or failure that no flow handles specially.
+pub fn generic_mi_error(result: &MiResult, what: &str) -> ErrorNote {
+    match result {
+        MiResult::Err {
+            code: 404, message, ..
+        } => ErrorNote::new(
+            ErrorCode::DialogNotFound,
+            format!("{what}: dialog not found (OpenSIPS: 404 {message})"),
+            404,
+        ),
+        MiResult::Err {
+            code: 410, message, ..
+        } => ErrorNote::new(
+            ErrorCode::DialogNotReady,
+            format!("{what}: the dialog is not answered yet (OpenSIPS: 410 {message})"),
+            410,
+        ),
+        MiResult::Err {
+            code,
+            message,
+            data,
+        } => {
+            let detail = if data.is_empty() {
+                String::new()
+            } else {
+                format!(": {data}")
+            };
+            ErrorNote::new(
+                ErrorCode::OpensipsError,
+                format!("{what}: OpenSIPS answered {code} {message}{detail}"),
+                i32::try_from(*code).unwrap_or(0),
+            )
+        }
+        MiResult::Unreachable(reason) => ErrorNote::new(
+            ErrorCode::NodeUnreachable,
+            format!("{what}: OpenSIPS unreachable: {reason}"),
+            0,
+        ),
+        MiResult::Ok(_) => ErrorNote::new(
+            ErrorCode::OpensipsError,
+            format!("{what}: unexpected answer"),
+            0,
+        ),
+    }
+}
+
+/// The outcome of an E_CALL_TRANSFER event for a transfer we are waiting on.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum TransferStage {
+    /// `start`: REFER sent; the new call has this Call-ID.
+    Started {
+        transfer_callid: String,
+        destination: String,
+    },
+    /// `ok`: the target answered.
+    Answered {
+        transfer_callid: String,
+        status: String,
+    },
+    /// `fail`: the target did not answer (status may be empty).
+    Failed { status: String },
+    /// `notify` and anything else: informative only.
+    Other,
+}
+
+pub(crate) fn transfer_stage(
+    state: &str,
+    transfer_callid: &str,
+    destination: &str,
+    status: &str,
+) -> TransferStage {
+    match state {
+        "start" => TransferStage::Started {
+            transfer_callid: transfer_callid.to_owned(),
+            destination: destination.to_owned(),
+        },
+        "ok" => TransferStage::Answered {
+            transfer_callid: transfer_callid.to_owned(),
+            status: status.to_owned(),
+        },
+        // OpenSIPS says "fail"; "failure" is what the Go call-api wrongly expected.
+        "fail" | "failure" => TransferStage::Failed {
+            status: status.to_owned(),
+        },
+        _ => TransferStage::Other,
+    }
+}
+
+/// Strips the `;osid=...` parameter callops adds to transfer destinations.
+pub(crate) fn clean_destination(destination: &str) -> String {
+    destination
+        .split(';')
+        .filter(|part| !part.starts_with("osid="))
+        .collect::<Vec<_>>()
+        .join(";")
+}
+
+#[cfg(test)]
+pub(crate) mod test_support {
+    use super::*;
+
+    pub fn transfer(callid: &str, leg: &str, tcid: &str, state: &str, status: &str) -> Input {
+        Input::Event(CallEvent::Transfer {
+            callid: callid.into(),
+            leg: leg.into(),
+            transfer_callid: tcid.into(),
+            destination: "sip:bob@127.0.0.1:5072;osid=fed.b360b044".into(),
+            state: state.into(),
+            status: status.into(),
+        })
+    }
+
+    pub fn hold(callid: &str, leg: &str, action: &str, state: &str) -> Input {
+        Input::Event(CallEvent::Hold {
+            callid: callid.into(),
+            leg: leg.into(),
+            action: action.into(),
+            state: state.into(),
+        })
+    }
+
+    pub fn mi_ok(step: Step, value: Value) -> Input {
+        Input::Mi(step, MiResult::Ok(value))
+    }
+
+    pub fn mi_err(step: Step, code: i64, message: &str) -> Input {
+        Input::Mi(
+            step,
+            MiResult::Err {
+                code,
+                message: message.into(),
+                data: String::new(),
+            },
+        )
+    }
+
+    pub fn names(actions: &[Action]) -> Vec<String> {
+        actions
+            .iter()
+            .map(|a| match a {
+                Action::Watch(c) => format!("watch {c}"),
+                Action::Mi { method, .. } => format!("mi {method}"),
+                Action::MiDetached { method, .. } => format!("detached {method}"),
+                Action::Notify(n) => format!("notify {}", n.name),
+                Action::Fail(e) => format!("fail {}", e.code.as_str()),
+                Action::Finish => "finish".into(),
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,161 @@
+//! commands: the call-flow logic. Takes `CommandRequest`s from NATS (queue group `commands`, so
+//! replicas share the work), runs each as a pure flow state machine ([`flow`]) driven by
+//! [`driver`], and publishes the command's notifications to the gateway that holds the client.
+//!
+//! Architecture invariant: flows know OpenSIPS MI command names and event fields, but no wire
+//! format (proxy-connector has MI, event-ingest has events) and no client protocol (gateway).
+#![forbid(unsafe_code)]
+
+pub mod driver;
+pub mod flow;
+pub mod intake;
+
+use std::time::Duration;
+
+use callapi_kit::config::NatsSettings;
+use callapi_kit::subjects;
+use callapi_proto::v1::{CommandAck, CommandRequest};
+use futures::StreamExt as _;
+use prost::Message as _;
+use tokio_util::sync::CancellationToken;
+
+/// The commands configuration.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(default)]
+pub struct Config {
+    /// Where NATS is.
+    pub nats: NatsSettings,
+    /// OpenSIPS node that commands are sent to.
+    pub node_id: String,
+    /// How long each kind of command may take.
+    pub deadlines: Deadlines,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            nats: NatsSettings::default(),
+            node_id: "opensips1".to_owned(),
+            deadlines: Deadlines::default(),
+        }
+    }
+}
+
+/// Per-kind command deadlines, in milliseconds. Call set-up and transfers wait for phones to
+/// ring and answer, so they need tens of seconds.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(default)]
+pub struct Deadlines {
+    /// CallStart (two call set-ups).
+    pub call_start_ms: u64,
+    /// Blind and attended transfers.
+    pub transfer_ms: u64,
+    /// Hold and unhold.
+    pub hold_ms: u64,
+    /// CallEnd.
+    pub end_ms: u64,
+}
+
+impl Default for Deadlines {
+    fn default() -> Self {
+        Self {
+            call_start_ms: 90_000,
+            transfer_ms: 60_000,
+            hold_ms: 15_000,
+            end_ms: 10_000,
+        }
+    }
+}
+
+/// Errors that stop the service.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// NATS could not be used.
+    #[error("NATS: {0}")]
+    Nats(String),
+    /// The configuration is unusable.
+    #[error("configuration: {0}")]
+    Config(String),
+}
+
+/// Runs the commands service until `shutdown` is cancelled; then finishes the commands in
+/// flight (each ends by its deadline) before returning.
+pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Error> {
+    if !subjects::is_token(&config.node_id) {
+        return Err(Error::Config(format!(
+            "node_id {:?} is not a valid id",
+            config.node_id
+        )));
+    }
+    let client = callapi_kit::nats::connect(&config.nats, "commands")
+        .await
+        .map_err(|e| Error::Nats(e.to_string()))?;
+    let mut intake = client
+        .queue_subscribe(subjects::ALL_COMMANDS, subjects::COMMANDS_QUEUE.into())
+        .await
+        .map_err(|e| Error::Nats(e.to_string()))?;
+    client
+        .flush()
+        .await
+        .map_err(|e| Error::Nats(e.to_string()))?;
+    callapi_kit::announce_ready(&format!("node={}", config.node_id));
+
+    let mut running = tokio::task::JoinSet::new();
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            message = intake.next() => {
+                let Some(message) = message else { break };
+                let ack = match accept(&config, &client, &message) {
+                    Ok(work) => {
+                        running.spawn(work);
+                        CommandAck { accepted: true, error: String::new() }
+                    }
+                    Err(reason) => {
+                        tracing::warn!(%reason, subject = %message.subject, "command refused");
+                        CommandAck { accepted: false, error: reason }
+                    }
+                };
+                if let Some(reply) = message.reply.clone() {
+                    if let Err(err) = client.publish(reply, ack.encode_to_vec().into()).await {
+                        tracing::warn!(%err, "could not acknowledge a command");
+                    }
+                }
+            }
+            Some(_) = running.join_next(), if !running.is_empty() => {}
+        }
+    }
+    let _ = intake.unsubscribe().await;
+    tracing::info!(in_flight = running.len(), "draining commands in flight");
+    while running.join_next().await.is_some() {}
+    let _ = client.drain().await;
+    Ok(())
+}
+
+/// Checks one command message and returns the future that runs it.
+fn accept(
+    config: &Config,
+    client: &async_nats::Client,
+    message: &async_nats::Message,
+) -> Result<impl std::future::Future<Output = ()> + Send + 'static, String> {
+    let request = CommandRequest::decode(message.payload.as_ref())
+        .map_err(|e| format!("undecodable CommandRequest: {e}"))?;
+    let subject_tenant = message.subject.split('.').nth(3).unwrap_or_default();
+    if request.tenant != subject_tenant || !subjects::is_token(&request.tenant) {
+        return Err("tenant of the message does not match its subject".to_owned());
+    }
+    if !request.notify_subject.starts_with("callapi.v1.notify.") {
+        return Err("notify_subject must be a callapi.v1.notify subject".to_owned());
+    }
+    let (flow, deadline) = intake::flow_for(&request, &config.deadlines)?;
+    let ctx = driver::Context {
+        client: client.clone(),
+        node_id: config.node_id.clone(),
+        tenant: request.tenant.clone(),
+        cmd_id: request.cmd_id.clone(),
+        connection_id: request.connection_id.clone(),
+        notify_subject: request.notify_subject.clone(),
+    };
+    tracing::info!(cmd_id = %request.cmd_id, tenant = %request.tenant, ?deadline, "command accepted");
+    Ok(driver::drive(ctx, flow, Duration::from_millis(deadline)))
+}

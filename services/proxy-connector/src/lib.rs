@@ -1,0 +1,231 @@
+//! proxy-connector: serves `MiRequest`s from NATS (`callapi.v1.mi.<node>`) by sending them to
+//! that OpenSIPS node over `mi_datagram` (UDP) or `mi_http`, correlating replies by JSON-RPC id,
+//! bounding requests in flight per node and answering "unreachable" when OpenSIPS is silent.
+//!
+//! Architecture invariant: this is the only crate that knows the MI wire format.
+#![forbid(unsafe_code)]
+
+mod envelope;
+mod transport;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use callapi_kit::config::NatsSettings;
+use callapi_kit::subjects;
+use callapi_proto::v1::{MiFailure, MiReply, MiRequest, mi_failure, mi_reply};
+use futures::StreamExt as _;
+use prost::Message as _;
+use tokio_util::sync::CancellationToken;
+
+pub use envelope::{MiOutcome, build_request};
+pub use transport::{MiEndpoint, MiTransport, TransportError};
+
+/// The proxy-connector configuration.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(default)]
+pub struct Config {
+    /// Where NATS is.
+    pub nats: NatsSettings,
+    /// The OpenSIPS nodes this connector serves.
+    pub nodes: Vec<NodeConfig>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            nats: NatsSettings::default(),
+            nodes: vec![NodeConfig::default()],
+        }
+    }
+}
+
+/// One OpenSIPS node and how to reach its MI.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(default)]
+pub struct NodeConfig {
+    /// Node id, used in subjects (`callapi.v1.mi.<id>`).
+    pub id: String,
+    /// `udp:HOST:PORT` for mi_datagram or `http://HOST:PORT/mi` for mi_http.
+    pub mi: String,
+    /// Most MI requests in flight to this node at once (OpenSIPS 3.6 crashes under load).
+    pub max_in_flight: usize,
+    /// Wait for an answer this long when the request names no timeout.
+    pub default_timeout_ms: u64,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        Self {
+            id: "opensips1".to_owned(),
+            mi: "http://127.0.0.1:8888/mi".to_owned(),
+            max_in_flight: 32,
+            default_timeout_ms: 10_000,
+        }
+    }
+}
+
+/// Errors that stop the service.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// NATS could not be used.
+    #[error("NATS: {0}")]
+    Nats(String),
+    /// A node is misconfigured.
+    #[error("node {node}: {reason}")]
+    Node {
+        /// The node id.
+        node: String,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// Longest timeout a request may ask for.
+const MAX_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Runs the connector until `shutdown` is cancelled.
+pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Error> {
+    let client = callapi_kit::nats::connect(&config.nats, "proxy-connector")
+        .await
+        .map_err(|e| Error::Nats(e.to_string()))?;
+    let mut tasks = Vec::new();
+    for node in &config.nodes {
+        if !subjects::is_token(&node.id) {
+            return Err(Error::Node {
+                node: node.id.clone(),
+                reason: "id must be letters, digits, '-' or '_'".to_owned(),
+            });
+        }
+        let endpoint = MiEndpoint::parse(&node.mi).map_err(|reason| Error::Node {
+            node: node.id.clone(),
+            reason,
+        })?;
+        let transport = Arc::new(
+            MiTransport::open(endpoint, node.max_in_flight.max(1))
+                .await
+                .map_err(|e| Error::Node {
+                    node: node.id.clone(),
+                    reason: e.to_string(),
+                })?,
+        );
+        let subscriber = client
+            .queue_subscribe(
+                subjects::mi(&node.id),
+                subjects::PROXY_CONNECTOR_QUEUE.into(),
+            )
+            .await
+            .map_err(|e| Error::Nats(e.to_string()))?;
+        tracing::info!(node = %node.id, mi = %node.mi, "serving MI requests");
+        tasks.push(tokio::spawn(serve_node(
+            client.clone(),
+            subscriber,
+            transport,
+            Duration::from_millis(node.default_timeout_ms),
+            shutdown.clone(),
+        )));
+    }
+    client
+        .flush()
+        .await
+        .map_err(|e| Error::Nats(e.to_string()))?;
+    let nodes: Vec<&str> = config.nodes.iter().map(|n| n.id.as_str()).collect();
+    callapi_kit::announce_ready(&format!("nodes={}", nodes.join(",")));
+    shutdown.cancelled().await;
+    for task in tasks {
+        let _ = task.await;
+    }
+    let _ = client.drain().await;
+    Ok(())
+}
+
+async fn serve_node(
+    client: async_nats::Client,
+    mut subscriber: async_nats::Subscriber,
+    transport: Arc<MiTransport>,
+    default_timeout: Duration,
+    shutdown: CancellationToken,
+) {
+    let mut in_flight = tokio::task::JoinSet::new();
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            message = subscriber.next() => {
+                let Some(message) = message else { break };
+                let client = client.clone();
+                let transport = transport.clone();
+                in_flight.spawn(async move {
+                    let Some(reply_to) = message.reply.clone() else {
+                        tracing::warn!("MI request without a reply subject dropped");
+                        return;
+                    };
+                    let reply = handle(&transport, &message.payload, default_timeout).await;
+                    if let Err(err) = client.publish(reply_to, reply.encode_to_vec().into()).await {
+                        tracing::warn!(%err, "could not publish MI reply");
+                    }
+                });
+            }
+            Some(_) = in_flight.join_next(), if !in_flight.is_empty() => {}
+        }
+    }
+    let _ = subscriber.unsubscribe().await;
+    // Answer what is already in flight before going away.
+    while in_flight.join_next().await.is_some() {}
+}
+
+/// Turns one encoded `MiRequest` into its `MiReply`.
+async fn handle(transport: &MiTransport, payload: &[u8], default_timeout: Duration) -> MiReply {
+    let request = match MiRequest::decode(payload) {
+        Ok(request) => request,
+        Err(err) => {
+            return failure(
+                mi_failure::Kind::BadRequest,
+                format!("bad MiRequest: {err}"),
+            );
+        }
+    };
+    let timeout = match request.timeout_ms {
+        0 => default_timeout,
+        ms => Duration::from_millis(u64::from(ms)).min(MAX_TIMEOUT),
+    };
+    let params = match envelope::parse_params(&request.params_json) {
+        Ok(params) => params,
+        Err(reason) => return failure(mi_failure::Kind::BadRequest, reason),
+    };
+    let outcome = match transport.call(&request.method, params, timeout).await {
+        Ok(outcome) => outcome,
+        Err(TransportError::BadMethod(reason)) => {
+            return failure(mi_failure::Kind::BadRequest, reason);
+        }
+        Err(TransportError::BadReply(reason)) => {
+            return failure(mi_failure::Kind::BadReply, reason);
+        }
+        Err(err) => return failure(mi_failure::Kind::Unreachable, err.to_string()),
+    };
+    tracing::debug!(method = %request.method, ?outcome, "MI reply");
+    match outcome {
+        MiOutcome::Result(value) => MiReply {
+            outcome: Some(mi_reply::Outcome::ResultJson(value.to_string())),
+        },
+        MiOutcome::Error {
+            code,
+            message,
+            data,
+        } => MiReply {
+            outcome: Some(mi_reply::Outcome::Error(callapi_proto::v1::MiError {
+                code,
+                message,
+                data_json: data.map(|d| d.to_string()).unwrap_or_default(),
+            })),
+        },
+    }
+}
+
+fn failure(kind: mi_failure::Kind, message: String) -> MiReply {
+    MiReply {
+        outcome: Some(mi_reply::Outcome::Failure(MiFailure {
+            kind: kind as i32,
+            message,
+        })),
+    }
+}
