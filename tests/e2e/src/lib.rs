@@ -1,1 +1,277 @@
-//! End-to-end test harness.
+//! End-to-end test harness: starts a real `nats-server` (free port, own JetStream dir), the
+//! OpenSIPS emulator and the four services as separate processes, and gives tests a WebSocket
+//! client. Everything is killed (and its files removed) when the [`Stack`] is dropped.
+//!
+//! The service binaries must be built first (`cargo build --workspace --bins`; `make test` does).
+
+pub mod client;
+pub mod process;
+
+pub use client::Client;
+pub use process::{NatsServer, Service, bin_path, free_port};
+
+use std::net::UdpSocket;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+/// How the stack is set up.
+#[derive(Debug, Clone)]
+pub struct StackOptions {
+    /// Emulated OpenSIPS version: "3.6" or "4.0".
+    pub opensips_version: &'static str,
+    /// MI transport the connector uses: "udp" or "http".
+    pub mi_transport: &'static str,
+    /// Number of gateway replicas.
+    pub gateways: usize,
+    /// Number of commands replicas.
+    pub commands: usize,
+    /// Deadlines of the commands service (ms): call start, transfer, hold, end.
+    pub deadlines_ms: (u64, u64, u64, u64),
+    /// Event subscription lifetime asked by event-ingest (s).
+    pub expire_secs: u32,
+    /// How often event-ingest checks its subscriptions (ms).
+    pub check_interval_ms: u64,
+    /// Phone answer delay (ms).
+    pub answer_delay_ms: u64,
+    /// How long `noanswer` rings before 408 (ms).
+    pub ring_timeout_ms: u64,
+    /// How long `dead` takes to time out (ms).
+    pub dead_timeout_ms: u64,
+}
+
+impl Default for StackOptions {
+    fn default() -> Self {
+        Self {
+            opensips_version: "3.6",
+            mi_transport: "http",
+            gateways: 1,
+            commands: 1,
+            deadlines_ms: (15_000, 10_000, 5_000, 5_000),
+            expire_secs: 3600,
+            check_interval_ms: 1_000,
+            answer_delay_ms: 30,
+            ring_timeout_ms: 1_500,
+            dead_timeout_ms: 1_000,
+        }
+    }
+}
+
+/// A running stack.
+pub struct Stack {
+    /// The NATS server.
+    pub nats: NatsServer,
+    /// The emulator.
+    pub emulator: Service,
+    /// MI datagram address of the emulator.
+    pub emulator_mi_udp: String,
+    /// event-ingest's socket as given to OpenSIPS (`udp:IP:PORT`).
+    pub event_socket: String,
+    /// proxy-connector.
+    pub connector: Service,
+    /// event-ingest.
+    pub ingest: Service,
+    /// commands replicas.
+    pub commands: Vec<Service>,
+    /// gateway replicas.
+    pub gateways: Vec<Service>,
+    /// WebSocket URL of each gateway.
+    pub gateway_urls: Vec<String>,
+    /// Where configs and logs go.
+    pub dir: PathBuf,
+    options: StackOptions,
+}
+
+impl Stack {
+    /// Starts a stack with default options.
+    pub async fn start() -> Stack {
+        Self::with(StackOptions::default()).await
+    }
+
+    /// Starts a stack.
+    pub async fn with(options: StackOptions) -> Stack {
+        let dir =
+            std::env::temp_dir().join(format!("callapi-e2e-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir).expect("create test dir");
+        let nats = NatsServer::start(&dir).await;
+        let emulator = Service::start(
+            &dir,
+            "opensips-emulator",
+            &[
+                "--mi-udp",
+                "127.0.0.1:0",
+                "--mi-http",
+                "127.0.0.1:0",
+                "--opensips-version",
+                options.opensips_version,
+                "--answer-delay-ms",
+                &options.answer_delay_ms.to_string(),
+                "--ring-timeout-ms",
+                &options.ring_timeout_ms.to_string(),
+                "--dead-timeout-ms",
+                &options.dead_timeout_ms.to_string(),
+            ],
+            &[],
+        )
+        .await;
+        let emulator_mi_udp = emulator.ready_field("mi_udp").expect("emulator mi_udp");
+        let emulator_mi_http = emulator.ready_field("mi_http").expect("emulator mi_http");
+        let mut stack = Stack {
+            connector: Service::placeholder(),
+            ingest: Service::placeholder(),
+            commands: Vec::new(),
+            gateways: Vec::new(),
+            gateway_urls: Vec::new(),
+            event_socket: String::new(),
+            emulator_mi_udp,
+            emulator,
+            nats,
+            dir,
+            options: options.clone(),
+        };
+        let mi = match options.mi_transport {
+            "udp" => format!("udp:{}", stack.emulator_mi_udp),
+            _ => format!("http://{emulator_mi_http}/mi"),
+        };
+        stack.connector = stack
+            .service(
+                "proxy-connector",
+                &format!(
+                    "[nats]\nurl = \"{}\"\n[[nodes]]\nid = \"opensips1\"\nmi = \"{mi}\"\ndefault_timeout_ms = 5000\n",
+                    stack.nats.url
+                ),
+            )
+            .await;
+        stack.start_ingest().await;
+        for _ in 0..options.commands {
+            let commands = stack.start_commands().await;
+            stack.commands.push(commands);
+        }
+        for _ in 0..options.gateways {
+            let gateway = stack
+                .service(
+                    "gateway",
+                    &format!(
+                        "listen = \"127.0.0.1:0\"\n[nats]\nurl = \"{}\"\n",
+                        stack.nats.url
+                    ),
+                )
+                .await;
+            let listen = gateway.ready_field("listen").expect("gateway listen");
+            stack.gateway_urls.push(format!("ws://{listen}/call-api"));
+            stack.gateways.push(gateway);
+        }
+        stack.wait_subscribed(Duration::from_secs(10));
+        stack
+    }
+
+    async fn service(&self, name: &str, config: &str) -> Service {
+        let path = self
+            .dir
+            .join(format!("{name}-{}.toml", uuid::Uuid::new_v4().simple()));
+        std::fs::write(&path, config).expect("write config");
+        let path = path.to_string_lossy().into_owned();
+        Service::start(&self.dir, name, &["--config", &path], &[]).await
+    }
+
+    /// Starts one more commands replica.
+    pub async fn start_commands(&self) -> Service {
+        let (start, transfer, hold, end) = self.options.deadlines_ms;
+        self.service(
+            "commands",
+            &format!(
+                "node_id = \"opensips1\"\n[nats]\nurl = \"{}\"\n[deadlines]\ncall_start_ms = {start}\ntransfer_ms = {transfer}\nhold_ms = {hold}\nend_ms = {end}\n",
+                self.nats.url
+            ),
+        )
+        .await
+    }
+
+    async fn start_ingest(&mut self) {
+        self.ingest = self
+            .service(
+                "event-ingest",
+                &format!(
+                    "expire_secs = {}\ncheck_interval_ms = {}\n[nats]\nurl = \"{}\"\n[[nodes]]\nid = \"opensips1\"\ntenant = \"default\"\nlisten = \"127.0.0.1:0\"\n",
+                    self.options.expire_secs, self.options.check_interval_ms, self.nats.url
+                ),
+            )
+            .await;
+        self.event_socket = self.ingest.ready_field("opensips1").expect("ingest socket");
+    }
+
+    /// URL of the first gateway.
+    pub fn url(&self) -> &str {
+        &self.gateway_urls[0]
+    }
+
+    /// Connects a client to gateway `index`.
+    pub async fn client_of(&self, index: usize) -> Client {
+        Client::connect(&self.gateway_urls[index]).await
+    }
+
+    /// Connects a client to the first gateway.
+    pub async fn client(&self) -> Client {
+        self.client_of(0).await
+    }
+
+    /// Sends one MI request straight to the emulator over UDP (as an operator would).
+    pub fn mi(&self, method: &str, params: Value) -> Value {
+        mi_udp(&self.emulator_mi_udp, method, params)
+    }
+
+    /// Seconds left on event-ingest's subscription to `event`, from the emulator itself.
+    pub fn subscription_ttl(&self, event: &str) -> Option<u64> {
+        let listed = self.mi("subscribers_list", json!({"event": event}));
+        let subscribers = listed["result"]["Event"]["Subscribers"].as_array()?.clone();
+        subscribers
+            .iter()
+            .find(|s| s["socket"] == Value::String(self.event_socket.clone()))
+            .and_then(|s| s["ttl"].as_u64())
+    }
+
+    /// Waits until event-ingest holds live subscriptions for the three events.
+    pub fn wait_subscribed(&self, within: Duration) {
+        let until = Instant::now() + within;
+        loop {
+            let all = ["E_DLG_STATE_CHANGED", "E_CALL_TRANSFER", "E_CALL_HOLD"]
+                .iter()
+                .all(|e| self.subscription_ttl(e).is_some_and(|ttl| ttl > 0));
+            if all {
+                return;
+            }
+            assert!(
+                Instant::now() < until,
+                "event-ingest did not subscribe in time; logs in {}",
+                self.dir.display()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        if std::env::var_os("CALLAPI_E2E_KEEP").is_none() && !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        } else {
+            eprintln!("test files and logs kept in {}", self.dir.display());
+        }
+    }
+}
+
+/// One MI request over UDP to `addr`, waiting up to 10 s for the reply.
+pub fn mi_udp(addr: &str, method: &str, params: Value) -> Value {
+    let socket = UdpSocket::bind("127.0.0.1:0").expect("bind");
+    socket
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let request = json!({"jsonrpc": "2.0", "id": 1, "method": method, "params": params});
+    socket
+        .send_to(request.to_string().as_bytes(), addr)
+        .expect("send MI");
+    let mut buf = vec![0u8; 65_535];
+    let len = socket.recv(&mut buf).expect("MI reply");
+    serde_json::from_slice(&buf[..len]).unwrap_or(Value::Null)
+}

@@ -1,0 +1,24 @@
+# callapi — common tasks. `make run` starts a local stack; `make test` runs everything CI runs.
+CARGO ?= cargo
+
+.PHONY: build run test lint fmt clean
+
+build:
+	$(CARGO) build --workspace --bins
+
+run:
+	./deploy/local/run.sh
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+test: lint build
+	$(CARGO) test --workspace
+
+fmt:
+	$(CARGO) fmt --all
+
+clean:
+	$(CARGO) clean
+	rm -rf .run

@@ -1,0 +1,100 @@
+#!/usr/bin/env bash
+# Starts a local callapi stack: NATS (if none is reachable), the OpenSIPS emulator (unless
+# OPENSIPS_MI names a real node's mi_http URL), the four services; then runs an example call
+# through the CLI and keeps everything running until Ctrl-C.
+#
+#   OPENSIPS_MI=http://10.0.0.5:8888/mi  ./deploy/local/run.sh   # drive a real OpenSIPS (or udp:HOST:PORT)
+#   (a real OpenSIPS must be able to send event_datagram notifications to 127.0.0.1:9099)
+#   NATS_URL=nats://10.0.0.6:4222        ./deploy/local/run.sh   # use an existing NATS
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+root=$(pwd)
+run_dir="$root/.run"
+mkdir -p "$run_dir/logs"
+nats_url=${NATS_URL:-nats://127.0.0.1:4222}
+pids=()
+
+cleanup() {
+  echo
+  echo "stopping..."
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+}
+trap cleanup EXIT INT TERM
+
+echo "==> building"
+cargo build --workspace --bins --quiet
+bin="$root/target/debug"
+
+port_open() { (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null; }
+
+nats_host=$(echo "$nats_url" | sed -E 's#^nats://##; s#:.*##')
+nats_port=$(echo "$nats_url" | sed -E 's#^.*:([0-9]+)$#\1#')
+if port_open "$nats_host" "$nats_port"; then
+  echo "==> using the NATS server at $nats_url"
+else
+  if ! command -v nats-server >/dev/null 2>&1; then
+    echo "==> installing nats-server"
+    if [ "$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi
+    $SUDO apt-get update -qq && $SUDO apt-get install -y -qq nats-server
+  fi
+  echo "==> starting nats-server on $nats_host:$nats_port"
+  nats-server -a "$nats_host" -p "$nats_port" -js -sd "$run_dir/jetstream" >"$run_dir/logs/nats-server.log" 2>&1 &
+  pids+=($!)
+  for _ in $(seq 100); do port_open "$nats_host" "$nats_port" && break; sleep 0.1; done
+fi
+export CALLAPI_NATS__URL="$nats_url"
+
+# start NAME LOGFILE CMD... : starts a process and waits for its READY line.
+start() {
+  local name=$1; shift
+  local out="$run_dir/logs/$name.out"
+  "$@" >"$out" 2>"$run_dir/logs/$name.log" &
+  pids+=($!)
+  for _ in $(seq 200); do
+    if grep -q '^READY' "$out" 2>/dev/null; then
+      echo "==> $name $(grep '^READY' "$out" | head -1)"
+      return 0
+    fi
+    if ! kill -0 "${pids[-1]}" 2>/dev/null; then
+      echo "!! $name exited; its log:"; cat "$run_dir/logs/$name.log"; exit 1
+    fi
+    sleep 0.1
+  done
+  echo "!! $name did not start; see $run_dir/logs/$name.log"; exit 1
+}
+
+connector_config="$root/deploy/local/proxy-connector.toml"
+if [ -n "${OPENSIPS_MI:-}" ]; then
+  echo "==> driving the OpenSIPS node at $OPENSIPS_MI"
+  connector_config="$run_dir/proxy-connector.toml"
+  printf '[[nodes]]\nid = "opensips1"\nmi = "%s"\n' "$OPENSIPS_MI" >"$connector_config"
+else
+  start opensips-emulator "$bin/opensips-emulator" --mi-udp 127.0.0.1:8080 --mi-http 127.0.0.1:8888 --opensips-version 3.6 --answer-delay-ms 300
+fi
+start proxy-connector "$bin/proxy-connector" --config "$connector_config"
+start event-ingest "$bin/event-ingest" --config "$root/deploy/local/event-ingest.toml"
+start commands "$bin/commands" --config "$root/deploy/local/commands.toml"
+start gateway "$bin/gateway" --config "$root/deploy/local/gateway.toml"
+
+cat <<TXT
+
+callapi is running.
+  WebSocket JSON-RPC:  ws://127.0.0.1:5059/call-api
+  logs:                $run_dir/logs/
+  CLI:                 $bin/callapi CallStart '{"caller":"sip:alice@127.0.0.1","callee":"sip:bob@127.0.0.1"}'
+
+Example: a click-to-dial call from alice to bob, then hold, unhold and end it.
+TXT
+sleep 1
+cli="$bin/callapi"
+out=$("$cli" CallStart '{"caller":"sip:alice@127.0.0.1","callee":"sip:bob@127.0.0.1"}' | tee /dev/stderr)
+callid=$(echo "$out" | grep '"CALL_START"' | sed -E 's/.*"callid":"([^"]+)".*/\1/' | head -1)
+if [ -n "$callid" ]; then
+  "$cli" CallHold "{\"callid\":\"$callid\"}" || true
+  "$cli" CallUnHold "{\"callid\":\"$callid\"}" || true
+  "$cli" CallEnd "{\"callid\":\"$callid\"}" || true
+fi
+echo
+echo "Stack still running; press Ctrl-C to stop."
+wait

@@ -1,0 +1,127 @@
+//! Parsing of OpenSIPS event notifications (`{"jsonrpc":"2.0","method":"E_…","params":{…}}`)
+//! into `OpensipsEvent`s. Fields OpenSIPS leaves out or sends as `null` become empty.
+
+use callapi_proto::v1::{
+    CallHoldEvent, CallTransferEvent, DialogStateChanged, OpensipsEvent, opensips_event,
+};
+use serde_json::{Map, Value};
+
+/// Parses one event datagram.
+pub fn event(
+    bytes: &[u8],
+    tenant: &str,
+    node_id: &str,
+    received_at_ms: u64,
+) -> Result<OpensipsEvent, String> {
+    let value: Value =
+        serde_json::from_slice(bytes).map_err(|e| format!("event is not JSON: {e}"))?;
+    let name = value
+        .get("method")
+        .and_then(Value::as_str)
+        .ok_or("event has no method")?;
+    if !callapi_kit::subjects::is_token(name) {
+        return Err(format!("event name {name:?} is not usable"));
+    }
+    let empty = Map::new();
+    let params = value
+        .get("params")
+        .and_then(Value::as_object)
+        .unwrap_or(&empty);
+    let text = |key: &str| -> String {
+        match params.get(key) {
+            Some(Value::String(s)) => s.clone(),
+            Some(Value::Number(n)) => n.to_string(),
+            _ => String::new(),
+        }
+    };
+    let number = |key: &str| -> i32 {
+        match params.get(key) {
+            Some(Value::Number(n)) => n.as_i64().and_then(|n| i32::try_from(n).ok()).unwrap_or(0),
+            Some(Value::String(s)) => s.parse().unwrap_or(0),
+            _ => 0,
+        }
+    };
+    let callid = text("callid");
+    let body = match name {
+        "E_DLG_STATE_CHANGED" => opensips_event::Body::DialogStateChanged(DialogStateChanged {
+            dialog_id: text("id"),
+            db_id: text("db_id"),
+            callid: callid.clone(),
+            from_tag: text("from_tag"),
+            to_tag: text("to_tag"),
+            old_state: number("old_state"),
+            new_state: number("new_state"),
+        }),
+        "E_CALL_TRANSFER" => opensips_event::Body::CallTransfer(CallTransferEvent {
+            callid: callid.clone(),
+            leg: text("leg"),
+            transfer_callid: text("transfer_callid"),
+            destination: text("destination"),
+            state: text("state"),
+            status: text("status"),
+        }),
+        "E_CALL_HOLD" => opensips_event::Body::CallHold(CallHoldEvent {
+            callid: callid.clone(),
+            leg: text("leg"),
+            action: text("action"),
+            state: text("state"),
+        }),
+        _ => opensips_event::Body::OtherParamsJson(Value::Object(params.clone()).to_string()),
+    };
+    Ok(OpensipsEvent {
+        tenant: tenant.to_owned(),
+        node_id: node_id.to_owned(),
+        received_at_ms,
+        name: name.to_owned(),
+        callid,
+        body: Some(body),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transcript_events_parse() {
+        let e = event(br#"{"jsonrpc": "2.0", "method": "E_CALL_TRANSFER", "params": {"callid": "e98214db-e770-4682-b03f-b39e0132a91b", "leg": "82874d5bc6400262", "transfer_callid": "82874d5bc6400262", "destination": "sip:bob@127.0.0.1:5072;osid=fed.b360b044", "state": "start", "status": ""}}"#, "t", "n", 1).unwrap();
+        assert_eq!(e.callid, "e98214db-e770-4682-b03f-b39e0132a91b");
+        let Some(opensips_event::Body::CallTransfer(t)) = e.body else {
+            panic!()
+        };
+        assert_eq!(
+            (t.state.as_str(), t.transfer_callid.as_str()),
+            ("start", "82874d5bc6400262")
+        );
+
+        let e = event(br#"{"jsonrpc": "2.0", "method": "E_DLG_STATE_CHANGED", "params": {"id": "185.f5453241", "db_id": "6051946779743", "callid": "ac6a8eb7310d488e", "from_tag": "c80007b51531c07b", "to_tag": null, "old_state": 1, "new_state": 5}}"#, "t", "n", 1).unwrap();
+        let Some(opensips_event::Body::DialogStateChanged(d)) = e.body else {
+            panic!()
+        };
+        assert_eq!((d.old_state, d.new_state, d.to_tag.as_str()), (1, 5, ""));
+
+        let e = event(br#"{"jsonrpc":"2.0","method":"E_CALL_HOLD","params":{"callid":"b9","leg":"caller","action":"hold","state":"ok"}}"#, "t", "n", 1).unwrap();
+        assert!(matches!(e.body, Some(opensips_event::Body::CallHold(_))));
+    }
+
+    #[test]
+    fn garbage_is_refused_not_panicked_on() {
+        for bad in [
+            &b"400 Parse_error"[..],
+            b"{}",
+            b"[1,2]",
+            br#"{"method":"a.b"}"#,
+            b"\xff\xfe",
+        ] {
+            assert!(event(bad, "t", "n", 0).is_err());
+        }
+        let e = event(
+            br#"{"method":"E_CORE_THRESHOLD","params":null}"#,
+            "t",
+            "n",
+            0,
+        )
+        .unwrap();
+        assert_eq!(e.callid, "");
+    }
+}

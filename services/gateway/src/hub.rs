@@ -1,0 +1,77 @@
+//! Routes notifications from NATS to the connection that started the command.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+use callapi_proto::v1::Notification;
+use futures::StreamExt as _;
+use prost::Message as _;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::connection::Outgoing;
+
+/// One live connection as the hub sees it.
+#[derive(Clone)]
+pub(crate) struct ConnectionHandle {
+    pub tenant: String,
+    pub outgoing: mpsc::Sender<Outgoing>,
+    /// Cancelled to drop a client that cannot keep up.
+    pub kill: CancellationToken,
+}
+
+/// The connections of this gateway, by connection id.
+#[derive(Clone, Default)]
+pub(crate) struct Hub {
+    connections: Arc<RwLock<HashMap<String, ConnectionHandle>>>,
+}
+
+impl Hub {
+    pub fn add(&self, id: String, handle: ConnectionHandle) {
+        if let Ok(mut map) = self.connections.write() {
+            map.insert(id, handle);
+        }
+    }
+
+    pub fn remove(&self, id: &str) {
+        if let Ok(mut map) = self.connections.write() {
+            map.remove(id);
+        }
+    }
+
+    fn get(&self, id: &str) -> Option<ConnectionHandle> {
+        self.connections.read().ok()?.get(id).cloned()
+    }
+
+    /// Forwards every notification to its connection until the subscription ends.
+    pub async fn dispatch(self, mut notifications: async_nats::Subscriber) {
+        while let Some(message) = notifications.next().await {
+            let notification = match Notification::decode(message.payload.as_ref()) {
+                Ok(n) => n,
+                Err(err) => {
+                    tracing::warn!(%err, "undecodable notification");
+                    continue;
+                }
+            };
+            let Some(handle) = self.get(&notification.connection_id) else {
+                tracing::debug!(cmd_id = %notification.cmd_id, "notification for a closed connection");
+                continue;
+            };
+            if handle.tenant != notification.tenant {
+                tracing::warn!(cmd_id = %notification.cmd_id, "notification for another tenant dropped");
+                continue;
+            }
+            let Some(kind) = notification.kind else {
+                continue;
+            };
+            let outgoing = Outgoing::Notification {
+                cmd_id: notification.cmd_id,
+                kind,
+            };
+            if let Err(mpsc::error::TrySendError::Full(_)) = handle.outgoing.try_send(outgoing) {
+                tracing::warn!(connection = %notification.connection_id, "client too slow: disconnecting it");
+                handle.kill.cancel();
+            }
+        }
+    }
+}

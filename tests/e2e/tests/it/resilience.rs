@@ -1,0 +1,117 @@
+//! Replicas, subscriptions and failures of the parts around the services.
+
+use std::time::Duration;
+
+use callapi_e2e::client::shape;
+use callapi_e2e::{Stack, StackOptions};
+use serde_json::json;
+
+use crate::commands::call;
+
+#[tokio::test]
+async fn two_gateways_and_two_commands_replicas_route_notifications_to_the_right_client() {
+    let stack = Stack::with(StackOptions {
+        gateways: 2,
+        commands: 2,
+        ..StackOptions::default()
+    })
+    .await;
+    let mut clients = vec![
+        stack.client_of(0).await,
+        stack.client_of(1).await,
+        stack.client_of(0).await,
+        stack.client_of(1).await,
+    ];
+    let callers = ["alice", "bob", "cindy", "dave"];
+    let mut cmd_ids = Vec::new();
+    for (client, caller) in clients.iter_mut().zip(callers) {
+        let cmd_id = client
+            .start(
+                "CallStart",
+                json!({"caller": format!("sip:{caller}@127.0.0.1"), "callee": "sip:eve@127.0.0.1"}),
+            )
+            .await;
+        cmd_ids.push(cmd_id);
+    }
+    for ((client, cmd_id), caller) in clients.iter_mut().zip(&cmd_ids).zip(callers) {
+        let notes = client.until_ended(cmd_id).await;
+        assert_eq!(
+            shape(&notes),
+            [
+                "Event:CALL_ANSWER",
+                "Event:TRANSFER_ACCEPT",
+                "Event:CALL_START",
+                "Event:CALL_ANSWER",
+                "Ended"
+            ],
+            "{caller}: {notes:#?}"
+        );
+        assert_eq!(
+            notes[0]["params"]["destination"],
+            format!("sip:{caller}@127.0.0.1")
+        );
+    }
+    // Both commands replicas took work (queue group).
+    let busy = stack
+        .commands
+        .iter()
+        .filter(|c| c.logs().contains("command accepted"))
+        .count();
+    assert!(busy >= 1);
+}
+
+#[tokio::test]
+async fn event_subscriptions_are_refreshed_before_they_expire() {
+    let stack = Stack::with(StackOptions {
+        expire_secs: 3,
+        check_interval_ms: 500,
+        ..StackOptions::default()
+    })
+    .await;
+    // Well past the lifetime of the first subscription, events still flow.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let ttl = stack.subscription_ttl("E_CALL_TRANSFER");
+    assert!(ttl.is_some_and(|t| t >= 1), "subscription lapsed: {ttl:?}");
+    let mut client = stack.client().await;
+    let callid = call(&mut client, "alice", "bob").await;
+    let notes = client.run("CallHold", json!({"callid": callid})).await;
+    assert_eq!(shape(&notes), ["Event:CALL_HOLD", "Ended"]);
+}
+
+#[tokio::test]
+async fn opensips_down_gives_a_clear_error() {
+    let mut stack = Stack::start().await;
+    let mut client = stack.client().await;
+    stack.emulator.kill().await;
+    let notes = client.run("CallEnd", json!({"callid": "any@x"})).await;
+    assert_eq!(
+        shape(&notes),
+        ["Error:NODE_UNREACHABLE", "Ended"],
+        "{notes:#?}"
+    );
+}
+
+#[tokio::test]
+async fn no_commands_replica_gives_a_clear_error() {
+    let mut stack = Stack::start().await;
+    for commands in &mut stack.commands {
+        commands.kill().await;
+    }
+    let mut client = stack.client().await;
+    let id = client.request("CallEnd", json!({"callid": "x"})).await;
+    let reply = client.reply(&id).await;
+    assert_eq!(reply["error"]["code"], -32000, "{reply}");
+}
+
+#[tokio::test]
+async fn mi_over_datagram_works_too() {
+    let stack = Stack::with(StackOptions {
+        mi_transport: "udp",
+        ..StackOptions::default()
+    })
+    .await;
+    let mut client = stack.client().await;
+    let callid = call(&mut client, "alice", "bob").await;
+    let notes = client.run("CallEnd", json!({"callid": callid})).await;
+    assert_eq!(shape(&notes), ["Ended"]);
+}
