@@ -116,10 +116,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
                         CommandAck { accepted: false, error: reason }
                     }
                 };
-                if let Some(reply) = message.reply.clone() {
-                    if let Err(err) = client.publish(reply, ack.encode_to_vec().into()).await {
-                        tracing::warn!(%err, "could not acknowledge a command");
-                    }
+                if let Some(reply) = message.reply.clone()
+                    && let Err(err) = client.publish(reply, ack.encode_to_vec().into()).await
+                {
+                    tracing::warn!(%err, "could not acknowledge a command");
                 }
             }
             Some(_) = running.join_next(), if !running.is_empty() => {}

@@ -206,15 +206,16 @@ pub fn parse(text: &str) -> Result<CommandCall, RpcError> {
     };
     let mut reader = Params::new(params, &reply_id);
     let cmd_id = reader.optional_string("cmd_id")?;
-    if let Some(cmd_id) = &cmd_id {
-        if cmd_id.is_empty() || cmd_id.len() > 128 || !cmd_id.bytes().all(|b| b.is_ascii_graphic())
-        {
-            return Err(silence(RpcError::field(
-                &reply_id,
-                "cmd_id",
-                "must be 1 to 128 printable ASCII characters",
-            )));
-        }
+    if let Some(cmd_id) = &cmd_id
+        && (cmd_id.is_empty()
+            || cmd_id.len() > 128
+            || !cmd_id.bytes().all(|b| b.is_ascii_graphic()))
+    {
+        return Err(silence(RpcError::field(
+            &reply_id,
+            "cmd_id",
+            "must be 1 to 128 printable ASCII characters",
+        )));
     }
     let command = command(kind, &mut reader).map_err(silence)?;
     reader.no_leftovers().map_err(silence)?;

@@ -137,8 +137,10 @@ impl HoldFlow {
 
     fn check(&mut self, deadline: bool) -> Vec<Action> {
         let legs = [(Leg::Caller, self.caller), (Leg::Callee, self.callee)];
-        if let Some((leg, _)) = legs.iter().find(|(_, s)| *s == LegState::Failed) {
-            if self.replied || deadline || legs.iter().all(|(_, s)| s.is_final()) {
+        if let Some((leg, _)) = legs.iter().find(|(_, s)| *s == LegState::Failed)
+            && (self.replied || deadline || legs.iter().all(|(_, s)| s.is_final()))
+        {
+            {
                 let error = ErrorNote::new(
                     ErrorCode::HoldFailed,
                     format!(

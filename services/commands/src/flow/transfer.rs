@@ -282,9 +282,8 @@ impl AttendedTransferFlow {
                 status,
                 ..
             }) => {
-                if callid == p.callid {
-                    p.on_event(&state, &transfer_callid, &destination, &status)
-                } else if callid == self.callid_b && state == "fail" {
+                // Dialog B only matters when its side fails.
+                if callid == p.callid || (callid == self.callid_b && state == "fail") {
                     p.on_event(&state, &transfer_callid, &destination, &status)
                 } else {
                     Vec::new()

@@ -16,7 +16,7 @@ async fn two_gateways_and_two_commands_replicas_route_notifications_to_the_right
         ..StackOptions::default()
     })
     .await;
-    let mut clients = vec![
+    let mut clients = [
         stack.client_of(0).await,
         stack.client_of(1).await,
         stack.client_of(0).await,
