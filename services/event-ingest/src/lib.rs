@@ -17,7 +17,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use callapi_kit::config::NatsSettings;
 use callapi_kit::subjects;
 use prost::Message as _;
-use tokio::net::UdpSocket;
+use tokio::net::{TcpListener, UdpSocket};
 use tokio_util::sync::CancellationToken;
 
 /// The event-ingest configuration.
@@ -60,9 +60,12 @@ pub struct NodeConfig {
     pub id: String,
     /// Tenant the node's events belong to.
     pub tenant: String,
-    /// UDP address to receive this node's events on (port 0 = any free port).
+    /// How OpenSIPS delivers events: `udp` (event_datagram) or `tcp` (event_stream).
+    pub transport: Transport,
+    /// Address to receive this node's events on (port 0 = any free port).
     pub listen: String,
-    /// Address OpenSIPS must send events to; defaults to the bound listen address.
+    /// Socket OpenSIPS must send events to (`udp:IP:PORT` / `tcp:IP:PORT`); defaults to the
+    /// bound listen address.
     pub advertise: Option<String>,
 }
 
@@ -71,10 +74,21 @@ impl Default for NodeConfig {
         Self {
             id: "opensips1".to_owned(),
             tenant: "default".to_owned(),
+            transport: Transport::Udp,
             listen: "127.0.0.1:9099".to_owned(),
             advertise: None,
         }
     }
+}
+
+/// Event transports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    /// event_datagram: one notification per UDP datagram.
+    Udp,
+    /// event_stream: OpenSIPS connects and writes notifications back to back.
+    Tcp,
 }
 
 /// Errors that stop the service.
@@ -110,22 +124,33 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
                 "id and tenant must be letters, digits, '-' or '_'".into(),
             ));
         }
-        let socket = UdpSocket::bind(node.listen.as_str())
-            .await
-            .map_err(|e| node_error(format!("cannot bind {}: {e}", node.listen)))?;
-        let bound = socket.local_addr().map_err(|e| node_error(e.to_string()))?;
-        let advertise = node
-            .advertise
-            .clone()
-            .unwrap_or_else(|| format!("udp:{bound}"));
+        let sink = Sink {
+            client: client.clone(),
+            node_id: node.id.clone(),
+            tenant: node.tenant.clone(),
+        };
+        let bound = match node.transport {
+            Transport::Udp => {
+                let socket = UdpSocket::bind(node.listen.as_str())
+                    .await
+                    .map_err(|e| node_error(format!("cannot bind udp {}: {e}", node.listen)))?;
+                let bound = socket.local_addr().map_err(|e| node_error(e.to_string()))?;
+                tasks.spawn(receive_datagrams(socket, sink, shutdown.clone()));
+                format!("udp:{bound}")
+            }
+            Transport::Tcp => {
+                let listener = TcpListener::bind(node.listen.as_str())
+                    .await
+                    .map_err(|e| node_error(format!("cannot bind tcp {}: {e}", node.listen)))?;
+                let bound = listener
+                    .local_addr()
+                    .map_err(|e| node_error(e.to_string()))?;
+                tasks.spawn(accept_streams(listener, sink, shutdown.clone()));
+                format!("tcp:{bound}")
+            }
+        };
+        let advertise = node.advertise.clone().unwrap_or(bound);
         ready.push(format!("{}={advertise}", node.id));
-        tasks.spawn(receive(
-            client.clone(),
-            socket,
-            node.id.clone(),
-            node.tenant.clone(),
-            shutdown.clone(),
-        ));
         tasks.spawn(subscriber::keep_subscribed(
             client.clone(),
             subscriber::Subscription {
@@ -146,14 +171,43 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
 
 /// Largest datagram accepted (OpenSIPS events seen so far are under 300 bytes).
 const MAX_DATAGRAM: usize = 65_535;
+/// Largest partial event buffered from a stream before the stream is dropped as garbage.
+const MAX_STREAM_BUFFER: usize = 1024 * 1024;
 
-async fn receive(
+/// Where parsed events go.
+#[derive(Clone)]
+struct Sink {
     client: async_nats::Client,
-    socket: UdpSocket,
     node_id: String,
     tenant: String,
-    shutdown: CancellationToken,
-) {
+}
+
+impl Sink {
+    async fn publish(&self, bytes: &[u8], from: &SocketAddr) {
+        let received_at_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+            .unwrap_or(0);
+        let event = match parse::event(bytes, &self.tenant, &self.node_id, received_at_ms) {
+            Ok(event) => event,
+            Err(reason) => {
+                tracing::warn!(%from, %reason, "unusable event");
+                return;
+            }
+        };
+        let subject = subjects::event(&self.tenant, &self.node_id, &event.name, &event.callid);
+        tracing::debug!(%subject, name = %event.name, callid = %event.callid, "event");
+        if let Err(err) = self
+            .client
+            .publish(subject, event.encode_to_vec().into())
+            .await
+        {
+            tracing::warn!(%err, "could not publish an event");
+        }
+    }
+}
+
+async fn receive_datagrams(socket: UdpSocket, sink: Sink, shutdown: CancellationToken) {
     let mut buf = vec![0u8; MAX_DATAGRAM];
     loop {
         let (len, from): (usize, SocketAddr) = tokio::select! {
@@ -166,21 +220,59 @@ async fn receive(
                 }
             },
         };
-        let received_at_ms = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-            .unwrap_or(0);
-        let event = match parse::event(&buf[..len], &tenant, &node_id, received_at_ms) {
-            Ok(event) => event,
-            Err(reason) => {
-                tracing::warn!(%from, %reason, "unusable event datagram");
-                continue;
-            }
+        sink.publish(&buf[..len], &from).await;
+    }
+}
+
+async fn accept_streams(listener: TcpListener, sink: Sink, shutdown: CancellationToken) {
+    loop {
+        let (stream, from) = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(err) => {
+                    tracing::warn!(%err, "event stream accept error");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
         };
-        let subject = subjects::event(&tenant, &node_id, &event.name, &event.callid);
-        tracing::debug!(%subject, name = %event.name, callid = %event.callid, "event");
-        if let Err(err) = client.publish(subject, event.encode_to_vec().into()).await {
-            tracing::warn!(%err, "could not publish an event");
+        tracing::info!(%from, node = %sink.node_id, "event stream connected");
+        tokio::spawn(read_stream(stream, from, sink.clone(), shutdown.clone()));
+    }
+}
+
+async fn read_stream(
+    mut stream: tokio::net::TcpStream,
+    from: SocketAddr,
+    sink: Sink,
+    shutdown: CancellationToken,
+) {
+    use tokio::io::AsyncReadExt as _;
+    let mut buffer = Vec::new();
+    let mut chunk = vec![0u8; 16 * 1024];
+    loop {
+        let len = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            read = stream.read(&mut chunk) => match read {
+                Ok(0) | Err(_) => break,
+                Ok(len) => len,
+            },
+        };
+        buffer.extend_from_slice(&chunk[..len]);
+        let framed = parse::split_stream(&buffer);
+        for event in &framed.events {
+            sink.publish(event, &from).await;
+        }
+        if let Some(reason) = framed.garbage {
+            tracing::warn!(%from, %reason, "event stream is not JSON; dropping the connection");
+            break;
+        }
+        buffer.drain(..framed.consumed);
+        if buffer.len() > MAX_STREAM_BUFFER {
+            tracing::warn!(%from, "event stream buffer overflow; dropping the connection");
+            break;
         }
     }
+    tracing::info!(%from, node = %sink.node_id, "event stream closed");
 }

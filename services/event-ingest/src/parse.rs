@@ -78,6 +78,45 @@ pub fn event(
     })
 }
 
+/// JSON values cut from the front of an event_stream buffer.
+#[derive(Debug, Default)]
+pub struct Framed<'a> {
+    /// Each complete JSON value, as bytes.
+    pub events: Vec<&'a [u8]>,
+    /// Bytes used up (complete values and the whitespace between them).
+    pub consumed: usize,
+    /// Set when the stream holds something that can never become JSON.
+    pub garbage: Option<String>,
+}
+
+/// Splits back-to-back JSON notifications (event_stream framing: no delimiter) off `buffer`;
+/// an incomplete value at the end is left for the next read.
+pub fn split_stream(buffer: &[u8]) -> Framed<'_> {
+    let mut framed = Framed::default();
+    let mut values =
+        serde_json::Deserializer::from_slice(buffer).into_iter::<serde::de::IgnoredAny>();
+    loop {
+        let start = values.byte_offset();
+        match values.next() {
+            None => {
+                framed.consumed = buffer.len();
+                return framed;
+            }
+            Some(Ok(_)) => {
+                let end = values.byte_offset();
+                let value = buffer[start..end].trim_ascii_start();
+                framed.events.push(value);
+                framed.consumed = end;
+            }
+            Some(Err(err)) if err.is_eof() => return framed,
+            Some(Err(err)) => {
+                framed.garbage = Some(err.to_string());
+                return framed;
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -102,6 +141,25 @@ mod tests {
 
         let e = event(br#"{"jsonrpc":"2.0","method":"E_CALL_HOLD","params":{"callid":"b9","leg":"caller","action":"hold","state":"ok"}}"#, "t", "n", 1).unwrap();
         assert!(matches!(e.body, Some(opensips_event::Body::CallHold(_))));
+    }
+
+    #[test]
+    fn stream_framing_handles_back_to_back_and_partial_values() {
+        let a = br#"{"jsonrpc":"2.0","method":"E_CALL_HOLD","params":{"callid":"x","leg":"caller","action":"hold","state":"ok"}}"#;
+        let b = br#"{"jsonrpc":"2.0","method":"E_DLG_STATE_CHANGED","params":{"callid":"y","old_state":1,"new_state":2}}"#;
+        let mut stream = Vec::new();
+        stream.extend_from_slice(a);
+        stream.extend_from_slice(b);
+        stream.extend_from_slice(&a[..20]);
+        let framed = split_stream(&stream);
+        assert_eq!(framed.events, vec![&a[..], &b[..]]);
+        assert_eq!(framed.consumed, a.len() + b.len());
+        assert!(framed.garbage.is_none());
+        let rest = &stream[framed.consumed..];
+        assert!(split_stream(rest).events.is_empty());
+        let framed = split_stream(b"  {\"a\":1}\n");
+        assert_eq!(framed.events, vec![&b"{\"a\":1}"[..]]);
+        assert!(split_stream(b"400 Parse_error").garbage.is_some());
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! processes, driven only through their real interfaces (WebSocket, NATS, UDP MI).
 
 mod commands;
+mod events;
 mod failures;
 mod protocol;
 mod resilience;
