@@ -1,0 +1,121 @@
+//! `opensips-emulator`: runs the emulator until SIGTERM/SIGINT. Prints one line
+//! `READY mi_udp=ADDR mi_http=ADDR` on stdout once it listens; logs go to stderr.
+
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use opensips_emulator::{EmulatorConfig, Version};
+
+/// An OpenSIPS stand-in speaking the real MI and event wire protocols.
+#[derive(Parser, Debug)]
+#[command(name = "opensips-emulator", version)]
+struct Args {
+    /// mi_datagram address (UDP); "off" to disable.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    mi_udp: String,
+    /// mi_http address (POST /mi); "off" to disable.
+    #[arg(long, default_value = "127.0.0.1:8888")]
+    mi_http: String,
+    /// OpenSIPS version to behave like: 3.6 or 4.0.
+    #[arg(long, default_value = "3.6")]
+    opensips_version: String,
+    /// How long answering phones take to answer (ms).
+    #[arg(long, default_value_t = 50)]
+    answer_delay_ms: u64,
+    /// How long `noanswer` rings before 408 (ms).
+    #[arg(long, default_value_t = 8000)]
+    ring_timeout_ms: u64,
+    /// How long `dead` takes to time out (ms).
+    #[arg(long, default_value_t = 4000)]
+    dead_timeout_ms: u64,
+    /// More users whose phones answer (comma separated).
+    #[arg(long, value_delimiter = ',', default_value = "eve,frank")]
+    extra_phones: Vec<String>,
+}
+
+fn listener(text: &str) -> Result<Option<SocketAddr>, String> {
+    if text == "off" {
+        return Ok(None);
+    }
+    text.parse()
+        .map(Some)
+        .map_err(|e| format!("bad address {text:?}: {e}"))
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+    let args = Args::parse();
+    let version = match args.opensips_version.as_str() {
+        "3.6" | "3.6.8" => Version::V3_6,
+        "4.0" | "4.0.1" => Version::V4_0,
+        other => {
+            eprintln!("opensips-emulator: unknown version {other:?} (3.6 or 4.0)");
+            return ExitCode::FAILURE;
+        }
+    };
+    let (mi_udp, mi_http) = match (listener(&args.mi_udp), listener(&args.mi_http)) {
+        (Ok(udp), Ok(http)) => (udp, http),
+        (Err(e), _) | (_, Err(e)) => {
+            eprintln!("opensips-emulator: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let config = EmulatorConfig {
+        mi_udp,
+        mi_http,
+        version,
+        answer_delay: Duration::from_millis(args.answer_delay_ms),
+        ring_timeout: Duration::from_millis(args.ring_timeout_ms),
+        dead_timeout: Duration::from_millis(args.dead_timeout_ms),
+        extra_phones: args.extra_phones,
+    };
+    let emulator = match opensips_emulator::start(config).await {
+        Ok(emulator) => emulator,
+        Err(err) => {
+            eprintln!("opensips-emulator: cannot listen: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut ready = String::from("READY");
+    if let Some(addr) = emulator.mi_udp_addr() {
+        ready.push_str(&format!(" mi_udp={addr}"));
+    }
+    if let Some(addr) = emulator.mi_http_addr() {
+        ready.push_str(&format!(" mi_http={addr}"));
+    }
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{ready}");
+    let _ = out.flush();
+    drop(out);
+    tracing::info!(?version, "OpenSIPS emulator running");
+    wait_for_signal().await;
+    emulator.shutdown();
+    ExitCode::SUCCESS
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

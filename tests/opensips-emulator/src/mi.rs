@@ -1,0 +1,249 @@
+//! The MI JSON-RPC envelope and parameter matching, as OpenSIPS does them (no I/O).
+//!
+//! OpenSIPS matches named params against each command's "recipes" (accepted name sets): no
+//! recipe with as many params → -32602 "Too few or too many parameters"; some with that many but
+//! none with those names → -32602 "Named parameters do not match". Positional params (an array)
+//! take the recipe of their length.
+
+use serde_json::{Map, Value, json};
+
+/// An error answered as a JSON-RPC `error` object.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MiError {
+    /// Code (JSON-RPC or SIP-like).
+    pub code: i64,
+    /// Message.
+    pub message: String,
+    /// Optional data.
+    pub data: Option<String>,
+}
+
+impl MiError {
+    /// A module error (SIP-like code).
+    pub fn new(code: i64, message: &str) -> Self {
+        Self {
+            code,
+            message: message.to_owned(),
+            data: None,
+        }
+    }
+
+    /// -32602 Invalid params with `data`.
+    pub fn invalid_params(data: &str) -> Self {
+        Self {
+            code: -32602,
+            message: "Invalid params".to_owned(),
+            data: Some(data.to_owned()),
+        }
+    }
+
+    /// -32000 Server error / Failed to handle parameter.
+    pub fn bad_value() -> Self {
+        Self {
+            code: -32000,
+            message: "Server error".to_owned(),
+            data: Some("Failed to handle parameter".to_owned()),
+        }
+    }
+
+    /// -32601 Method not found.
+    pub fn no_method() -> Self {
+        Self::new(-32601, "Method not found")
+    }
+
+    /// -32600 Invalid Request.
+    pub fn invalid_request() -> Self {
+        Self::new(-32600, "Invalid Request")
+    }
+}
+
+/// A reply body: `result` or `error`.
+pub type MiResult = Result<Value, MiError>;
+
+/// Serialises a reply for request `id`.
+pub fn reply(id: &Value, result: &MiResult) -> Vec<u8> {
+    let body = match result {
+        Ok(value) => json!({"jsonrpc": "2.0", "result": value, "id": id}),
+        Err(error) => {
+            let mut err = json!({"code": error.code, "message": error.message});
+            if let (Some(data), Some(map)) = (&error.data, err.as_object_mut()) {
+                map.insert("data".into(), data.clone().into());
+            }
+            json!({"jsonrpc": "2.0", "error": err, "id": id})
+        }
+    };
+    body.to_string().into_bytes()
+}
+
+/// What a raw request turned out to be.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Envelope {
+    /// Not JSON: OpenSIPS answers the plain text `400 Parse_error`.
+    ParseError,
+    /// A request without a string method (crashes OpenSIPS 4.0.1 over mi_datagram).
+    NoMethod {
+        /// The id, if any.
+        id: Option<Value>,
+    },
+    /// Invalid envelope: -32600 (answered only if it has an id).
+    Invalid {
+        /// The id, if any.
+        id: Option<Value>,
+    },
+    /// A request to run.
+    Call {
+        /// The id (`None`: run, answer nothing).
+        id: Option<Value>,
+        /// Method name.
+        method: String,
+        /// Params (`Null` when absent).
+        params: Value,
+    },
+}
+
+/// Reads one request.
+pub fn envelope(bytes: &[u8]) -> Envelope {
+    let Ok(value) = serde_json::from_slice::<Value>(bytes) else {
+        return Envelope::ParseError;
+    };
+    let Value::Object(map) = value else {
+        return Envelope::Invalid { id: None };
+    };
+    let id = map.get("id").cloned();
+    let method = match map.get("method") {
+        Some(Value::String(m)) => m.clone(),
+        _ => return Envelope::NoMethod { id },
+    };
+    if map.get("jsonrpc").and_then(Value::as_str) != Some("2.0") {
+        return Envelope::Invalid { id };
+    }
+    let params = map.get("params").cloned().unwrap_or(Value::Null);
+    if !matches!(params, Value::Null | Value::Object(_) | Value::Array(_)) {
+        return Envelope::Invalid { id };
+    }
+    Envelope::Call { id, method, params }
+}
+
+/// Matches `params` against `recipes` and returns them by name.
+pub fn match_params(params: &Value, recipes: &[&[&str]]) -> Result<Map<String, Value>, MiError> {
+    match params {
+        Value::Null => match_named(&Map::new(), recipes),
+        Value::Object(map) => match_named(map, recipes),
+        Value::Array(list) => {
+            let recipe = recipes
+                .iter()
+                .find(|r| r.len() == list.len())
+                .ok_or_else(|| MiError::invalid_params("Too few or too many parameters"))?;
+            Ok(recipe
+                .iter()
+                .zip(list)
+                .map(|(name, value)| ((*name).to_owned(), value.clone()))
+                .collect())
+        }
+        _ => Err(MiError::invalid_request()),
+    }
+}
+
+fn match_named(
+    map: &Map<String, Value>,
+    recipes: &[&[&str]],
+) -> Result<Map<String, Value>, MiError> {
+    let same_len: Vec<&&[&str]> = recipes.iter().filter(|r| r.len() == map.len()).collect();
+    if same_len.is_empty() {
+        return Err(MiError::invalid_params("Too few or too many parameters"));
+    }
+    if same_len
+        .iter()
+        .any(|r| r.iter().all(|name| map.contains_key(*name)))
+    {
+        Ok(map.clone())
+    } else {
+        Err(MiError::invalid_params("Named parameters do not match"))
+    }
+}
+
+/// A param as text: strings as they are, numbers printed (OpenSIPS converts them).
+pub fn text(params: &Map<String, Value>, name: &str) -> Option<String> {
+    match params.get(name)? {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TRANSFER: &[&[&str]] = &[
+        &["callid", "leg", "destination"],
+        &["callid", "leg", "transfer_callid", "transfer_leg"],
+    ];
+
+    #[test]
+    fn recipes_as_g_errors_shows() {
+        assert_eq!(
+            match_params(&json!({"callid": "x", "leg": "callee"}), TRANSFER)
+                .unwrap_err()
+                .data
+                .as_deref(),
+            Some("Too few or too many parameters")
+        );
+        assert_eq!(
+            match_params(
+                &json!({"callid": "x", "leg": "callee", "destination": "d", "bogus": 1}),
+                TRANSFER
+            )
+            .unwrap_err()
+            .data
+            .as_deref(),
+            Some("Named parameters do not match")
+        );
+        let named = match_params(&json!(["x", "callee", "sip:c@d"]), TRANSFER).unwrap();
+        assert_eq!(named["destination"], "sip:c@d");
+        assert!(match_params(&Value::Null, &[&["callid"]]).is_err());
+        assert!(match_params(&Value::Null, &[&[]]).is_ok());
+    }
+
+    #[test]
+    fn envelopes_as_g_errors_shows() {
+        assert_eq!(
+            envelope(b"{\"jsonrpc\":\"2.0\",\"method\":\"version\",\"id\":\"r1\""),
+            Envelope::ParseError
+        );
+        assert_eq!(
+            envelope(br#"{"method":"version","id":"r2"}"#),
+            Envelope::Invalid {
+                id: Some(json!("r2"))
+            }
+        );
+        assert_eq!(
+            envelope(br#"{"jsonrpc":"2.0","id":"r3"}"#),
+            Envelope::NoMethod {
+                id: Some(json!("r3"))
+            }
+        );
+        assert_eq!(
+            envelope(br#"{"jsonrpc":"1.0","method":"version","id":"r4"}"#),
+            Envelope::Invalid {
+                id: Some(json!("r4"))
+            }
+        );
+        assert_eq!(
+            envelope(br#"{"jsonrpc":"2.0","method":"version","params":"str","id":"r5"}"#),
+            Envelope::Invalid {
+                id: Some(json!("r5"))
+            }
+        );
+        assert!(matches!(
+            envelope(br#"{"jsonrpc":"2.0","method":"version"}"#),
+            Envelope::Call { id: None, .. }
+        ));
+        assert_eq!(
+            envelope(br#"{"jsonrpc":"2.0","method":42,"id":"r7"}"#),
+            Envelope::NoMethod {
+                id: Some(json!("r7"))
+            }
+        );
+    }
+}
