@@ -87,9 +87,18 @@ impl Emulator {
         self.mi_http
     }
 
-    /// A call placed by a phone, not through MI; returns its Call-ID.
-    pub async fn place_call(&self, from_user: &str, to_user: &str) -> String {
-        self.node.place_call(from_user, to_user).await
+    /// A call placed by a phone, not through MI; returns its Call-ID. With
+    /// `hangs_up_on_refer` the phones act like baresip (the transferee hangs the call up as
+    /// soon as it accepted a REFER), else like pyua (it keeps the call until told).
+    pub async fn place_call(
+        &self,
+        from_user: &str,
+        to_user: &str,
+        hangs_up_on_refer: bool,
+    ) -> String {
+        self.node
+            .place_call(from_user, to_user, hangs_up_on_refer)
+            .await
     }
 
     /// Whether the node crashed.
@@ -229,10 +238,11 @@ async fn http_place_call(State(node): State<Arc<Node>>, body: Bytes) -> axum::re
     let (Some(from), Some(to)) = (request["from"].as_str(), request["to"].as_str()) else {
         return (
             axum::http::StatusCode::BAD_REQUEST,
-            "expected {\"from\": USER, \"to\": USER}",
+            "expected {\"from\": USER, \"to\": USER, \"phones\": \"pyua\"|\"baresip\"}",
         )
             .into_response();
     };
-    let callid = node.place_call(from, to).await;
+    let hangs_up_on_refer = request["phones"].as_str() == Some("baresip");
+    let callid = node.place_call(from, to, hangs_up_on_refer).await;
     axum::Json(json!({"callid": callid})).into_response()
 }

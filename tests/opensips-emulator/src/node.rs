@@ -43,8 +43,11 @@ pub struct Dialog {
     transferred: bool,
     held_caller: bool,
     held_callee: bool,
-    /// Made by `t_uac_dlg`: its phone hangs up once it transferred (baresip).
+    /// Made by `t_uac_dlg` (its caller leg is OpenSIPS itself).
     uac: bool,
+    /// The transferee hangs this dialog up as soon as it accepted a REFER (baresip does;
+    /// pyua keeps it until told).
+    hangs_up_on_refer: bool,
     ended_at: Option<Instant>,
 }
 
@@ -201,6 +204,7 @@ impl Node {
             held_caller: false,
             held_callee: false,
             uac,
+            hangs_up_on_refer: uac,
             ended_at: None,
         }
     }
@@ -588,6 +592,9 @@ impl Node {
         if behaviour == Behaviour::Unknown {
             // Quirk 2: the proxy rejects the new call statelessly; no transfer event.
             self.set_state(&new_callid, 5);
+            if dialog.hangs_up_on_refer {
+                self.set_state(&dialog.callid, 5);
+            }
             return;
         }
         let full_destination = format!("{};osid={}", self.phone_uri(&target), dialog.id);
@@ -600,6 +607,9 @@ impl Node {
             "start",
             "",
         );
+        if dialog.hangs_up_on_refer && !dialog.uac {
+            self.set_state(&dialog.callid, 5);
+        }
         match behaviour {
             Behaviour::Answers => {
                 if self.config.version == Version::V3_6 {
@@ -615,7 +625,7 @@ impl Node {
                 tokio::time::sleep(self.config.answer_delay).await;
                 self.set_state(&new_callid, 2);
                 if dialog.uac {
-                    // The phone of a click-to-dial leg hangs it up once it transferred.
+                    // a_callstart: the phone hangs the click-to-dial leg up as the new call rings.
                     self.set_state(&dialog.callid, 5);
                 }
                 self.set_state(&new_callid, 3);
@@ -907,16 +917,29 @@ impl Node {
     }
 
     /// A call placed by phone `from` to `to` (not through MI), as i_dlg_lifecycle shows.
-    pub async fn place_call(self: &Arc<Self>, from: &str, to: &str) -> String {
-        let callid = format!("{}@pyua-{from}", hex(16));
-        self.insert(self.new_dialog(
+    /// `hangs_up_on_refer`: the phones behave like baresip (they hang the call up as soon as
+    /// they accepted a REFER) rather than like pyua (they keep it until told).
+    pub async fn place_call(
+        self: &Arc<Self>,
+        from: &str,
+        to: &str,
+        hangs_up_on_refer: bool,
+    ) -> String {
+        let callid = if hangs_up_on_refer {
+            hex(16)
+        } else {
+            format!("{}@pyua-{from}", hex(16))
+        };
+        let mut dialog = self.new_dialog(
             callid.clone(),
             format!("sip:{from}@127.0.0.1"),
             format!("sip:{to}@127.0.0.1"),
             Party::Phone(from.to_owned()),
             Party::Phone(to.to_owned()),
             false,
-        ));
+        );
+        dialog.hangs_up_on_refer = hangs_up_on_refer;
+        self.insert(dialog);
         match self.phone_behaviour(to) {
             Behaviour::Answers => {
                 self.set_state(&callid, 2);
