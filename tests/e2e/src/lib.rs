@@ -66,6 +66,8 @@ pub struct Stack {
     pub emulator: Service,
     /// MI datagram address of the emulator.
     pub emulator_mi_udp: String,
+    /// MI HTTP address of the emulator.
+    pub emulator_mi_http: String,
     /// event-ingest's socket as given to OpenSIPS (`udp:IP:PORT`).
     pub event_socket: String,
     /// proxy-connector.
@@ -125,6 +127,7 @@ impl Stack {
             gateway_urls: Vec::new(),
             event_socket: String::new(),
             emulator_mi_udp,
+            emulator_mi_http: emulator_mi_http.clone(),
             emulator,
             nats,
             dir,
@@ -199,6 +202,38 @@ impl Stack {
             )
             .await;
         self.event_socket = self.ingest.ready_field("opensips1").expect("ingest socket");
+    }
+
+    /// Kills the emulator and starts a fresh one (no dialogs, no subscriptions) on the same
+    /// MI addresses, as when OpenSIPS restarts.
+    pub async fn restart_emulator(&mut self) {
+        self.emulator.kill().await;
+        let udp = self.emulator_mi_udp.clone();
+        let http = self.emulator_mi_http.clone();
+        self.emulator = self.start_emulator(&udp, &http).await;
+    }
+
+    async fn start_emulator(&self, udp: &str, http: &str) -> Service {
+        Service::start(
+            &self.dir,
+            "opensips-emulator",
+            &[
+                "--mi-udp",
+                udp,
+                "--mi-http",
+                http,
+                "--opensips-version",
+                self.options.opensips_version,
+                "--answer-delay-ms",
+                &self.options.answer_delay_ms.to_string(),
+                "--ring-timeout-ms",
+                &self.options.ring_timeout_ms.to_string(),
+                "--dead-timeout-ms",
+                &self.options.dead_timeout_ms.to_string(),
+            ],
+            &[],
+        )
+        .await
     }
 
     /// URL of the first gateway.

@@ -115,3 +115,84 @@ async fn mi_over_datagram_works_too() {
     let notes = client.run("CallEnd", json!({"callid": callid})).await;
     assert_eq!(shape(&notes), ["Ended"]);
 }
+
+#[tokio::test]
+async fn after_opensips_restarts_events_are_subscribed_again() {
+    let mut stack = Stack::start().await;
+    stack.restart_emulator().await;
+    // The new node knows no subscription; event-ingest notices within its check interval.
+    stack.wait_subscribed(Duration::from_secs(10));
+    let mut client = stack.client().await;
+    let callid = call(&mut client, "alice", "bob").await;
+    let notes = client.run("CallHold", json!({"callid": callid})).await;
+    assert_eq!(shape(&notes), ["Event:CALL_HOLD", "Ended"]);
+}
+
+#[tokio::test]
+async fn a_crashed_opensips_40_node_is_survived() {
+    let mut stack = Stack::with(StackOptions {
+        opensips_version: "4.0",
+        deadlines_ms: (4_000, 4_000, 3_000, 3_000),
+        ..StackOptions::default()
+    })
+    .await;
+    let mut client = stack.client().await;
+    let callid = call(&mut client, "alice", "bob").await;
+    // Someone else's malformed datagram crashes OpenSIPS 4.0.1 (g2_mi_no_method_crash).
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    socket
+        .send_to(br#"{"jsonrpc":"2.0","id":"boom"}"#, &stack.emulator_mi_udp)
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let notes = client.run("CallHold", json!({"callid": callid})).await;
+    assert_eq!(
+        shape(&notes),
+        ["Error:NODE_UNREACHABLE", "Ended"],
+        "{notes:#?}"
+    );
+    // OpenSIPS comes back (empty); everything works again, events included.
+    stack.restart_emulator().await;
+    stack.wait_subscribed(Duration::from_secs(10));
+    let callid = call(&mut client, "cindy", "dave").await;
+    let notes = client
+        .run("CallHold", json!({"callid": callid, "leg": "callee"}))
+        .await;
+    assert_eq!(shape(&notes), ["Event:CALL_HOLD", "Ended"], "{notes:#?}");
+}
+
+#[tokio::test]
+async fn services_carry_on_after_nats_restarts() {
+    let mut stack = Stack::start().await;
+    let mut client = stack.client().await;
+    call(&mut client, "alice", "bob").await;
+    stack.nats.stop().await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stack.nats.restart().await;
+    // The services reconnect on their own; the client's WebSocket stayed up.
+    let mut last = Vec::new();
+    for _ in 0..40 {
+        let id = client
+            .request(
+                "CallStart",
+                json!({"caller": "sip:cindy@127.0.0.1", "callee": "sip:dave@127.0.0.1"}),
+            )
+            .await;
+        let reply = client.reply(&id).await;
+        if let Some(cmd_id) = reply["result"]["cmd_id"].as_str() {
+            last = client.until_ended(cmd_id).await;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert_eq!(
+        shape(&last),
+        [
+            "Event:CALL_ANSWER",
+            "Event:TRANSFER_ACCEPT",
+            "Event:CALL_START",
+            "Event:CALL_ANSWER",
+            "Ended"
+        ],
+        "{last:#?}"
+    );
+}
