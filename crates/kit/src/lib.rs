@@ -17,3 +17,30 @@ pub fn announce_ready(details: &str) {
     let _ = writeln!(out, "READY {details}");
     let _ = out.flush();
 }
+
+/// The whole `main` of a service: tracing, configuration (defaults < `--config` file < env),
+/// then `run(config, shutdown)` until SIGTERM/SIGINT. Returns the process exit code.
+pub async fn service_main<C, F, Fut, E>(service: &str, run: F) -> std::process::ExitCode
+where
+    C: serde::de::DeserializeOwned,
+    F: FnOnce(C, tokio_util::sync::CancellationToken) -> Fut,
+    Fut: std::future::Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
+    telemetry::init(service);
+    let config =
+        match config::config_path_from_args().and_then(|path| config::load::<C>(path.as_deref())) {
+            Ok(config) => config,
+            Err(err) => {
+                tracing::error!(%err, "cannot load configuration");
+                return std::process::ExitCode::FAILURE;
+            }
+        };
+    match run(config, shutdown::on_signal()).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            tracing::error!(%err, "{service} failed");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

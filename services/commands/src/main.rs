@@ -1,24 +1,6 @@
 //! commands binary: loads configuration and runs the service until SIGTERM/SIGINT.
 
-use std::process::ExitCode;
-
 #[tokio::main]
-async fn main() -> ExitCode {
-    callapi_kit::telemetry::init("commands");
-    let config = match callapi_kit::config::config_path_from_args()
-        .and_then(|path| callapi_kit::config::load::<commands::Config>(path.as_deref()))
-    {
-        Ok(config) => config,
-        Err(err) => {
-            tracing::error!(%err, "cannot load configuration");
-            return ExitCode::FAILURE;
-        }
-    };
-    match commands::run(config, callapi_kit::shutdown::on_signal()).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(err) => {
-            tracing::error!(%err, "commands failed");
-            ExitCode::FAILURE
-        }
-    }
+async fn main() -> std::process::ExitCode {
+    callapi_kit::service_main("commands", commands::run).await
 }

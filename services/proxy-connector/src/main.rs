@@ -1,24 +1,6 @@
 //! proxy-connector binary: loads configuration and runs the service until SIGTERM/SIGINT.
 
-use std::process::ExitCode;
-
 #[tokio::main]
-async fn main() -> ExitCode {
-    callapi_kit::telemetry::init("proxy-connector");
-    let config = match callapi_kit::config::config_path_from_args()
-        .and_then(|path| callapi_kit::config::load::<proxy_connector::Config>(path.as_deref()))
-    {
-        Ok(config) => config,
-        Err(err) => {
-            tracing::error!(%err, "cannot load configuration");
-            return ExitCode::FAILURE;
-        }
-    };
-    match proxy_connector::run(config, callapi_kit::shutdown::on_signal()).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(err) => {
-            tracing::error!(%err, "proxy-connector failed");
-            ExitCode::FAILURE
-        }
-    }
+async fn main() -> std::process::ExitCode {
+    callapi_kit::service_main("proxy-connector", proxy_connector::run).await
 }

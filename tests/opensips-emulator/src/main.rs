@@ -97,25 +97,7 @@ async fn main() -> ExitCode {
     let _ = out.flush();
     drop(out);
     tracing::info!(?version, "OpenSIPS emulator running");
-    wait_for_signal().await;
+    callapi_kit::shutdown::on_signal().cancelled().await;
     emulator.shutdown();
     ExitCode::SUCCESS
-}
-
-async fn wait_for_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) {
-        (Ok(mut term), Ok(mut int)) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
-            }
-        }
-        _ => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
 }
