@@ -18,7 +18,7 @@ use tokio::time::Instant;
 use crate::flow::{Action, CallEvent, ErrorCode, ErrorNote, Flow, Input, MiResult, StepNote};
 
 /// After the deadline, how long a flow may still take to wrap up.
-const GRACE: Duration = Duration::from_secs(2);
+pub const GRACE: Duration = Duration::from_secs(2);
 /// Timeout of clean-up MI requests nobody waits for.
 const DETACHED_TIMEOUT: Duration = Duration::from_secs(10);
 

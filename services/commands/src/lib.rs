@@ -107,13 +107,17 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
             message = intake.next() => {
                 let Some(message) = message else { break };
                 let ack = match accept(&config, &client, &message) {
-                    Ok(work) => {
+                    Ok((work, ends_within)) => {
                         running.spawn(work);
-                        CommandAck { accepted: true, error: String::new() }
+                        CommandAck {
+                            accepted: true,
+                            error: String::new(),
+                            deadline_ms: u64::try_from(ends_within.as_millis()).unwrap_or(u64::MAX),
+                        }
                     }
                     Err(reason) => {
                         tracing::warn!(%reason, subject = %message.subject, "command refused");
-                        CommandAck { accepted: false, error: reason }
+                        CommandAck { accepted: false, error: reason, deadline_ms: 0 }
                     }
                 };
                 if let Some(reply) = message.reply.clone()
@@ -132,12 +136,19 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     Ok(())
 }
 
-/// Checks one command message and returns the future that runs it.
+/// Checks one command message and returns the future that runs it and the time within which
+/// it ends.
 fn accept(
     config: &Config,
     client: &async_nats::Client,
     message: &async_nats::Message,
-) -> Result<impl std::future::Future<Output = ()> + Send + 'static, String> {
+) -> Result<
+    (
+        impl std::future::Future<Output = ()> + Send + 'static,
+        Duration,
+    ),
+    String,
+> {
     let request = CommandRequest::decode(message.payload.as_ref())
         .map_err(|e| format!("undecodable CommandRequest: {e}"))?;
     let subject_tenant = message.subject.split('.').nth(3).unwrap_or_default();
@@ -157,5 +168,6 @@ fn accept(
         notify_subject: request.notify_subject.clone(),
     };
     tracing::info!(cmd_id = %request.cmd_id, tenant = %request.tenant, ?deadline, "command accepted");
-    Ok(driver::drive(ctx, flow, Duration::from_millis(deadline)))
+    let deadline = Duration::from_millis(deadline);
+    Ok((driver::drive(ctx, flow, deadline), deadline + driver::GRACE))
 }

@@ -27,11 +27,15 @@ pub(crate) enum Outgoing {
     Reply(String),
     /// A command is about to be sent: hold its notifications until `Started`.
     Register(String),
-    /// The command was taken: write the reply, then what was held back.
+    /// The command was taken: write the reply, then what was held back. If it has not ended
+    /// after `ends_within`, its commands replica is presumed lost.
     Started {
         cmd_id: String,
         reply: Option<String>,
+        ends_within: Duration,
     },
+    /// A command's time is up: if it is still running, end it for the client.
+    Overdue(String),
     /// The command was not taken: write the error, drop what was held back.
     Refused {
         cmd_id: String,
@@ -59,7 +63,13 @@ pub(crate) async fn serve(socket: WebSocket, shared: Arc<Shared>) {
         },
     );
     tracing::debug!(%connection_id, "client connected");
-    let writer = tokio::spawn(write_loop(sink, rx, active.clone(), kill.clone()));
+    let writer = tokio::spawn(write_loop(
+        sink,
+        rx,
+        tx.downgrade(),
+        active.clone(),
+        kill.clone(),
+    ));
     loop {
         let message = tokio::select! {
             _ = kill.cancelled() => break,
@@ -171,7 +181,7 @@ async fn start_command(
             )));
         let outcome = match shared.client.send_request(subject, nats_request).await {
             Ok(message) => match CommandAck::decode(message.payload.as_ref()) {
-                Ok(ack) if ack.accepted => Ok(()),
+                Ok(ack) if ack.accepted => Ok(Duration::from_millis(ack.deadline_ms)),
                 Ok(ack) => Err((code::REFUSED, format!("command refused: {}", ack.error))),
                 Err(_) => Err((
                     code::UNAVAILABLE,
@@ -193,9 +203,10 @@ async fn start_command(
             )),
         };
         let outgoing = match outcome {
-            Ok(()) => Outgoing::Started {
+            Ok(ends_within) => Outgoing::Started {
                 reply: answer.then(|| rpc::started(&reply_id, &cmd_id)),
                 cmd_id,
+                ends_within,
             },
             Err((code, message)) => {
                 tracing::warn!(%cmd_id, %message, "command not started");
@@ -215,9 +226,13 @@ enum CommandState {
     Live,
 }
 
+/// Extra time given to a commands replica beyond the deadline it announced.
+const OVERDUE_MARGIN: Duration = Duration::from_secs(3);
+
 async fn write_loop(
     mut sink: futures::stream::SplitSink<WebSocket, Message>,
     mut rx: mpsc::Receiver<Outgoing>,
+    myself: mpsc::WeakSender<Outgoing>,
     active: Arc<Mutex<HashSet<String>>>,
     kill: CancellationToken,
 ) {
@@ -234,8 +249,20 @@ async fn write_loop(
             Outgoing::Register(cmd_id) => {
                 commands.insert(cmd_id, CommandState::Pending(Vec::new()));
             }
-            Outgoing::Started { cmd_id, reply } => {
+            Outgoing::Started {
+                cmd_id,
+                reply,
+                ends_within,
+            } => {
                 texts.extend(reply);
+                let myself = myself.clone();
+                let overdue = cmd_id.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(ends_within + OVERDUE_MARGIN).await;
+                    if let Some(tx) = myself.upgrade() {
+                        let _ = tx.send(Outgoing::Overdue(overdue)).await;
+                    }
+                });
                 if let Some(CommandState::Pending(held)) =
                     commands.insert(cmd_id.clone(), CommandState::Live)
                 {
@@ -246,6 +273,22 @@ async fn write_loop(
                         }
                         texts.push(rpc::notification(&cmd_id, &kind));
                     }
+                }
+            }
+            Outgoing::Overdue(cmd_id) => {
+                if commands.remove(&cmd_id).is_some() {
+                    finish(&cmd_id);
+                    tracing::warn!(%cmd_id, "no end from the commands service in time; ending the command");
+                    let lost = notification::Kind::Error(callapi_proto::v1::CommandError {
+                        code: "COMMAND_LOST".to_owned(),
+                        message: "the commands service handling this command did not finish it in time (it may have stopped); the call may be in any state".to_owned(),
+                        sip_code: 0,
+                    });
+                    texts.push(rpc::notification(&cmd_id, &lost));
+                    texts.push(rpc::notification(
+                        &cmd_id,
+                        &notification::Kind::Ended(callapi_proto::v1::CommandEnded {}),
+                    ));
                 }
             }
             Outgoing::Refused { cmd_id, reply } => {

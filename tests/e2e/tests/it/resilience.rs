@@ -176,3 +176,35 @@ async fn services_carry_on_after_nats_restarts() {
     }
     assert_eq!(shape(&last), CALL_START_OK, "{last:#?}");
 }
+
+#[tokio::test]
+async fn a_command_whose_commands_replica_dies_still_ends() {
+    let mut stack = Stack::with(StackOptions {
+        deadlines_ms: (15_000, 2_000, 5_000, 5_000),
+        ..StackOptions::default()
+    })
+    .await;
+    let mut client = stack.client().await;
+    let callid = call(&mut client, "alice", "bob").await;
+    // No event ever comes for a transfer to an unknown user: the command stays in flight.
+    let cmd_id = client
+        .start(
+            "CallBlindTransfer",
+            json!({"callid": callid, "leg": "callee", "destination": "sip:nobody@127.0.0.1"}),
+        )
+        .await;
+    let accepted = client
+        .take(|m| {
+            m["params"]["cmd_id"] == cmd_id.as_str() && m["params"]["data"] == "TRANSFER_ACCEPT"
+        })
+        .await;
+    assert_eq!(accepted["method"], "Event");
+    for commands in &mut stack.commands {
+        commands.kill().await;
+    }
+    let started = std::time::Instant::now();
+    let notes = client.until_ended(&cmd_id).await;
+    assert_eq!(shape(&notes), ["Error:COMMAND_LOST", "Ended"], "{notes:#?}");
+    // deadline 2 s + driver grace 2 s + gateway margin 3 s
+    assert!(started.elapsed() < Duration::from_secs(9));
+}
