@@ -1,6 +1,7 @@
 //! Turns a `CommandRequest` into the flow that runs it, checking its fields again: NATS is a
 //! trust boundary, and these values end up in SIP headers.
 
+use callapi_kit::subjects::CommandKind;
 use callapi_kit::validate;
 use callapi_proto::v1::{self as pb, command_request::Command};
 use uuid::Uuid;
@@ -9,6 +10,18 @@ use crate::Deadlines;
 use crate::flow::{
     AttendedTransferFlow, BlindTransferFlow, EndFlow, Flow, HoldAction, HoldFlow, Leg, StartFlow,
 };
+
+/// The kind of command a request carries (the last token of its subject).
+pub fn kind_of(request: &pb::CommandRequest) -> Option<CommandKind> {
+    Some(match request.command.as_ref()? {
+        Command::CallStart(_) => CommandKind::CallStart,
+        Command::BlindTransfer(_) => CommandKind::BlindTransfer,
+        Command::AttendedTransfer(_) => CommandKind::AttendedTransfer,
+        Command::Hold(_) => CommandKind::Hold,
+        Command::Unhold(_) => CommandKind::Unhold,
+        Command::End(_) => CommandKind::End,
+    })
+}
 
 /// The flow for `request` and its deadline in milliseconds, or why it is refused.
 pub fn flow_for(

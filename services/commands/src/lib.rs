@@ -151,9 +151,16 @@ fn accept(
 > {
     let request = CommandRequest::decode(message.payload.as_ref())
         .map_err(|e| format!("undecodable CommandRequest: {e}"))?;
-    let subject_tenant = message.subject.split('.').nth(3).unwrap_or_default();
+    let mut tokens = message.subject.split('.').skip(3);
+    let (subject_tenant, subject_kind) = (
+        tokens.next().unwrap_or_default(),
+        tokens.next().unwrap_or_default(),
+    );
     if request.tenant != subject_tenant || !subjects::is_token(&request.tenant) {
         return Err("tenant of the message does not match its subject".to_owned());
+    }
+    if intake::kind_of(&request).map(subjects::CommandKind::token) != Some(subject_kind) {
+        return Err("command of the message does not match its subject".to_owned());
     }
     if !request.notify_subject.starts_with("callapi.v1.notify.") {
         return Err("notify_subject must be a callapi.v1.notify subject".to_owned());

@@ -163,6 +163,23 @@ mod tests {
     }
 
     #[test]
+    fn no_stream_content_makes_it_panic() {
+        let events = br#"{"jsonrpc":"2.0","method":"E_CALL_HOLD","params":{"callid":"x","leg":"caller","action":"hold","state":"ok"}}{"method":"E_X","params":[1]}"#;
+        for i in 0..events.len() {
+            let _ = split_stream(&events[..i]);
+            for replacement in [b'"', b'{', b'}', b'[', 0xff, b'9'] {
+                let mut corrupted = events.to_vec();
+                corrupted[i] = replacement;
+                let framed = split_stream(&corrupted);
+                for one in framed.events {
+                    let _ = event(one, "t", "n", 0);
+                }
+                let _ = event(&corrupted, "t", "n", 0);
+            }
+        }
+    }
+
+    #[test]
     fn garbage_is_refused_not_panicked_on() {
         for bad in [
             &b"400 Parse_error"[..],

@@ -500,6 +500,40 @@ mod tests {
     }
 
     #[test]
+    fn no_input_makes_it_panic() {
+        // Every prefix and every one-byte corruption of valid requests, plus odd JSON.
+        let valid = [
+            r#"{"jsonrpc":"2.0","method":"CallStart","params":{"caller":"sip:a@b","callee":"sip:c@d","cmd_id":"x"},"id":1}"#,
+            r#"{"jsonrpc":"2.0","method":"CallAttendedTransfer","params":{"callidA":"a","legA":"caller","callid_b":"b","leg_b":"callee","destination":"sip:é@b"},"id":"z"}"#,
+            r#"{"jsonrpc":"2.0","method":"CallHold","params":{"callid":"x","leg":null},"id":null}"#,
+        ];
+        for text in valid {
+            for end in 0..=text.len() {
+                if text.is_char_boundary(end) {
+                    let _ = parse(&text[..end]);
+                }
+            }
+            let bytes = text.as_bytes();
+            for i in 0..bytes.len() {
+                for replacement in [b'"', b'{', b'}', b'\\', b'0', b' ', 0xff] {
+                    let mut corrupted = bytes.to_vec();
+                    corrupted[i] = replacement;
+                    let _ = parse(&String::from_utf8_lossy(&corrupted));
+                }
+            }
+        }
+        for odd in [
+            "null",
+            "{}",
+            r#"{"id":[]}"#,
+            r#"{"jsonrpc":"2.0","method":"CallEnd","params":{"callid":{"a":[1e999]}},"id":1e400}"#,
+            "\u{0}",
+        ] {
+            let _ = parse(odd);
+        }
+    }
+
+    #[test]
     fn notifications_without_id_are_silent_on_error() {
         assert!(err(r#"{"jsonrpc":"2.0","method":"Nope"}"#).silent);
         assert!(!err(r#"{"jsonrpc":"2.0","method":"Nope","id":null}"#).silent);

@@ -4,5 +4,6 @@
 mod commands;
 mod events;
 mod failures;
+mod nats_boundary;
 mod protocol;
 mod resilience;
