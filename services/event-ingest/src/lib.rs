@@ -131,7 +131,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         };
         let bound = match node.transport {
             Transport::Udp => {
-                let socket = UdpSocket::bind(node.listen.as_str())
+                let socket = bind_udp(&node.listen)
                     .await
                     .map_err(|e| node_error(format!("cannot bind udp {}: {e}", node.listen)))?;
                 let bound = socket.local_addr().map_err(|e| node_error(e.to_string()))?;
@@ -167,6 +167,29 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     while tasks.join_next().await.is_some() {}
     let _ = client.drain().await;
     Ok(())
+}
+
+/// Receive buffer asked of the kernel for event datagrams, so bursts are not dropped.
+const UDP_RECEIVE_BUFFER: usize = 4 * 1024 * 1024;
+
+/// Binds the event datagram socket with a large receive buffer (best effort: the kernel may
+/// cap it at `net.core.rmem_max`).
+async fn bind_udp(listen: &str) -> std::io::Result<UdpSocket> {
+    let addr = tokio::net::lookup_host(listen)
+        .await?
+        .next()
+        .ok_or_else(|| std::io::Error::other("address does not resolve"))?;
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::DGRAM,
+        Some(socket2::Protocol::UDP),
+    )?;
+    if let Err(err) = socket.set_recv_buffer_size(UDP_RECEIVE_BUFFER) {
+        tracing::warn!(%err, "cannot enlarge the event socket's receive buffer");
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    UdpSocket::from_std(socket.into())
 }
 
 /// Largest datagram accepted (OpenSIPS events seen so far are under 300 bytes).
