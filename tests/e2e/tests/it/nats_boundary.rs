@@ -86,3 +86,39 @@ async fn bad_command_messages_are_refused_with_a_reason() {
     assert!(ok.accepted, "{}", ok.error);
     assert!(ok.deadline_ms > 0);
 }
+
+#[tokio::test]
+async fn configuration_layers_defaults_then_file_then_environment() {
+    let dir = std::env::temp_dir().join(format!("callapi-e2e-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let nats = callapi_e2e::NatsServer::start(&dir).await;
+    let config = dir.join("gateway.toml");
+    std::fs::write(
+        &config,
+        "listen = \"127.0.0.1:0\"\ngateway_id = \"from-file\"\n[nats]\nurl = \"nats://127.0.0.1:1\"\n",
+    )
+    .unwrap();
+    let config = config.to_string_lossy().into_owned();
+    // The file's NATS URL is wrong on purpose: the environment's must win.
+    let gateway = callapi_e2e::Service::start(
+        &dir,
+        "gateway",
+        &["--config", &config],
+        &[
+            ("CALLAPI_GATEWAY_ID", "from-env"),
+            ("CALLAPI_NATS__URL", nats.url.as_str()),
+        ],
+    )
+    .await;
+    assert_eq!(
+        gateway.ready_field("gateway_id").as_deref(),
+        Some("from-env")
+    );
+    assert!(
+        gateway
+            .ready_field("listen")
+            .is_some_and(|l| l.starts_with("127.0.0.1:"))
+    );
+    drop(gateway);
+    let _ = std::fs::remove_dir_all(&dir);
+}
