@@ -3,7 +3,7 @@
 //! service's notifications for this gateway come back on `callapi.v1.notify.*.<gateway_id>` and
 //! are routed to the connection that started the command.
 //!
-//! Architecture invariant: only the gateway knows JSON-RPC and HTTP.
+//! Architecture invariant: only the gateway knows the client protocol.
 #![forbid(unsafe_code)]
 
 mod connection;
