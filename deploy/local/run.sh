@@ -70,7 +70,7 @@ if [ -n "${OPENSIPS_MI:-}" ]; then
   connector_config="$run_dir/proxy-connector.toml"
   printf '[[nodes]]\nid = "opensips1"\nmi = "%s"\n' "$OPENSIPS_MI" >"$connector_config"
 else
-  start opensips-emulator "$bin/opensips-emulator" --mi-udp 127.0.0.1:8080 --mi-http 127.0.0.1:8888 --opensips-version 3.6 --answer-delay-ms 300
+  start opensips-emulator "$bin/opensips-emulator" --mi-udp 127.0.0.1:8080 --mi-http 127.0.0.1:8888 --opensips-version 3.6 --answer-delay-ms 300 --extra-phones eve,frank
 fi
 start proxy-connector "$bin/proxy-connector" --config "$connector_config"
 start event-ingest "$bin/event-ingest" --config "$root/deploy/local/event-ingest.toml"

@@ -113,6 +113,8 @@ impl Stack {
                 &options.ring_timeout_ms.to_string(),
                 "--dead-timeout-ms",
                 &options.dead_timeout_ms.to_string(),
+                "--extra-phones",
+                "eve",
             ],
             &[],
         )
@@ -230,6 +232,8 @@ impl Stack {
                 &self.options.ring_timeout_ms.to_string(),
                 "--dead-timeout-ms",
                 &self.options.dead_timeout_ms.to_string(),
+                "--extra-phones",
+                "eve",
             ],
             &[],
         )

@@ -10,14 +10,39 @@ use serde_json::{Value, json};
 use tokio::io::AsyncWriteExt as _;
 use tokio::sync::mpsc;
 
-/// Events this node knows (ids as OpenSIPS 3.6.8 lists them).
-pub const EVENTS: [&str; 17] = [
+use crate::Version;
+
+/// Events OpenSIPS 3.6.8 lists (`events_list`), in id order.
+pub const EVENTS_36: [&str; 17] = [
     "E_CORE_SR_STATUS_CHANGED",
     "E_CORE_THRESHOLD",
     "E_CORE_SHM_THRESHOLD",
     "E_CORE_PKG_THRESHOLD",
     "E_CORE_PROC_AUTO_SCALE",
     "E_CORE_TCP_DISCONNECT",
+    "E_DLG_STATE_CHANGED",
+    "E_CALL_TRANSFER",
+    "E_CALL_HOLD",
+    "E_UL_AOR_INSERT",
+    "E_UL_AOR_DELETE",
+    "E_UL_CONTACT_INSERT",
+    "E_UL_CONTACT_UPDATE",
+    "E_UL_CONTACT_DELETE",
+    "E_UL_CONTACT_REFRESH",
+    "E_UL_LATENCY_UPDATE",
+    "E_CORE_LOG",
+];
+
+/// Events OpenSIPS 4.0.1 lists (`events_list`), in id order.
+pub const EVENTS_40: [&str; 19] = [
+    "E_CORE_SR_STATUS_CHANGED",
+    "E_CORE_THRESHOLD",
+    "E_CORE_SHM_THRESHOLD",
+    "E_CORE_PKG_THRESHOLD",
+    "E_CORE_PROC_AUTO_SCALE",
+    "E_CORE_TCP_DISCONNECT",
+    "E_PROFILING_SCRIPT",
+    "E_PROFILING_PROC",
     "E_DLG_STATE_CHANGED",
     "E_CALL_TRANSFER",
     "E_CALL_HOLD",
@@ -53,6 +78,7 @@ struct Subscription {
 
 /// The subscriptions of one node and the means to deliver events.
 pub struct Events {
+    known: &'static [&'static str],
     subscriptions: Vec<Subscription>,
     udp: std::net::UdpSocket,
     streams: HashMap<SocketAddr, mpsc::UnboundedSender<Vec<u8>>>,
@@ -68,9 +94,13 @@ pub enum SubscribeError {
 }
 
 impl Events {
-    /// A subscription table sending datagrams from `udp`.
-    pub fn new(udp: std::net::UdpSocket) -> Self {
+    /// A subscription table of an OpenSIPS `version`, sending datagrams from `udp`.
+    pub fn new(udp: std::net::UdpSocket, version: Version) -> Self {
         Self {
+            known: match version {
+                Version::V3_6 => &EVENTS_36,
+                Version::V4_0 => &EVENTS_40,
+            },
             subscriptions: Vec::new(),
             udp,
             streams: HashMap::new(),
@@ -84,22 +114,33 @@ impl Events {
         socket: &str,
         expire: i64,
     ) -> Result<(), SubscribeError> {
-        if !EVENTS.contains(&event) {
+        if !self.known.contains(&event) {
             return Err(SubscribeError::BadValue);
         }
         let target = parse_socket(socket).ok_or(SubscribeError::BadValue)?;
         let expire = u64::try_from(expire).map_err(|_| SubscribeError::Negative)?;
-        self.subscriptions
-            .retain(|s| !(s.event == event && s.socket == socket));
         let now = Instant::now();
-        self.subscriptions.push(Subscription {
+        let subscription = Subscription {
             event: event.to_owned(),
             socket: socket.to_owned(),
             target,
             expire,
-            expires_at: (expire > 0).then(|| now + Duration::from_secs(expire)),
+            expires_at: (expire > 0).then(|| {
+                // Huge values must not overflow the clock: about 136 years is forever here.
+                let ttl = Duration::from_secs(expire.min(u64::from(u32::MAX)));
+                now.checked_add(ttl).unwrap_or(now)
+            }),
             unsubscribed_at: (expire == 0).then_some(now),
-        });
+        };
+        // A refresh keeps its place; a new subscriber is listed first (j_subscribe_expiry).
+        match self
+            .subscriptions
+            .iter_mut()
+            .find(|s| s.event == event && s.socket == socket)
+        {
+            Some(existing) => *existing = subscription,
+            None => self.subscriptions.insert(0, subscription),
+        }
         Ok(())
     }
 
@@ -113,36 +154,56 @@ impl Events {
             });
     }
 
-    /// `subscribers_list` (all events, or one).
-    pub fn list(&mut self, only: Option<&str>) -> Value {
+    /// `events_list`.
+    pub fn events_list(&self) -> Value {
+        let events: Vec<Value> = self
+            .known
+            .iter()
+            .enumerate()
+            .map(|(id, name)| json!({"name": name, "id": id}))
+            .collect();
+        json!({"Events": events})
+    }
+
+    /// `subscribers_list` (all events with subscribers, or one event); `None` for an unknown
+    /// event.
+    pub fn list(&mut self, only: Option<&str>) -> Option<Value> {
         self.prune();
         let now = Instant::now();
-        let mut events = Vec::new();
-        for (id, name) in EVENTS.iter().enumerate() {
-            if only.is_some_and(|o| o != *name) {
-                continue;
-            }
-            let subscribers: Vec<Value> = self
-                .subscriptions
+        let subscribers = |name: &str| -> Vec<Value> {
+            self.subscriptions
                 .iter()
-                .filter(|s| s.event == *name)
+                .filter(|s| s.event == name)
                 .map(|s| {
                     let ttl = match s.expires_at {
-                        Some(at) => json!(at.saturating_duration_since(now).as_secs()),
+                        // Whole seconds left, as OpenSIPS counts them (expire right after
+                        // subscribing).
+                        Some(at) => json!(
+                            (at.saturating_duration_since(now) + Duration::from_millis(999))
+                                .as_secs()
+                        ),
                         None => json!("expired"),
                     };
                     json!({"socket": s.socket, "expire": s.expire, "ttl": ttl})
                 })
-                .collect();
-            if subscribers.is_empty() && only.is_none() {
-                continue;
-            }
-            events.push(json!({"name": name, "id": id, "Subscribers": subscribers}));
+                .collect()
+        };
+        if let Some(name) = only {
+            let id = self.known.iter().position(|e| *e == name)?;
+            return Some(
+                json!({"Event": {"name": name, "id": id, "Subscribers": subscribers(name)}}),
+            );
         }
-        match only {
-            Some(_) => json!({"Event": events.into_iter().next().unwrap_or(Value::Null)}),
-            None => json!({"Events": events}),
-        }
+        let events: Vec<Value> = self
+            .known
+            .iter()
+            .enumerate()
+            .filter_map(|(id, name)| {
+                let subs = subscribers(name);
+                (!subs.is_empty()).then(|| json!({"name": name, "id": id, "Subscribers": subs}))
+            })
+            .collect();
+        Some(json!({"Events": events}))
     }
 
     /// Sends `event` with `params` to every live subscriber.

@@ -13,12 +13,12 @@ use opensips_emulator::{EmulatorConfig, Version};
 #[derive(Parser, Debug)]
 #[command(name = "opensips-emulator", version)]
 struct Args {
-    /// mi_datagram address (UDP); "off" to disable.
-    #[arg(long, default_value = "127.0.0.1:8080")]
-    mi_udp: String,
-    /// mi_http address (POST /mi); "off" to disable.
-    #[arg(long, default_value = "127.0.0.1:8888")]
-    mi_http: String,
+    /// mi_datagram address (UDP), e.g. 127.0.0.1:8080 (port 0: any); off when absent or "off".
+    #[arg(long)]
+    mi_udp: Option<String>,
+    /// mi_http address (POST /mi), e.g. 127.0.0.1:8888 (port 0: any); off when absent or "off".
+    #[arg(long)]
+    mi_http: Option<String>,
     /// OpenSIPS version to behave like: 3.6 or 4.0.
     #[arg(long, default_value = "3.6")]
     opensips_version: String,
@@ -31,15 +31,16 @@ struct Args {
     /// How long `dead` takes to time out (ms).
     #[arg(long, default_value_t = 4000)]
     dead_timeout_ms: u64,
-    /// More users whose phones answer (comma separated).
-    #[arg(long, value_delimiter = ',', default_value = "eve,frank")]
+    /// More users whose phones answer (comma separated); like the reference OpenSIPS script,
+    /// only alice, bob, cindy and dave answer by default.
+    #[arg(long, value_delimiter = ',')]
     extra_phones: Vec<String>,
 }
 
-fn listener(text: &str) -> Result<Option<SocketAddr>, String> {
-    if text == "off" {
+fn listener(text: Option<&str>) -> Result<Option<SocketAddr>, String> {
+    let Some(text) = text.filter(|t| *t != "off") else {
         return Ok(None);
-    }
+    };
     text.parse()
         .map(Some)
         .map_err(|e| format!("bad address {text:?}: {e}"))
@@ -62,7 +63,14 @@ async fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let (mi_udp, mi_http) = match (listener(&args.mi_udp), listener(&args.mi_http)) {
+    let (mi_udp, mi_http) = match (
+        listener(args.mi_udp.as_deref()),
+        listener(args.mi_http.as_deref()),
+    ) {
+        (Ok(None), Ok(None)) => {
+            eprintln!("opensips-emulator: no listener (give --mi-udp and/or --mi-http)");
+            return ExitCode::FAILURE;
+        }
         (Ok(udp), Ok(http)) => (udp, http),
         (Err(e), _) | (_, Err(e)) => {
             eprintln!("opensips-emulator: {e}");
@@ -96,7 +104,6 @@ async fn main() -> ExitCode {
     let _ = writeln!(out, "{ready}");
     let _ = out.flush();
     drop(out);
-    tracing::info!(?version, "OpenSIPS emulator running");
     callapi_kit::shutdown::on_signal().cancelled().await;
     emulator.shutdown();
     ExitCode::SUCCESS

@@ -7,6 +7,8 @@
 
 use serde_json::{Map, Value, json};
 
+use crate::Version;
+
 /// An error answered as a JSON-RPC `error` object.
 #[derive(Debug, Clone, PartialEq)]
 pub struct MiError {
@@ -171,6 +173,195 @@ pub fn text(params: &Map<String, Value>, name: &str) -> Option<String> {
     }
 }
 
+/// The MI commands OpenSIPS 4.0.1 lists with `which` (mi_names).
+pub const NAMES_40: [&str; 79] = [
+    "statistics:get",
+    "statistics:list",
+    "statistics:reset",
+    "statistics:reset_all",
+    "core:uptime",
+    "core:version",
+    "core:pwd",
+    "core:arg",
+    "core:which",
+    "core:ps",
+    "core:kill",
+    "core:log_level",
+    "core:xlog_level",
+    "core:profiling_proc",
+    "core:log_level_filter",
+    "core:log_mute_state",
+    "core:reload_routes",
+    "core:help",
+    "tcp:list",
+    "tcp:close",
+    "mem:shm_check",
+    "mem:pkg_dump",
+    "mem:shm_dump",
+    "mem:rpm_dump",
+    "cache:store",
+    "cache:fetch",
+    "cache:remove",
+    "status_report:get",
+    "status_report:status",
+    "status_report:reports",
+    "status_report:identifiers",
+    "evi:subscribe",
+    "evi:list",
+    "evi:subscribers",
+    "evi:raise",
+    "blacklists:list",
+    "blacklists:check_all",
+    "blacklists:check",
+    "blacklists:add_rule",
+    "blacklists:del_rule",
+    "tcp:trace",
+    "tm:uac_dlg",
+    "tm:uac_cancel",
+    "tm:hash",
+    "tm:reply",
+    "cfgutils:rand_set_prob",
+    "cfgutils:rand_reset_prob",
+    "cfgutils:rand_get_prob",
+    "cfgutils:get_config_hash",
+    "cfgutils:check_config_hash",
+    "cfgutils:shv_get",
+    "cfgutils:shv_set",
+    "dialog:list",
+    "dialog:list_ctx",
+    "dialog:end_dlg",
+    "dialog:db_sync",
+    "dialog:restore_db",
+    "dialog:cluster_sync",
+    "dialog:profile_get_size",
+    "dialog:profile_list_dlgs",
+    "dialog:profile_get_values",
+    "dialog:list_all_profiles",
+    "dialog:profile_end_dlgs",
+    "dialog:push_var",
+    "dialog:send_sequential",
+    "dialog:set_profile",
+    "dialog:unset_profile",
+    "callops:transfer",
+    "callops:hold",
+    "callops:unhold",
+    "usrloc:rm",
+    "usrloc:rm_contact",
+    "usrloc:dump",
+    "usrloc:flush",
+    "usrloc:add",
+    "usrloc:show_contact",
+    "usrloc:sync",
+    "usrloc:cluster_sync",
+    "httpd:list_root_path",
+];
+
+/// The MI commands this node runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Command {
+    /// `version` / `core:version`.
+    Version,
+    /// `which` / `core:which` (4.0.1 only).
+    Which,
+    /// `help` / `core:help`.
+    Help,
+    /// `events_list` / `evi:list`.
+    EventsList,
+    /// `event_subscribe` / `evi:subscribe`.
+    EventSubscribe,
+    /// `subscribers_list` / `evi:subscribers`.
+    SubscribersList,
+    /// `t_uac_dlg` / `tm:uac_dlg`.
+    UacDlg,
+    /// `call_transfer` / `callops:transfer`.
+    Transfer,
+    /// `call_hold` / `callops:hold`.
+    Hold,
+    /// `call_unhold` / `callops:unhold`.
+    Unhold,
+    /// `dlg_end_dlg` / `dialog:end_dlg`.
+    EndDlg,
+    /// `dlg_list`, `dlg_list_ctx` / `dialog:list`, `dialog:list_ctx`.
+    DlgList,
+}
+
+impl Command {
+    /// The module that exports the command (`help`'s "Exported by").
+    pub fn module(self) -> &'static str {
+        match self {
+            Command::Version
+            | Command::Which
+            | Command::Help
+            | Command::EventsList
+            | Command::EventSubscribe
+            | Command::SubscribersList => "core",
+            Command::UacDlg => "tm",
+            Command::Transfer | Command::Hold | Command::Unhold => "callops",
+            Command::EndDlg | Command::DlgList => "dialog",
+        }
+    }
+}
+
+/// The 3.x name of each command.
+fn plain(name: &str) -> Option<Command> {
+    Some(match name {
+        "version" => Command::Version,
+        "help" => Command::Help,
+        "events_list" => Command::EventsList,
+        "event_subscribe" => Command::EventSubscribe,
+        "subscribers_list" => Command::SubscribersList,
+        "t_uac_dlg" => Command::UacDlg,
+        "call_transfer" => Command::Transfer,
+        "call_hold" => Command::Hold,
+        "call_unhold" => Command::Unhold,
+        "dlg_end_dlg" => Command::EndDlg,
+        "dlg_list" | "dlg_list_ctx" => Command::DlgList,
+        _ => return None,
+    })
+}
+
+/// The 4.0 namespaced name of each command.
+fn namespaced(name: &str) -> Option<Command> {
+    Some(match name {
+        "core:version" => Command::Version,
+        "core:which" => Command::Which,
+        "core:help" => Command::Help,
+        "evi:list" => Command::EventsList,
+        "evi:subscribe" => Command::EventSubscribe,
+        "evi:subscribers" => Command::SubscribersList,
+        "tm:uac_dlg" => Command::UacDlg,
+        "callops:transfer" => Command::Transfer,
+        "callops:hold" => Command::Hold,
+        "callops:unhold" => Command::Unhold,
+        "dialog:end_dlg" => Command::EndDlg,
+        "dialog:list" | "dialog:list_ctx" => Command::DlgList,
+        _ => return None,
+    })
+}
+
+/// Finds the command a method name means: 3.x names on both versions; on 4.0 also the
+/// namespaced names and unambiguous short names (`hold` → `callops:hold`; an ambiguous one →
+/// -32001 "Method ambiguous"). Anything else → -32601 "Method not found".
+pub fn resolve(version: Version, name: &str) -> Result<Command, MiError> {
+    if let Some(command) = plain(name) {
+        return Ok(command);
+    }
+    if version == Version::V3_6 {
+        return Err(MiError::no_method());
+    }
+    if name.contains(':') {
+        return namespaced(name).ok_or_else(MiError::no_method);
+    }
+    let mut matching = NAMES_40
+        .iter()
+        .filter(|full| full.split_once(':').is_some_and(|(_, short)| short == name));
+    match (matching.next(), matching.next()) {
+        (Some(full), None) => namespaced(full).ok_or_else(MiError::no_method),
+        (Some(_), Some(_)) => Err(MiError::new(-32001, "Method ambiguous")),
+        _ => Err(MiError::no_method()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -244,6 +435,47 @@ mod tests {
             Envelope::NoMethod {
                 id: Some(json!("r7"))
             }
+        );
+    }
+
+    #[test]
+    fn names_per_version() {
+        assert_eq!(resolve(Version::V3_6, "call_hold"), Ok(Command::Hold));
+        assert_eq!(
+            resolve(Version::V3_6, "callops:hold").err().map(|e| e.code),
+            Some(-32601)
+        );
+        assert_eq!(resolve(Version::V4_0, "callops:hold"), Ok(Command::Hold));
+        assert_eq!(resolve(Version::V4_0, "call_hold"), Ok(Command::Hold));
+        assert_eq!(
+            resolve(Version::V4_0, "dialog:end_dlg"),
+            Ok(Command::EndDlg)
+        );
+        assert_eq!(
+            resolve(Version::V4_0, "evi:subscribers"),
+            Ok(Command::SubscribersList)
+        );
+        assert_eq!(resolve(Version::V4_0, "uac_dlg"), Ok(Command::UacDlg));
+        assert_eq!(
+            resolve(Version::V4_0, "callops:call_hold")
+                .err()
+                .map(|e| e.code),
+            Some(-32601)
+        );
+        assert_eq!(
+            resolve(Version::V4_0, "list").err().map(|e| e.code),
+            Some(-32001)
+        );
+        assert_eq!(resolve(Version::V4_0, "which"), Ok(Command::Which));
+        assert_eq!(
+            resolve(Version::V3_6, "which").err().map(|e| e.code),
+            Some(-32601)
+        );
+        assert_eq!(
+            resolve(Version::V4_0, "no_such_command")
+                .err()
+                .map(|e| e.code),
+            Some(-32601)
         );
     }
 }

@@ -1,62 +1,30 @@
-//! The emulated OpenSIPS node: dialogs, phones, and the MI commands that drive them, behaving
-//! as the transcripts recorded from OpenSIPS 3.6.8 and 4.0.1 show (quirks included).
+//! The emulated OpenSIPS node: runs MI commands against the dialog model and plays the SIP
+//! flows (phones answering, REFERs, re-INVITEs, timeouts) in time, raising the events the
+//! transcripts recorded from OpenSIPS 3.6.8 and 4.0.1 show (quirks included).
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-use rand::RngExt as _;
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
 
+use crate::dialogs::{Dialog, DialogTable, HoldLegs, Leg, Party, TransferRefused};
 use crate::events::{Events, SubscribeError};
-use crate::mi::{MiError, MiResult, match_params, text};
-use crate::phones::{self, Behaviour};
+use crate::mi::{self, Command, MiError, MiResult, match_params, text};
+use crate::phones::{self, Behaviour, Phones};
+use crate::sip::{self, UacReply, UacRequest};
 use crate::{EmulatorConfig, Version};
 
-/// How long ended dialogs stay listed (state 5).
-const LINGER: Duration = Duration::from_secs(2);
-
-/// A party of a dialog.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Party {
-    /// OpenSIPS itself (the caller leg of a `t_uac_dlg` dialog): refuses REFER and re-INVITEs.
-    Proxy,
-    /// A simulated phone, by user name.
-    Phone(String),
-}
-
-/// One dialog.
-#[derive(Debug, Clone)]
-pub struct Dialog {
-    id: String,
-    db_id: String,
-    callid: String,
-    from_uri: String,
-    to_uri: String,
-    caller_tag: String,
-    callee_tag: Option<String>,
-    caller: Party,
-    callee: Party,
-    state: i64,
-    timestart: u64,
-    /// Quirk 1: after one transfer, every `call_transfer` gets 491.
-    transferred: bool,
-    held_caller: bool,
-    held_callee: bool,
-    /// Made by `t_uac_dlg` (its caller leg is OpenSIPS itself).
-    uac: bool,
-    /// The transferee hangs this dialog up as soon as it accepted a REFER (baresip does;
-    /// pyua keeps it until told).
-    hangs_up_on_refer: bool,
-    ended_at: Option<Instant>,
-}
+/// A short pause putting an event just after the MI reply that caused it.
+const AFTER_REPLY: Duration = Duration::from_millis(2);
 
 /// The node.
 pub struct Node {
     config: EmulatorConfig,
-    dialogs: Mutex<Vec<Dialog>>,
+    dialogs: Mutex<DialogTable>,
     events: Mutex<Events>,
-    crashed: AtomicBool,
+    crashed: CancellationToken,
     counter: AtomicU64,
 }
 
@@ -66,66 +34,15 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-fn hex(len: usize) -> String {
-    let mut rng = rand::rng();
-    (0..len)
-        .map(|_| char::from_digit(rng.random_range(0..16u32), 16).unwrap_or('0'))
-        .collect()
-}
-
-fn now_secs() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
-/// `YYYY-MM-DD HH:MM:SS` (UTC) of a Unix time.
-fn date(secs: u64) -> String {
-    let days = i64::try_from(secs / 86_400).unwrap_or(0);
-    let rem = secs % 86_400;
-    // Civil-from-days (Howard Hinnant).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
-}
-
-fn header(headers: &str, name: &str) -> Option<String> {
-    headers.split("\r\n").find_map(|line| {
-        let (key, value) = line.split_once(':')?;
-        key.trim()
-            .eq_ignore_ascii_case(name)
-            .then(|| value.trim().to_owned())
-    })
-}
-
-fn uri_in(value: &str) -> String {
-    match (value.find('<'), value.find('>')) {
-        (Some(start), Some(end)) if start < end => value[start + 1..end].to_owned(),
-        _ => value.split(';').next().unwrap_or(value).trim().to_owned(),
-    }
-}
-
 impl Node {
-    /// A node with no dialogs and no subscriptions.
+    /// A node with no dialogs and no subscriptions, sending event datagrams from `udp`.
     pub fn new(config: EmulatorConfig, udp: std::net::UdpSocket) -> Arc<Self> {
+        let events = Events::new(udp, config.version);
         Arc::new(Self {
             config,
-            dialogs: Mutex::new(Vec::new()),
-            events: Mutex::new(Events::new(udp)),
-            crashed: AtomicBool::new(false),
+            dialogs: Mutex::new(DialogTable::new()),
+            events: Mutex::new(events),
+            crashed: CancellationToken::new(),
             counter: AtomicU64::new(1),
         })
     }
@@ -137,13 +54,18 @@ impl Node {
 
     /// Whether the node crashed (it then answers nothing and raises nothing).
     pub fn crashed(&self) -> bool {
-        self.crashed.load(Ordering::SeqCst)
+        self.crashed.is_cancelled()
+    }
+
+    /// Cancelled when the node crashes.
+    pub fn crash_token(&self) -> CancellationToken {
+        self.crashed.clone()
     }
 
     /// Makes the node crash (OpenSIPS 4.0.1 on a method-less request over mi_datagram).
     pub fn crash(&self) {
         tracing::error!("emulated crash: OpenSIPS 4.0.1 segfaults on a request without a method");
-        self.crashed.store(true, Ordering::SeqCst);
+        self.crashed.cancel();
     }
 
     fn raise(&self, event: &str, params: Value) {
@@ -153,7 +75,7 @@ impl Node {
         lock(&self.events).raise(event, params);
     }
 
-    fn phone_behaviour(&self, user: &str) -> Behaviour {
+    fn behaviour(&self, user: &str) -> Behaviour {
         phones::behaviour(user, &self.config.extra_phones)
     }
 
@@ -167,10 +89,13 @@ impl Node {
     fn contact(&self, party: &Party) -> String {
         match party {
             Party::Proxy => "sip:127.0.0.1:5060".to_owned(),
-            Party::Phone(user) => format!(
-                "sip:{user}-0x55f47d82dec0@127.0.0.1:{}",
-                phones::port(user, &self.config.extra_phones)
-            ),
+            Party::Phone(user) => match self.config.version {
+                Version::V3_6 => format!(
+                    "sip:{user}-0x55f47d82dec0@127.0.0.1:{}",
+                    phones::port(user, &self.config.extra_phones)
+                ),
+                Version::V4_0 => self.phone_uri(user),
+            },
         }
     }
 
@@ -181,92 +106,62 @@ impl Node {
         to_uri: String,
         caller: Party,
         callee: Party,
-        uac: bool,
     ) -> Dialog {
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
+        let uac = caller == Party::Proxy;
+        // The recordings' phones: baresip on 3.6.8, pyua on 4.0.1.
+        let phones = match self.config.version {
+            Version::V3_6 => Phones::Baresip,
+            Version::V4_0 => Phones::Pyua,
+        };
         Dialog {
-            id: format!("{:x}.{}", 0x100 + (n % 0xe00), hex(8)),
+            id: format!("{:x}.{}", 0x100 + (n % 0xe00), sip::hex(8)),
             db_id: format!("{}", 1_000_000_000 + n * 7919),
             callid,
             from_uri,
             to_uri,
             caller_tag: if uac {
-                format!("533cb9e91f4b999cf76861cbb9ed54ed-{}", hex(4))
+                format!("533cb9e91f4b999cf76861cbb9ed54ed-{}", sip::hex(4))
             } else {
-                hex(10)
+                sip::hex(10)
             },
             callee_tag: None,
+            caller_contact: self.contact(&caller),
+            callee_contact: self.contact(&callee),
             caller,
             callee,
             state: 1,
-            timestart: now_secs(),
+            timestart: sip::now_secs(),
             transferred: false,
-            held_caller: false,
-            held_callee: false,
+            hold: Default::default(),
             uac,
-            hangs_up_on_refer: uac,
+            phones,
+            // a_callstart: baresip hangs the click-to-dial call up once transferred; pyua not.
+            hangs_up_on_refer: uac && phones == Phones::Baresip,
             ended_at: None,
         }
     }
 
-    fn insert(&self, dialog: Dialog) {
-        let mut dialogs = lock(&self.dialogs);
-        dialogs.retain(|d| d.ended_at.is_none_or(|at| at.elapsed() < LINGER));
-        dialogs.push(dialog);
-    }
-
     /// Moves dialog `callid` to `state`, raising E_DLG_STATE_CHANGED.
-    fn set_state(&self, callid: &str, state: i64) {
-        let params = {
-            let mut dialogs = lock(&self.dialogs);
-            let Some(dialog) = dialogs
-                .iter_mut()
-                .rev()
-                .find(|d| d.callid == callid && d.state != 5)
-            else {
-                return;
-            };
-            if dialog.state == state {
-                return;
-            }
-            if state >= 2 && dialog.callee_tag.is_none() {
-                dialog.callee_tag = Some(hex(16));
-            }
-            let old = dialog.state;
-            dialog.state = state;
-            if state == 5 {
-                dialog.ended_at = Some(Instant::now());
-            }
-            json!({
-                "id": dialog.id,
-                "db_id": dialog.db_id,
-                "callid": dialog.callid,
-                "from_tag": dialog.caller_tag,
-                "to_tag": dialog.callee_tag,
-                "old_state": old,
-                "new_state": state,
-            })
-        };
-        self.raise("E_DLG_STATE_CHANGED", params);
-    }
-
-    /// A live (not ended) dialog by Call-ID or dialog ID.
-    fn find(&self, key: &str) -> Option<Dialog> {
-        lock(&self.dialogs)
-            .iter()
-            .rev()
-            .find(|d| d.state != 5 && (d.callid == key || d.id == key))
-            .cloned()
-    }
-
-    fn update(&self, callid: &str, change: impl FnOnce(&mut Dialog)) {
-        if let Some(dialog) = lock(&self.dialogs)
-            .iter_mut()
-            .rev()
-            .find(|d| d.callid == callid && d.state != 5)
-        {
-            change(dialog);
+    fn set_state(&self, callid: &str, state: u8) {
+        let params = lock(&self.dialogs).set_state(callid, state);
+        if let Some(params) = params {
+            self.raise("E_DLG_STATE_CHANGED", params);
         }
+    }
+
+    /// Moves dialog `callid` to `state` just after the current MI reply went out.
+    fn set_state_later(self: &Arc<Self>, callid: &str, state: u8) {
+        let node = self.clone();
+        let callid = callid.to_owned();
+        tokio::spawn(async move {
+            tokio::time::sleep(AFTER_REPLY).await;
+            node.set_state(&callid, state);
+        });
+    }
+
+    fn find(&self, key: &str) -> Option<Dialog> {
+        lock(&self.dialogs).find(key)
     }
 
     fn answered_status(&self) -> &'static str {
@@ -276,45 +171,54 @@ impl Node {
         }
     }
 
+    fn server_line(&self) -> &'static str {
+        match self.config.version {
+            Version::V3_6 => "Server: OpenSIPS (3.6.8 (x86_64/linux))",
+            Version::V4_0 => "Server: OpenSIPS (4.0.1 (x86_64/linux))",
+        }
+    }
+
     /// Runs one MI command (already past the envelope checks).
     pub async fn call(self: &Arc<Self>, method: &str, params: &Value) -> MiResult {
-        let method = match (self.config.version, method) {
-            (Version::V4_0, namespaced) if namespaced.contains(':') => match alias(namespaced) {
-                Some(plain) => plain,
-                None => return Err(MiError::no_method()),
-            },
-            (_, plain) => plain,
-        };
-        match method {
-            "version" => {
+        match mi::resolve(self.config.version, method)? {
+            Command::Version => {
                 match_params(params, &[&[]])?;
                 Ok(json!({"Server": match self.config.version {
                     Version::V3_6 => "OpenSIPS (3.6.8 (x86_64/linux))",
                     Version::V4_0 => "OpenSIPS (4.0.1 (x86_64/linux))",
                 }}))
             }
-            "events_list" => {
+            Command::Which => {
                 match_params(params, &[&[]])?;
-                let events: Vec<Value> = crate::events::EVENTS
-                    .iter()
-                    .enumerate()
-                    .map(|(id, name)| json!({"name": name, "id": id}))
-                    .collect();
-                Ok(json!({"Events": events}))
+                Ok(json!(mi::NAMES_40.as_slice()))
             }
-            "event_subscribe" => self.event_subscribe(params),
-            "subscribers_list" => {
+            Command::Help => {
+                let p = match_params(params, &[&["mi_cmd"]])?;
+                let name = text(&p, "mi_cmd").unwrap_or_default();
+                let command = mi::resolve(self.config.version, &name)
+                    .map_err(|_| MiError::new(404, "Unknown MI command"))?;
+                Ok(
+                    json!({"Help": "not available for this command", "Exported by": command.module()}),
+                )
+            }
+            Command::EventsList => {
+                match_params(params, &[&[]])?;
+                Ok(lock(&self.events).events_list())
+            }
+            Command::EventSubscribe => self.event_subscribe(params),
+            Command::SubscribersList => {
                 let p = match_params(params, &[&[], &["event"], &["event", "socket"]])?;
                 let event = text(&p, "event");
-                Ok(lock(&self.events).list(event.as_deref()))
+                lock(&self.events)
+                    .list(event.as_deref())
+                    .ok_or_else(|| MiError::new(404, "Unknown event"))
             }
-            "t_uac_dlg" => self.uac_dlg(params).await,
-            "call_transfer" => self.transfer(params),
-            "call_hold" => self.hold(params, true),
-            "call_unhold" => self.hold(params, false),
-            "dlg_end_dlg" => self.end(params),
-            "dlg_list" | "dlg_list_ctx" => self.list(params),
-            _ => Err(MiError::no_method()),
+            Command::UacDlg => self.uac_dlg(params).await,
+            Command::Transfer => self.transfer(params),
+            Command::Hold => self.hold(params, true),
+            Command::Unhold => self.hold(params, false),
+            Command::EndDlg => self.end(params),
+            Command::DlgList => self.list(params),
         }
     }
 
@@ -329,7 +233,7 @@ impl Node {
             None => 3600,
             Some(value) => value
                 .as_i64()
-                .or_else(|| value.as_str().and_then(|s| s.parse().ok()))
+                .or_else(|| value.as_str().and_then(|s| s.trim().parse().ok()))
                 .ok_or_else(MiError::bad_value)?,
         };
         match lock(&self.events).subscribe(&event, &socket, expire) {
@@ -344,125 +248,140 @@ impl Node {
             params,
             &[
                 &["method", "ruri", "headers"],
-                &["method", "ruri", "headers", "body"],
                 &["method", "ruri", "headers", "next_hop"],
+                &["method", "ruri", "headers", "body"],
+                &["method", "ruri", "headers", "next_hop", "body"],
                 &["method", "ruri", "headers", "body", "next_hop"],
             ],
         )?;
         let method = text(&p, "method").unwrap_or_default();
         let ruri = text(&p, "ruri").unwrap_or_default();
         let headers = text(&p, "headers").unwrap_or_default();
-        if !(ruri.starts_with("sip:") || ruri.starts_with("sips:")) || ruri.contains(' ') {
+        if !sip::valid_ruri(&ruri) {
             return Err(MiError::new(400, "Invalid ruri"));
         }
-        let Some(from) = header(&headers, "From") else {
+        let Some(from) = sip::header(&headers, "From") else {
             return Err(MiError::new(400, "From missing"));
         };
-        if p.contains_key("body") && header(&headers, "Content-Type").is_none() {
+        if p.contains_key("body") && sip::header(&headers, "Content-Type").is_none() {
             return Err(MiError::new(400, "Content-Type missing"));
         }
-        let to = header(&headers, "To").unwrap_or_default();
-        let callid = header(&headers, "Call-Id")
-            .unwrap_or_else(|| format!("{}-{}@127.0.0.1", hex(16), hex(5)));
-        let user = phones::user_of(&ruri).to_owned();
-        let behaviour = self.phone_behaviour(&user);
-        let message = |status: &str, tag: &str| {
-            format!(
-                "Via: SIP/2.0/UDP 127.0.0.1:5060;branch=z9hG4bK{}.{}.0\r\nTo: {to};tag={tag}\r\nFrom: {from};tag=533cb9e91f4b999cf76861cbb9ed54ed-{}\r\nCSeq: 1 {method}\r\nCall-ID: {callid}\r\nServer: emulated phone\r\nContent-Length: 0\r\n\r\n",
-                hex(4),
-                hex(8),
-                hex(4)
-            )
-            .replace("emulated phone", if status.starts_with("2") { "baresip v1.0.0 (x86_64/linux)" } else { "OpenSIPS (3.6.8 (x86_64/linux))" })
+        let request = UacRequest {
+            method: method.clone(),
+            to: sip::header(&headers, "To").unwrap_or_default(),
+            callid: sip::header(&headers, "Call-Id")
+                .or_else(|| sip::header(&headers, "Call-ID"))
+                .unwrap_or_else(|| format!("{}-{}@127.0.0.1", sip::hex(16), sip::hex(5))),
+            cseq: sip::header(&headers, "CSeq")
+                .and_then(|c| c.split_whitespace().next().map(str::to_owned))
+                .unwrap_or_else(|| "1".to_owned()),
+            from,
         };
+        let user = phones::user_of(&ruri).to_owned();
         if method != "INVITE" {
-            return Ok(self.uac_other(&method, &ruri, &callid, &message));
+            return Ok(self.uac_other(&request, &user));
         }
         let dialog = self.new_dialog(
-            callid.clone(),
-            uri_in(&from),
-            uri_in(&to),
+            request.callid.clone(),
+            sip::uri_in(&request.from),
+            sip::uri_in(&request.to),
             Party::Proxy,
             Party::Phone(user.clone()),
-            true,
         );
-        let did = dialog.id.clone();
-        self.insert(dialog);
-        match behaviour {
+        let (did, from_tag) = (dialog.id.clone(), dialog.caller_tag.clone());
+        let callid = request.callid.clone();
+        lock(&self.dialogs).insert(dialog);
+        let failed = |status: &str, server: &str| {
+            let reply = UacReply {
+                from_tag: from_tag.clone(),
+                to_tag: sip::hex(10),
+                server: server.to_owned(),
+                ..UacReply::default()
+            };
+            json!({"Status": status, "Message": sip::reply_text(&request, &reply)})
+        };
+        let phone_server = format!("User-Agent: pyua/{user}");
+        match self.behaviour(&user) {
             Behaviour::Answers => {
                 tokio::time::sleep(self.config.answer_delay).await;
                 self.set_state(&callid, 2);
                 self.set_state(&callid, 3);
-                let node = self.clone();
-                let confirm = callid.clone();
-                tokio::spawn(async move {
-                    tokio::time::sleep(Duration::from_millis(2)).await;
-                    node.set_state(&confirm, 4);
-                });
-                let route =
-                    format!("sip:127.0.0.1;lr;ftag=533cb9e91f4b999cf76861cbb9ed54ed;did={did}");
-                let status = self.answered_status();
+                self.set_state_later(&callid, 4);
+                let route = format!("sip:127.0.0.1;lr;ftag={from_tag};did={did}");
+                let contact = self.contact(&Party::Phone(user));
+                let to_tag = self
+                    .find(&callid)
+                    .and_then(|d| d.callee_tag)
+                    .unwrap_or_default();
+                let reply = UacReply {
+                    from_tag: from_tag.clone(),
+                    to_tag,
+                    server: phone_server,
+                    record_route: Some(route.clone()),
+                    contact: Some(contact.clone()),
+                    sdp: true,
+                };
                 Ok(json!({
-                    "Status": status,
-                    "RURI": self.contact(&Party::Phone(user)),
+                    "Status": self.answered_status(),
+                    "RURI": contact,
                     "Next-hop": route,
                     "Routes": [format!("<{route}>")],
-                    "Message": format!("Record-Route: <{route}>\r\n{}", message(status, &hex(16))),
+                    "Message": sip::reply_text(&request, &reply),
                 }))
             }
             Behaviour::Busy => {
                 tokio::time::sleep(self.config.answer_delay).await;
-                self.end_later(&callid);
-                Ok(json!({"Status": "486 Busy Here", "Message": message("486", &hex(10))}))
+                self.set_state_later(&callid, 5);
+                Ok(failed("486 Busy Here", &phone_server))
             }
             Behaviour::NoAnswer => {
                 self.set_state(&callid, 2);
                 tokio::time::sleep(self.config.ring_timeout).await;
                 self.set_state(&callid, 5);
-                Ok(json!({"Status": "408 Request Timeout", "Message": message("408", &hex(10))}))
+                Ok(failed("408 Request Timeout", self.server_line()))
             }
             Behaviour::Dead => {
                 tokio::time::sleep(self.config.dead_timeout).await;
-                self.end_later(&callid);
-                Ok(json!({"Status": "408 Request Timeout", "Message": message("408", &hex(10))}))
+                self.set_state_later(&callid, 5);
+                Ok(failed("408 Request Timeout", self.server_line()))
             }
             Behaviour::Unknown => {
                 self.set_state(&callid, 5);
-                Ok(json!({"Status": "404 User Not Found", "Message": message("404", &hex(10))}))
+                Ok(failed("404 User Not Found", self.server_line()))
             }
         }
     }
 
-    /// Ends a dialog just after the current MI reply went out (reply first, then the event).
-    fn end_later(self: &Arc<Self>, callid: &str) {
-        let node = self.clone();
-        let callid = callid.to_owned();
-        tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_millis(2)).await;
-            node.set_state(&callid, 5);
-        });
-    }
-
-    fn uac_other(
-        &self,
-        method: &str,
-        ruri: &str,
-        callid: &str,
-        message: &dyn Fn(&str, &str) -> String,
-    ) -> Value {
-        if method == "BYE" {
-            let live = self.find(callid).is_some_and(|d| d.state == 4);
-            if !live {
-                return json!({"Status": "481 Call Does Not Exist", "Message": message("481", &hex(16))});
-            }
-            self.set_state(callid, 5);
+    /// `t_uac_dlg` with a method other than INVITE: answered simply.
+    fn uac_other(&self, request: &UacRequest, user: &str) -> Value {
+        let reply = |server: &str| {
+            let reply = UacReply {
+                from_tag: format!("533cb9e91f4b999cf76861cbb9ed54ed-{}", sip::hex(4)),
+                to_tag: sip::hex(16),
+                server: server.to_owned(),
+                ..UacReply::default()
+            };
+            sip::reply_text(request, &reply)
+        };
+        if request.method == "BYE" {
+            // Sent outside the dialog module (a_callstart): the phone answers, the dialog as
+            // OpenSIPS tracks it stays as it is.
+            let live = self.find(&request.callid).is_some_and(|d| d.state == 4);
+            let status = if live {
+                "200 OK"
+            } else {
+                "481 Call Does Not Exist"
+            };
+            let message = reply(&format!("User-Agent: pyua/{user}"));
+            return json!({"Status": status, "Message": message});
         }
-        let user = phones::user_of(ruri).to_owned();
-        if self.phone_behaviour(&user) == Behaviour::Unknown {
-            return json!({"Status": "404 User Not Found", "Message": message("404", &hex(10))});
+        if self.behaviour(user) == Behaviour::Unknown {
+            let message = reply(self.server_line());
+            return json!({"Status": "404 User Not Found", "Message": message});
         }
-        let contact = self.contact(&Party::Phone(user));
-        json!({"Status": "200 OK", "RURI": contact, "Next-hop": contact, "Message": message("200", &hex(16))})
+        let contact = self.contact(&Party::Phone(user.to_owned()));
+        let message = reply(&format!("User-Agent: pyua/{user}"));
+        json!({"Status": "200 OK", "RURI": contact, "Next-hop": contact, "Message": message})
     }
 
     fn transfer(self: &Arc<Self>, params: &Value) -> MiResult {
@@ -507,38 +426,34 @@ impl Node {
         if p.contains_key("transfer_fromtag") {
             return Err(MiError::bad_value());
         }
-        let leg = text(&p, "leg").unwrap_or_default();
-        if leg != "caller" && leg != "callee" {
-            return Err(MiError::bad_value());
-        }
+        let leg = text(&p, "leg")
+            .as_deref()
+            .and_then(Leg::parse)
+            .ok_or_else(MiError::bad_value)?;
         let callid = text(&p, "callid").unwrap_or_default();
+        let refused = |refused: TransferRefused| match refused {
+            TransferRefused::NotFound => MiError::new(404, "Dialog not found"),
+            TransferRefused::Pending => MiError::new(491, "Request Pending"),
+        };
         if let Some(transfer_callid) = text(&p, "transfer_callid") {
-            let transfer_leg = text(&p, "transfer_leg").unwrap_or_default();
-            if transfer_leg != "caller" && transfer_leg != "callee" {
-                return Err(MiError::bad_value());
-            }
+            let transfer_leg = text(&p, "transfer_leg")
+                .as_deref()
+                .and_then(Leg::parse)
+                .ok_or_else(MiError::bad_value)?;
             let b = self
                 .find(&transfer_callid)
                 .ok_or_else(|| MiError::new(404, "Transfer dialog not found"))?;
-            let a = self
-                .find(&callid)
-                .ok_or_else(|| MiError::new(404, "Dialog not found"))?;
-            if a.transferred {
-                return Err(MiError::new(491, "Request Pending"));
-            }
-            self.update(&a.callid, |d| d.transferred = true);
+            let a = lock(&self.dialogs)
+                .begin_transfer(&callid)
+                .map_err(refused)?;
             let node = self.clone();
             tokio::spawn(async move { node.run_attended(a, leg, b, transfer_leg).await });
             return Ok(json!("Accepted"));
         }
         let destination = text(&p, "destination").unwrap_or_default();
-        let dialog = self
-            .find(&callid)
-            .ok_or_else(|| MiError::new(404, "Dialog not found"))?;
-        if dialog.transferred {
-            return Err(MiError::new(491, "Request Pending"));
-        }
-        self.update(&dialog.callid, |d| d.transferred = true);
+        let dialog = lock(&self.dialogs)
+            .begin_transfer(&callid)
+            .map_err(refused)?;
         let node = self.clone();
         tokio::spawn(async move { node.run_blind(dialog, leg, destination).await });
         Ok(json!("Accepted"))
@@ -566,29 +481,25 @@ impl Node {
         );
     }
 
-    async fn run_blind(self: Arc<Self>, dialog: Dialog, leg: String, destination: String) {
-        tokio::time::sleep(Duration::from_millis(2)).await;
-        let transferee = if leg == "caller" {
-            &dialog.caller
-        } else {
-            &dialog.callee
-        };
-        let Party::Phone(transferee) = transferee.clone() else {
-            // Quirk 2: OpenSIPS itself rejects the REFER; no event at all.
+    /// A blind transfer: the phone on `leg` gets a REFER and calls `destination`.
+    async fn run_blind(self: Arc<Self>, dialog: Dialog, leg: Leg, destination: String) {
+        tokio::time::sleep(AFTER_REPLY).await;
+        let Party::Phone(transferee) = dialog.party(leg).clone() else {
+            // OpenSIPS itself rejects the REFER: no event at all (quirk 2).
             return;
         };
         let target = phones::user_of(&destination).to_owned();
-        let new_callid = hex(16);
-        let behaviour = self.phone_behaviour(&target);
-        let new_dialog = self.new_dialog(
+        let new_callid = dialog.new_callid(&transferee);
+        let behaviour = self.behaviour(&target);
+        let mut new_dialog = self.new_dialog(
             new_callid.clone(),
             format!("sip:{transferee}@127.0.0.1"),
             format!("{destination};osid={}", dialog.id),
             Party::Phone(transferee),
             Party::Phone(target.clone()),
-            false,
         );
-        self.insert(new_dialog);
+        new_dialog.phones = dialog.phones;
+        lock(&self.dialogs).insert(new_dialog);
         if behaviour == Behaviour::Unknown {
             // Quirk 2: the proxy rejects the new call statelessly; no transfer event.
             self.set_state(&new_callid, 5);
@@ -598,9 +509,10 @@ impl Node {
             return;
         }
         let full_destination = format!("{};osid={}", self.phone_uri(&target), dialog.id);
+        let (callid, leg) = (dialog.callid.as_str(), leg.name());
         // Quirk 3: the start event carries the transfer Call-ID as its leg.
         self.transfer_event(
-            &dialog.callid,
+            callid,
             &new_callid,
             &new_callid,
             &full_destination,
@@ -608,123 +520,80 @@ impl Node {
             "",
         );
         if dialog.hangs_up_on_refer && !dialog.uac {
-            self.set_state(&dialog.callid, 5);
+            self.set_state(callid, 5);
         }
+        let fail = |status: &str| {
+            self.transfer_event(callid, leg, &new_callid, &full_destination, "fail", status);
+        };
         match behaviour {
             Behaviour::Answers => {
                 if self.config.version == Version::V3_6 {
-                    self.transfer_event(
-                        &dialog.callid,
-                        &leg,
-                        &new_callid,
-                        "",
-                        "notify",
-                        "100 Trying",
-                    );
+                    self.transfer_event(callid, leg, &new_callid, "", "notify", "100 Trying");
                 }
                 tokio::time::sleep(self.config.answer_delay).await;
                 self.set_state(&new_callid, 2);
-                if dialog.uac {
+                if dialog.uac && dialog.hangs_up_on_refer {
                     // a_callstart: the phone hangs the click-to-dial leg up as the new call rings.
-                    self.set_state(&dialog.callid, 5);
+                    self.set_state(callid, 5);
                 }
                 self.set_state(&new_callid, 3);
                 self.transfer_event(
-                    &dialog.callid,
-                    &leg,
+                    callid,
+                    leg,
                     &new_callid,
                     &full_destination,
                     "ok",
                     self.answered_status(),
                 );
                 self.set_state(&new_callid, 4);
-                self.transfer_event(&dialog.callid, "", &new_callid, "", "notify", "200 OK");
+                self.transfer_event(callid, "", &new_callid, "", "notify", "200 OK");
             }
             Behaviour::Busy => {
                 tokio::time::sleep(self.config.answer_delay).await;
                 self.set_state(&new_callid, 5);
-                self.transfer_event(
-                    &dialog.callid,
-                    &leg,
-                    &new_callid,
-                    &full_destination,
-                    "fail",
-                    "486 Busy Here",
-                );
-                self.transfer_event(
-                    &dialog.callid,
-                    "",
-                    &new_callid,
-                    "",
-                    "notify",
-                    "486 Busy Here",
-                );
+                fail("486 Busy Here");
+                self.transfer_event(callid, "", &new_callid, "", "notify", "486 Busy Here");
             }
             Behaviour::NoAnswer => {
                 self.set_state(&new_callid, 2);
                 tokio::time::sleep(self.config.ring_timeout).await;
                 self.set_state(&new_callid, 5);
-                self.transfer_event(
-                    &dialog.callid,
-                    &leg,
-                    &new_callid,
-                    &full_destination,
-                    "fail",
-                    "408 Request Timeout",
-                );
+                fail("408 Request Timeout");
             }
             Behaviour::Dead => {
                 tokio::time::sleep(self.config.dead_timeout).await;
                 self.set_state(&new_callid, 5);
-                self.transfer_event(
-                    &dialog.callid,
-                    &leg,
-                    &new_callid,
-                    &full_destination,
-                    "fail",
-                    "408 Request Timeout",
-                );
+                fail("408 Request Timeout");
             }
             Behaviour::Unknown => {}
         }
     }
 
-    async fn run_attended(
-        self: Arc<Self>,
-        a: Dialog,
-        leg: String,
-        b: Dialog,
-        transfer_leg: String,
-    ) {
-        tokio::time::sleep(Duration::from_millis(2)).await;
-        let transferee = if leg == "caller" {
-            &a.caller
-        } else {
-            &a.callee
-        };
-        let target = if transfer_leg == "caller" {
-            &b.caller
-        } else {
-            &b.callee
-        };
-        let (Party::Phone(transferee), Party::Phone(target)) = (transferee.clone(), target.clone())
+    /// An attended transfer: the party on `leg` of A calls the party on `transfer_leg` of B,
+    /// replacing B.
+    async fn run_attended(self: Arc<Self>, a: Dialog, leg: Leg, b: Dialog, transfer_leg: Leg) {
+        tokio::time::sleep(AFTER_REPLY).await;
+        let (Party::Phone(transferee), Party::Phone(target)) =
+            (a.party(leg).clone(), b.party(transfer_leg).clone())
         else {
             return;
         };
-        let new_callid = format!("{}@pyua-{transferee}", hex(16));
+        let new_callid = a.new_callid(&transferee);
         let destination = self.phone_uri(&target);
-        self.insert(self.new_dialog(
+        let mut new_dialog = self.new_dialog(
             new_callid.clone(),
             format!("sip:{transferee}@127.0.0.1"),
             format!("sip:{target}@127.0.0.1"),
             Party::Phone(transferee),
             Party::Phone(target),
-            false,
-        ));
-        self.transfer_event(&a.callid, &leg, &new_callid, &destination, "start", "");
+        );
+        new_dialog.phones = a.phones;
+        lock(&self.dialogs).insert(new_dialog);
+        let (leg, transfer_leg) = (leg.name(), transfer_leg.name());
+        self.transfer_event(&a.callid, leg, &new_callid, &destination, "start", "");
         self.transfer_event(
             &b.callid,
-            &transfer_leg,
+            transfer_leg,
             &new_callid,
             &destination,
             "start",
@@ -733,15 +602,9 @@ impl Node {
         tokio::time::sleep(self.config.answer_delay).await;
         self.set_state(&new_callid, 2);
         self.set_state(&new_callid, 3);
-        self.transfer_event(
-            &b.callid,
-            &transfer_leg,
-            &new_callid,
-            &destination,
-            "ok",
-            "200 OK",
-        );
-        self.transfer_event(&a.callid, &leg, &new_callid, &destination, "ok", "200 OK");
+        let ok = self.answered_status();
+        self.transfer_event(&b.callid, transfer_leg, &new_callid, &destination, "ok", ok);
+        self.transfer_event(&a.callid, leg, &new_callid, &destination, "ok", ok);
         self.set_state(&b.callid, 5);
         self.set_state(&new_callid, 4);
         self.transfer_event(&a.callid, "", &new_callid, "", "notify", "200 OK");
@@ -757,15 +620,15 @@ impl Node {
             ],
         };
         let p = match_params(params, recipes)?;
-        let (want_caller, want_callee) = match p.get("leg") {
-            None => (true, true),
+        let legs = match p.get("leg") {
+            None => HoldLegs::Plain,
             Some(Value::Null) => {
                 return Err(MiError::invalid_params("Bad type for parameter 'leg'"));
             }
             Some(Value::String(leg)) => match leg.as_str() {
-                "caller" => (true, false),
-                "callee" => (false, true),
-                "both" => (true, true),
+                "caller" => HoldLegs::Caller,
+                "callee" => HoldLegs::Callee,
+                "both" => HoldLegs::Both,
                 _ => return Err(MiError::new(420, "Bad leg")),
             },
             Some(_) => return Err(MiError::new(420, "Bad leg")),
@@ -776,61 +639,31 @@ impl Node {
             return Err(MiError::invalid_params("Bad type for parameter 'headers'"));
         }
         let callid = text(&p, "callid").unwrap_or_default();
-        let dialog = self
-            .find(&callid)
-            .ok_or_else(|| MiError::new(404, "Dialog not found"))?;
-        if dialog.state < 4 {
-            return Err(MiError::new(410, "Dialog not ready"));
-        }
-        if hold {
-            let already =
-                (!want_caller || dialog.held_caller) && (!want_callee || dialog.held_callee);
-            if already {
-                return Err(MiError::new(480, "Both dialog legs are on hold"));
-            }
-            self.update(&dialog.callid, |d| {
-                d.held_caller |= want_caller;
-                d.held_callee |= want_callee;
-            });
-        } else {
-            let any = (want_caller && dialog.held_caller) || (want_callee && dialog.held_callee);
-            if !any {
-                return Err(MiError::new(480, "No dialog legs on hold"));
-            }
-            self.update(&dialog.callid, |d| {
-                d.held_caller &= !want_caller;
-                d.held_callee &= !want_callee;
-            });
-        }
-        // Both legs are re-INVITEd and reported, whatever leg was asked (4.0 too).
+        let outcomes = lock(&self.dialogs).hold(&callid, legs, hold, self.config.version)?;
         let action = if hold { "hold" } else { "unhold" };
-        let outcome = |party: &Party| if *party == Party::Proxy { "fail" } else { "ok" };
-        let event = |leg: &str, state: &str| json!({"callid": dialog.callid, "leg": leg, "action": action, "state": state});
-        let caller_outcome = outcome(&dialog.caller);
-        let callee_outcome = outcome(&dialog.callee);
+        let event = |leg: Leg, state: &str| json!({"callid": callid, "leg": leg.name(), "action": action, "state": state});
+        let outcome = |ok: bool| if ok { "ok" } else { "fail" };
         if hold {
-            // c_hold_unhold: every event before the reply.
-            self.raise("E_CALL_HOLD", event("caller", "start"));
-            if caller_outcome == "fail" {
-                self.raise("E_CALL_HOLD", event("caller", "fail"));
+            // c_hold_unhold / d_hold_caller_leg: every event before the reply; OpenSIPS's own
+            // leg fails at once, the phones answer in reverse order.
+            for o in &outcomes {
+                self.raise("E_CALL_HOLD", event(o.leg, "start"));
+                if !o.ok {
+                    self.raise("E_CALL_HOLD", event(o.leg, "fail"));
+                }
             }
-            self.raise("E_CALL_HOLD", event("callee", "start"));
-            self.raise("E_CALL_HOLD", event("callee", callee_outcome));
-            if caller_outcome == "ok" {
-                self.raise("E_CALL_HOLD", event("caller", "ok"));
+            for o in outcomes.iter().rev().filter(|o| o.ok) {
+                self.raise("E_CALL_HOLD", event(o.leg, "ok"));
             }
-        } else {
-            // c_hold_unhold: callee start, the reply, then the rest.
-            self.raise("E_CALL_HOLD", event("callee", "start"));
+        } else if let Some((first, rest)) = outcomes.split_first() {
+            // c_hold_unhold: the first start, the reply, then the rest.
+            self.raise("E_CALL_HOLD", event(first.leg, "start"));
+            let mut later: Vec<Value> = rest.iter().map(|o| event(o.leg, "start")).collect();
+            later.extend(outcomes.iter().map(|o| event(o.leg, outcome(o.ok))));
             let node = self.clone();
-            let rest = [
-                event("caller", "start"),
-                event("callee", callee_outcome),
-                event("caller", caller_outcome),
-            ];
             tokio::spawn(async move {
-                tokio::time::sleep(Duration::from_millis(2)).await;
-                for params in rest {
+                tokio::time::sleep(AFTER_REPLY).await;
+                for params in later {
                     node.raise("E_CALL_HOLD", params);
                 }
             });
@@ -859,144 +692,84 @@ impl Node {
             ],
         )?;
         let mut dialogs = lock(&self.dialogs);
-        dialogs.retain(|d| d.ended_at.is_none_or(|at| at.elapsed() < LINGER));
         if let Some(callid) = text(&p, "callid") {
             let dialog = dialogs
-                .iter()
-                .rev()
-                .find(|d| d.callid == callid)
+                .by_callid(&callid)
                 .ok_or_else(|| MiError::new(404, "No such dialog"))?;
-            return Ok(json!({"Dialog": self.dialog_json(dialog)}));
+            return Ok(json!({"Dialog": dialog.to_json()}));
         }
-        let index = p.get("index").and_then(Value::as_u64).unwrap_or(0);
-        let counter = p.get("counter").and_then(Value::as_u64).unwrap_or(u64::MAX);
+        let number = |name: &str| -> Result<Option<usize>, MiError> {
+            match p.get(name) {
+                None => Ok(None),
+                Some(value) => value
+                    .as_u64()
+                    .or_else(|| value.as_str().and_then(|s| s.trim().parse().ok()))
+                    .and_then(|n| usize::try_from(n).ok())
+                    .map(Some)
+                    .ok_or_else(MiError::bad_value),
+            }
+        };
+        let index = number("index")?.unwrap_or(0);
+        let counter = number("counter")?.unwrap_or(usize::MAX);
         let listed: Vec<Value> = dialogs
+            .listed(index, counter)
             .iter()
-            .skip(usize::try_from(index).unwrap_or(usize::MAX))
-            .take(usize::try_from(counter).unwrap_or(usize::MAX))
-            .map(|d| self.dialog_json(d))
+            .map(Dialog::to_json)
             .collect();
         Ok(json!({"Dialogs": listed}))
     }
 
-    fn dialog_json(&self, d: &Dialog) -> Value {
-        let timeout = if d.state == 5 { 0 } else { d.timestart + 3600 };
-        let mut value = Map::new();
-        value.insert("ID".into(), d.id.clone().into());
-        value.insert("db_id".into(), d.db_id.clone().into());
-        value.insert("state".into(), d.state.into());
-        value.insert("user_flags".into(), "".into());
-        value.insert("timestart".into(), d.timestart.into());
-        value.insert("datestart".into(), date(d.timestart).into());
-        value.insert("timeout".into(), timeout.into());
-        if timeout > 0 {
-            value.insert("dateout".into(), date(timeout).into());
-        }
-        value.insert("callid".into(), d.callid.clone().into());
-        value.insert("from_uri".into(), d.from_uri.clone().into());
-        value.insert("to_uri".into(), d.to_uri.clone().into());
-        value.insert("caller_tag".into(), d.caller_tag.clone().into());
-        value.insert("caller_contact".into(), self.contact(&d.caller).into());
-        value.insert("callee_cseq".into(), "0".into());
-        value.insert("caller_route_set".into(), "".into());
-        value.insert("caller_bind_addr".into(), "udp:127.0.0.1:5060".into());
-        value.insert("caller_sdp".into(), sdp(&d.caller).into());
-        let mut callees = Vec::new();
-        if let Some(tag) = &d.callee_tag {
-            callees.push(json!({
-                "callee_tag": tag,
-                "callee_contact": self.contact(&d.callee),
-                "caller_cseq": "1",
-                "callee_route_set": "",
-                "callee_bind_addr": "udp:127.0.0.1:5060",
-                "callee_sdp": sdp(&d.callee),
-            }));
-        }
-        value.insert("CALLEES".into(), callees.into());
-        Value::Object(value)
-    }
-
-    /// A call placed by phone `from` to `to` (not through MI), as i_dlg_lifecycle shows.
-    /// `hangs_up_on_refer`: the phones behave like baresip (they hang the call up as soon as
-    /// they accepted a REFER) rather than like pyua (they keep it until told).
-    pub async fn place_call(
-        self: &Arc<Self>,
-        from: &str,
-        to: &str,
-        hangs_up_on_refer: bool,
-    ) -> String {
-        let callid = if hangs_up_on_refer {
-            hex(16)
-        } else {
-            format!("{}@pyua-{from}", hex(16))
-        };
+    /// A call placed by phone `from` to `to` (not through MI), as i_dlg_lifecycle shows;
+    /// returns its Call-ID once the callee answered, rang or refused.
+    pub async fn place_call(self: &Arc<Self>, from: &str, to: &str, phones: Phones) -> String {
+        let callid = phones.callid(from);
         let mut dialog = self.new_dialog(
             callid.clone(),
             format!("sip:{from}@127.0.0.1"),
             format!("sip:{to}@127.0.0.1"),
             Party::Phone(from.to_owned()),
             Party::Phone(to.to_owned()),
-            false,
         );
-        dialog.hangs_up_on_refer = hangs_up_on_refer;
-        self.insert(dialog);
-        match self.phone_behaviour(to) {
+        dialog.phones = phones;
+        dialog.hangs_up_on_refer = phones == Phones::Baresip;
+        lock(&self.dialogs).insert(dialog);
+        match self.behaviour(to) {
             Behaviour::Answers => {
                 self.set_state(&callid, 2);
                 tokio::time::sleep(self.config.answer_delay).await;
                 self.set_state(&callid, 3);
                 self.set_state(&callid, 4);
             }
-            Behaviour::NoAnswer => self.set_state(&callid, 2),
-            _ => self.set_state(&callid, 5),
+            Behaviour::Busy | Behaviour::Unknown => self.set_state(&callid, 5),
+            Behaviour::NoAnswer => {
+                self.set_state(&callid, 2);
+                self.end_after(&callid, self.config.ring_timeout);
+            }
+            Behaviour::Dead => self.end_after(&callid, self.config.dead_timeout),
         }
         callid
     }
-}
 
-fn sdp(party: &Party) -> String {
-    match party {
-        Party::Proxy => "v=0\r\no=click-to-dial 0 0 IN IP4 0.0.0.0\r\ns=session\r\nc=IN IP4 0.0.0.0\r\nt=0 0\r\nm=audio 9 RTP/AVP 0\r\na=rtpmap:0 PCMU/8000\r\n".to_owned(),
-        Party::Phone(user) => format!("v=0\r\no=- 3379185210 848403378 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\nm=audio 20144 RTP/AVP 0\r\na=rtpmap:0 PCMU/8000\r\na=sendrecv\r\na=ssrc:93757171 cname:sip:{user}@127.0.0.1\r\n"),
-    }
-}
-
-/// OpenSIPS 4.0 namespaced MI names → the 3.x names.
-fn alias(name: &str) -> Option<&'static str> {
-    Some(match name {
-        "core:version" => "version",
-        "tm:uac_dlg" => "t_uac_dlg",
-        "callops:transfer" => "call_transfer",
-        "callops:hold" => "call_hold",
-        "callops:unhold" => "call_unhold",
-        "dialog:end_dlg" => "dlg_end_dlg",
-        "dialog:list" => "dlg_list",
-        "dialog:list_ctx" => "dlg_list_ctx",
-        "evi:subscribe" => "event_subscribe",
-        "evi:subscribers" => "subscribers_list",
-        "evi:list" => "events_list",
-        _ => return None,
-    })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn dates_as_opensips_prints_them() {
-        assert_eq!(date(1_795_349_538), "2026-11-22 12:12:18");
-        assert_eq!(date(0), "1970-01-01 00:00:00");
+    /// Ends dialog `callid` after `delay` unless it was answered or ended meanwhile (a
+    /// transaction timeout: 408).
+    fn end_after(self: &Arc<Self>, callid: &str, delay: Duration) {
+        let node = self.clone();
+        let callid = callid.to_owned();
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            if node.find(&callid).is_some_and(|d| d.state < 3) {
+                node.set_state(&callid, 5);
+            }
+        });
     }
 
-    #[test]
-    fn headers_are_found_whatever_their_case() {
-        let headers = "From: <sip:alice@127.0.0.1>\r\nTo: <sip:bob@127.0.0.1>\r\nCall-Id: x-1\r\n";
-        assert_eq!(header(headers, "call-id").as_deref(), Some("x-1"));
-        assert_eq!(
-            uri_in(&header(headers, "From").unwrap_or_default()),
-            "sip:alice@127.0.0.1"
-        );
-        assert!(header(headers, "Content-Type").is_none());
+    /// A phone hangs call `callid` up (BYE once answered, CANCEL while ringing); false if there
+    /// is no such live call.
+    pub fn hang_up(&self, callid: &str) -> bool {
+        if self.find(callid).is_none() {
+            return false;
+        }
+        self.set_state(callid, 5);
+        true
     }
 }

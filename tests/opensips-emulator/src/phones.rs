@@ -15,6 +15,29 @@ pub enum Behaviour {
     Unknown,
 }
 
+/// Which SIP stack the phones placing calls on their own run: it shows in their Call-IDs and
+/// in what they do after accepting a REFER.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Phones {
+    /// pyua (the 4.0.1 recordings): Call-IDs like `4fdbc63612fbb8cc@pyua-alice`; keeps a
+    /// transferred call up until told to end it.
+    #[default]
+    Pyua,
+    /// baresip (the 3.6.8 recordings): Call-IDs of 16 hex digits; hangs a call up as soon as
+    /// it accepted a REFER on it.
+    Baresip,
+}
+
+impl Phones {
+    /// A Call-ID for a call this kind of phone of `user` places.
+    pub fn callid(self, user: &str) -> String {
+        match self {
+            Phones::Baresip => crate::sip::hex(16),
+            Phones::Pyua => format!("{}@pyua-{user}", crate::sip::hex(16)),
+        }
+    }
+}
+
 /// The phones that answer by default.
 pub const ANSWERING: [&str; 4] = ["alice", "bob", "cindy", "dave"];
 
