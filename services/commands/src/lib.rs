@@ -162,8 +162,13 @@ fn accept(
     if intake::kind_of(&request).map(subjects::CommandKind::token) != Some(subject_kind) {
         return Err("command of the message does not match its subject".to_owned());
     }
-    if !request.notify_subject.starts_with("callapi.v1.notify.") {
-        return Err("notify_subject must be a callapi.v1.notify subject".to_owned());
+    let own_notify = format!("callapi.v1.notify.{}.", request.tenant);
+    let gateway = request
+        .notify_subject
+        .strip_prefix(&own_notify)
+        .unwrap_or_default();
+    if !subjects::is_token(gateway) {
+        return Err("notify_subject must be callapi.v1.notify.<its tenant>.<gateway>".to_owned());
     }
     let (flow, deadline) = intake::flow_for(&request, &config.deadlines)?;
     let ctx = driver::Context {

@@ -35,7 +35,7 @@ pub(crate) enum Outgoing {
         ends_within: Duration,
     },
     /// A command's time is up: if it is still running, end it for the client.
-    Overdue(String),
+    Overdue(String, u64),
     /// The command was not taken: write the error, drop what was held back.
     Refused {
         cmd_id: String,
@@ -126,7 +126,14 @@ pub(crate) async fn serve(socket: WebSocket, shared: Arc<Shared>) {
     }
     shared.hub.remove(&connection_id);
     drop(tx);
-    let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
+    let abort = writer.abort_handle();
+    if tokio::time::timeout(Duration::from_secs(2), writer)
+        .await
+        .is_err()
+    {
+        // The client stopped reading: do not leave the writer blocked on it.
+        abort.abort();
+    }
     tracing::debug!(%connection_id, "client gone");
 }
 
@@ -237,6 +244,8 @@ async fn write_loop(
     kill: CancellationToken,
 ) {
     let mut commands: HashMap<String, CommandState> = HashMap::new();
+    let mut generations: HashMap<String, u64> = HashMap::new();
+    let mut generation = 0u64;
     let finish = |cmd_id: &str| {
         if let Ok(mut set) = active.lock() {
             set.remove(cmd_id);
@@ -257,10 +266,13 @@ async fn write_loop(
                 texts.extend(reply);
                 let myself = myself.clone();
                 let overdue = cmd_id.clone();
+                generation += 1;
+                let this_run = generation;
+                generations.insert(cmd_id.clone(), this_run);
                 tokio::spawn(async move {
                     tokio::time::sleep(ends_within + OVERDUE_MARGIN).await;
                     if let Some(tx) = myself.upgrade() {
-                        let _ = tx.send(Outgoing::Overdue(overdue)).await;
+                        let _ = tx.send(Outgoing::Overdue(overdue, this_run)).await;
                     }
                 });
                 if let Some(CommandState::Pending(held)) =
@@ -275,8 +287,12 @@ async fn write_loop(
                     }
                 }
             }
-            Outgoing::Overdue(cmd_id) => {
-                if commands.remove(&cmd_id).is_some() {
+            Outgoing::Overdue(cmd_id, run) => {
+                // A cmd_id may be reused once its command ended: only the same run counts.
+                if generations.get(&cmd_id) == Some(&run)
+                    && generations.remove(&cmd_id).is_some()
+                    && commands.remove(&cmd_id).is_some()
+                {
                     finish(&cmd_id);
                     tracing::warn!(%cmd_id, "no end from the commands service in time; ending the command");
                     let lost = notification::Kind::Error(callapi_proto::v1::CommandError {

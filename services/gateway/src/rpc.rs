@@ -205,7 +205,7 @@ pub fn parse(text: &str) -> Result<CommandCall, RpcError> {
         }
     };
     let mut reader = Params::new(params, &reply_id);
-    let cmd_id = reader.optional_string("cmd_id")?;
+    let cmd_id = reader.optional_string("cmd_id").map_err(silence)?;
     if let Some(cmd_id) = &cmd_id
         && (cmd_id.is_empty()
             || cmd_id.len() > 128
