@@ -39,6 +39,20 @@ pub struct StackOptions {
     pub ring_timeout_ms: u64,
     /// How long `dead` takes to time out (ms).
     pub dead_timeout_ms: u64,
+    /// Extra top-level TOML lines for each gateway's config (e.g. `ping_interval_ms = 500`).
+    pub gateway_toml: String,
+    /// Extra top-level TOML lines for each commands replica's config.
+    pub commands_toml: String,
+    /// Extra top-level TOML lines for event-ingest's config.
+    pub ingest_toml: String,
+    /// Extra lines for event-ingest's `[[nodes]]` entry.
+    pub ingest_node_toml: String,
+    /// Extra top-level TOML lines for proxy-connector's config.
+    pub connector_toml: String,
+    /// Extra lines for proxy-connector's `[[nodes]]` entry.
+    pub connector_node_toml: String,
+    /// Extra command-line arguments of the emulator.
+    pub emulator_args: Vec<String>,
 }
 
 impl Default for StackOptions {
@@ -54,6 +68,13 @@ impl Default for StackOptions {
             answer_delay_ms: 30,
             ring_timeout_ms: 1_500,
             dead_timeout_ms: 1_000,
+            gateway_toml: String::new(),
+            commands_toml: String::new(),
+            ingest_toml: String::new(),
+            ingest_node_toml: String::new(),
+            connector_toml: String::new(),
+            connector_node_toml: String::new(),
+            emulator_args: Vec::new(),
         }
     }
 }
@@ -97,28 +118,7 @@ impl Stack {
             std::env::temp_dir().join(format!("callapi-e2e-{}", uuid::Uuid::new_v4().simple()));
         std::fs::create_dir_all(&dir).expect("create test dir");
         let nats = NatsServer::start(&dir).await;
-        let emulator = Service::start(
-            &dir,
-            "opensips-emulator",
-            &[
-                "--mi-udp",
-                "127.0.0.1:0",
-                "--mi-http",
-                "127.0.0.1:0",
-                "--opensips-version",
-                options.opensips_version,
-                "--answer-delay-ms",
-                &options.answer_delay_ms.to_string(),
-                "--ring-timeout-ms",
-                &options.ring_timeout_ms.to_string(),
-                "--dead-timeout-ms",
-                &options.dead_timeout_ms.to_string(),
-                "--extra-phones",
-                "eve",
-            ],
-            &[],
-        )
-        .await;
+        let emulator = start_emulator(&dir, &options, "127.0.0.1:0", "127.0.0.1:0").await;
         let emulator_mi_udp = emulator.ready_field("mi_udp").expect("emulator mi_udp");
         let emulator_mi_http = emulator.ready_field("mi_http").expect("emulator mi_http");
         let mut stack = Stack {
@@ -143,8 +143,8 @@ impl Stack {
             .service(
                 "proxy-connector",
                 &format!(
-                    "[nats]\nurl = \"{}\"\n[[nodes]]\nid = \"opensips1\"\nmi = \"{mi}\"\ndefault_timeout_ms = 5000\n",
-                    stack.nats.url
+                    "{}\n[nats]\nurl = \"{}\"\n[[nodes]]\nid = \"opensips1\"\nmi = \"{mi}\"\ndefault_timeout_ms = 5000\n{}\n",
+                    options.connector_toml, stack.nats.url, options.connector_node_toml
                 ),
             )
             .await;
@@ -158,8 +158,8 @@ impl Stack {
                 .service(
                     "gateway",
                     &format!(
-                        "listen = \"127.0.0.1:0\"\n[nats]\nurl = \"{}\"\n",
-                        stack.nats.url
+                        "listen = \"127.0.0.1:0\"\n{}\n[nats]\nurl = \"{}\"\n",
+                        options.gateway_toml, stack.nats.url
                     ),
                 )
                 .await;
@@ -186,8 +186,8 @@ impl Stack {
         self.service(
             "commands",
             &format!(
-                "node_id = \"opensips1\"\n[nats]\nurl = \"{}\"\n[deadlines]\ncall_start_ms = {start}\ntransfer_ms = {transfer}\nhold_ms = {hold}\nend_ms = {end}\n",
-                self.nats.url
+                "node_id = \"opensips1\"\n{}\n[nats]\nurl = \"{}\"\n[deadlines]\ncall_start_ms = {start}\ntransfer_ms = {transfer}\nhold_ms = {hold}\nend_ms = {end}\n",
+                self.options.commands_toml, self.nats.url
             ),
         )
         .await
@@ -198,8 +198,12 @@ impl Stack {
             .service(
                 "event-ingest",
                 &format!(
-                    "expire_secs = {}\ncheck_interval_ms = {}\n[nats]\nurl = \"{}\"\n[[nodes]]\nid = \"opensips1\"\ntenant = \"default\"\nlisten = \"127.0.0.1:0\"\n",
-                    self.options.expire_secs, self.options.check_interval_ms, self.nats.url
+                    "expire_secs = {}\ncheck_interval_ms = {}\n{}\n[nats]\nurl = \"{}\"\n[[nodes]]\nid = \"opensips1\"\ntenant = \"default\"\nlisten = \"127.0.0.1:0\"\n{}\n",
+                    self.options.expire_secs,
+                    self.options.check_interval_ms,
+                    self.options.ingest_toml,
+                    self.nats.url,
+                    self.options.ingest_node_toml
                 ),
             )
             .await;
@@ -216,28 +220,7 @@ impl Stack {
     }
 
     async fn start_emulator(&self, udp: &str, http: &str) -> Service {
-        Service::start(
-            &self.dir,
-            "opensips-emulator",
-            &[
-                "--mi-udp",
-                udp,
-                "--mi-http",
-                http,
-                "--opensips-version",
-                self.options.opensips_version,
-                "--answer-delay-ms",
-                &self.options.answer_delay_ms.to_string(),
-                "--ring-timeout-ms",
-                &self.options.ring_timeout_ms.to_string(),
-                "--dead-timeout-ms",
-                &self.options.dead_timeout_ms.to_string(),
-                "--extra-phones",
-                "eve",
-            ],
-            &[],
-        )
-        .await
+        start_emulator(&self.dir, &self.options, udp, http).await
     }
 
     /// URL of the first gateway.
@@ -298,6 +281,38 @@ impl Drop for Stack {
             eprintln!("test files and logs kept in {}", self.dir.display());
         }
     }
+}
+
+/// Starts the emulator with the stack's phone settings on the given MI addresses.
+async fn start_emulator(
+    dir: &std::path::Path,
+    options: &StackOptions,
+    udp: &str,
+    http: &str,
+) -> Service {
+    let (answer, ring, dead) = (
+        options.answer_delay_ms.to_string(),
+        options.ring_timeout_ms.to_string(),
+        options.dead_timeout_ms.to_string(),
+    );
+    let mut args = vec![
+        "--mi-udp",
+        udp,
+        "--mi-http",
+        http,
+        "--opensips-version",
+        options.opensips_version,
+        "--answer-delay-ms",
+        &answer,
+        "--ring-timeout-ms",
+        &ring,
+        "--dead-timeout-ms",
+        &dead,
+        "--extra-phones",
+        "eve",
+    ];
+    args.extend(options.emulator_args.iter().map(String::as_str));
+    Service::start(dir, "opensips-emulator", &args, &[]).await
 }
 
 /// One MI request over UDP to `addr`, waiting up to 10 s for the reply.
