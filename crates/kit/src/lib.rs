@@ -3,8 +3,11 @@
 #![forbid(unsafe_code)]
 
 pub mod config;
+pub mod mi;
 pub mod nats;
+pub mod secret;
 pub mod shutdown;
+pub mod sip_uri;
 pub mod subjects;
 pub mod telemetry;
 pub mod validate;

@@ -1,33 +1,21 @@
 //! Checks on values clients send that end up in SIP messages or MI requests.
 //!
-//! A SIP URI given to us goes into a `From:`/`To:`/`Refer-To` header, so anything that could
-//! break out of it (CR, LF, `<`, `>`, spaces, quotes) is refused here, at the edge.
+//! A SIP URI given to us goes into a `Request-URI`, `To:` or `Refer-To:`, so it is parsed with
+//! the strict grammar of [`crate::sip_uri`]: only the parts call control needs (no URI headers,
+//! no `maddr`, no password, one URI); anything that could break out of a header (CR, LF, `<`,
+//! `>`, spaces, quotes) is refused too, here at the edge.
 
 /// Longest SIP URI accepted.
-pub const MAX_URI_LEN: usize = 256;
+pub const MAX_URI_LEN: usize = crate::sip_uri::MAX_URI_LEN;
 /// Longest SIP Call-ID accepted.
 pub const MAX_CALLID_LEN: usize = 255;
 
-/// Checks a SIP URI (`sip:`, `sips:` or `tel:`), returning why it is refused.
+/// Checks a SIP URI (`sip:`, `sips:` or `tel:`, see [`crate::sip_uri`]), returning why it is
+/// refused.
 pub fn sip_uri(uri: &str) -> Result<(), &'static str> {
-    let rest = uri
-        .strip_prefix("sip:")
-        .or_else(|| uri.strip_prefix("sips:"))
-        .or_else(|| uri.strip_prefix("tel:"))
-        .ok_or("must be a SIP URI starting with sip:, sips: or tel:")?;
-    if uri.len() > MAX_URI_LEN {
-        return Err("is too long (at most 256 characters)");
-    }
-    if rest.is_empty() {
-        return Err("has nothing after the scheme");
-    }
-    if !uri
-        .bytes()
-        .all(|b| b.is_ascii_graphic() && !matches!(b, b'<' | b'>' | b'"' | b'\\' | b'`'))
-    {
-        return Err("may hold only printable ASCII without spaces, quotes or angle brackets");
-    }
-    Ok(())
+    crate::sip_uri::parse(uri)
+        .map(|_| ())
+        .map_err(crate::sip_uri::UriError::reason)
 }
 
 /// Checks a SIP Call-ID, returning why it is refused.
@@ -58,6 +46,33 @@ mod tests {
         assert!(sip_uri("sip:a@b\r\nX-Evil: 1").is_err());
         assert!(sip_uri("sip:a@b>;x=<y").is_err());
         assert!(sip_uri(&format!("sip:{}", "a".repeat(300))).is_err());
+    }
+
+    #[test]
+    fn uris_that_could_redirect_or_hijack_a_call_are_refused() {
+        for (uri, reason) in [
+            (
+                "sip:bob@127.0.0.1?Replaces=victim-callid%3Bto-tag%3D1%3Bfrom-tag%3D2",
+                "headers",
+            ),
+            ("sip:bob@h?X-Evil=1", "headers"),
+            ("sip:bob@h?Call-ID=forged", "headers"),
+            ("sip:bob@h;maddr=10.6.6.6", "only the URI parameters"),
+            ("sip:a@b,sip:evil@10.6.6.6", "one URI"),
+            ("sip:bob:pw@h", "password"),
+            ("sip:bob%00@h", "printable"),
+        ] {
+            let why = sip_uri(uri).expect_err(uri);
+            assert!(why.contains(reason), "{uri}: {why}");
+        }
+        for uri in [
+            "sip:+15551234@gw.example.com;user=phone",
+            "sip:alice@[2001:db8::1]:5060",
+            "sip:bob@h:5060;transport=TCP",
+            "sip:al%20ice@h",
+        ] {
+            assert_eq!(sip_uri(uri), Ok(()), "{uri}");
+        }
     }
 
     #[test]

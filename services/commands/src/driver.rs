@@ -1,21 +1,26 @@
 //! Drives one flow over NATS: subscribes to the Call-IDs it watches (before its MI requests go
-//! out), sends its MI requests to proxy-connector, feeds back replies, events and the deadline,
-//! and publishes its notifications in order. Every command ends: at its deadline the flow is
-//! told, and a short grace later the driver ends it regardless.
+//! out), sends its MI requests to proxy-connector (watched for signs of life, so a lost request
+//! is noticed within seconds), keeps the timers the flow asks for, feeds back replies, events,
+//! timers and the deadline, and publishes its notifications in order. Every command ends: at its
+//! deadline the flow is told, and a short grace later the driver ends it regardless.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
+use callapi_kit::mi::{self, Liveness, MiAnswer, MiCall, MiCallError};
 use callapi_kit::subjects;
 use callapi_proto::v1::{
-    CommandEnded, CommandError, CommandEvent, MiReply, MiRequest, Notification, OpensipsEvent,
-    mi_reply, notification, opensips_event,
+    CommandEnded, CommandError, CommandEvent, Notification, OpensipsEvent, notification,
+    opensips_event,
 };
 use futures::StreamExt as _;
 use futures::stream::{FuturesUnordered, SelectAll};
 use prost::Message as _;
 use tokio::time::Instant;
 
-use crate::flow::{Action, CallEvent, ErrorCode, ErrorNote, Flow, Input, MiResult, StepNote};
+use crate::flow::{
+    Action, CallEvent, ErrorCode, ErrorNote, Flow, Input, MiResult, StepNote, Timer,
+};
 
 /// After the deadline, how long a flow may still take to wrap up.
 pub const GRACE: Duration = Duration::from_secs(2);
@@ -37,6 +42,8 @@ pub struct Context {
     pub connection_id: String,
     /// Subject of the gateway holding the client.
     pub notify_subject: String,
+    /// How MI requests in flight are watched.
+    pub liveness: Liveness,
 }
 
 /// Runs `flow` until it finishes or its deadline (plus grace) passes.
@@ -48,6 +55,7 @@ pub async fn drive(ctx: Context, mut flow: Flow, deadline: Duration) {
     let mut events: SelectAll<async_nats::Subscriber> = SelectAll::new();
     let mut mi_calls = FuturesUnordered::new();
     let mut deadline_told = false;
+    let mut timers: HashMap<Timer, Instant> = HashMap::new();
     let mut actions = flow.start();
     loop {
         let mut need_flush = false;
@@ -79,10 +87,10 @@ pub async fn drive(ctx: Context, mut flow: Flow, deadline: Duration) {
                     let ctx = ctx.clone();
                     let params = params.to_string();
                     mi_calls.push(async move {
+                        let budget = budget.max(Duration::from_millis(500));
                         (
                             step,
-                            mi_call(&ctx, method, params, budget.max(Duration::from_millis(500)))
-                                .await,
+                            mi_call(&ctx, method, params, budget, Some(ctx.liveness)).await,
                         )
                     });
                 }
@@ -90,11 +98,14 @@ pub async fn drive(ctx: Context, mut flow: Flow, deadline: Duration) {
                     let ctx = ctx.clone();
                     let params = params.to_string();
                     tokio::spawn(async move {
-                        let result = mi_call(&ctx, method, params, DETACHED_TIMEOUT).await;
+                        let result = mi_call(&ctx, method, params, DETACHED_TIMEOUT, None).await;
                         if !matches!(result, MiResult::Ok(_)) {
                             tracing::debug!(method, ?result, "clean-up request did not succeed");
                         }
                     });
+                }
+                Action::StartTimer { timer, after } => {
+                    timers.insert(timer, Instant::now() + after);
                 }
                 Action::Notify(note) => {
                     seq += 1;
@@ -112,6 +123,10 @@ pub async fn drive(ctx: Context, mut flow: Flow, deadline: Duration) {
                 }
             }
         }
+        let next_timer = timers
+            .iter()
+            .min_by_key(|(_, at)| **at)
+            .map(|(t, at)| (*t, *at));
         let input = tokio::select! {
             Some((step, result)) = mi_calls.next(), if !mi_calls.is_empty() => Input::Mi(step, result),
             Some(message) = events.next(), if !events.is_empty() => {
@@ -119,6 +134,10 @@ pub async fn drive(ctx: Context, mut flow: Flow, deadline: Duration) {
                     Some(event) => Input::Event(event),
                     None => continue,
                 }
+            }
+            Some(timer) = fire(next_timer) => {
+                timers.remove(&timer);
+                Input::Timer(timer)
             }
             _ = tokio::time::sleep_until(deadline_at), if !deadline_told => {
                 deadline_told = true;
@@ -138,52 +157,53 @@ pub async fn drive(ctx: Context, mut flow: Flow, deadline: Duration) {
     }
 }
 
-async fn mi_call(ctx: &Context, method: &str, params_json: String, budget: Duration) -> MiResult {
-    // The connector answers "unreachable" a little before our own NATS timeout fires.
-    let connector_timeout = budget
-        .saturating_sub(Duration::from_millis(250))
-        .max(Duration::from_millis(200));
-    let request = MiRequest {
+/// Waits for the earliest timer; never, if there is none.
+async fn fire(next: Option<(Timer, Instant)>) -> Option<Timer> {
+    match next {
+        Some((timer, at)) => {
+            tokio::time::sleep_until(at).await;
+            Some(timer)
+        }
+        None => std::future::pending().await,
+    }
+}
+
+async fn mi_call(
+    ctx: &Context,
+    method: &str,
+    params_json: String,
+    budget: Duration,
+    liveness: Option<Liveness>,
+) -> MiResult {
+    let call = MiCall {
         node_id: ctx.node_id.clone(),
         method: method.to_owned(),
         params_json,
-        timeout_ms: u32::try_from(connector_timeout.as_millis()).unwrap_or(u32::MAX),
+        timeout: budget,
+        tenant: ctx.tenant.clone(),
+        client: ctx.connection_id.clone(),
     };
-    let subject = subjects::mi(&ctx.node_id);
-    let nats_request = async_nats::Request::new()
-        .payload(request.encode_to_vec().into())
-        .timeout(Some(budget));
-    let reply = match ctx.client.send_request(subject, nats_request).await {
-        Ok(message) => message,
-        Err(err) => {
-            let reason = match err.kind() {
-                async_nats::RequestErrorKind::NoResponders => {
-                    format!("no proxy-connector serves node {}", ctx.node_id)
-                }
-                async_nats::RequestErrorKind::TimedOut => {
-                    format!("no answer from node {} within {budget:?}", ctx.node_id)
-                }
-                _ => format!("NATS request failed: {err}"),
-            };
-            return MiResult::Unreachable(reason);
-        }
-    };
-    match MiReply::decode(reply.payload.as_ref()).map(|r| r.outcome) {
-        Ok(Some(mi_reply::Outcome::ResultJson(json))) => {
+    match mi::call(&ctx.client, &call, liveness).await {
+        Ok(MiAnswer::Result(json)) => {
             MiResult::Ok(serde_json::from_str(&json).unwrap_or(serde_json::Value::String(json)))
         }
-        Ok(Some(mi_reply::Outcome::Error(error))) => MiResult::Err {
-            code: error.code,
-            message: error.message,
-            data: match serde_json::from_str::<serde_json::Value>(&error.data_json) {
+        Ok(MiAnswer::Error {
+            code,
+            message,
+            data_json,
+        }) => MiResult::Err {
+            code,
+            message,
+            data: match serde_json::from_str::<serde_json::Value>(&data_json) {
                 Ok(serde_json::Value::String(text)) => text,
-                _ => error.data_json,
+                _ => data_json,
             },
         },
-        Ok(Some(mi_reply::Outcome::Failure(failure))) => MiResult::Unreachable(failure.message),
-        Ok(None) | Err(_) => {
-            MiResult::Unreachable("undecodable reply from proxy-connector".to_owned())
+        Err(lost @ MiCallError::Lost { .. }) => {
+            tracing::warn!(cmd_id = %ctx.cmd_id, method, %lost, "MI request lost");
+            MiResult::Lost(lost.to_string())
         }
+        Err(other) => MiResult::Unreachable(other.to_string()),
     }
 }
 

@@ -35,13 +35,19 @@ pub fn flow_for(
         .command
         .as_ref()
         .ok_or("no command in the request")?;
+    let timings = deadlines.timings();
     Ok(match command {
         Command::CallStart(c) => {
             uri("caller", &c.caller)?;
             uri("callee", &c.callee)?;
             let callid = Uuid::new_v4().to_string();
             (
-                Flow::Start(StartFlow::new(c.caller.clone(), c.callee.clone(), callid)),
+                Flow::Start(StartFlow::new(
+                    c.caller.clone(),
+                    c.callee.clone(),
+                    callid,
+                    timings,
+                )),
                 deadlines.call_start_ms,
             )
         }
@@ -53,6 +59,7 @@ pub fn flow_for(
                     c.callid.clone(),
                     one_leg("leg", c.leg)?,
                     c.destination.clone(),
+                    timings,
                 )),
                 deadlines.transfer_ms,
             )
@@ -70,6 +77,7 @@ pub fn flow_for(
                     c.callid_b.clone(),
                     one_leg("leg_b", c.leg_b)?,
                     c.destination.clone(),
+                    timings,
                 )),
                 deadlines.transfer_ms,
             )

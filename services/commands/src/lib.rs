@@ -29,6 +29,38 @@ pub struct Config {
     pub node_id: String,
     /// How long each kind of command may take.
     pub deadlines: Deadlines,
+    /// How MI requests in flight are watched.
+    pub mi: MiSettings,
+}
+
+/// How MI requests in flight are watched, so a lost one is noticed within seconds.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(default)]
+pub struct MiSettings {
+    /// How often proxy-connector confirms it still holds a request, milliseconds.
+    pub progress_interval_ms: u64,
+    /// Silence after which a request is presumed lost, milliseconds.
+    pub lost_after_ms: u64,
+}
+
+impl Default for MiSettings {
+    fn default() -> Self {
+        Self {
+            progress_interval_ms: 1_000,
+            lost_after_ms: 3_500,
+        }
+    }
+}
+
+impl MiSettings {
+    /// As `kit::mi` takes it.
+    pub fn liveness(&self) -> callapi_kit::mi::Liveness {
+        let progress_interval = Duration::from_millis(self.progress_interval_ms.max(100));
+        callapi_kit::mi::Liveness {
+            progress_interval,
+            lost_after: Duration::from_millis(self.lost_after_ms).max(progress_interval * 2),
+        }
+    }
 }
 
 impl Default for Config {
@@ -37,6 +69,7 @@ impl Default for Config {
             nats: NatsSettings::default(),
             node_id: "opensips1".to_owned(),
             deadlines: Deadlines::default(),
+            mi: MiSettings::default(),
         }
     }
 }
@@ -54,6 +87,20 @@ pub struct Deadlines {
     pub hold_ms: u64,
     /// CallEnd.
     pub end_ms: u64,
+    /// After OpenSIPS accepted a transfer (CallStart's second step included), how long its
+    /// `start` event may take before the transfer is called failed: OpenSIPS raises no event
+    /// at all for an unknown target, and real phones place the new call within milliseconds.
+    pub transfer_start_ms: u64,
+}
+
+impl Deadlines {
+    /// The flow timings these settings give.
+    pub fn timings(&self) -> flow::Timings {
+        flow::Timings {
+            transfer_start: Duration::from_millis(self.transfer_start_ms),
+            ..flow::Timings::default()
+        }
+    }
 }
 
 impl Default for Deadlines {
@@ -63,6 +110,7 @@ impl Default for Deadlines {
             transfer_ms: 60_000,
             hold_ms: 15_000,
             end_ms: 10_000,
+            transfer_start_ms: 5_000,
         }
     }
 }
@@ -178,6 +226,7 @@ fn accept(
         cmd_id: request.cmd_id.clone(),
         connection_id: request.connection_id.clone(),
         notify_subject: request.notify_subject.clone(),
+        liveness: config.mi.liveness(),
     };
     tracing::info!(cmd_id = %request.cmd_id, tenant = %request.tenant, ?deadline, "command accepted");
     let deadline = Duration::from_millis(deadline);

@@ -5,10 +5,16 @@
 //! refreshes well before expiry and subscribes again as soon as a node lost the subscription
 //! (OpenSIPS restarted).
 //!
+//! Events are read only from the addresses a node lists in `senders` ([`senders`]); everything
+//! dropped (strangers, unusable events) is counted and reported in rate-limited WARN lines
+//! ([`drops`]).
+//!
 //! Architecture invariant: this is the only crate that parses OpenSIPS events.
 #![forbid(unsafe_code)]
 
+pub mod drops;
 pub mod parse;
+pub mod senders;
 pub mod subscriber;
 
 use std::net::SocketAddr;
@@ -16,7 +22,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use callapi_kit::config::NatsSettings;
 use callapi_kit::subjects;
+use drops::{Drops, Why};
 use prost::Message as _;
+use senders::Senders;
 use tokio::net::{TcpListener, UdpSocket};
 use tokio_util::sync::CancellationToken;
 
@@ -34,6 +42,9 @@ pub struct Config {
     pub expire_secs: u32,
     /// How often the subscriptions are checked on each node, milliseconds.
     pub check_interval_ms: u64,
+    /// At most one WARN line per node per this many milliseconds about dropped datagrams,
+    /// connections and events (with their counts).
+    pub drop_report_interval_ms: u64,
 }
 
 impl Default for Config {
@@ -48,6 +59,7 @@ impl Default for Config {
             ],
             expire_secs: 3600,
             check_interval_ms: 5_000,
+            drop_report_interval_ms: 10_000,
         }
     }
 }
@@ -67,6 +79,9 @@ pub struct NodeConfig {
     /// Socket OpenSIPS must send events to (`udp:IP:PORT` / `tcp:IP:PORT`); defaults to the
     /// bound listen address.
     pub advertise: Option<String>,
+    /// IP addresses or CIDR prefixes OpenSIPS sends this node's events from; datagrams and
+    /// connections from any other address are dropped.
+    pub senders: Vec<String>,
 }
 
 impl Default for NodeConfig {
@@ -77,8 +92,16 @@ impl Default for NodeConfig {
             transport: Transport::Udp,
             listen: "127.0.0.1:9099".to_owned(),
             advertise: None,
+            senders: default_senders(),
         }
     }
+}
+
+/// The default `senders`: the loopback addresses, i.e. an OpenSIPS on this host (as with the
+/// default `listen`); a node elsewhere must be listed explicitly, so a forgotten setting
+/// refuses strangers instead of trusting everyone.
+pub fn default_senders() -> Vec<String> {
+    vec!["127.0.0.1".to_owned(), "::1".to_owned()]
 }
 
 /// Event transports.
@@ -109,25 +132,31 @@ pub enum Error {
 
 /// Runs event-ingest until `shutdown` is cancelled.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Error> {
+    // Configuration mistakes are reported at once, not after NATS answers.
+    let node_senders = config
+        .nodes
+        .iter()
+        .map(check_node)
+        .collect::<Result<Vec<_>, _>>()?;
     let client = callapi_kit::nats::connect(&config.nats, "event-ingest")
         .await
         .map_err(|e| Error::Nats(e.to_string()))?;
     let mut tasks = tokio::task::JoinSet::new();
     let mut ready = Vec::new();
-    for node in &config.nodes {
+    let drop_report_interval = Duration::from_millis(config.drop_report_interval_ms.max(10));
+    for (node, senders) in config.nodes.iter().zip(node_senders) {
         let node_error = |reason: String| Error::Node {
             node: node.id.clone(),
             reason,
         };
-        if !subjects::is_token(&node.id) || !subjects::is_token(&node.tenant) {
-            return Err(node_error(
-                "id and tenant must be letters, digits, '-' or '_'".into(),
-            ));
-        }
+        let drops = Drops::new(&node.id, drop_report_interval);
+        tasks.spawn(drops.clone().report_periodically(shutdown.clone()));
         let sink = Sink {
             client: client.clone(),
             node_id: node.id.clone(),
             tenant: node.tenant.clone(),
+            senders,
+            drops,
         };
         let bound = match node.transport {
             Transport::Udp => {
@@ -169,6 +198,20 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     Ok(())
 }
 
+/// Checks a node's ids and returns its parsed `senders`.
+fn check_node(node: &NodeConfig) -> Result<Senders, Error> {
+    let node_error = |reason: String| Error::Node {
+        node: node.id.clone(),
+        reason,
+    };
+    if !subjects::is_token(&node.id) || !subjects::is_token(&node.tenant) {
+        return Err(node_error(
+            "id and tenant must be letters, digits, '-' or '_'".into(),
+        ));
+    }
+    Senders::parse(&node.senders).map_err(|e| node_error(e.to_string()))
+}
+
 /// Receive buffer asked of the kernel for event datagrams, so bursts are not dropped.
 const UDP_RECEIVE_BUFFER: usize = 4 * 1024 * 1024;
 
@@ -192,10 +235,12 @@ async fn bind_udp(listen: &str) -> std::io::Result<UdpSocket> {
     UdpSocket::from_std(socket.into())
 }
 
-/// Largest datagram accepted (OpenSIPS events seen so far are under 300 bytes).
-const MAX_DATAGRAM: usize = 65_535;
-/// Largest partial event buffered from a stream before the stream is dropped as garbage.
-const MAX_STREAM_BUFFER: usize = 1024 * 1024;
+/// Receive buffer for one datagram: larger than any UDP payload, so none is cut short (an
+/// event over `MAX_EVENT_BYTES` is refused whole).
+const MAX_DATAGRAM: usize = parse::MAX_EVENT_BYTES + 1;
+/// Largest partial event buffered from a stream before the stream is dropped as garbage: no
+/// event is larger.
+const MAX_STREAM_BUFFER: usize = parse::MAX_EVENT_BYTES;
 
 /// Where parsed events go.
 #[derive(Clone)]
@@ -203,6 +248,8 @@ struct Sink {
     client: async_nats::Client,
     node_id: String,
     tenant: String,
+    senders: Senders,
+    drops: Drops,
 }
 
 impl Sink {
@@ -211,14 +258,20 @@ impl Sink {
             .duration_since(UNIX_EPOCH)
             .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
             .unwrap_or(0);
-        let event = match parse::event(bytes, &self.tenant, &self.node_id, received_at_ms) {
-            Ok(event) => event,
+        let parsed = parse::event(bytes, &self.tenant, &self.node_id, received_at_ms)
+            .map_err(|e| e.to_string())
+            .and_then(|event| {
+                subjects::event(&self.tenant, &self.node_id, &event.name, &event.callid)
+                    .map(|subject| (subject, event))
+                    .map_err(|e| e.to_string())
+            });
+        let (subject, event) = match parsed {
+            Ok(parsed) => parsed,
             Err(reason) => {
-                tracing::warn!(%from, %reason, "unusable event");
+                self.drops.record(Why::UnusableEvent, from.ip(), &reason);
                 return;
             }
         };
-        let subject = subjects::event(&self.tenant, &self.node_id, &event.name, &event.callid);
         tracing::debug!(%subject, name = %event.name, callid = %event.callid, "event");
         if let Err(err) = self
             .client
@@ -243,6 +296,11 @@ async fn receive_datagrams(socket: UdpSocket, sink: Sink, shutdown: Cancellation
                 }
             },
         };
+        if !sink.senders.allows(from.ip()) {
+            sink.drops
+                .record(Why::DatagramSenderNotAllowed, from.ip(), &"");
+            continue;
+        }
         sink.publish(&buf[..len], &from).await;
     }
 }
@@ -260,6 +318,11 @@ async fn accept_streams(listener: TcpListener, sink: Sink, shutdown: Cancellatio
                 }
             },
         };
+        if !sink.senders.allows(from.ip()) {
+            drop(stream);
+            sink.drops.record(Why::ConnectionNotAllowed, from.ip(), &"");
+            continue;
+        }
         tracing::info!(%from, node = %sink.node_id, "event stream connected");
         tokio::spawn(read_stream(stream, from, sink.clone(), shutdown.clone()));
     }
@@ -288,12 +351,16 @@ async fn read_stream(
             sink.publish(event, &from).await;
         }
         if let Some(reason) = framed.garbage {
-            tracing::warn!(%from, %reason, "event stream is not JSON; dropping the connection");
+            sink.drops.record(Why::StreamNotJson, from.ip(), &reason);
             break;
         }
         buffer.drain(..framed.consumed);
         if buffer.len() > MAX_STREAM_BUFFER {
-            tracing::warn!(%from, "event stream buffer overflow; dropping the connection");
+            sink.drops.record(
+                Why::StreamOverflow,
+                from.ip(),
+                &format_args!("over {MAX_STREAM_BUFFER} bytes without a complete event"),
+            );
             break;
         }
     }

@@ -1,26 +1,64 @@
 //! Parsing of OpenSIPS event notifications (`{"jsonrpc":"2.0","method":"E_…","params":{…}}`)
 //! into `OpensipsEvent`s. Fields OpenSIPS leaves out or sends as `null` become empty.
+//!
+//! Two inputs reach the NATS subject: the event name (`method`), which must be a bounded
+//! subject token ([`callapi_kit::subjects::is_event_name`]) or the event is refused, and the
+//! Call-ID, which the subject scheme encodes into a bounded token whatever its length.
 
+use callapi_kit::subjects;
 use callapi_proto::v1::{
     CallHoldEvent, CallTransferEvent, DialogStateChanged, OpensipsEvent, opensips_event,
 };
 use serde_json::{Map, Value};
 
-/// Parses one event datagram.
+/// Largest event accepted, in bytes (a UDP datagram's payload at most; OpenSIPS events seen
+/// so far are under 300 bytes).
+pub const MAX_EVENT_BYTES: usize = 65_535;
+/// How much of a refused event name an error quotes.
+const QUOTED_NAME_CHARS: usize = 32;
+
+/// Why an event cannot be used. The text never quotes more than a few bytes of the input.
+#[derive(Debug, thiserror::Error)]
+pub enum ParseError {
+    /// Larger than [`MAX_EVENT_BYTES`].
+    #[error("event of {0} bytes is larger than {MAX_EVENT_BYTES}")]
+    TooLarge(usize),
+    /// Not a JSON value.
+    #[error("event is not JSON: {0}")]
+    NotJson(#[from] serde_json::Error),
+    /// No string `method` member.
+    #[error("event has no method")]
+    NoMethod,
+    /// The event name is not a bounded subject token.
+    #[error("event name {name:?} ({len} bytes) is not 1-64 letters, digits, '_', '-' or ':'")]
+    BadName {
+        /// The start of the name.
+        name: String,
+        /// Its length in bytes.
+        len: usize,
+    },
+}
+
+/// Parses one event (a datagram, or one JSON value of an event stream).
 pub fn event(
     bytes: &[u8],
     tenant: &str,
     node_id: &str,
     received_at_ms: u64,
-) -> Result<OpensipsEvent, String> {
-    let value: Value =
-        serde_json::from_slice(bytes).map_err(|e| format!("event is not JSON: {e}"))?;
+) -> Result<OpensipsEvent, ParseError> {
+    if bytes.len() > MAX_EVENT_BYTES {
+        return Err(ParseError::TooLarge(bytes.len()));
+    }
+    let value: Value = serde_json::from_slice(bytes)?;
     let name = value
         .get("method")
         .and_then(Value::as_str)
-        .ok_or("event has no method")?;
-    if !callapi_kit::subjects::is_token(name) {
-        return Err(format!("event name {name:?} is not usable"));
+        .ok_or(ParseError::NoMethod)?;
+    if !subjects::is_event_name(name) {
+        return Err(ParseError::BadName {
+            name: name.chars().take(QUOTED_NAME_CHARS).collect(),
+            len: name.len(),
+        });
     }
     let empty = Map::new();
     let params = value
@@ -120,6 +158,7 @@ pub fn split_stream(buffer: &[u8]) -> Framed<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     #[test]
     fn transcript_events_parse() {
@@ -190,6 +229,14 @@ mod tests {
         ] {
             assert!(event(bad, "t", "n", 0).is_err());
         }
+        let huge = format!(
+            r#"{{"method":"E_X","params":{{"callid":"{}"}}}}"#,
+            "x".repeat(MAX_EVENT_BYTES)
+        );
+        assert!(matches!(
+            event(huge.as_bytes(), "t", "n", 0),
+            Err(ParseError::TooLarge(_))
+        ));
         let e = event(
             br#"{"method":"E_CORE_THRESHOLD","params":null}"#,
             "t",
@@ -198,5 +245,33 @@ mod tests {
         )
         .unwrap();
         assert_eq!(e.callid, "");
+    }
+
+    #[test]
+    fn event_names_that_are_not_bounded_tokens_are_refused() {
+        let long = "E".repeat(5_000);
+        for name in ["E_X.evil", "E_*", ">", "E X", "", long.as_str()] {
+            let datagram = json!({"method": name, "params": {"callid": "c1"}}).to_string();
+            let err = event(datagram.as_bytes(), "t", "n", 0).unwrap_err();
+            assert!(matches!(err, ParseError::BadName { .. }), "{name:?}");
+            assert!(
+                err.to_string().len() < 200,
+                "the error quotes all of {name:?}"
+            );
+        }
+        let namespaced = br#"{"method":"callops:E_CALL_X","params":{"callid":"c1"}}"#;
+        assert_eq!(
+            event(namespaced, "t", "n", 0).unwrap().name,
+            "callops:E_CALL_X"
+        );
+    }
+
+    #[test]
+    fn a_long_callid_is_kept_whole_in_the_event() {
+        let callid = "c".repeat(3_100);
+        let datagram =
+            json!({"method": "E_CALL_TRANSFER", "params": {"callid": callid, "state": "ok"}});
+        let e = event(datagram.to_string().as_bytes(), "t", "n", 0).unwrap();
+        assert_eq!(e.callid, callid);
     }
 }

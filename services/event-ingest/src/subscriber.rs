@@ -7,9 +7,7 @@
 
 use std::time::Duration;
 
-use callapi_kit::subjects;
-use callapi_proto::v1::{MiReply, MiRequest, mi_reply};
-use prost::Message as _;
+use callapi_kit::mi::{self, MiAnswer, MiCall};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
@@ -115,32 +113,22 @@ async fn mi(
     method: &str,
     params: Option<Value>,
 ) -> Result<Value, String> {
-    let request = MiRequest {
+    let call = MiCall {
         node_id: node_id.to_owned(),
         method: method.to_owned(),
         params_json: params.map(|p| p.to_string()).unwrap_or_default(),
-        timeout_ms: 3_000,
+        timeout: Duration::from_secs(4),
+        tenant: String::new(),
+        client: "event-ingest".to_owned(),
     };
-    let nats_request = async_nats::Request::new()
-        .payload(request.encode_to_vec().into())
-        .timeout(Some(Duration::from_secs(4)));
-    let reply = client
-        .send_request(subjects::mi(node_id), nats_request)
-        .await
-        .map_err(|e| format!("{method}: {e}"))?;
-    match MiReply::decode(reply.payload.as_ref())
-        .map_err(|e| e.to_string())?
-        .outcome
-    {
-        Some(mi_reply::Outcome::ResultJson(json)) => {
-            serde_json::from_str(&json).map_err(|e| e.to_string())
+    match mi::call(client, &call, None).await {
+        Ok(MiAnswer::Result(json)) => {
+            serde_json::from_str(&json).map_err(|e| format!("{method}: {e}"))
         }
-        Some(mi_reply::Outcome::Error(error)) => Err(format!(
-            "{method}: OpenSIPS answered {} {}",
-            error.code, error.message
-        )),
-        Some(mi_reply::Outcome::Failure(failure)) => Err(format!("{method}: {}", failure.message)),
-        None => Err(format!("{method}: empty reply")),
+        Ok(MiAnswer::Error { code, message, .. }) => {
+            Err(format!("{method}: OpenSIPS answered {code} {message}"))
+        }
+        Err(err) => Err(format!("{method}: {err}")),
     }
 }
 

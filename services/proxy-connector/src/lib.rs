@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 
 mod envelope;
+pub mod fair;
 mod transport;
 
 use std::sync::Arc;
@@ -13,7 +14,7 @@ use std::time::Duration;
 
 use callapi_kit::config::NatsSettings;
 use callapi_kit::subjects;
-use callapi_proto::v1::{MiFailure, MiReply, MiRequest, mi_failure, mi_reply};
+use callapi_proto::v1::{MiFailure, MiProgress, MiReply, MiRequest, mi_failure, mi_reply};
 use futures::StreamExt as _;
 use prost::Message as _;
 use tokio_util::sync::CancellationToken;
@@ -50,6 +51,11 @@ pub struct NodeConfig {
     pub mi: String,
     /// Most MI requests in flight to this node at once (OpenSIPS 3.6 crashes under load).
     pub max_in_flight: usize,
+    /// Most `t_uac_dlg` requests (which hold their slot while a phone rings) in flight at once,
+    /// so that short commands always find a slot.
+    pub max_async_in_flight: usize,
+    /// Most `t_uac_dlg` requests in flight at once for one client (tenant + connection).
+    pub max_async_per_client: usize,
     /// Wait for an answer this long when the request names no timeout.
     pub default_timeout_ms: u64,
 }
@@ -60,6 +66,8 @@ impl Default for NodeConfig {
             id: "opensips1".to_owned(),
             mi: "http://127.0.0.1:8888/mi".to_owned(),
             max_in_flight: 32,
+            max_async_in_flight: 24,
+            max_async_per_client: 8,
             default_timeout_ms: 10_000,
         }
     }
@@ -102,12 +110,19 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
             reason,
         })?;
         let transport = Arc::new(
-            MiTransport::open(endpoint, node.max_in_flight.max(1))
-                .await
-                .map_err(|e| Error::Node {
-                    node: node.id.clone(),
-                    reason: e.to_string(),
-                })?,
+            MiTransport::open(
+                endpoint,
+                fair::Limits {
+                    total: node.max_in_flight,
+                    long: node.max_async_in_flight,
+                    long_per_client: node.max_async_per_client,
+                },
+            )
+            .await
+            .map_err(|e| Error::Node {
+                node: node.id.clone(),
+                reason: e.to_string(),
+            })?,
         );
         let subscriber = client
             .queue_subscribe(
@@ -116,7 +131,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
             )
             .await
             .map_err(|e| Error::Nats(e.to_string()))?;
-        tracing::info!(node = %node.id, mi = %node.mi, "serving MI requests");
+        tracing::info!(
+            node = %node.id,
+            mi = %callapi_kit::secret::redact_url(&node.mi),
+            "serving MI requests"
+        );
         tasks.push(tokio::spawn(serve_node(
             client.clone(),
             subscriber,
@@ -159,7 +178,16 @@ async fn serve_node(
                         tracing::warn!("MI request without a reply subject dropped");
                         return;
                     };
-                    let reply = handle(&transport, &message.payload, default_timeout).await;
+                    let reply = match MiRequest::decode(message.payload.as_ref()) {
+                        Ok(request) => {
+                            let work = handle(&transport, &request, default_timeout);
+                            with_progress(&client, &reply_to, &request, work).await
+                        }
+                        Err(err) => failure(
+                            mi_failure::Kind::BadRequest,
+                            format!("bad MiRequest: {err}"),
+                        ),
+                    };
                     if let Err(err) = client.publish(reply_to, reply.encode_to_vec().into()).await {
                         tracing::warn!(%err, "could not publish MI reply");
                     }
@@ -173,17 +201,47 @@ async fn serve_node(
     while in_flight.join_next().await.is_some() {}
 }
 
-/// Turns one encoded `MiRequest` into its `MiReply`.
-async fn handle(transport: &MiTransport, payload: &[u8], default_timeout: Duration) -> MiReply {
-    let request = match MiRequest::decode(payload) {
-        Ok(request) => request,
-        Err(err) => {
-            return failure(
-                mi_failure::Kind::BadRequest,
-                format!("bad MiRequest: {err}"),
-            );
+/// Runs `work` while telling the requester, if it asked, that the request is alive: a first
+/// progress message at once, then one per `progress_interval_ms` until the outcome.
+async fn with_progress(
+    client: &async_nats::Client,
+    reply_to: &async_nats::Subject,
+    request: &MiRequest,
+    work: impl std::future::Future<Output = MiReply>,
+) -> MiReply {
+    if request.progress_interval_ms == 0 {
+        return work.await;
+    }
+    let progress = MiReply {
+        outcome: Some(mi_reply::Outcome::Progress(MiProgress {})),
+    }
+    .encode_to_vec();
+    let mut ticks = tokio::time::interval(Duration::from_millis(u64::from(
+        request.progress_interval_ms.max(MIN_PROGRESS_INTERVAL_MS),
+    )));
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tokio::pin!(work);
+    loop {
+        tokio::select! {
+            reply = &mut work => return reply,
+            _ = ticks.tick() => {
+                if let Err(err) = client.publish(reply_to.clone(), progress.clone().into()).await {
+                    tracing::debug!(%err, "could not publish MI progress");
+                }
+            }
         }
-    };
+    }
+}
+
+/// Progress is never sent more often than this, whatever a request asks.
+const MIN_PROGRESS_INTERVAL_MS: u32 = 100;
+
+/// Turns one `MiRequest` into its `MiReply`.
+async fn handle(
+    transport: &MiTransport,
+    request: &MiRequest,
+    default_timeout: Duration,
+) -> MiReply {
     let timeout = match request.timeout_ms {
         0 => default_timeout,
         ms => Duration::from_millis(u64::from(ms)).min(MAX_TIMEOUT),
@@ -192,7 +250,11 @@ async fn handle(transport: &MiTransport, payload: &[u8], default_timeout: Durati
         Ok(params) => params,
         Err(reason) => return failure(mi_failure::Kind::BadRequest, reason),
     };
-    let outcome = match transport.call(&request.method, params, timeout).await {
+    let client = format!("{}/{}", request.tenant, request.client);
+    let outcome = match transport
+        .call(&request.method, params, timeout, &client)
+        .await
+    {
         Ok(outcome) => outcome,
         Err(TransportError::BadMethod(reason)) => {
             return failure(mi_failure::Kind::BadRequest, reason);
@@ -202,7 +264,18 @@ async fn handle(transport: &MiTransport, payload: &[u8], default_timeout: Durati
         }
         Err(err) => return failure(mi_failure::Kind::Unreachable, err.to_string()),
     };
-    tracing::debug!(method = %request.method, ?outcome, "MI reply");
+    // A reply can hold whole SIP messages: only their size at DEBUG, all of it at TRACE.
+    match &outcome {
+        MiOutcome::Result(value) => tracing::debug!(
+            method = %request.method,
+            result_bytes = value.to_string().len(),
+            "MI reply: result"
+        ),
+        MiOutcome::Error { code, .. } => {
+            tracing::debug!(method = %request.method, code, "MI reply: error")
+        }
+    }
+    tracing::trace!(method = %request.method, ?outcome, "MI reply");
     match outcome {
         MiOutcome::Result(value) => MiReply {
             outcome: Some(mi_reply::Outcome::ResultJson(value.to_string())),

@@ -11,9 +11,13 @@ use bytes::Bytes;
 use http_body_util::{BodyExt as _, Full};
 use serde_json::Value;
 use tokio::net::UdpSocket;
-use tokio::sync::{Mutex, Semaphore, oneshot};
+use tokio::sync::{Mutex, oneshot};
+
+use base64::Engine as _;
+use callapi_kit::secret::{Secret, redact_url};
 
 use crate::envelope::{self, MiOutcome};
+use crate::fair::{Class, FairLimiter, Limits};
 
 /// Largest datagram OpenSIPS sends (mi_datagram caps replies at 65,457 bytes).
 const MAX_DATAGRAM: usize = 65_535;
@@ -23,8 +27,15 @@ const MAX_DATAGRAM: usize = 65_535;
 pub enum MiEndpoint {
     /// `udp:HOST:PORT`: mi_datagram.
     Udp(String),
-    /// `http://HOST:PORT/PATH`: mi_http.
-    Http(hyper::Uri),
+    /// `http://[USER:PASSWORD@]HOST:PORT/PATH`: mi_http. The URL is kept without its userinfo
+    /// (so it can be logged and quoted in errors); the credentials, if any, become an
+    /// `Authorization: Basic` header (for an OpenSIPS behind an authenticating proxy).
+    Http {
+        /// The URL without credentials.
+        uri: hyper::Uri,
+        /// `Basic …` value of the Authorization header.
+        authorization: Option<Secret>,
+    },
 }
 
 impl MiEndpoint {
@@ -33,14 +44,31 @@ impl MiEndpoint {
         if let Some(addr) = text.strip_prefix("udp:") {
             return Ok(Self::Udp(addr.to_owned()));
         }
-        if text.starts_with("http://") {
-            let uri: hyper::Uri = text
+        if let Some(rest) = text.strip_prefix("http://") {
+            let (authority_end, _) = rest
+                .char_indices()
+                .find(|(_, c)| matches!(c, '/' | '?' | '#'))
+                .unwrap_or((rest.len(), ' '));
+            let (authority, path) = rest.split_at(authority_end);
+            let (userinfo, host) = match authority.rsplit_once('@') {
+                Some((userinfo, host)) => (Some(userinfo), host),
+                None => (None, authority),
+            };
+            let shown = redact_url(text);
+            let uri: hyper::Uri = format!("http://{host}{path}")
                 .parse()
-                .map_err(|e| format!("bad MI URL {text:?}: {e}"))?;
-            return Ok(Self::Http(uri));
+                .map_err(|e| format!("bad MI URL {shown:?}: {e}"))?;
+            let authorization = userinfo.map(|userinfo| {
+                Secret::new(format!(
+                    "Basic {}",
+                    base64::engine::general_purpose::STANDARD.encode(userinfo)
+                ))
+            });
+            return Ok(Self::Http { uri, authorization });
         }
         Err(format!(
-            "MI address {text:?} must be udp:HOST:PORT or http://HOST:PORT/mi"
+            "MI address {:?} must be udp:HOST:PORT or http://HOST:PORT/mi",
+            redact_url(text)
         ))
     }
 }
@@ -67,7 +95,7 @@ type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<MiOutcome>>>>;
 /// An open MI transport to one node.
 pub struct MiTransport {
     kind: Kind,
-    limit: Semaphore,
+    limit: FairLimiter,
     next_id: AtomicU64,
 }
 
@@ -80,6 +108,7 @@ enum Kind {
     },
     Http {
         uri: hyper::Uri,
+        authorization: Option<Secret>,
         client: hyper_util::client::legacy::Client<
             hyper_util::client::legacy::connect::HttpConnector,
             Full<Bytes>,
@@ -96,8 +125,9 @@ impl Drop for MiTransport {
 }
 
 impl MiTransport {
-    /// Opens the transport (binds the UDP socket, or prepares the HTTP client).
-    pub async fn open(endpoint: MiEndpoint, max_in_flight: usize) -> std::io::Result<Self> {
+    /// Opens the transport (binds the UDP socket, or prepares the HTTP client); `limits` bound
+    /// the requests in flight (see [`crate::fair`]).
+    pub async fn open(endpoint: MiEndpoint, limits: Limits) -> std::io::Result<Self> {
         let kind = match endpoint {
             MiEndpoint::Udp(target) => {
                 let resolved: SocketAddr = tokio::net::lookup_host(target.as_str())
@@ -123,37 +153,39 @@ impl MiTransport {
                     receiver,
                 }
             }
-            MiEndpoint::Http(uri) => {
+            MiEndpoint::Http { uri, authorization } => {
                 let client = hyper_util::client::legacy::Client::builder(
                     hyper_util::rt::TokioExecutor::new(),
                 )
                 .build_http();
-                Kind::Http { uri, client }
+                Kind::Http {
+                    uri,
+                    authorization,
+                    client,
+                }
             }
         };
         Ok(Self {
             kind,
-            limit: Semaphore::new(max_in_flight),
+            limit: FairLimiter::new(limits),
             next_id: AtomicU64::new(1),
         })
     }
 
-    /// Sends one MI command and waits (at most `timeout`, queueing included) for its outcome.
+    /// Sends one MI command of `client` and waits (at most `timeout`, queueing for a fair
+    /// share of the node's slots included) for its outcome.
     pub async fn call(
         &self,
         method: &str,
         params: Option<Value>,
         timeout: Duration,
+        client: &str,
     ) -> Result<MiOutcome, TransportError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let body = envelope::build_request(id, method, params.as_ref())
             .map_err(TransportError::BadMethod)?;
         let work = async {
-            let _permit = self
-                .limit
-                .acquire()
-                .await
-                .map_err(|_| TransportError::Unreachable(self.target(), "closing".into()))?;
+            let _permit = self.limit.acquire(client, Class::of(method)).await;
             match &self.kind {
                 Kind::Udp {
                     socket,
@@ -174,9 +206,17 @@ impl MiTransport {
                     rx.await
                         .map_err(|_| TransportError::Unreachable(target.clone(), "closed".into()))
                 }
-                Kind::Http { uri, client } => {
-                    let request = hyper::Request::post(uri.clone())
-                        .header("content-type", "application/json")
+                Kind::Http {
+                    uri,
+                    authorization,
+                    client,
+                } => {
+                    let mut request = hyper::Request::post(uri.clone())
+                        .header("content-type", "application/json");
+                    if let Some(authorization) = authorization {
+                        request = request.header("authorization", authorization.expose());
+                    }
+                    let request = request
                         .body(Full::new(Bytes::from(body)))
                         .map_err(|e| TransportError::BadMethod(e.to_string()))?;
                     let response = client
@@ -252,5 +292,31 @@ async fn receive_replies(socket: Arc<UdpSocket>, pending: Pending) {
             Ok((None, outcome)) => tracing::warn!(?outcome, "MI reply without a usable id"),
             Err(reason) => tracing::warn!(%reason, "unusable MI datagram"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credentials_in_the_mi_url_become_a_header_and_leave_the_url() {
+        let MiEndpoint::Http { uri, authorization } =
+            MiEndpoint::parse("http://admin:hunter2@127.0.0.1:18888/mi").unwrap()
+        else {
+            panic!("not http")
+        };
+        assert_eq!(uri.to_string(), "http://127.0.0.1:18888/mi");
+        let authorization = authorization.expect("authorization");
+        assert_eq!(authorization.expose(), "Basic YWRtaW46aHVudGVyMg==");
+        assert_eq!(format!("{authorization:?}"), "***");
+        let MiEndpoint::Http { authorization, .. } =
+            MiEndpoint::parse("http://127.0.0.1:8888/mi").unwrap()
+        else {
+            panic!("not http")
+        };
+        assert!(authorization.is_none());
+        let err = MiEndpoint::parse("ftp://admin:hunter2@h/mi").unwrap_err();
+        assert!(!err.contains("hunter2"), "{err}");
     }
 }

@@ -43,6 +43,9 @@ pub struct StackOptions {
     pub gateway_toml: String,
     /// Extra top-level TOML lines for each commands replica's config.
     pub commands_toml: String,
+    /// Extra lines for the `[deadlines]` table of each commands replica
+    /// (e.g. `transfer_start_ms = 1000`).
+    pub commands_deadlines_toml: String,
     /// Extra top-level TOML lines for event-ingest's config.
     pub ingest_toml: String,
     /// Extra lines for event-ingest's `[[nodes]]` entry.
@@ -53,6 +56,13 @@ pub struct StackOptions {
     pub connector_node_toml: String,
     /// Extra command-line arguments of the emulator.
     pub emulator_args: Vec<String>,
+    /// Extra environment variables of the four services (not the emulator), e.g. `RUST_LOG`.
+    pub service_env: Vec<(String, String)>,
+    /// User and password NATS requires; the services get them in their `nats.url`.
+    pub nats_auth: Option<(String, String)>,
+    /// User information put in proxy-connector's mi_http URL (`admin:pw@`), which the emulator
+    /// ignores.
+    pub mi_userinfo: String,
 }
 
 impl Default for StackOptions {
@@ -70,11 +80,15 @@ impl Default for StackOptions {
             dead_timeout_ms: 1_000,
             gateway_toml: String::new(),
             commands_toml: String::new(),
+            commands_deadlines_toml: String::new(),
             ingest_toml: String::new(),
             ingest_node_toml: String::new(),
             connector_toml: String::new(),
             connector_node_toml: String::new(),
             emulator_args: Vec::new(),
+            service_env: Vec::new(),
+            nats_auth: None,
+            mi_userinfo: String::new(),
         }
     }
 }
@@ -104,6 +118,7 @@ pub struct Stack {
     /// Where configs and logs go.
     pub dir: PathBuf,
     options: StackOptions,
+    connector_config: String,
 }
 
 impl Stack {
@@ -117,7 +132,10 @@ impl Stack {
         let dir =
             std::env::temp_dir().join(format!("callapi-e2e-{}", uuid::Uuid::new_v4().simple()));
         std::fs::create_dir_all(&dir).expect("create test dir");
-        let nats = NatsServer::start(&dir).await;
+        let nats = match &options.nats_auth {
+            Some((user, password)) => NatsServer::start_with_auth(&dir, user, password).await,
+            None => NatsServer::start(&dir).await,
+        };
         let emulator = start_emulator(&dir, &options, "127.0.0.1:0", "127.0.0.1:0").await;
         let emulator_mi_udp = emulator.ready_field("mi_udp").expect("emulator mi_udp");
         let emulator_mi_http = emulator.ready_field("mi_http").expect("emulator mi_http");
@@ -134,19 +152,18 @@ impl Stack {
             nats,
             dir,
             options: options.clone(),
+            connector_config: String::new(),
         };
         let mi = match options.mi_transport {
             "udp" => format!("udp:{}", stack.emulator_mi_udp),
-            _ => format!("http://{emulator_mi_http}/mi"),
+            _ => format!("http://{}{emulator_mi_http}/mi", options.mi_userinfo),
         };
+        stack.connector_config = format!(
+            "{}\n[nats]\nurl = \"{}\"\n[[nodes]]\nid = \"opensips1\"\nmi = \"{mi}\"\ndefault_timeout_ms = 5000\n{}\n",
+            options.connector_toml, stack.nats.url, options.connector_node_toml
+        );
         stack.connector = stack
-            .service(
-                "proxy-connector",
-                &format!(
-                    "{}\n[nats]\nurl = \"{}\"\n[[nodes]]\nid = \"opensips1\"\nmi = \"{mi}\"\ndefault_timeout_ms = 5000\n{}\n",
-                    options.connector_toml, stack.nats.url, options.connector_node_toml
-                ),
-            )
+            .service("proxy-connector", &stack.connector_config)
             .await;
         stack.start_ingest().await;
         for _ in 0..options.commands {
@@ -177,7 +194,13 @@ impl Stack {
             .join(format!("{name}-{}.toml", uuid::Uuid::new_v4().simple()));
         std::fs::write(&path, config).expect("write config");
         let path = path.to_string_lossy().into_owned();
-        Service::start(&self.dir, name, &["--config", &path], &[]).await
+        let env: Vec<(&str, &str)> = self
+            .options
+            .service_env
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        Service::start(&self.dir, name, &["--config", &path], &env).await
     }
 
     /// Starts one more commands replica.
@@ -186,8 +209,8 @@ impl Stack {
         self.service(
             "commands",
             &format!(
-                "node_id = \"opensips1\"\n{}\n[nats]\nurl = \"{}\"\n[deadlines]\ncall_start_ms = {start}\ntransfer_ms = {transfer}\nhold_ms = {hold}\nend_ms = {end}\n",
-                self.options.commands_toml, self.nats.url
+                "node_id = \"opensips1\"\n{}\n[nats]\nurl = \"{}\"\n[deadlines]\ncall_start_ms = {start}\ntransfer_ms = {transfer}\nhold_ms = {hold}\nend_ms = {end}\n{}\n",
+                self.options.commands_toml, self.nats.url, self.options.commands_deadlines_toml
             ),
         )
         .await
@@ -208,6 +231,14 @@ impl Stack {
             )
             .await;
         self.event_socket = self.ingest.ready_field("opensips1").expect("ingest socket");
+    }
+
+    /// Starts proxy-connector again with the same configuration (after `connector.kill()`).
+    pub async fn restart_connector(&mut self) {
+        self.connector.kill().await;
+        self.connector = self
+            .service("proxy-connector", &self.connector_config)
+            .await;
     }
 
     /// Kills the emulator and starts a fresh one (no dialogs, no subscriptions) on the same

@@ -41,20 +41,37 @@ pub struct NatsServer {
     store: PathBuf,
     log: PathBuf,
     child: Option<Child>,
+    /// User and password the server requires, if any.
+    auth: Option<(String, String)>,
 }
 
 impl NatsServer {
     /// Starts it and waits until it accepts connections.
     pub async fn start(dir: &Path) -> Self {
+        Self::start_with(dir, None).await
+    }
+
+    /// Starts one that requires `user`/`password`; its `url` carries them
+    /// (`nats://user:password@127.0.0.1:PORT`).
+    pub async fn start_with_auth(dir: &Path, user: &str, password: &str) -> Self {
+        Self::start_with(dir, Some((user.to_owned(), password.to_owned()))).await
+    }
+
+    async fn start_with(dir: &Path, auth: Option<(String, String)>) -> Self {
         let port = free_port();
         let store = dir.join(format!("jetstream-{port}"));
         let log = dir.join("nats-server.log");
+        let userinfo = auth
+            .as_ref()
+            .map(|(user, password)| format!("{user}:{password}@"))
+            .unwrap_or_default();
         let mut server = Self {
-            url: format!("nats://127.0.0.1:{port}"),
+            url: format!("nats://{userinfo}127.0.0.1:{port}"),
             port,
             store,
             log,
             child: None,
+            auth,
         };
         server.restart().await;
         server
@@ -64,7 +81,11 @@ impl NatsServer {
     pub async fn restart(&mut self) {
         let binary = std::env::var("NATS_SERVER_BIN").unwrap_or_else(|_| "nats-server".to_owned());
         let log = std::fs::File::create(&self.log).expect("nats log");
-        let child = Command::new(binary)
+        let mut command = Command::new(binary);
+        if let Some((user, password)) = &self.auth {
+            command.args(["--user", user, "--pass", password]);
+        }
+        let child = command
             .args([
                 "-a",
                 "127.0.0.1",
@@ -128,12 +149,13 @@ impl Service {
         let mut command = Command::new(bin_path(name));
         command
             .args(args)
-            .envs(env.iter().copied())
             .env(
                 "RUST_LOG",
                 std::env::var("RUST_LOG")
                     .unwrap_or_else(|_| "debug,async_nats=info,hyper=info".to_owned()),
             )
+            // After RUST_LOG, so a test may set its own.
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log_file))
@@ -189,6 +211,11 @@ impl Service {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill().await;
         }
+    }
+
+    /// Its process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().and_then(Child::id)
     }
 
     /// Its log so far.

@@ -98,7 +98,13 @@ pub async fn serve_http(listener: TcpListener, node: Arc<Node>, stop: Cancellati
 }
 
 async fn http_mi(State(node): State<Arc<Node>>, body: Bytes) -> Response {
-    match handle(&node, &body, false).await {
+    // OpenSIPS carries on with a command whose HTTP client went away (the SIP transaction of a
+    // t_uac_dlg lives on): run it apart from this request, which may be dropped.
+    let work = tokio::spawn({
+        let node = node.clone();
+        async move { handle(&node, &body, false).await }
+    });
+    match work.await.ok().flatten() {
         Some(reply) => ([("content-type", "application/json")], reply).into_response(),
         None if node.crashed() => {
             // A crashed OpenSIPS answers nothing: the request hangs until the client gives up.

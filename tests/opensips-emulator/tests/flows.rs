@@ -392,3 +392,76 @@ async fn odd_requests_never_take_the_node_down() {
     .await;
     assert_eq!(version.map(|v| v["id"].clone()), Some(json!("still")));
 }
+
+/// Issue 8, as real OpenSIPS 3.6.8 and 4.0.1 do it: a REFER to a user the proxy does not know
+/// is "Accepted", the new INVITE gets 404 at once, and no E_CALL_TRANSFER is raised at all; the
+/// call that was to be transferred stays up.
+async fn refer_to_unknown_user_raises_nothing(version: Version) {
+    let emulator = emulator(version).await;
+    let events = Subscriber::new(&emulator, &["E_CALL_TRANSFER"]).await;
+    let callid = emulator.place_call("alice", "bob").await;
+    let reply = mi_udp(
+        &emulator,
+        json!({"jsonrpc": "2.0", "method": "call_transfer", "id": 2,
+            "params": {"callid": callid, "leg": "callee", "destination": "sip:nobody@127.0.0.1"}}),
+    )
+    .await
+    .expect("reply");
+    assert_eq!(reply["result"], "Accepted", "{reply}");
+    let received = events.collect(Duration::from_millis(500)).await;
+    assert!(received.is_empty(), "{received:#?}");
+    let listed = mi_udp(
+        &emulator,
+        json!({"jsonrpc": "2.0", "method": "dlg_list", "id": 3, "params": {"callid": callid}}),
+    )
+    .await
+    .expect("reply");
+    assert_eq!(listed["result"]["Dialog"]["state"], 4, "{listed}");
+}
+
+#[tokio::test]
+async fn refer_to_unknown_user_raises_no_event_36() {
+    refer_to_unknown_user_raises_nothing(Version::V3_6).await;
+}
+
+#[tokio::test]
+async fn refer_to_unknown_user_raises_no_event_40() {
+    refer_to_unknown_user_raises_nothing(Version::V4_0).await;
+}
+
+/// OpenSIPS goes on with a `t_uac_dlg` whose mi_http client went away: the phone still rings
+/// and answers, and the dialog is confirmed (what a lost MI reply leaves behind).
+#[tokio::test]
+async fn t_uac_dlg_goes_on_when_its_http_client_goes_away() {
+    let emulator = opensips_emulator::start(EmulatorConfig {
+        answer_delay: Duration::from_millis(400),
+        ..EmulatorConfig::default()
+    })
+    .await
+    .expect("emulator");
+    let callid = "lost-reply-1@test";
+    let headers = format!(
+        "From: <sip:alice@127.0.0.1>\r\nTo: <sip:bob@127.0.0.1>\r\nContact: <sip:alice@127.0.0.1>\r\nContent-Type: application/sdp\r\nCSeq: 1 INVITE\r\nCall-Id: {callid}\r\n"
+    );
+    let body = json!({"jsonrpc": "2.0", "id": 1, "method": "t_uac_dlg", "params": {
+        "method": "INVITE", "ruri": "sip:alice@127.0.0.1", "headers": headers,
+        "body": "v=0\r\no=x 0 0 IN IP4 0.0.0.0\r\ns=s\r\nc=IN IP4 0.0.0.0\r\nt=0 0\r\nm=audio 9 RTP/AVP 0\r\n"}})
+    .to_string();
+    let addr = emulator.mi_http_addr().expect("mi_http");
+    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    let request = format!(
+        "POST /mi HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await.expect("send");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    drop(stream);
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let listed = mi_udp(
+        &emulator,
+        json!({"jsonrpc": "2.0", "method": "dlg_list", "id": 3, "params": {"callid": callid}}),
+    )
+    .await
+    .expect("reply");
+    assert_eq!(listed["result"]["Dialog"]["state"], 4, "{listed}");
+}

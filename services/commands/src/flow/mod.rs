@@ -15,6 +15,8 @@ pub use hold::{HoldAction, HoldFlow};
 pub use start::StartFlow;
 pub use transfer::{AttendedTransferFlow, BlindTransferFlow};
 
+use std::time::Duration;
+
 use serde_json::Value;
 
 /// Which party of a dialog.
@@ -47,6 +49,39 @@ pub enum Step {
     Hold,
     /// `dlg_end_dlg` of CallEnd.
     End,
+    /// `dlg_list {callid}`: what became of a dialog whose MI request was lost.
+    Probe,
+}
+
+/// Timers a flow may ask for; the driver feeds `Input::Timer` when one fires.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Timer {
+    /// The transfer was accepted but has not started (no `start` event) yet.
+    TransferStart,
+    /// Time to ask OpenSIPS again what became of a dialog.
+    Reprobe,
+}
+
+/// Times a flow waits for OpenSIPS, from the configuration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timings {
+    /// After `call_transfer` was accepted, how long to wait for the transfer's `start` event
+    /// before calling it failed (OpenSIPS raises no event for an unknown target).
+    pub transfer_start: Duration,
+    /// Between two `dlg_list` probes of a dialog whose MI request was lost.
+    pub reprobe: Duration,
+    /// How many probes before giving up on learning the dialog's state.
+    pub probes: u32,
+}
+
+impl Default for Timings {
+    fn default() -> Self {
+        Self {
+            transfer_start: Duration::from_secs(5),
+            reprobe: Duration::from_secs(1),
+            probes: 5,
+        }
+    }
 }
 
 /// How an MI request ended.
@@ -65,6 +100,9 @@ pub enum MiResult {
     },
     /// No answer: node down, timeout, no connector.
     Unreachable(String),
+    /// The request was sent but contact was lost before its answer (connector gone, NATS
+    /// restarted): OpenSIPS may or may not have acted on it.
+    Lost(String),
 }
 
 /// An OpenSIPS event about a watched Call-ID.
@@ -114,6 +152,8 @@ pub enum Input {
     Mi(Step, MiResult),
     /// An event about a watched Call-ID.
     Event(CallEvent),
+    /// A timer the flow asked for fired.
+    Timer(Timer),
     /// The command's deadline passed.
     Deadline,
 }
@@ -136,7 +176,8 @@ pub struct StepNote {
 /// Stable error codes sent to clients.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorCode {
-    /// The caller of a CallStart did not answer (busy, no answer, unknown user).
+    /// A party of a CallStart could not be reached: the caller did not answer (busy, no
+    /// answer, unknown user), or the call to the callee failed or was never placed.
     CallFailed,
     /// The transfer target did not answer.
     TransferFailed,
@@ -224,6 +265,13 @@ pub enum Action {
         method: &'static str,
         /// Named params.
         params: Value,
+    },
+    /// Feed `Input::Timer(timer)` after `after` (a timer asked for again is moved).
+    StartTimer {
+        /// Which timer.
+        timer: Timer,
+        /// When it fires, from now.
+        after: Duration,
     },
     /// Tell the client about a step.
     Notify(StepNote),
@@ -317,6 +365,11 @@ pub fn generic_mi_error(result: &MiResult, what: &str) -> ErrorNote {
         MiResult::Unreachable(reason) => ErrorNote::new(
             ErrorCode::NodeUnreachable,
             format!("{what}: OpenSIPS unreachable: {reason}"),
+            0,
+        ),
+        MiResult::Lost(reason) => ErrorNote::new(
+            ErrorCode::NodeUnreachable,
+            format!("{what}: lost contact with OpenSIPS before it answered: {reason}"),
             0,
         ),
         MiResult::Ok(_) => ErrorNote::new(
@@ -423,6 +476,7 @@ pub(crate) mod test_support {
             .map(|a| match a {
                 Action::Watch(c) => format!("watch {c}"),
                 Action::Mi { method, .. } => format!("mi {method}"),
+                Action::StartTimer { timer, .. } => format!("timer {timer:?}"),
                 Action::MiDetached { method, .. } => format!("detached {method}"),
                 Action::Notify(n) => format!("notify {}", n.name),
                 Action::Fail(e) => format!("fail {}", e.code.as_str()),

@@ -8,12 +8,20 @@
 //!    with `dlg_end_dlg` (never a hand-made BYE with a guessed CSeq); `fail` → error.
 //!
 //! X may go 4→5 on its own right after the REFER (some phones hang up): that is not a failure.
+//!
+//! Two ways OpenSIPS stays silent, both caught early rather than at the deadline:
+//! - an unknown callee: the caller's INVITE to it gets 404 at once and OpenSIPS raises no
+//!   E_CALL_TRANSFER at all, so no `start` within [`Timings::transfer_start`] of the accepted
+//!   REFER means the call was not placed: CALL_FAILED, and X is ended;
+//! - a lost `t_uac_dlg` (connector or NATS gone while the caller's phone rang): the flow asks
+//!   OpenSIPS what became of X (`dlg_list`), ends it if it was answered (or once it stops
+//!   ringing) and reports NODE_UNREACHABLE, never a "did not answer".
 
 use serde_json::json;
 
 use super::{
-    Action, CallEvent, ErrorCode, ErrorNote, Input, MiResult, Step, StepNote, TransferStage,
-    clean_destination, generic_mi_error, status_code, transfer_stage,
+    Action, CallEvent, ErrorCode, ErrorNote, Input, MiResult, Step, StepNote, Timer, Timings,
+    TransferStage, clean_destination, generic_mi_error, status_code, transfer_stage,
 };
 
 /// SDP offer of the first INVITE (the caller's phone answers it; media then flows phone to phone).
@@ -22,6 +30,8 @@ const OFFER: &str = "v=0\r\no=click-to-dial 0 0 IN IP4 0.0.0.0\r\ns=session\r\nc
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
     Inviting,
+    /// The INVITE's MI request was lost: finding out what became of X.
+    Probing,
     Transferring,
     Done,
 }
@@ -35,11 +45,16 @@ pub struct StartFlow {
     phase: Phase,
     accepted: bool,
     new_callid: Option<String>,
+    timings: Timings,
+    /// Probes left while `Probing`.
+    probes_left: u32,
+    /// The loss was already reported to the client (while X still rings).
+    loss_reported: bool,
 }
 
 impl StartFlow {
     /// A CallStart from `caller` to `callee`; `callid` is the fresh Call-ID of the first leg.
-    pub fn new(caller: String, callee: String, callid: String) -> Self {
+    pub fn new(caller: String, callee: String, callid: String, timings: Timings) -> Self {
         Self {
             caller,
             callee,
@@ -47,6 +62,9 @@ impl StartFlow {
             phase: Phase::Inviting,
             accepted: false,
             new_callid: None,
+            timings,
+            probes_left: timings.probes,
+            loss_reported: false,
         }
     }
 
@@ -79,8 +97,34 @@ impl StartFlow {
             return Vec::new();
         }
         match input {
+            Input::Mi(Step::Invite, MiResult::Lost(_)) => {
+                self.phase = Phase::Probing;
+                vec![self.probe()]
+            }
             Input::Mi(Step::Invite, result) => self.on_invite(result),
-            Input::Mi(Step::Transfer, MiResult::Ok(_)) => self.accept(),
+            Input::Mi(Step::Probe, result) if self.phase == Phase::Probing => self.on_probe(result),
+            Input::Timer(Timer::Reprobe) if self.phase == Phase::Probing => vec![self.probe()],
+            Input::Deadline if self.phase == Phase::Probing => self.lost("its state is unknown"),
+            Input::Mi(Step::Transfer, MiResult::Ok(_)) => {
+                let mut actions = self.accept();
+                if self.new_callid.is_none() {
+                    actions.push(Action::StartTimer {
+                        timer: Timer::TransferStart,
+                        after: self.timings.transfer_start,
+                    });
+                }
+                actions
+            }
+            Input::Timer(Timer::TransferStart)
+                if self.phase == Phase::Transferring && self.new_callid.is_none() =>
+            {
+                let message = format!(
+                    "the call to the callee {} was not placed: OpenSIPS reported no start of it within {} ms of the caller accepting the REFER (the callee is probably unknown, e.g. 404 User Not Found, or the caller's phone could not call it); the caller's call was ended",
+                    self.callee,
+                    self.timings.transfer_start.as_millis()
+                );
+                self.fail_and_clean(ErrorNote::new(ErrorCode::CallFailed, message, 0))
+            }
             Input::Mi(Step::Transfer, result) => {
                 let mut error = match &result {
                     MiResult::Err {
@@ -147,7 +191,7 @@ impl StartFlow {
                     TransferStage::Other => Vec::new(),
                 }
             }
-            Input::Event(_) => Vec::new(),
+            Input::Event(_) | Input::Timer(_) => Vec::new(),
             Input::Deadline => {
                 let message = match self.phase {
                     Phase::Inviting => format!("the caller {} did not answer in time", self.caller),
@@ -222,6 +266,75 @@ impl StartFlow {
         }
     }
 
+    fn probe(&mut self) -> Action {
+        self.probes_left = self.probes_left.saturating_sub(1);
+        Action::Mi {
+            step: Step::Probe,
+            method: "dlg_list",
+            params: json!({"callid": self.callid}),
+        }
+    }
+
+    /// What `dlg_list {callid: X}` says of the first leg after its INVITE's answer was lost.
+    fn on_probe(&mut self, result: MiResult) -> Vec<Action> {
+        let state = match &result {
+            MiResult::Ok(reply) => reply
+                .get("Dialog")
+                .or_else(|| reply.get("Dialogs").and_then(|d| d.get(0)))
+                .and_then(|d| d.get("state"))
+                .and_then(serde_json::Value::as_i64),
+            _ => None,
+        };
+        match (state, &result) {
+            (Some(3 | 4), _) => self.lost("the caller had answered, so that call was ended"),
+            (Some(1 | 2), _) => {
+                let mut actions = Vec::new();
+                if !self.loss_reported {
+                    self.loss_reported = true;
+                    actions.push(Action::Fail(self.loss_note(
+                        "the caller's phone is still ringing: that call is ended as soon as it is answered or stops ringing",
+                    )));
+                }
+                actions.push(Action::StartTimer {
+                    timer: Timer::Reprobe,
+                    after: self.timings.reprobe,
+                });
+                actions
+            }
+            (Some(_), _) | (None, MiResult::Err { code: 404, .. }) => {
+                self.lost("the call to the caller did not go through")
+            }
+            _ if self.probes_left == 0 => self.lost("its state is unknown"),
+            _ => vec![Action::StartTimer {
+                timer: Timer::Reprobe,
+                after: self.timings.reprobe,
+            }],
+        }
+    }
+
+    fn loss_note(&self, what_became: &str) -> ErrorNote {
+        ErrorNote::new(
+            ErrorCode::NodeUnreachable,
+            format!(
+                "lost contact with OpenSIPS while the call to the caller {} was ringing; {what_became}",
+                self.caller
+            ),
+            0,
+        )
+    }
+
+    /// Ends the command after a lost INVITE: reports (unless already done) and ends X.
+    fn lost(&mut self, what_became: &str) -> Vec<Action> {
+        self.phase = Phase::Done;
+        let mut actions = Vec::new();
+        if !self.loss_reported {
+            actions.push(Action::Fail(self.loss_note(what_became)));
+        }
+        actions.extend(self.end_first_leg());
+        actions.push(Action::Finish);
+        actions
+    }
+
     fn accept(&mut self) -> Vec<Action> {
         if self.accepted {
             return Vec::new();
@@ -277,6 +390,7 @@ mod tests {
             "sip:alice@127.0.0.1".into(),
             "sip:bob@127.0.0.1".into(),
             "X".into(),
+            Timings::default(),
         )
     }
 
@@ -313,7 +427,7 @@ mod tests {
         );
         assert_eq!(
             names(&f.handle(mi_ok(Step::Transfer, json!("Accepted")))),
-            ["notify TRANSFER_ACCEPT"]
+            ["notify TRANSFER_ACCEPT", "timer TransferStart"]
         );
         let started = f.handle(transfer("X", "Y", "Y", "start", ""));
         assert_eq!(names(&started), ["notify CALL_START"]);
@@ -422,15 +536,139 @@ mod tests {
     }
 
     #[test]
-    fn unknown_callee_raises_no_event_so_the_deadline_ends_it() {
+    fn unknown_callee_raises_no_event_so_a_short_timer_fails_it() {
+        // Real OpenSIPS: the REFERed INVITE gets 404 at once and no E_CALL_TRANSFER is raised.
+        let mut f = flow();
+        f.start();
+        f.handle(answered());
+        let accepted = f.handle(mi_ok(Step::Transfer, json!("Accepted")));
+        assert_eq!(
+            names(&accepted),
+            ["notify TRANSFER_ACCEPT", "timer TransferStart"]
+        );
+        assert_eq!(
+            accepted[1],
+            Action::StartTimer {
+                timer: Timer::TransferStart,
+                after: Timings::default().transfer_start
+            }
+        );
+        let actions = f.handle(Input::Timer(Timer::TransferStart));
+        assert_eq!(
+            names(&actions),
+            ["fail CALL_FAILED", "detached dlg_end_dlg", "finish"]
+        );
+        let Action::Fail(e) = &actions[0] else {
+            panic!()
+        };
+        assert!(e.message.contains("sip:bob@127.0.0.1") && e.message.contains("unknown"));
+        assert!(f.handle(Input::Deadline).is_empty());
+    }
+
+    #[test]
+    fn a_transfer_that_started_is_not_failed_by_the_start_timer() {
         let mut f = flow();
         f.start();
         f.handle(answered());
         f.handle(mi_ok(Step::Transfer, json!("Accepted")));
-        let actions = f.handle(Input::Deadline);
+        f.handle(transfer("X", "Y", "Y", "start", ""));
+        assert!(f.handle(Input::Timer(Timer::TransferStart)).is_empty());
+        // A callee that rings and never answers is still caught by the deadline.
+        assert_eq!(
+            names(&f.handle(Input::Deadline)),
+            ["fail TIMEOUT", "detached dlg_end_dlg", "finish"]
+        );
+    }
+
+    #[test]
+    fn events_before_the_accept_need_no_start_timer() {
+        let mut f = flow();
+        f.start();
+        f.handle(answered());
+        f.handle(transfer("X", "Y", "Y", "start", ""));
+        assert!(
+            f.handle(mi_ok(Step::Transfer, json!("Accepted")))
+                .is_empty()
+        );
+    }
+
+    fn lost_invite(f: &mut StartFlow) -> Vec<Action> {
+        f.start();
+        f.handle(Input::Mi(Step::Invite, MiResult::Lost("silent".into())))
+    }
+
+    fn dialog_in_state(state: i64) -> Input {
+        mi_ok(
+            Step::Probe,
+            json!({"Dialog": {"callid": "X", "state": state}}),
+        )
+    }
+
+    #[test]
+    fn a_lost_invite_whose_caller_answered_is_ended_and_reported_as_lost_contact() {
+        let mut f = flow();
+        let probe = lost_invite(&mut f);
+        assert_eq!(names(&probe), ["mi dlg_list"]);
+        let Action::Mi { params, .. } = &probe[0] else {
+            panic!()
+        };
+        assert_eq!(params, &json!({"callid": "X"}));
+        let actions = f.handle(dialog_in_state(4));
         assert_eq!(
             names(&actions),
-            ["fail TIMEOUT", "detached dlg_end_dlg", "finish"]
+            ["fail NODE_UNREACHABLE", "detached dlg_end_dlg", "finish"]
+        );
+        let Action::Fail(e) = &actions[0] else {
+            panic!()
+        };
+        assert!(e.message.contains("lost contact with OpenSIPS"));
+        assert!(e.message.contains("answered"));
+        assert!(!e.message.contains("did not answer"));
+    }
+
+    #[test]
+    fn a_lost_invite_still_ringing_is_reported_at_once_and_ended_when_it_stops() {
+        let mut f = flow();
+        lost_invite(&mut f);
+        let actions = f.handle(dialog_in_state(2));
+        assert_eq!(names(&actions), ["fail NODE_UNREACHABLE", "timer Reprobe"]);
+        assert_eq!(
+            names(&f.handle(Input::Timer(Timer::Reprobe))),
+            ["mi dlg_list"]
+        );
+        assert_eq!(names(&f.handle(dialog_in_state(2))), ["timer Reprobe"]);
+        f.handle(Input::Timer(Timer::Reprobe));
+        // Answered at last: ended, not reported twice.
+        assert_eq!(
+            names(&f.handle(dialog_in_state(4))),
+            ["detached dlg_end_dlg", "finish"]
+        );
+    }
+
+    #[test]
+    fn a_lost_invite_probed_while_opensips_is_still_out_of_reach() {
+        let mut f = flow();
+        lost_invite(&mut f);
+        let unreachable = || Input::Mi(Step::Probe, MiResult::Unreachable("no connector".into()));
+        for _ in 1..Timings::default().probes {
+            assert_eq!(names(&f.handle(unreachable())), ["timer Reprobe"]);
+            assert_eq!(
+                names(&f.handle(Input::Timer(Timer::Reprobe))),
+                ["mi dlg_list"]
+            );
+        }
+        let actions = f.handle(unreachable());
+        assert_eq!(
+            names(&actions),
+            ["fail NODE_UNREACHABLE", "detached dlg_end_dlg", "finish"]
+        );
+        // A dialog OpenSIPS does not know: the call did not go through.
+        let mut f = flow();
+        lost_invite(&mut f);
+        let actions = f.handle(mi_err(Step::Probe, 404, "No such dialog"));
+        assert_eq!(
+            names(&actions),
+            ["fail NODE_UNREACHABLE", "detached dlg_end_dlg", "finish"]
         );
     }
 

@@ -1,13 +1,14 @@
 //! Blind and attended transfers with `call_transfer`; the outcome only comes as E_CALL_TRANSFER
 //! events on the transferred dialog (`start`, `notify`…, then `ok` or `fail`). Quirks handled:
 //! `start` carries the transfer Call-ID as its leg; `notify` may be missing; a rejected REFER or
-//! an unknown target raises no event at all (only the deadline ends it); 491 after one transfer.
+//! an unknown target raises no event at all, so a transfer accepted but not started within
+//! [`Timings::transfer_start`] has failed (the original call stays up); 491 after one transfer.
 
 use serde_json::json;
 
 use super::{
-    Action, CallEvent, ErrorCode, ErrorNote, Input, Leg, MiResult, Step, StepNote, TransferStage,
-    clean_destination, generic_mi_error, status_code, transfer_stage,
+    Action, CallEvent, ErrorCode, ErrorNote, Input, Leg, MiResult, Step, StepNote, Timer, Timings,
+    TransferStage, clean_destination, generic_mi_error, status_code, transfer_stage,
 };
 
 /// Progress shared by both kinds of transfer.
@@ -19,9 +20,51 @@ struct Progress {
     accepted: bool,
     started: bool,
     done: bool,
+    timings: Timings,
 }
 
 impl Progress {
+    fn new(callid: String, leg: Leg, destination: String, timings: Timings) -> Self {
+        Self {
+            callid,
+            leg,
+            destination,
+            accepted: false,
+            started: false,
+            done: false,
+            timings,
+        }
+    }
+
+    /// `call_transfer` answered "Accepted": the transfer must start soon.
+    fn on_accepted(&mut self) -> Vec<Action> {
+        let mut actions = self.accept();
+        if !self.started {
+            actions.push(Action::StartTimer {
+                timer: Timer::TransferStart,
+                after: self.timings.transfer_start,
+            });
+        }
+        actions
+    }
+
+    /// No `start` in time: OpenSIPS raises nothing for an unknown target or a rejected REFER.
+    fn not_started(&mut self) -> Vec<Action> {
+        if self.started {
+            return Vec::new();
+        }
+        let target = if self.destination.is_empty() {
+            "the other call".to_owned()
+        } else {
+            self.destination.clone()
+        };
+        let message = format!(
+            "the transfer to {target} was not placed: OpenSIPS reported no start of it within {} ms of accepting it (the target is probably unknown, e.g. 404 User Not Found, or the phone rejected the REFER); the call stays as it was",
+            self.timings.transfer_start.as_millis()
+        );
+        self.fail(ErrorNote::new(ErrorCode::TransferFailed, message, 0))
+    }
+
     fn accept(&mut self) -> Vec<Action> {
         if self.accepted {
             return Vec::new();
@@ -144,7 +187,7 @@ impl Progress {
     fn timeout(&mut self) -> Vec<Action> {
         let message = if self.accepted {
             format!(
-                "OpenSIPS reported no outcome of the transfer to {} in time (the phone may have rejected the REFER, or the target is unknown)",
+                "OpenSIPS reported no outcome of the transfer to {} in time (the target may still be ringing)",
                 self.destination
             )
         } else {
@@ -162,16 +205,9 @@ pub struct BlindTransferFlow {
 
 impl BlindTransferFlow {
     /// Transfer the party on `leg` of dialog `callid` to `destination`.
-    pub fn new(callid: String, leg: Leg, destination: String) -> Self {
+    pub fn new(callid: String, leg: Leg, destination: String, timings: Timings) -> Self {
         Self {
-            progress: Progress {
-                callid,
-                leg,
-                destination,
-                accepted: false,
-                started: false,
-                done: false,
-            },
+            progress: Progress::new(callid, leg, destination, timings),
         }
     }
 
@@ -199,8 +235,9 @@ impl BlindTransferFlow {
             return Vec::new();
         }
         match input {
-            Input::Mi(Step::Transfer, MiResult::Ok(_)) => p.accept(),
+            Input::Mi(Step::Transfer, MiResult::Ok(_)) => p.on_accepted(),
             Input::Mi(Step::Transfer, result) => p.mi_error(&result, None),
+            Input::Timer(Timer::TransferStart) => p.not_started(),
             Input::Event(CallEvent::Transfer {
                 callid,
                 transfer_callid,
@@ -231,16 +268,10 @@ impl AttendedTransferFlow {
         callid_b: String,
         leg_b: Leg,
         destination: String,
+        timings: Timings,
     ) -> Self {
         Self {
-            progress: Progress {
-                callid: callid_a,
-                leg: leg_a,
-                destination,
-                accepted: false,
-                started: false,
-                done: false,
-            },
+            progress: Progress::new(callid_a, leg_a, destination, timings),
             callid_b,
             leg_b,
         }
@@ -272,8 +303,9 @@ impl AttendedTransferFlow {
             return Vec::new();
         }
         match input {
-            Input::Mi(Step::Transfer, MiResult::Ok(_)) => p.accept(),
+            Input::Mi(Step::Transfer, MiResult::Ok(_)) => p.on_accepted(),
             Input::Mi(Step::Transfer, result) => p.mi_error(&result, Some(&self.callid_b)),
+            Input::Timer(Timer::TransferStart) => p.not_started(),
             Input::Event(CallEvent::Transfer {
                 callid,
                 transfer_callid,
@@ -301,7 +333,12 @@ mod tests {
     use super::*;
 
     fn blind() -> BlindTransferFlow {
-        BlindTransferFlow::new("D".into(), Leg::Callee, "sip:cindy@127.0.0.1".into())
+        BlindTransferFlow::new(
+            "D".into(),
+            Leg::Callee,
+            "sip:cindy@127.0.0.1".into(),
+            Timings::default(),
+        )
     }
 
     #[test]
@@ -310,7 +347,7 @@ mod tests {
         assert_eq!(names(&f.start()), ["watch D", "mi call_transfer"]);
         assert_eq!(
             names(&f.handle(mi_ok(Step::Transfer, json!("Accepted")))),
-            ["notify TRANSFER_ACCEPT"]
+            ["notify TRANSFER_ACCEPT", "timer TransferStart"]
         );
         let started = f.handle(transfer("D", "N", "N", "start", ""));
         assert_eq!(names(&started), ["notify CALL_START"]);
@@ -376,13 +413,47 @@ mod tests {
     }
 
     #[test]
-    fn rejected_refer_raises_nothing_so_the_deadline_ends_it() {
+    fn rejected_refer_or_unknown_target_raises_nothing_so_the_start_timer_fails_it() {
         let mut f = blind();
         f.start();
         f.handle(mi_ok(Step::Transfer, json!("Accepted")));
+        let actions = f.handle(Input::Timer(Timer::TransferStart));
+        assert_eq!(names(&actions), ["fail TRANSFER_FAILED", "finish"]);
+        let Action::Fail(e) = &actions[0] else {
+            panic!()
+        };
+        assert!(e.message.contains("sip:cindy@127.0.0.1") && e.message.contains("unknown"));
+        assert!(f.handle(Input::Deadline).is_empty());
+    }
+
+    #[test]
+    fn a_started_transfer_ignores_the_start_timer_and_waits_for_its_outcome() {
+        let mut f = blind();
+        f.start();
+        f.handle(mi_ok(Step::Transfer, json!("Accepted")));
+        f.handle(transfer("D", "N", "N", "start", ""));
+        assert!(f.handle(Input::Timer(Timer::TransferStart)).is_empty());
         assert_eq!(
             names(&f.handle(Input::Deadline)),
             ["fail TIMEOUT", "finish"]
+        );
+    }
+
+    #[test]
+    fn attended_transfer_that_never_starts_fails_early() {
+        let mut f = AttendedTransferFlow::new(
+            "A".into(),
+            Leg::Callee,
+            "B".into(),
+            Leg::Callee,
+            String::new(),
+            Timings::default(),
+        );
+        f.start();
+        f.handle(mi_ok(Step::Transfer, json!("Accepted")));
+        assert_eq!(
+            names(&f.handle(Input::Timer(Timer::TransferStart))),
+            ["fail TRANSFER_FAILED", "finish"]
         );
     }
 
@@ -394,6 +465,7 @@ mod tests {
             "B".into(),
             Leg::Callee,
             "sip:cindy@127.0.0.1".into(),
+            Timings::default(),
         );
         assert_eq!(
             names(&f.start()),
@@ -405,7 +477,7 @@ mod tests {
         assert_eq!(params["transfer_callid"], "B");
         assert_eq!(
             names(&f.handle(mi_ok(Step::Transfer, json!("Accepted")))),
-            ["notify TRANSFER_ACCEPT"]
+            ["notify TRANSFER_ACCEPT", "timer TransferStart"]
         );
         assert_eq!(
             names(&f.handle(transfer("A", "callee", "N", "start", ""))),
@@ -433,6 +505,7 @@ mod tests {
             "B".into(),
             Leg::Caller,
             String::new(),
+            Timings::default(),
         );
         f.start();
         let actions = f.handle(mi_err(Step::Transfer, 404, "Transfer dialog not found"));
@@ -451,6 +524,7 @@ mod tests {
             "B".into(),
             Leg::Callee,
             String::new(),
+            Timings::default(),
         );
         f.start();
         let actions = f.handle(transfer(

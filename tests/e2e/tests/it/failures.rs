@@ -165,10 +165,11 @@ async fn unknown_callid_for_each_command() {
 }
 
 #[tokio::test]
-async fn a_command_whose_events_never_come_ends_with_a_timeout() {
-    // A transfer to a user the proxy rejects raises no E_CALL_TRANSFER at all (quirk 2).
+async fn a_transfer_whose_outcome_never_comes_ends_with_a_timeout() {
+    // The target rings past the transfer deadline: started, but no `ok`/`fail` in time.
     let stack = Stack::with(StackOptions {
         deadlines_ms: (15_000, 2_000, 5_000, 5_000),
+        ring_timeout_ms: 10_000,
         ..StackOptions::default()
     })
     .await;
@@ -178,12 +179,17 @@ async fn a_command_whose_events_never_come_ends_with_a_timeout() {
     let notes = client
         .run(
             "CallBlindTransfer",
-            json!({"callid": callid, "leg": "callee", "destination": "sip:nobody@127.0.0.1"}),
+            json!({"callid": callid, "leg": "callee", "destination": "sip:noanswer@127.0.0.1"}),
         )
         .await;
     assert_eq!(
         shape(&notes),
-        ["Event:TRANSFER_ACCEPT", "Error:TIMEOUT", "Ended"],
+        [
+            "Event:TRANSFER_ACCEPT",
+            "Event:CALL_START",
+            "Error:TIMEOUT",
+            "Ended"
+        ],
         "{notes:#?}"
     );
     assert!(started.elapsed() < std::time::Duration::from_secs(6));

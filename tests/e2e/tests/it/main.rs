@@ -4,6 +4,10 @@
 mod commands;
 mod events;
 mod failures;
+mod gateway_hardening;
+mod ingest_hardening;
+mod input_checks;
+mod lost_and_fair;
 mod nats_boundary;
 mod protocol;
 mod resilience;
