@@ -201,3 +201,40 @@ async fn ringing_calls_of_one_client_do_not_block_another_clients_commands() {
     assert_eq!(shape(&notes), ["Ended"], "{notes:#?}");
     assert!(started.elapsed() < Duration::from_secs(8));
 }
+
+#[tokio::test]
+async fn a_nats_restart_while_the_caller_rings_is_reported_as_lost_contact_not_a_timeout() {
+    let mut stack = Stack::with(StackOptions {
+        answer_delay_ms: 4_000,
+        commands_toml: "[mi]\nprogress_interval_ms = 300\nlost_after_ms = 1200".into(),
+        ..StackOptions::default()
+    })
+    .await;
+    let mut client = stack.client().await;
+    let cmd_id = client
+        .start(
+            "CallStart",
+            json!({"caller": "sip:alice@127.0.0.1", "callee": "sip:bob@127.0.0.1"}),
+        )
+        .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let outage = Instant::now();
+    stack.nats.stop().await;
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    stack.nats.restart().await;
+    let notes = client.until_ended(&cmd_id).await;
+    // Before: the MI reply was lost with the NATS connection and the command waited for its
+    // whole deadline, then blamed the caller ("did not answer in time").
+    assert_eq!(
+        shape(&notes),
+        ["Error:NODE_UNREACHABLE", "Ended"],
+        "{notes:#?}"
+    );
+    let message = error_of(&notes)["message"].as_str().unwrap_or_default();
+    assert!(message.contains("lost contact with OpenSIPS"), "{message}");
+    assert!(
+        outage.elapsed() < Duration::from_secs(10),
+        "ended {:?} after the outage began",
+        outage.elapsed()
+    );
+}
