@@ -1,25 +1,29 @@
 //! One WebSocket client: reads requests, starts commands, writes replies and notifications.
 //!
-//! A single writer task owns the socket's sending half, fed by a bounded queue. It also keeps
-//! each command's order: notifications that arrive before the command's `Started` reply is
-//! written are held back and written right after it.
+//! A single writer task owns the socket's sending half, fed by an [`Outbox`] that never blocks:
+//! a client that falls too far behind, or does not take a write within `write_timeout_ms`, is
+//! dropped. The writer also keeps each command's order: notifications that arrive before the
+//! command's `Started` reply is written are held back and written right after it. The reader
+//! pings a silent peer and drops it when nothing comes back.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use axum::extract::ws::{Message, WebSocket};
+use axum::extract::ws::{CloseFrame, Message, WebSocket, close_code};
+use bytes::Bytes;
 use callapi_kit::subjects;
 use callapi_proto::v1::{CommandAck, CommandRequest, notification};
+use futures::stream::{SplitSink, SplitStream};
 use futures::{SinkExt as _, StreamExt as _};
 use prost::Message as _;
-use serde_json::Value;
-use tokio::sync::mpsc;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::Shared;
 use crate::hub::ConnectionHandle;
-use crate::rpc::{self, CommandCall, code};
+use crate::outbox::{self, Charge, Inbox, Outbox, WeakOutbox};
+use crate::rpc::{self, CommandCall, RpcId, code};
 
 /// What the writer task sends.
 pub(crate) enum Outgoing {
@@ -46,128 +50,310 @@ pub(crate) enum Outgoing {
         cmd_id: String,
         kind: notification::Kind,
     },
+    /// Ask a silent peer whether it is still there.
+    Ping,
+    /// Write what is queued before this, then close (with this close frame, if any) and stop.
+    Close(Option<CloseFrame>),
 }
 
+/// Bytes counted per queued message on top of its text: the JSON envelope and bookkeeping.
+const MESSAGE_OVERHEAD: usize = 64;
+
+impl Outgoing {
+    /// About how many bytes this message holds until it is written.
+    pub(crate) fn weight(&self) -> usize {
+        let text = match self {
+            Outgoing::Reply(text) => text.len(),
+            Outgoing::Register(cmd_id) | Outgoing::Overdue(cmd_id, _) => cmd_id.len(),
+            Outgoing::Started { cmd_id, reply, .. } | Outgoing::Refused { cmd_id, reply } => {
+                cmd_id.len() + reply.as_ref().map_or(0, String::len)
+            }
+            Outgoing::Notification { cmd_id, kind } => cmd_id.len() + kind.encoded_len(),
+            Outgoing::Ping => 0,
+            Outgoing::Close(frame) => frame.as_ref().map_or(0, |f| f.reason.len()),
+        };
+        text + MESSAGE_OVERHEAD
+    }
+}
+
+/// How the reader ended, and so what the writer does last.
+enum Ending {
+    /// Write what is queued, then close the WebSocket (sending this close frame, if any).
+    Close(Option<CloseFrame>),
+    /// Drop the connection at once: the peer is gone, too slow or unresponsive.
+    Drop,
+}
+
+/// The commands of a connection that are running (or about to): cmd_ids.
+type Active = Arc<Mutex<HashSet<String>>>;
+
+fn lock(active: &Active) -> MutexGuard<'_, HashSet<String>> {
+    // No code panics while holding it; a poisoned set is still a correct set.
+    active
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Per-connection limits, from the configuration.
+#[derive(Clone, Copy)]
+struct Limits {
+    write_timeout: Duration,
+    ping_interval: Option<Duration>,
+    pong_timeout: Duration,
+}
+
+/// Serves one upgraded WebSocket until the client leaves, is dropped, or the gateway stops.
 pub(crate) async fn serve(socket: WebSocket, shared: Arc<Shared>) {
     let connection_id = uuid::Uuid::new_v4().simple().to_string();
-    let (sink, mut stream) = socket.split();
-    let (tx, rx) = mpsc::channel(shared.config.connection_queue.max(16));
+    let config = &shared.config;
+    let limits = Limits {
+        write_timeout: Duration::from_millis(config.write_timeout_ms),
+        ping_interval: (config.ping_interval_ms > 0)
+            .then(|| Duration::from_millis(config.ping_interval_ms)),
+        pong_timeout: Duration::from_millis(config.pong_timeout_ms),
+    };
+    let (sink, stream) = socket.split();
     let kill = CancellationToken::new();
-    let active: Arc<Mutex<HashSet<String>>> = Arc::default();
+    let (outbox, inbox) = outbox::channel(
+        config.connection_queue.max(16),
+        config.connection_queue_bytes,
+        kill.clone(),
+        connection_id.clone(),
+    );
+    let active = Active::default();
     shared.hub.add(
         connection_id.clone(),
         ConnectionHandle {
-            tenant: shared.config.tenant.clone(),
-            outgoing: tx.clone(),
-            kill: kill.clone(),
+            tenant: config.tenant.clone(),
+            outbox: outbox.clone(),
         },
     );
     tracing::debug!(%connection_id, "client connected");
     let writer = tokio::spawn(write_loop(
         sink,
-        rx,
-        tx.downgrade(),
+        inbox,
+        outbox.downgrade(),
         active.clone(),
         kill.clone(),
+        limits.write_timeout,
     ));
-    loop {
-        let message = tokio::select! {
-            _ = kill.cancelled() => break,
-            _ = shared.shutdown.cancelled() => break,
-            message = stream.next() => message,
-        };
-        let text = match message {
-            Some(Ok(Message::Text(text))) => text.to_string(),
-            Some(Ok(Message::Binary(_))) => {
-                let reply = rpc::error(
-                    &Value::Null,
-                    code::INVALID_REQUEST,
-                    "Invalid Request: binary messages are not supported; send JSON text",
-                );
-                if tx.send(Outgoing::Reply(reply)).await.is_err() {
-                    break;
-                }
-                continue;
-            }
-            Some(Ok(Message::Close(_))) | None => break,
-            Some(Ok(_)) => continue,
-            Some(Err(err)) => {
-                tracing::debug!(%err, %connection_id, "WebSocket read error");
-                break;
-            }
-        };
-        if text.len() > shared.config.max_message_bytes {
-            let reply = rpc::error(
-                &Value::Null,
-                code::INVALID_REQUEST,
-                &format!(
-                    "Invalid Request: message of {} bytes is over the limit of {} bytes",
-                    text.len(),
-                    shared.config.max_message_bytes
-                ),
-            );
-            if tx.send(Outgoing::Reply(reply)).await.is_err() {
-                break;
-            }
-            continue;
-        }
-        match rpc::parse(&text) {
-            Ok(call) => {
-                if !start_command(&shared, &connection_id, &tx, &active, call).await {
-                    break;
-                }
-            }
-            Err(error) => {
-                if !error.silent && tx.send(Outgoing::Reply(error.to_json())).await.is_err() {
-                    break;
-                }
-            }
-        }
-    }
+    let ending = read_loop(
+        stream,
+        &shared,
+        &connection_id,
+        &outbox,
+        &active,
+        &kill,
+        limits,
+    )
+    .await;
     shared.hub.remove(&connection_id);
-    drop(tx);
+    match ending {
+        Ending::Close(frame) => {
+            if outbox.push(Outgoing::Close(frame)).is_err() {
+                kill.cancel();
+            }
+        }
+        Ending::Drop => kill.cancel(),
+    }
+    drop(outbox);
+    // The writer stops at once when killed, else after at most two bounded writes.
     let abort = writer.abort_handle();
-    if tokio::time::timeout(Duration::from_secs(2), writer)
-        .await
-        .is_err()
-    {
-        // The client stopped reading: do not leave the writer blocked on it.
+    let writer_bound = limits
+        .write_timeout
+        .saturating_mul(2)
+        .saturating_add(Duration::from_secs(1));
+    if tokio::time::timeout(writer_bound, writer).await.is_err() {
         abort.abort();
     }
     tracing::debug!(%connection_id, "client gone");
 }
 
-/// Sends the command to a commands replica; the reply is written when it took it.
-/// Returns false when the connection is going away.
-async fn start_command(
+/// Sleeps until `at`, or forever without one.
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn close_frame(code: u16, reason: &'static str) -> Option<CloseFrame> {
+    Some(CloseFrame {
+        code,
+        reason: reason.into(),
+    })
+}
+
+/// What to tell a peer whose frame could not be read (RFC 6455 section 7.4.1), or `None` when
+/// the connection itself failed and nothing can be sent.
+fn close_for(err: axum::Error) -> Option<CloseFrame> {
+    use tungstenite::error::{CapacityError, Error as WsError};
+    let err = err.into_inner().downcast::<WsError>().ok()?;
+    match *err {
+        WsError::Utf8(_) => close_frame(close_code::INVALID, "invalid UTF-8 in a text message"),
+        WsError::Capacity(CapacityError::MessageTooLong { .. }) => close_frame(
+            close_code::SIZE,
+            "message too big: frames and messages are limited to 1 MiB",
+        ),
+        WsError::Capacity(_) => close_frame(close_code::SIZE, "message too big"),
+        WsError::Protocol(tungstenite::error::ProtocolError::ResetWithoutClosingHandshake) => None,
+        WsError::Protocol(_) => close_frame(close_code::PROTOCOL, "WebSocket protocol error"),
+        _ => None,
+    }
+}
+
+/// Reads requests until the client leaves, is killed, stays silent, or the gateway stops.
+async fn read_loop(
+    mut stream: SplitStream<WebSocket>,
     shared: &Arc<Shared>,
     connection_id: &str,
-    tx: &mpsc::Sender<Outgoing>,
-    active: &Arc<Mutex<HashSet<String>>>,
+    outbox: &Outbox,
+    active: &Active,
+    kill: &CancellationToken,
+    limits: Limits,
+) -> Ending {
+    let mut last_heard = Instant::now();
+    let mut ping_sent: Option<Instant> = None;
+    loop {
+        let wake = match (limits.ping_interval, ping_sent) {
+            (None, _) => None,
+            (Some(every), None) => last_heard.checked_add(every),
+            (Some(_), Some(at)) => at.checked_add(limits.pong_timeout),
+        };
+        let message = tokio::select! {
+            _ = kill.cancelled() => return Ending::Drop,
+            _ = shared.shutdown.cancelled() => {
+                return Ending::Close(close_frame(close_code::AWAY, "the gateway is shutting down"));
+            }
+            _ = sleep_until(wake) => {
+                if ping_sent.is_some() {
+                    tracing::info!(%connection_id, "no answer to a ping in time: dropping the client");
+                    return Ending::Drop;
+                }
+                if outbox.push(Outgoing::Ping).is_err() {
+                    return Ending::Drop;
+                }
+                ping_sent = Some(Instant::now());
+                continue;
+            }
+            message = stream.next() => message,
+        };
+        last_heard = Instant::now();
+        ping_sent = None;
+        let reply = match message {
+            Some(Ok(Message::Text(text))) => {
+                handle_text(shared, connection_id, outbox, active, &text)
+            }
+            Some(Ok(Message::Binary(_))) => Some(rpc::error(
+                &RpcId::null(),
+                code::INVALID_REQUEST,
+                "Invalid Request: binary messages are not supported; send JSON text",
+            )),
+            Some(Ok(Message::Close(_))) | None => return Ending::Close(None),
+            Some(Ok(_)) => None,
+            Some(Err(err)) => {
+                tracing::debug!(%err, %connection_id, "WebSocket read error");
+                return match close_for(err) {
+                    Some(frame) => Ending::Close(Some(frame)),
+                    None => Ending::Drop,
+                };
+            }
+        };
+        if let Some(reply) = reply
+            && outbox.push(Outgoing::Reply(reply)).is_err()
+        {
+            return Ending::Drop;
+        }
+        if kill.is_cancelled() {
+            return Ending::Drop;
+        }
+        // Many small frames can be read from one socket read without ever waiting: give the
+        // writer (often woken onto this very worker) and other tasks their turn.
+        tokio::task::coop::consume_budget().await;
+    }
+}
+
+/// Handles one text message; returns the reply to write at once, if any.
+fn handle_text(
+    shared: &Arc<Shared>,
+    connection_id: &str,
+    outbox: &Outbox,
+    active: &Active,
+    text: &str,
+) -> Option<String> {
+    if text.len() > shared.config.max_message_bytes {
+        return Some(rpc::error(
+            &RpcId::null(),
+            code::INVALID_REQUEST,
+            &format!(
+                "Invalid Request: message of {} bytes is over the limit of {} bytes",
+                text.len(),
+                shared.config.max_message_bytes
+            ),
+        ));
+    }
+    match rpc::parse(text) {
+        Ok(call) => start_command(shared, connection_id, outbox, active, call),
+        Err(error) if error.silent => None,
+        Err(error) => Some(error.to_json()),
+    }
+}
+
+/// Whether a command may start on this connection.
+enum Admission {
+    Fresh,
+    Duplicate,
+    Full,
+}
+
+/// Sends the command to a commands replica (its reply is written once a replica took it), or
+/// returns the error to answer at once.
+fn start_command(
+    shared: &Arc<Shared>,
+    connection_id: &str,
+    outbox: &Outbox,
+    active: &Active,
     call: CommandCall,
-) -> bool {
+) -> Option<String> {
     let cmd_id = call
         .cmd_id
         .clone()
         .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
-    let reply_id = call.id.clone().unwrap_or(Value::Null);
-    let fresh = active
-        .lock()
-        .map(|mut set| set.insert(cmd_id.clone()))
-        .unwrap_or(false);
-    if !fresh {
-        if call.id.is_some() {
-            let reply = rpc::error(
-                &reply_id,
-                code::DUPLICATE_CMD_ID,
-                &format!("cmd_id {cmd_id:?} is already used by a running command"),
-            );
-            return tx.send(Outgoing::Reply(reply)).await.is_ok();
+    let reply_id = call.id.clone().unwrap_or_else(RpcId::null);
+    let limit = shared.config.max_commands_per_connection;
+    let admission = {
+        let mut set = lock(active);
+        if set.contains(&cmd_id) {
+            Admission::Duplicate
+        } else if set.len() >= limit {
+            Admission::Full
+        } else {
+            set.insert(cmd_id.clone());
+            Admission::Fresh
         }
-        return true;
+    };
+    let refusal = match admission {
+        Admission::Fresh => None,
+        Admission::Duplicate => Some((
+            code::DUPLICATE_CMD_ID,
+            format!("cmd_id {cmd_id:?} is already used by a running command"),
+        )),
+        Admission::Full => Some((
+            code::TOO_MANY_COMMANDS,
+            format!(
+                "too many commands in flight on this connection (limit {limit}); wait for one to end"
+            ),
+        )),
+    };
+    if let Some((code, message)) = refusal {
+        return call
+            .id
+            .is_some()
+            .then(|| rpc::error(&reply_id, code, &message));
     }
-    if tx.send(Outgoing::Register(cmd_id.clone())).await.is_err() {
-        return false;
+    if outbox.push(Outgoing::Register(cmd_id.clone())).is_err() {
+        lock(active).remove(&cmd_id);
+        return None;
     }
     let request = CommandRequest {
         tenant: shared.config.tenant.clone(),
@@ -178,37 +364,10 @@ async fn start_command(
     };
     let subject = subjects::command(&shared.config.tenant, call.kind);
     let shared = shared.clone();
-    let tx = tx.clone();
+    let outbox = outbox.clone();
     let answer = call.id.is_some();
     tokio::spawn(async move {
-        let nats_request = async_nats::Request::new()
-            .payload(request.encode_to_vec().into())
-            .timeout(Some(Duration::from_millis(
-                shared.config.command_ack_timeout_ms,
-            )));
-        let outcome = match shared.client.send_request(subject, nats_request).await {
-            Ok(message) => match CommandAck::decode(message.payload.as_ref()) {
-                Ok(ack) if ack.accepted => Ok(Duration::from_millis(ack.deadline_ms)),
-                Ok(ack) => Err((code::REFUSED, format!("command refused: {}", ack.error))),
-                Err(_) => Err((
-                    code::UNAVAILABLE,
-                    "unreadable answer from the commands service".to_owned(),
-                )),
-            },
-            Err(err) => Err((
-                code::UNAVAILABLE,
-                match err.kind() {
-                    async_nats::RequestErrorKind::NoResponders => {
-                        "no commands service is running; try again later".to_owned()
-                    }
-                    async_nats::RequestErrorKind::TimedOut => {
-                        "the commands service did not take the command in time; try again later"
-                            .to_owned()
-                    }
-                    _ => format!("could not reach the commands service: {err}"),
-                },
-            )),
-        };
+        let outcome = send_command(&shared, subject, request).await;
         let outgoing = match outcome {
             Ok(ends_within) => Outgoing::Started {
                 reply: answer.then(|| rpc::started(&reply_id, &cmd_id)),
@@ -223,38 +382,123 @@ async fn start_command(
                 }
             }
         };
-        let _ = tx.send(outgoing).await;
+        let _ = outbox.push(outgoing);
     });
-    true
+    None
+}
+
+/// What a client is told when the gateway has no working NATS connection.
+const NATS_UNREACHABLE: &str =
+    "NATS is unreachable: the gateway cannot reach the commands service; try again later";
+
+fn nats_connected(client: &async_nats::Client) -> bool {
+    client.connection_state() == async_nats::connection::State::Connected
+}
+
+/// Sends one command as a NATS request; how long it may run, or the JSON-RPC error.
+async fn send_command(
+    shared: &Shared,
+    subject: String,
+    request: CommandRequest,
+) -> Result<Duration, (i64, String)> {
+    if !nats_connected(&shared.client) {
+        return Err((code::UNAVAILABLE, NATS_UNREACHABLE.to_owned()));
+    }
+    let nats_request = async_nats::Request::new()
+        .payload(request.encode_to_vec().into())
+        .timeout(Some(Duration::from_millis(
+            shared.config.command_ack_timeout_ms,
+        )));
+    match shared.client.send_request(subject, nats_request).await {
+        Ok(message) => match CommandAck::decode(message.payload.as_ref()) {
+            Ok(ack) if ack.accepted => Ok(Duration::from_millis(ack.deadline_ms)),
+            Ok(ack) => Err((code::REFUSED, format!("command refused: {}", ack.error))),
+            Err(_) => Err((
+                code::UNAVAILABLE,
+                "unreadable answer from the commands service".to_owned(),
+            )),
+        },
+        Err(_) if !nats_connected(&shared.client) => {
+            Err((code::UNAVAILABLE, NATS_UNREACHABLE.to_owned()))
+        }
+        Err(err) => Err((
+            code::UNAVAILABLE,
+            match err.kind() {
+                async_nats::RequestErrorKind::NoResponders => {
+                    "no commands service is running; try again later".to_owned()
+                }
+                async_nats::RequestErrorKind::TimedOut => {
+                    "the commands service did not take the command in time; try again later"
+                        .to_owned()
+                }
+                _ => format!("could not reach the commands service: {err}"),
+            },
+        )),
+    }
 }
 
 enum CommandState {
-    Pending(Vec<notification::Kind>),
+    /// Not started yet: its notifications (and their queued bytes) are held back.
+    Pending(Vec<(notification::Kind, Charge)>),
     Live,
 }
 
 /// Extra time given to a commands replica beyond the deadline it announced.
 const OVERDUE_MARGIN: Duration = Duration::from_secs(3);
 
+/// Writes one message; false if the client did not take it within `limit` or is killed.
+async fn write(
+    sink: &mut SplitSink<WebSocket, Message>,
+    message: Message,
+    kill: &CancellationToken,
+    limit: Duration,
+) -> bool {
+    tokio::select! {
+        biased;
+        _ = kill.cancelled() => false,
+        sent = tokio::time::timeout(limit, sink.send(message)) => match sent {
+            Ok(Ok(())) => true,
+            Ok(Err(err)) => {
+                tracing::debug!(%err, "WebSocket write failed");
+                false
+            }
+            Err(_) => {
+                tracing::warn!("client took no data for {limit:?}: disconnecting it");
+                false
+            }
+        },
+    }
+}
+
 async fn write_loop(
-    mut sink: futures::stream::SplitSink<WebSocket, Message>,
-    mut rx: mpsc::Receiver<Outgoing>,
-    myself: mpsc::WeakSender<Outgoing>,
-    active: Arc<Mutex<HashSet<String>>>,
+    mut sink: SplitSink<WebSocket, Message>,
+    mut inbox: Inbox,
+    myself: WeakOutbox,
+    active: Active,
     kill: CancellationToken,
+    write_timeout: Duration,
 ) {
     let mut commands: HashMap<String, CommandState> = HashMap::new();
     let mut generations: HashMap<String, u64> = HashMap::new();
     let mut generation = 0u64;
     let finish = |cmd_id: &str| {
-        if let Ok(mut set) = active.lock() {
-            set.remove(cmd_id);
-        }
+        lock(&active).remove(cmd_id);
     };
-    while let Some(outgoing) = rx.recv().await {
-        let mut texts = Vec::new();
+    loop {
+        let next = tokio::select! {
+            biased;
+            _ = kill.cancelled() => return,
+            next = inbox.recv() => next,
+        };
+        let Some((outgoing, charge)) = next else {
+            break;
+        };
+        let mut frames = Vec::new();
+        let mut closing = None;
         match outgoing {
-            Outgoing::Reply(text) => texts.push(text),
+            Outgoing::Reply(text) => frames.push(Message::Text(text.into())),
+            Outgoing::Ping => frames.push(Message::Ping(Bytes::new())),
+            Outgoing::Close(frame) => closing = Some(frame),
             Outgoing::Register(cmd_id) => {
                 commands.insert(cmd_id, CommandState::Pending(Vec::new()));
             }
@@ -263,7 +507,7 @@ async fn write_loop(
                 reply,
                 ends_within,
             } => {
-                texts.extend(reply);
+                frames.extend(reply.map(|text| Message::Text(text.into())));
                 let myself = myself.clone();
                 let overdue = cmd_id.clone();
                 generation += 1;
@@ -271,19 +515,17 @@ async fn write_loop(
                 generations.insert(cmd_id.clone(), this_run);
                 tokio::spawn(async move {
                     tokio::time::sleep(ends_within + OVERDUE_MARGIN).await;
-                    if let Some(tx) = myself.upgrade() {
-                        let _ = tx.send(Outgoing::Overdue(overdue, this_run)).await;
-                    }
+                    let _ = myself.push(Outgoing::Overdue(overdue, this_run));
                 });
                 if let Some(CommandState::Pending(held)) =
                     commands.insert(cmd_id.clone(), CommandState::Live)
                 {
-                    for kind in held {
+                    for (kind, _charge) in held {
                         if matches!(kind, notification::Kind::Ended(_)) {
                             commands.remove(&cmd_id);
                             finish(&cmd_id);
                         }
-                        texts.push(rpc::notification(&cmd_id, &kind));
+                        frames.push(Message::Text(rpc::notification(&cmd_id, &kind).into()));
                     }
                 }
             }
@@ -300,36 +542,99 @@ async fn write_loop(
                         message: "the commands service handling this command did not finish it in time (it may have stopped); the call may be in any state".to_owned(),
                         sip_code: 0,
                     });
-                    texts.push(rpc::notification(&cmd_id, &lost));
-                    texts.push(rpc::notification(
-                        &cmd_id,
-                        &notification::Kind::Ended(callapi_proto::v1::CommandEnded {}),
+                    frames.push(Message::Text(rpc::notification(&cmd_id, &lost).into()));
+                    frames.push(Message::Text(
+                        rpc::notification(
+                            &cmd_id,
+                            &notification::Kind::Ended(callapi_proto::v1::CommandEnded {}),
+                        )
+                        .into(),
                     ));
                 }
             }
             Outgoing::Refused { cmd_id, reply } => {
-                texts.extend(reply);
+                frames.extend(reply.map(|text| Message::Text(text.into())));
                 commands.remove(&cmd_id);
                 finish(&cmd_id);
             }
             Outgoing::Notification { cmd_id, kind } => match commands.get_mut(&cmd_id) {
-                Some(CommandState::Pending(held)) => held.push(kind),
+                Some(CommandState::Pending(held)) => {
+                    // Its bytes stay counted while it is held back.
+                    held.push((kind, charge));
+                    continue;
+                }
                 Some(CommandState::Live) => {
                     if matches!(kind, notification::Kind::Ended(_)) {
                         commands.remove(&cmd_id);
                         finish(&cmd_id);
                     }
-                    texts.push(rpc::notification(&cmd_id, &kind));
+                    frames.push(Message::Text(rpc::notification(&cmd_id, &kind).into()));
                 }
                 None => tracing::debug!(%cmd_id, "notification for an unknown command dropped"),
             },
         }
-        for text in texts {
-            if sink.send(Message::Text(text.into())).await.is_err() {
+        for frame in frames {
+            if !write(&mut sink, frame, &kill, write_timeout).await {
                 kill.cancel();
                 return;
             }
         }
+        drop(charge);
+        if let Some(frame) = closing {
+            if let Some(frame) = frame
+                && !write(&mut sink, Message::Close(Some(frame)), &kill, write_timeout).await
+            {
+                kill.cancel();
+                return;
+            }
+            break;
+        }
     }
-    let _ = sink.close().await;
+    let _ = tokio::time::timeout(write_timeout, sink.close()).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tungstenite::error::{CapacityError, Error as WsError, ProtocolError};
+
+    fn code_for(err: WsError) -> Option<u16> {
+        close_for(axum::Error::new(err)).map(|frame| frame.code)
+    }
+
+    #[test]
+    fn read_errors_get_the_close_codes_of_rfc_6455() {
+        assert_eq!(
+            code_for(WsError::Utf8("invalid utf-8".into())),
+            Some(close_code::INVALID)
+        );
+        assert_eq!(
+            code_for(WsError::Capacity(CapacityError::MessageTooLong {
+                size: 2 << 20,
+                max_size: 1 << 20
+            })),
+            Some(close_code::SIZE)
+        );
+        assert_eq!(
+            code_for(WsError::Protocol(ProtocolError::NonZeroReservedBits)),
+            Some(close_code::PROTOCOL)
+        );
+        // A dead connection gets no close frame.
+        assert_eq!(
+            code_for(WsError::Protocol(
+                ProtocolError::ResetWithoutClosingHandshake
+            )),
+            None
+        );
+        assert_eq!(code_for(WsError::Io(std::io::Error::other("reset"))), None);
+        assert!(close_for(axum::Error::new(std::io::Error::other("not tungstenite"))).is_none());
+    }
+
+    #[test]
+    fn a_queued_reply_weighs_its_text() {
+        let small = Outgoing::Reply("x".into()).weight();
+        let big = Outgoing::Reply("x".repeat(60_000)).weight();
+        assert_eq!(big - small, 59_999);
+        assert!(Outgoing::Ping.weight() > 0);
+    }
 }

@@ -6,18 +6,17 @@ use std::sync::{Arc, RwLock};
 use callapi_proto::v1::Notification;
 use futures::StreamExt as _;
 use prost::Message as _;
-use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
 
 use crate::connection::Outgoing;
+use crate::outbox::Outbox;
 
 /// One live connection as the hub sees it.
 #[derive(Clone)]
 pub(crate) struct ConnectionHandle {
+    /// The tenant of its client.
     pub tenant: String,
-    pub outgoing: mpsc::Sender<Outgoing>,
-    /// Cancelled to drop a client that cannot keep up.
-    pub kill: CancellationToken,
+    /// Its writer's queue; a client that cannot keep up is dropped by the queue itself.
+    pub outbox: Outbox,
 }
 
 /// The connections of this gateway, by connection id.
@@ -27,12 +26,14 @@ pub(crate) struct Hub {
 }
 
 impl Hub {
+    /// Registers a connection.
     pub fn add(&self, id: String, handle: ConnectionHandle) {
         if let Ok(mut map) = self.connections.write() {
             map.insert(id, handle);
         }
     }
 
+    /// Forgets a connection.
     pub fn remove(&self, id: &str) {
         if let Ok(mut map) = self.connections.write() {
             map.remove(id);
@@ -68,10 +69,8 @@ impl Hub {
                 cmd_id: notification.cmd_id,
                 kind,
             };
-            if let Err(mpsc::error::TrySendError::Full(_)) = handle.outgoing.try_send(outgoing) {
-                tracing::warn!(connection = %notification.connection_id, "client too slow: disconnecting it");
-                handle.kill.cancel();
-            }
+            // Never waits: past the queue's limits the connection is killed (and logged).
+            let _ = handle.outbox.push(outgoing);
         }
     }
 }

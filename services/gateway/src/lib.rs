@@ -8,7 +8,9 @@
 
 mod connection;
 mod hub;
+mod outbox;
 pub mod rpc;
+mod serve;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,6 +23,7 @@ use callapi_kit::config::NatsSettings;
 use callapi_kit::subjects;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 /// The gateway configuration.
 #[derive(Debug, Clone, serde::Deserialize)]
@@ -38,8 +41,22 @@ pub struct Config {
     pub max_message_bytes: usize,
     /// How long to wait for a commands replica to take a command, milliseconds.
     pub command_ack_timeout_ms: u64,
-    /// Notifications queued per connection before a too-slow client is disconnected.
+    /// Messages queued per connection before a too-slow client is disconnected.
     pub connection_queue: usize,
+    /// Bytes queued per connection before a too-slow client is disconnected.
+    pub connection_queue_bytes: usize,
+    /// A write the client does not take within this long drops it, milliseconds.
+    pub write_timeout_ms: u64,
+    /// Commands in flight per connection; past it a request gets -32003.
+    pub max_commands_per_connection: usize,
+    /// Time from accepting a TCP connection until the WebSocket upgrade is done (or the HTTP
+    /// request answered), milliseconds; then the connection is closed.
+    pub handshake_timeout_ms: u64,
+    /// A WebSocket peer silent this long is pinged, milliseconds (0: never).
+    pub ping_interval_ms: u64,
+    /// A pinged peer that sends nothing (no pong, no other frame) this long is dropped,
+    /// milliseconds.
+    pub pong_timeout_ms: u64,
 }
 
 impl Default for Config {
@@ -52,6 +69,33 @@ impl Default for Config {
             max_message_bytes: 64 * 1024,
             command_ack_timeout_ms: 5_000,
             connection_queue: 1024,
+            connection_queue_bytes: 1024 * 1024,
+            write_timeout_ms: 10_000,
+            max_commands_per_connection: 32,
+            handshake_timeout_ms: 5_000,
+            ping_interval_ms: 20_000,
+            pong_timeout_ms: 10_000,
+        }
+    }
+}
+
+impl Config {
+    /// Refuses settings the gateway cannot work with.
+    pub fn check(&self) -> Result<(), Error> {
+        let zero = [
+            ("max_message_bytes", self.max_message_bytes == 0),
+            ("connection_queue_bytes", self.connection_queue_bytes == 0),
+            ("write_timeout_ms", self.write_timeout_ms == 0),
+            (
+                "max_commands_per_connection",
+                self.max_commands_per_connection == 0,
+            ),
+            ("handshake_timeout_ms", self.handshake_timeout_ms == 0),
+            ("pong_timeout_ms", self.pong_timeout_ms == 0),
+        ];
+        match zero.iter().find(|(_, is_zero)| *is_zero) {
+            Some((key, _)) => Err(Error::Config(format!("{key} must be greater than 0"))),
+            None => Ok(()),
         }
     }
 }
@@ -72,11 +116,18 @@ pub enum Error {
 
 /// What every connection handler shares.
 pub(crate) struct Shared {
+    /// The NATS connection.
     pub client: async_nats::Client,
+    /// The configuration.
     pub config: Config,
+    /// Where the commands service sends this gateway's notifications.
     pub notify_subject: String,
+    /// The connections, for routing notifications.
     pub hub: hub::Hub,
+    /// Cancelled when the gateway stops.
     pub shutdown: CancellationToken,
+    /// HTTP connections and WebSocket clients, waited for on shutdown.
+    pub tasks: TaskTracker,
 }
 
 /// Frames larger than this are refused by the WebSocket layer itself (connection closed);
@@ -89,6 +140,7 @@ pub async fn run(
     shutdown: CancellationToken,
     listener: Option<TcpListener>,
 ) -> Result<(), Error> {
+    config.check()?;
     let gateway_id = config
         .gateway_id
         .clone()
@@ -122,25 +174,76 @@ pub async fn run(
         config,
         hub,
         shutdown: shutdown.clone(),
+        tasks: TaskTracker::new(),
     });
     let app = Router::new()
         .route("/call-api", get(upgrade))
         .route("/healthz", get(|| async { "ok" }))
-        .with_state(shared);
+        .with_state(shared.clone());
     callapi_kit::announce_ready(&format!("listen={local} gateway_id={gateway_id}"));
     tracing::info!(%local, %gateway_id, "WebSocket JSON-RPC at ws://{local}/call-api");
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
-        .await?;
+    serve::accept_loop(listener, app, &shared).await;
+    // Let clients get their close frames before NATS goes.
+    shared.tasks.close();
+    let grace = Duration::from_millis(shared.config.write_timeout_ms)
+        .saturating_add(Duration::from_secs(1));
+    if tokio::time::timeout(grace, shared.tasks.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("some connections did not close in time");
+    }
     dispatcher.abort();
     let _ = tokio::time::timeout(Duration::from_secs(5), client.drain()).await;
     Ok(())
 }
 
 async fn upgrade(ws: WebSocketUpgrade, State(shared): State<Arc<Shared>>) -> impl IntoResponse {
+    let tracked = shared.tasks.token();
     ws.read_buffer_size(8 * 1024)
         .write_buffer_size(8 * 1024)
         .max_message_size(HARD_FRAME_LIMIT)
         .max_frame_size(HARD_FRAME_LIMIT)
-        .on_upgrade(move |socket| connection::serve(socket, shared))
+        .on_upgrade(move |socket| async move {
+            connection::serve(socket, shared).await;
+            drop(tracked);
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zero_limits_are_refused() {
+        assert!(Config::default().check().is_ok());
+        let no_pings = Config {
+            ping_interval_ms: 0,
+            ..Config::default()
+        };
+        assert!(no_pings.check().is_ok());
+        for config in [
+            Config {
+                handshake_timeout_ms: 0,
+                ..Config::default()
+            },
+            Config {
+                max_commands_per_connection: 0,
+                ..Config::default()
+            },
+            Config {
+                connection_queue_bytes: 0,
+                ..Config::default()
+            },
+            Config {
+                write_timeout_ms: 0,
+                ..Config::default()
+            },
+        ] {
+            assert!(
+                matches!(config.check(), Err(Error::Config(_))),
+                "{config:?}"
+            );
+        }
+    }
 }

@@ -1,8 +1,12 @@
 //! The client protocol: JSON-RPC 2.0 requests of the OpenSIPS call-api, checked field by field
 //! and turned into `CommandRequest`s; and the JSON of replies and notifications. No I/O here.
 
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+
 use callapi_kit::{subjects::CommandKind, validate};
 use callapi_proto::v1::{self as pb, command_request::Command};
+use serde_json::value::RawValue;
 use serde_json::{Map, Value, json};
 
 /// JSON-RPC error codes sent to clients.
@@ -15,31 +19,83 @@ pub mod code {
     pub const METHOD_NOT_FOUND: i64 = -32601;
     /// Bad params; `data.field` names the culprit.
     pub const INVALID_PARAMS: i64 = -32602;
-    /// No commands service answered: try again later.
+    /// No commands service answered, or NATS is unreachable: try again later.
     pub const UNAVAILABLE: i64 = -32000;
     /// The commands service refused the command.
     pub const REFUSED: i64 = -32001;
     /// The `cmd_id` is already used by a running command of this connection.
     pub const DUPLICATE_CMD_ID: i64 = -32002;
+    /// The connection already has as many commands in flight as it may.
+    pub const TOO_MANY_COMMANDS: i64 = -32003;
+}
+
+/// Longest piece of client text (method name, member or param name) quoted in an error.
+pub const MAX_QUOTED: usize = 64;
+
+/// `text` as quoted in an error message: at most [`MAX_QUOTED`] bytes (cut on a character
+/// boundary), with a note of the full length when cut, so no reply echoes unbounded input.
+pub fn clip(text: &str) -> Cow<'_, str> {
+    if text.len() <= MAX_QUOTED {
+        return Cow::Borrowed(text);
+    }
+    let mut end = MAX_QUOTED;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    Cow::Owned(format!("{}… ({} bytes)", &text[..end], text.len()))
+}
+
+/// A request id exactly as the client wrote it (a string, a number or null), echoed verbatim:
+/// `18446744073709551616` stays `18446744073709551616`, never a float.
+#[derive(Debug, Clone)]
+pub struct RpcId(Box<RawValue>);
+
+impl RpcId {
+    /// The `null` id (of replies to requests whose id is unknown).
+    pub fn null() -> Self {
+        Self(RawValue::NULL.to_owned())
+    }
+
+    /// The id's JSON text as sent.
+    pub fn as_json(&self) -> &str {
+        self.0.get()
+    }
+
+    /// Accepts a raw `id` member if it is a string, a number or null.
+    fn from_raw(raw: &RawValue) -> Option<Self> {
+        let text = raw.get();
+        let ok = match text.as_bytes().first() {
+            Some(b'"' | b'-' | b'0'..=b'9') => true,
+            Some(b'n') => text == "null",
+            _ => false,
+        };
+        ok.then(|| Self(raw.to_owned()))
+    }
+}
+
+impl PartialEq for RpcId {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_json() == other.as_json()
+    }
 }
 
 /// A JSON-RPC error to answer.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RpcError {
     /// Request id (null when unknown).
-    pub id: Value,
+    pub id: RpcId,
     /// Error code (see [`code`]).
     pub code: i64,
     /// Message.
     pub message: String,
     /// Extra data.
     pub data: Option<Value>,
-    /// Whether the request was a notification (no id): then nothing is answered.
+    /// Whether the request was a well-formed notification (no id): then nothing is answered.
     pub silent: bool,
 }
 
 impl RpcError {
-    fn new(id: &Value, code: i64, message: impl Into<String>) -> Self {
+    fn new(id: &RpcId, code: i64, message: impl Into<String>) -> Self {
         Self {
             id: id.clone(),
             code,
@@ -49,8 +105,9 @@ impl RpcError {
         }
     }
 
-    fn field(id: &Value, field: &str, reason: impl Into<String>) -> Self {
+    fn field(id: &RpcId, field: &str, reason: impl Into<String>) -> Self {
         let reason = reason.into();
+        let field = clip(field);
         Self {
             id: id.clone(),
             code: code::INVALID_PARAMS,
@@ -66,7 +123,7 @@ impl RpcError {
         if let (Some(data), Some(map)) = (&self.data, error.as_object_mut()) {
             map.insert("data".into(), data.clone());
         }
-        json!({"jsonrpc": "2.0", "id": self.id, "error": error}).to_string()
+        response(&self.id, "error", &error)
     }
 }
 
@@ -74,7 +131,7 @@ impl RpcError {
 #[derive(Debug, Clone, PartialEq)]
 pub struct CommandCall {
     /// Request id (`None` for a notification: run it, answer nothing).
-    pub id: Option<Value>,
+    pub id: Option<RpcId>,
     /// Command id the client gave, if any.
     pub cmd_id: Option<String>,
     /// Which command.
@@ -83,14 +140,25 @@ pub struct CommandCall {
     pub command: Command,
 }
 
+/// A response object with the id as sent; `member` is `result` or `error`.
+fn response(id: &RpcId, member: &str, body: &Value) -> String {
+    format!(
+        r#"{{"jsonrpc":"2.0","id":{},"{member}":{body}}}"#,
+        id.as_json()
+    )
+}
+
 /// The `result` reply to a started command.
-pub fn started(id: &Value, cmd_id: &str) -> String {
-    json!({"jsonrpc": "2.0", "id": id, "result": {"cmd_id": cmd_id, "status": "Started"}})
-        .to_string()
+pub fn started(id: &RpcId, cmd_id: &str) -> String {
+    response(
+        id,
+        "result",
+        &json!({"cmd_id": cmd_id, "status": "Started"}),
+    )
 }
 
 /// An error reply.
-pub fn error(id: &Value, code: i64, message: &str) -> String {
+pub fn error(id: &RpcId, code: i64, message: &str) -> String {
     RpcError::new(id, code, message).to_json()
 }
 
@@ -126,60 +194,81 @@ pub fn notification(cmd_id: &str, kind: &pb::notification::Kind) -> String {
     json!({"jsonrpc": "2.0", "method": method, "params": params}).to_string()
 }
 
+/// Why a text is not a JSON object: not JSON at all, a batch, or another JSON value.
+fn not_an_object(text: &str) -> RpcError {
+    let null = RpcId::null();
+    match serde_json::from_str::<Value>(text) {
+        Err(e) => RpcError::new(&null, code::PARSE_ERROR, format!("Parse error: {e}")),
+        Ok(Value::Array(_)) => RpcError::new(
+            &null,
+            code::INVALID_REQUEST,
+            "Invalid Request: batch requests are not supported",
+        ),
+        Ok(_) => RpcError::new(
+            &null,
+            code::INVALID_REQUEST,
+            "Invalid Request: a request must be a JSON object",
+        ),
+    }
+}
+
 /// Parses and checks one text message.
+///
+/// A request that is not a well-formed JSON-RPC 2.0 request object is always answered (with
+/// `"id": null` when its id is missing or unusable); only a well-formed notification (no id)
+/// stays silent on errors about its method or params.
 pub fn parse(text: &str) -> Result<CommandCall, RpcError> {
-    let null = Value::Null;
-    let value: Value = serde_json::from_str(text)
-        .map_err(|e| RpcError::new(&null, code::PARSE_ERROR, format!("Parse error: {e}")))?;
-    let Value::Object(request) = value else {
-        let message = if value.is_array() {
-            "Invalid Request: batch requests are not supported"
-        } else {
-            "Invalid Request: a request must be a JSON object"
-        };
-        return Err(RpcError::new(&null, code::INVALID_REQUEST, message));
-    };
-    let id = match request.get("id") {
+    let members: BTreeMap<String, &RawValue> =
+        serde_json::from_str(text).map_err(|_| not_an_object(text))?;
+    let null = RpcId::null();
+    let id = match members.get("id") {
         None => None,
-        Some(id @ (Value::String(_) | Value::Number(_) | Value::Null)) => Some(id.clone()),
-        Some(_) => {
-            return Err(RpcError::new(
+        Some(raw) => Some(RpcId::from_raw(raw).ok_or_else(|| {
+            RpcError::new(
                 &null,
                 code::INVALID_REQUEST,
                 "Invalid Request: id must be a string, a number or null",
-            ));
-        }
+            )
+        })?),
     };
-    let reply_id = id.clone().unwrap_or(Value::Null);
+    let reply_id = id.clone().unwrap_or_else(RpcId::null);
+    let member = |key: &str| -> Result<Option<Value>, RpcError> {
+        members
+            .get(key)
+            .map(|raw| serde_json::from_str::<Value>(raw.get()))
+            .transpose()
+            .map_err(|e| RpcError::new(&reply_id, code::PARSE_ERROR, format!("Parse error: {e}")))
+    };
+    if member("jsonrpc")?.as_ref().and_then(Value::as_str) != Some("2.0") {
+        return Err(RpcError::new(
+            &reply_id,
+            code::INVALID_REQUEST,
+            "Invalid Request: jsonrpc must be \"2.0\"",
+        ));
+    }
+    let Some(Value::String(method)) = member("method")? else {
+        return Err(RpcError::new(
+            &reply_id,
+            code::INVALID_REQUEST,
+            "Invalid Request: method must be a string",
+        ));
+    };
+    if let Some(key) = members
+        .keys()
+        .find(|k| !matches!(k.as_str(), "jsonrpc" | "method" | "params" | "id"))
+    {
+        return Err(RpcError::new(
+            &reply_id,
+            code::INVALID_REQUEST,
+            format!("Invalid Request: unknown member {:?}", clip(key)),
+        ));
+    }
+    // From here on the request is well formed: a notification's errors go unanswered.
     let silence = |mut e: RpcError| {
         e.silent = id.is_none();
         e
     };
-    if request.get("jsonrpc").and_then(Value::as_str) != Some("2.0") {
-        return Err(silence(RpcError::new(
-            &reply_id,
-            code::INVALID_REQUEST,
-            "Invalid Request: jsonrpc must be \"2.0\"",
-        )));
-    }
-    let Some(method) = request.get("method").and_then(Value::as_str) else {
-        return Err(silence(RpcError::new(
-            &reply_id,
-            code::INVALID_REQUEST,
-            "Invalid Request: method must be a string",
-        )));
-    };
-    if let Some(key) = request
-        .keys()
-        .find(|k| !matches!(k.as_str(), "jsonrpc" | "method" | "params" | "id"))
-    {
-        return Err(silence(RpcError::new(
-            &reply_id,
-            code::INVALID_REQUEST,
-            format!("Invalid Request: unknown member {key:?}"),
-        )));
-    }
-    let kind = match method {
+    let kind = match method.as_str() {
         "CallStart" => CommandKind::CallStart,
         "CallBlindTransfer" => CommandKind::BlindTransfer,
         "CallAttendedTransfer" => CommandKind::AttendedTransfer,
@@ -190,11 +279,11 @@ pub fn parse(text: &str) -> Result<CommandCall, RpcError> {
             return Err(silence(RpcError::new(
                 &reply_id,
                 code::METHOD_NOT_FOUND,
-                format!("Method not found: {other}"),
+                format!("Method not found: {}", clip(other)),
             )));
         }
     };
-    let params = match request.get("params") {
+    let params = match member("params").map_err(silence)? {
         Some(Value::Object(params)) => params,
         _ => {
             return Err(silence(RpcError::field(
@@ -204,7 +293,7 @@ pub fn parse(text: &str) -> Result<CommandCall, RpcError> {
             )));
         }
     };
-    let mut reader = Params::new(params, &reply_id);
+    let mut reader = Params::new(&params, &reply_id);
     let cmd_id = reader.optional_string("cmd_id").map_err(silence)?;
     if let Some(cmd_id) = &cmd_id
         && (cmd_id.is_empty()
@@ -276,11 +365,11 @@ fn command(kind: CommandKind, p: &mut Params<'_>) -> Result<Command, RpcError> {
 struct Params<'a> {
     params: &'a Map<String, Value>,
     used: Vec<&'static str>,
-    id: &'a Value,
+    id: &'a RpcId,
 }
 
 impl<'a> Params<'a> {
-    fn new(params: &'a Map<String, Value>, id: &'a Value) -> Self {
+    fn new(params: &'a Map<String, Value>, id: &'a RpcId) -> Self {
         Self {
             params,
             used: Vec::new(),
@@ -406,7 +495,7 @@ mod tests {
     fn the_documents_requests_parse() {
         let call = parse(r#"{"method":"CallStart","params":{"caller":"sip:alice@10.0.0.10","callee":"sip:bob@10.0.0.11"},"id":"831717ed97e5","jsonrpc":"2.0"}"#).unwrap();
         assert_eq!(call.kind, CommandKind::CallStart);
-        assert_eq!(call.id, Some(json!("831717ed97e5")));
+        assert_eq!(call.id.unwrap().as_json(), r#""831717ed97e5""#);
         let call = parse(r#"{"method":"CallAttendedTransfer","params":{"callid_a":"431fc357.a3e3.49c2@127.0.0.1","leg_a":"caller","callid_b":"0ba2cf53","leg_b":"callee","destination":"sip:cindy@10.0.0.11"},"id":1,"jsonrpc":"2.0"}"#).unwrap();
         let Command::AttendedTransfer(a) = call.command else {
             panic!()
@@ -534,9 +623,87 @@ mod tests {
     }
 
     #[test]
-    fn notifications_without_id_are_silent_on_error() {
+    fn well_formed_notifications_without_id_are_silent_on_error() {
         assert!(err(r#"{"jsonrpc":"2.0","method":"Nope"}"#).silent);
+        assert!(err(r#"{"jsonrpc":"2.0","method":"CallEnd","params":{}}"#).silent);
+        assert!(err(r#"{"jsonrpc":"2.0","method":"CallEnd","params":"x"}"#).silent);
         assert!(!err(r#"{"jsonrpc":"2.0","method":"Nope","id":null}"#).silent);
+    }
+
+    #[test]
+    fn invalid_requests_without_id_are_answered_with_a_null_id() {
+        for text in [
+            "{}",
+            r#"{"jsonrpc":"2.0"}"#,
+            r#"{"jsonrpc":"1.0","method":"CallEnd","params":{"callid":"x"}}"#,
+            r#"{"jsonrpc":2.0,"method":"CallEnd","params":{"callid":"x"}}"#,
+            r#"{"jsonrpc":"2.0","method":7}"#,
+            r#"{"jsonrpc":"2.0","params":{"callid":"x"}}"#,
+            r#"{"jsonrpc":"2.0","method":"CallEnd","params":{"callid":"x"},"extra":1}"#,
+            r#"{"jsonrpc":"2.0","method":"CallEnd","id":true}"#,
+        ] {
+            let e = err(text);
+            assert_eq!(e.code, code::INVALID_REQUEST, "{text}");
+            assert!(!e.silent, "{text}");
+            let reply: Value = serde_json::from_str(&e.to_json()).unwrap();
+            assert_eq!(reply["id"], Value::Null, "{text}");
+            assert!(reply.as_object().unwrap().contains_key("id"), "{text}");
+        }
+    }
+
+    #[test]
+    fn ids_are_echoed_exactly_as_sent() {
+        for id in [
+            "18446744073709551616",
+            "-99999999999999999999999",
+            "1.50",
+            "1e400",
+            "0",
+            r#""\u00e9t\u00e9""#,
+            r#""été""#,
+            "null",
+        ] {
+            let text = format!(r#"{{"jsonrpc":"2.0","method":"Nope","id":{}}}"#, id);
+            let e = err(&text);
+            let expected = format!(r#""id":{}"#, id);
+            assert!(
+                e.to_json().contains(&expected),
+                "{} in {}",
+                expected,
+                e.to_json()
+            );
+            let call = parse(&format!(
+                r#"{{"jsonrpc":"2.0","method":"CallEnd","params":{{"callid":"x"}},"id":{}}}"#,
+                id
+            ))
+            .unwrap();
+            let reply = started(&call.id.unwrap(), "c");
+            assert!(reply.contains(&expected), "{reply}");
+            assert!(serde_json::from_str::<serde::de::IgnoredAny>(&reply).is_ok());
+        }
+    }
+
+    #[test]
+    fn client_text_quoted_in_errors_is_bounded() {
+        let long = "M".repeat(60_000);
+        let e = err(&format!(r#"{{"jsonrpc":"2.0","method":"{long}","id":1}}"#));
+        assert_eq!(e.code, code::METHOD_NOT_FOUND);
+        assert!(e.to_json().len() < 300, "{}", e.to_json().len());
+        assert!(e.message.contains("60000 bytes"), "{}", e.message);
+        let e = err(&format!(
+            r#"{{"jsonrpc":"2.0","method":"CallEnd","params":{{"callid":"x"}},"{long}":1,"id":1}}"#
+        ));
+        assert_eq!(e.code, code::INVALID_REQUEST);
+        assert!(e.to_json().len() < 300, "{}", e.to_json().len());
+        let e = err(&format!(
+            r#"{{"jsonrpc":"2.0","method":"CallEnd","params":{{"callid":"x","{long}":1}},"id":1}}"#
+        ));
+        assert_eq!(e.code, code::INVALID_PARAMS);
+        assert!(e.to_json().len() < 400, "{}", e.to_json().len());
+        // Cut on a character boundary.
+        let wide = "é".repeat(100);
+        assert!(clip(&wide).starts_with(&"é".repeat(MAX_QUOTED / 2)));
+        assert_eq!(clip("short"), "short");
     }
 
     #[test]
@@ -560,7 +727,13 @@ mod tests {
             v,
             json!({"jsonrpc":"2.0","method":"Ended","params":{"cmd_id":"c1"}})
         );
-        let v: Value = serde_json::from_str(&started(&json!("831717ed97e5"), "b8")).unwrap();
+        let id = parse(
+            r#"{"jsonrpc":"2.0","method":"CallEnd","params":{"callid":"x"},"id":"831717ed97e5"}"#,
+        )
+        .unwrap()
+        .id
+        .unwrap();
+        let v: Value = serde_json::from_str(&started(&id, "b8")).unwrap();
         assert_eq!(
             v,
             json!({"jsonrpc":"2.0","id":"831717ed97e5","result":{"cmd_id":"b8","status":"Started"}})

@@ -1,0 +1,222 @@
+//! The queue in front of a connection's writer task, bounded in messages and in bytes.
+//!
+//! Its producers (the connection's reader, its command tasks and timers, the hub) must never
+//! wait for a client: a client that lets more than `connection_queue` messages or
+//! `connection_queue_bytes` bytes pile up is too slow, and pushing past either limit kills its
+//! connection at once instead of blocking (or growing without bound).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::connection::Outgoing;
+
+/// Why a message could not be queued: the connection is going away (or was just killed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum PushError {
+    /// The client fell too far behind: its connection was killed.
+    #[error("client too slow: connection killed")]
+    TooSlow,
+    /// The writer is gone.
+    #[error("connection closed")]
+    Closed,
+}
+
+struct Inner {
+    queued_bytes: AtomicUsize,
+    limit_bytes: usize,
+    kill: CancellationToken,
+    connection_id: String,
+}
+
+impl Inner {
+    fn too_slow(&self, why: &str) -> PushError {
+        if !self.kill.is_cancelled() {
+            tracing::warn!(connection = %self.connection_id, "client too slow ({why}): disconnecting it");
+            self.kill.cancel();
+        }
+        PushError::TooSlow
+    }
+}
+
+struct Queued {
+    outgoing: Outgoing,
+    charge: Charge,
+}
+
+/// The bytes of one queued message, counted until this is dropped (after it was written).
+pub(crate) struct Charge {
+    inner: Arc<Inner>,
+    bytes: usize,
+}
+
+impl Drop for Charge {
+    fn drop(&mut self) {
+        self.inner
+            .queued_bytes
+            .fetch_sub(self.bytes, Ordering::AcqRel);
+    }
+}
+
+/// The sending side; cheap to clone.
+#[derive(Clone)]
+pub(crate) struct Outbox {
+    tx: mpsc::Sender<Queued>,
+    inner: Arc<Inner>,
+}
+
+/// A sending side that does not keep the writer alive (for timers).
+#[derive(Clone)]
+pub(crate) struct WeakOutbox {
+    tx: mpsc::WeakSender<Queued>,
+    inner: Arc<Inner>,
+}
+
+/// The writer's receiving side.
+pub(crate) struct Inbox {
+    rx: mpsc::Receiver<Queued>,
+}
+
+/// A new outbox of at most `messages` messages and `bytes` bytes; `kill` is cancelled when a
+/// push goes past either.
+pub(crate) fn channel(
+    messages: usize,
+    bytes: usize,
+    kill: CancellationToken,
+    connection_id: String,
+) -> (Outbox, Inbox) {
+    let (tx, rx) = mpsc::channel(messages.max(1));
+    let inner = Arc::new(Inner {
+        queued_bytes: AtomicUsize::new(0),
+        limit_bytes: bytes,
+        kill,
+        connection_id,
+    });
+    (Outbox { tx, inner }, Inbox { rx })
+}
+
+impl Outbox {
+    /// Queues `outgoing` without waiting; past a limit the connection is killed.
+    pub fn push(&self, outgoing: Outgoing) -> Result<(), PushError> {
+        if self.inner.kill.is_cancelled() {
+            return Err(PushError::Closed);
+        }
+        let bytes = outgoing.weight();
+        let before = self.inner.queued_bytes.fetch_add(bytes, Ordering::AcqRel);
+        let charge = Charge {
+            inner: self.inner.clone(),
+            bytes,
+        };
+        if before.saturating_add(bytes) > self.inner.limit_bytes {
+            drop(charge);
+            return Err(self.inner.too_slow("too many bytes queued"));
+        }
+        match self.tx.try_send(Queued { outgoing, charge }) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                Err(self.inner.too_slow("too many messages queued"))
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(PushError::Closed),
+        }
+    }
+
+    /// A handle that does not keep the writer alive.
+    pub fn downgrade(&self) -> WeakOutbox {
+        WeakOutbox {
+            tx: self.tx.downgrade(),
+            inner: self.inner.clone(),
+        }
+    }
+
+    /// Bytes queued and not yet written (or held back) right now.
+    #[cfg(test)]
+    pub fn queued_bytes(&self) -> usize {
+        self.inner.queued_bytes.load(Ordering::Acquire)
+    }
+}
+
+impl WeakOutbox {
+    /// Queues `outgoing` if the connection still exists.
+    pub fn push(&self, outgoing: Outgoing) -> Result<(), PushError> {
+        let tx = self.tx.upgrade().ok_or(PushError::Closed)?;
+        Outbox {
+            tx,
+            inner: self.inner.clone(),
+        }
+        .push(outgoing)
+    }
+}
+
+impl Inbox {
+    /// The next message and its charge (drop the charge once the message is written), or
+    /// `None` when every sender is gone.
+    pub async fn recv(&mut self) -> Option<(Outgoing, Charge)> {
+        let queued = self.rx.recv().await?;
+        Some((queued.outgoing, queued.charge))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reply(bytes: usize) -> Outgoing {
+        Outgoing::Reply("x".repeat(bytes))
+    }
+
+    #[tokio::test]
+    async fn too_many_bytes_kill_the_connection_without_blocking() {
+        let kill = CancellationToken::new();
+        let (outbox, mut inbox) = channel(1000, 10_000, kill.clone(), "c".into());
+        for _ in 0..4 {
+            outbox.push(reply(2_000)).unwrap();
+        }
+        assert!(!kill.is_cancelled());
+        assert_eq!(outbox.push(reply(4_000)), Err(PushError::TooSlow));
+        assert!(kill.is_cancelled());
+        assert_eq!(outbox.push(reply(1)), Err(PushError::Closed));
+        // What was written is no longer counted.
+        let (_, charge) = inbox.recv().await.unwrap();
+        let before = outbox.queued_bytes();
+        drop(charge);
+        assert!(outbox.queued_bytes() < before);
+    }
+
+    #[tokio::test]
+    async fn too_many_messages_kill_the_connection_without_blocking() {
+        let kill = CancellationToken::new();
+        let (outbox, _inbox) = channel(3, usize::MAX, kill.clone(), "c".into());
+        for _ in 0..3 {
+            outbox.push(reply(1)).unwrap();
+        }
+        assert_eq!(outbox.push(reply(1)), Err(PushError::TooSlow));
+        assert!(kill.is_cancelled());
+    }
+
+    #[tokio::test]
+    async fn bytes_are_released_as_messages_are_written() {
+        let kill = CancellationToken::new();
+        let (outbox, mut inbox) = channel(1000, 5_000, kill.clone(), "c".into());
+        for _ in 0..100 {
+            outbox.push(reply(3_000)).unwrap();
+            let (_, charge) = inbox.recv().await.unwrap();
+            drop(charge);
+        }
+        assert_eq!(outbox.queued_bytes(), 0);
+        assert!(!kill.is_cancelled());
+    }
+
+    #[tokio::test]
+    async fn a_weak_outbox_does_not_keep_the_writer_alive() {
+        let kill = CancellationToken::new();
+        let (outbox, mut inbox) = channel(10, 10_000, kill, "c".into());
+        let weak = outbox.downgrade();
+        weak.push(reply(1)).unwrap();
+        drop(outbox);
+        assert!(inbox.recv().await.is_some());
+        assert!(inbox.recv().await.is_none());
+        assert_eq!(weak.push(reply(1)), Err(PushError::Closed));
+    }
+}

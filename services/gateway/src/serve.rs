@@ -1,0 +1,76 @@
+//! The gateway's own accept loop: HTTP/1 with upgrades (hyper) around the axum router, with a
+//! handshake timeout that `axum::serve` lacks.
+//!
+//! Every accepted TCP connection must finish its HTTP exchange (for `/call-api`, the WebSocket
+//! upgrade) within `handshake_timeout_ms`; half-sent requests, silent connections and idle
+//! keep-alive connections are closed then. Upgraded WebSockets are not affected: hyper's
+//! connection future completes when the connection is upgraded, and the socket then belongs to
+//! the WebSocket task. On shutdown no new connection is accepted and pending HTTP exchanges are
+//! ended gracefully.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use hyper_util::rt::TokioIo;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::Shared;
+
+/// Pause after a failed `accept` (e.g. out of file descriptors) before trying again.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+
+/// Accepts connections until shutdown; each is served in a task tracked by `shared.tasks`.
+pub(crate) async fn accept_loop(listener: TcpListener, app: Router, shared: &Arc<Shared>) {
+    loop {
+        let accepted = tokio::select! {
+            _ = shared.shutdown.cancelled() => return,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                shared
+                    .tasks
+                    .spawn(serve_http(stream, peer, app.clone(), shared.clone()));
+            }
+            Err(err) => {
+                tracing::warn!(%err, "accept failed");
+                tokio::select! {
+                    _ = shared.shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(ACCEPT_BACKOFF) => {}
+                }
+            }
+        }
+    }
+}
+
+/// Serves one TCP connection's HTTP exchange, bounded by the handshake timeout.
+async fn serve_http(stream: TcpStream, peer: SocketAddr, app: Router, shared: Arc<Shared>) {
+    let _ = stream.set_nodelay(true);
+    let timeout = Duration::from_millis(shared.config.handshake_timeout_ms);
+    let connection = hyper::server::conn::http1::Builder::new()
+        .serve_connection(TokioIo::new(stream), TowerToHyperService::new(app))
+        .with_upgrades();
+    tokio::pin!(connection);
+    let deadline = tokio::time::sleep(timeout);
+    tokio::pin!(deadline);
+    tokio::select! {
+        done = connection.as_mut() => {
+            if let Err(err) = done {
+                tracing::debug!(%err, %peer, "HTTP connection error");
+            }
+        }
+        _ = deadline.as_mut() => {
+            tracing::debug!(%peer, "no WebSocket upgrade within {timeout:?}: connection closed");
+        }
+        _ = shared.shutdown.cancelled() => {
+            connection.as_mut().graceful_shutdown();
+            tokio::select! {
+                _ = connection.as_mut() => {}
+                _ = deadline.as_mut() => {}
+            }
+        }
+    }
+}
