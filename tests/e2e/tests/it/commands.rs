@@ -28,7 +28,8 @@ pub async fn call(client: &mut Client, caller: &str, callee: &str) -> String {
         .to_owned()
 }
 
-fn dialog_state(stack: &Stack, callid: &str) -> Option<i64> {
+/// The state of dialog `callid` on the emulator (`None`: not known any more).
+pub fn dialog_state(stack: &Stack, callid: &str) -> Option<i64> {
     let reply = stack.mi("dlg_list", json!({"callid": callid}));
     reply["result"]["Dialog"]["state"].as_i64()
 }

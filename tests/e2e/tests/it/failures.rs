@@ -6,7 +6,8 @@ use serde_json::{Value, json};
 
 use crate::commands::call;
 
-fn error_of(notes: &[Value]) -> &Value {
+/// The params of the `Error` notification among `notes`.
+pub fn error_of(notes: &[Value]) -> &Value {
     &notes
         .iter()
         .find(|n| n["method"] == "Error")

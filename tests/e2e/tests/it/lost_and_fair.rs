@@ -5,23 +5,11 @@
 use std::time::{Duration, Instant};
 
 use callapi_e2e::client::shape;
-use callapi_e2e::{Stack, StackOptions};
-use serde_json::{Value, json};
+use callapi_e2e::{Client, Stack, StackOptions};
+use serde_json::json;
 
-use crate::commands::call;
-
-fn error_of(notes: &[Value]) -> &Value {
-    &notes
-        .iter()
-        .find(|n| n["method"] == "Error")
-        .expect("an Error notification")["params"]
-}
-
-/// The state of dialog `callid` on the emulator (`None`: not known any more).
-fn dialog_state(stack: &Stack, callid: &str) -> Option<i64> {
-    let reply = stack.mi("dlg_list", json!({"callid": callid}));
-    reply["result"]["Dialog"]["state"].as_i64()
-}
+use crate::commands::{call, dialog_state};
+use crate::failures::error_of;
 
 /// Waits until dialog `callid` is gone (or deleted) on the emulator.
 async fn wait_dialog_gone(stack: &Stack, callid: &str) {
@@ -35,6 +23,25 @@ async fn wait_dialog_gone(stack: &Stack, callid: &str) {
         "dialog {callid} is still up: {:?}",
         dialog_state(stack, callid)
     );
+}
+
+/// A stack whose MI requests are watched closely (lost after 1.2 s of silence), and a CallStart
+/// alice → bob under way, alice answering after `answer_delay_ms`.
+async fn ringing_call_start(answer_delay_ms: u64) -> (Stack, Client, String) {
+    let stack = Stack::with(StackOptions {
+        answer_delay_ms,
+        commands_toml: "[mi]\nprogress_interval_ms = 300\nlost_after_ms = 1200".into(),
+        ..StackOptions::default()
+    })
+    .await;
+    let mut client = stack.client().await;
+    let cmd_id = client
+        .start(
+            "CallStart",
+            json!({"caller": "sip:alice@127.0.0.1", "callee": "sip:bob@127.0.0.1"}),
+        )
+        .await;
+    (stack, client, cmd_id)
 }
 
 fn quick_transfer_start() -> StackOptions {
@@ -110,19 +117,7 @@ async fn transfers_to_an_unknown_user_fail_fast_and_keep_the_call() {
 #[tokio::test]
 async fn a_lost_invite_is_noticed_within_seconds_and_reported_as_lost_contact() {
     // alice answers 3 s after the INVITE; proxy-connector is killed while her phone rings.
-    let mut stack = Stack::with(StackOptions {
-        answer_delay_ms: 3_000,
-        commands_toml: "[mi]\nprogress_interval_ms = 300\nlost_after_ms = 1200".into(),
-        ..StackOptions::default()
-    })
-    .await;
-    let mut client = stack.client().await;
-    let cmd_id = client
-        .start(
-            "CallStart",
-            json!({"caller": "sip:alice@127.0.0.1", "callee": "sip:bob@127.0.0.1"}),
-        )
-        .await;
+    let (mut stack, mut client, cmd_id) = ringing_call_start(3_000).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     stack.restart_connector().await;
     let killed = Instant::now();
@@ -204,19 +199,7 @@ async fn ringing_calls_of_one_client_do_not_block_another_clients_commands() {
 
 #[tokio::test]
 async fn a_nats_restart_while_the_caller_rings_is_reported_as_lost_contact_not_a_timeout() {
-    let mut stack = Stack::with(StackOptions {
-        answer_delay_ms: 4_000,
-        commands_toml: "[mi]\nprogress_interval_ms = 300\nlost_after_ms = 1200".into(),
-        ..StackOptions::default()
-    })
-    .await;
-    let mut client = stack.client().await;
-    let cmd_id = client
-        .start(
-            "CallStart",
-            json!({"caller": "sip:alice@127.0.0.1", "callee": "sip:bob@127.0.0.1"}),
-        )
-        .await;
+    let (mut stack, mut client, cmd_id) = ringing_call_start(4_000).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let outage = Instant::now();
     stack.nats.stop().await;
