@@ -50,6 +50,8 @@ pub struct StartFlow {
     probes_left: u32,
     /// The loss was already reported to the client (while X still rings).
     loss_reported: bool,
+    /// The answer to `call_transfer` was lost: only its events can tell whether it went on.
+    transfer_answer_lost: bool,
 }
 
 impl StartFlow {
@@ -65,6 +67,7 @@ impl StartFlow {
             timings,
             probes_left: timings.probes,
             loss_reported: false,
+            transfer_answer_lost: false,
         }
     }
 
@@ -114,6 +117,27 @@ impl StartFlow {
                     });
                 }
                 actions
+            }
+            Input::Mi(Step::Transfer, MiResult::Lost(_)) if self.new_callid.is_none() => {
+                // OpenSIPS may have taken the transfer: its events would still tell.
+                self.transfer_answer_lost = true;
+                vec![Action::StartTimer {
+                    timer: Timer::TransferStart,
+                    after: self.timings.transfer_start,
+                }]
+            }
+            Input::Mi(Step::Transfer, MiResult::Lost(_)) => Vec::new(),
+            Input::Timer(Timer::TransferStart)
+                if self.phase == Phase::Transferring
+                    && self.new_callid.is_none()
+                    && self.transfer_answer_lost =>
+            {
+                let message = format!(
+                    "lost contact with OpenSIPS while asking it to transfer the caller to the callee {}, and the call to the callee did not start within {} ms; the caller's call was ended",
+                    self.callee,
+                    self.timings.transfer_start.as_millis()
+                );
+                self.fail_and_clean(ErrorNote::new(ErrorCode::NodeUnreachable, message, 0))
             }
             Input::Timer(Timer::TransferStart)
                 if self.phase == Phase::Transferring && self.new_callid.is_none() =>
@@ -589,6 +613,42 @@ mod tests {
         assert!(
             f.handle(mi_ok(Step::Transfer, json!("Accepted")))
                 .is_empty()
+        );
+    }
+
+    #[test]
+    fn a_lost_transfer_answer_waits_for_the_events_that_would_still_come() {
+        let lost = || Input::Mi(Step::Transfer, MiResult::Lost("silent".into()));
+        // The transfer went on: its events carry the command to its end.
+        let mut f = flow();
+        f.start();
+        f.handle(answered());
+        assert_eq!(names(&f.handle(lost())), ["timer TransferStart"]);
+        assert_eq!(
+            names(&f.handle(transfer("X", "Y", "Y", "start", ""))),
+            ["notify TRANSFER_ACCEPT", "notify CALL_START"]
+        );
+        assert_eq!(
+            names(&f.handle(transfer("X", "callee", "Y", "ok", "200 OK"))),
+            ["notify CALL_ANSWER", "detached dlg_end_dlg", "finish"]
+        );
+        // Nothing came: lost contact, not an unknown callee.
+        let mut f = flow();
+        f.start();
+        f.handle(answered());
+        f.handle(lost());
+        let actions = f.handle(Input::Timer(Timer::TransferStart));
+        assert_eq!(
+            names(&actions),
+            ["fail NODE_UNREACHABLE", "detached dlg_end_dlg", "finish"]
+        );
+        let Action::Fail(e) = &actions[0] else {
+            panic!()
+        };
+        assert!(
+            e.message.contains("lost contact with OpenSIPS"),
+            "{}",
+            e.message
         );
     }
 

@@ -21,6 +21,8 @@ struct Progress {
     started: bool,
     done: bool,
     timings: Timings,
+    /// The answer to `call_transfer` was lost: only its events can tell whether it went on.
+    answer_lost: bool,
 }
 
 impl Progress {
@@ -33,7 +35,21 @@ impl Progress {
             started: false,
             done: false,
             timings,
+            answer_lost: false,
         }
+    }
+
+    /// The answer to `call_transfer` was lost: OpenSIPS may have taken it, so wait for its
+    /// `start` as after "Accepted", but without telling the client it was accepted.
+    fn on_answer_lost(&mut self) -> Vec<Action> {
+        self.answer_lost = true;
+        if self.started {
+            return Vec::new();
+        }
+        vec![Action::StartTimer {
+            timer: Timer::TransferStart,
+            after: self.timings.transfer_start,
+        }]
     }
 
     /// `call_transfer` answered "Accepted": the transfer must start soon.
@@ -58,9 +74,15 @@ impl Progress {
         } else {
             self.destination.clone()
         };
+        let waited = self.timings.transfer_start.as_millis();
+        if self.answer_lost {
+            let message = format!(
+                "lost contact with OpenSIPS while asking it for the transfer to {target}, and the transfer did not start within {waited} ms; the call should be as it was"
+            );
+            return self.fail(ErrorNote::new(ErrorCode::NodeUnreachable, message, 0));
+        }
         let message = format!(
-            "the transfer to {target} was not placed: OpenSIPS reported no start of it within {} ms of accepting it (the target is probably unknown, e.g. 404 User Not Found, or the phone rejected the REFER); the call stays as it was",
-            self.timings.transfer_start.as_millis()
+            "the transfer to {target} was not placed: OpenSIPS reported no start of it within {waited} ms of accepting it (the target is probably unknown, e.g. 404 User Not Found, or the phone rejected the REFER); the call stays as it was"
         );
         self.fail(ErrorNote::new(ErrorCode::TransferFailed, message, 0))
     }
@@ -236,6 +258,7 @@ impl BlindTransferFlow {
         }
         match input {
             Input::Mi(Step::Transfer, MiResult::Ok(_)) => p.on_accepted(),
+            Input::Mi(Step::Transfer, MiResult::Lost(_)) => p.on_answer_lost(),
             Input::Mi(Step::Transfer, result) => p.mi_error(&result, None),
             Input::Timer(Timer::TransferStart) => p.not_started(),
             Input::Event(CallEvent::Transfer {
@@ -304,6 +327,7 @@ impl AttendedTransferFlow {
         }
         match input {
             Input::Mi(Step::Transfer, MiResult::Ok(_)) => p.on_accepted(),
+            Input::Mi(Step::Transfer, MiResult::Lost(_)) => p.on_answer_lost(),
             Input::Mi(Step::Transfer, result) => p.mi_error(&result, Some(&self.callid_b)),
             Input::Timer(Timer::TransferStart) => p.not_started(),
             Input::Event(CallEvent::Transfer {
@@ -437,6 +461,24 @@ mod tests {
             names(&f.handle(Input::Deadline)),
             ["fail TIMEOUT", "finish"]
         );
+    }
+
+    #[test]
+    fn a_lost_transfer_answer_is_settled_by_the_events() {
+        let lost = || Input::Mi(Step::Transfer, MiResult::Lost("silent".into()));
+        let mut f = blind();
+        f.start();
+        assert_eq!(names(&f.handle(lost())), ["timer TransferStart"]);
+        f.handle(transfer("D", "N", "N", "start", ""));
+        assert_eq!(
+            names(&f.handle(transfer("D", "callee", "N", "ok", "200 OK"))),
+            ["detached dlg_end_dlg", "finish"]
+        );
+        let mut f = blind();
+        f.start();
+        f.handle(lost());
+        let actions = f.handle(Input::Timer(Timer::TransferStart));
+        assert_eq!(names(&actions), ["fail NODE_UNREACHABLE", "finish"]);
     }
 
     #[test]
