@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Starts a local callapi stack: NATS (if none is reachable), the OpenSIPS emulator (unless
-# OPENSIPS_MI names a real node's mi_http URL), the four services; then runs an example call
-# through the CLI and keeps everything running until Ctrl-C.
+# OPENSIPS_MI names a real node's mi_datagram address), the four services; then runs an example
+# call through the CLI and keeps everything running until Ctrl-C.
 #
-#   OPENSIPS_MI=http://10.0.0.5:8888/mi  ./deploy/local/run.sh   # drive a real OpenSIPS (or udp:HOST:PORT)
+#   OPENSIPS_MI=udp:10.0.0.5:8080  ./deploy/local/run.sh   # drive a real OpenSIPS over mi_datagram
 #   (a real OpenSIPS must be able to send event_datagram notifications to 127.0.0.1:9099)
 #   NATS_URL=nats://10.0.0.6:4222        ./deploy/local/run.sh   # use an existing NATS
 set -euo pipefail
@@ -68,11 +68,15 @@ connector_config="$root/deploy/local/proxy-connector.toml"
 if [ -n "${OPENSIPS_MI:-}" ]; then
   echo "==> driving the OpenSIPS node at $OPENSIPS_MI"
   connector_config="$run_dir/proxy-connector.toml"
+  case "$OPENSIPS_MI" in
+    http://*) echo "!! OPENSIPS_MI must be udp:HOST:PORT (mi_datagram): mi_http answers t_uac_dlg only every 500 ms"; exit 1 ;;
+  esac
   printf '[[nodes]]\nid = "opensips1"\nmi = "%s"\n' "$OPENSIPS_MI" >"$connector_config"
 else
   start opensips-emulator "$bin/opensips-emulator" --mi-udp 127.0.0.1:8080 --mi-http 127.0.0.1:8888 --opensips-version 3.6 --answer-delay-ms 300 --extra-phones eve,frank
 fi
 start proxy-connector "$bin/proxy-connector" --config "$connector_config"
+grep -o 'serving MI requests: .*' "$run_dir/logs/proxy-connector.log" | head -1 | sed 's/^/==> /' || true
 start event-ingest "$bin/event-ingest" --config "$root/deploy/local/event-ingest.toml"
 start commands "$bin/commands" --config "$root/deploy/local/commands.toml"
 start gateway "$bin/gateway" --config "$root/deploy/local/gateway.toml"

@@ -84,6 +84,10 @@ pub enum MiCallError {
         /// The timeout.
         after: Duration,
     },
+    /// The node is overloaded (OpenSIPS out of memory, or the connector's queue full): the
+    /// request was not carried out.
+    #[error("{0}")]
+    Overloaded(String),
     /// proxy-connector answered that OpenSIPS could not be asked or gave no usable answer.
     #[error("{0}")]
     Failure(String),
@@ -167,7 +171,13 @@ pub async fn call(
                 });
             }
             Some(mi_reply::Outcome::Failure(failure)) => {
-                return Err(MiCallError::Failure(failure.message));
+                return Err(
+                    if failure.kind == callapi_proto::v1::mi_failure::Kind::Overloaded as i32 {
+                        MiCallError::Overloaded(failure.message)
+                    } else {
+                        MiCallError::Failure(failure.message)
+                    },
+                );
             }
             None => {
                 return Err(MiCallError::Transport(

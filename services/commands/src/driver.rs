@@ -203,6 +203,7 @@ async fn mi_call(
             tracing::warn!(cmd_id = %ctx.cmd_id, method, %lost, "MI request lost");
             MiResult::Lost(lost.to_string())
         }
+        Err(MiCallError::Overloaded(reason)) => MiResult::Overloaded(reason),
         Err(other) => MiResult::Unreachable(other.to_string()),
     }
 }

@@ -4,11 +4,13 @@
 //! can take every slot: `t_uac_dlg` holds its slot while a phone rings (seconds, tens of
 //! seconds), so a burst of ringing CallStarts from one connection made everyone else's short
 //! commands (hold, end, subscription checks) wait or time out. Here:
-//! - long requests (`t_uac_dlg`) may use at most `long` of the `total` slots, so short ones
-//!   always find room;
+//! - the node's limit (`total`) adapts to how OpenSIPS answers ([`crate::adaptive`]);
+//! - long requests (`t_uac_dlg`) may use at most `long` of the slots and never more than three
+//!   quarters of the current limit, so short ones always find room;
 //! - one client (tenant + connection) may hold at most `long_per_client` long slots;
 //! - when slots are scarce, waiting requests are served short first, then round-robin over
-//!   clients, each client's own requests in order.
+//!   clients, each client's own requests in order; at most `max_queued` wait, more are refused
+//!   at once (the node is overloaded: better a fast, clear error than a pile-up).
 //!
 //! [`Slots`] is the pure bookkeeping (tested as a table); [`FairLimiter`] wraps it for tasks.
 
@@ -16,6 +18,9 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::oneshot;
+use tokio::time::Instant;
+
+use crate::adaptive::{Aimd, Signal};
 
 /// How a request uses its slot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,12 +44,14 @@ impl Class {
 /// The bounds of one node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
-    /// Requests in flight at once.
+    /// Requests in flight at once (the starting point of the adaptive limit).
     pub total: usize,
     /// Long requests in flight at once.
     pub long: usize,
     /// Long requests in flight at once for one client.
     pub long_per_client: usize,
+    /// Requests waiting for a slot at once; more are refused.
+    pub max_queued: usize,
 }
 
 impl Limits {
@@ -56,6 +63,7 @@ impl Limits {
             total,
             long,
             long_per_client: self.long_per_client.clamp(1, long),
+            max_queued: self.max_queued,
         }
     }
 }
@@ -87,8 +95,14 @@ pub struct Slots {
     clients: HashMap<String, ClientQueue>,
     /// Clients with waiters, in round-robin order.
     turn: VecDeque<String>,
+    waiting: usize,
     next_id: u64,
 }
+
+/// The node's queue is full: the request is refused at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("{0} MI requests are already waiting for this node")]
+pub struct QueueFull(pub usize);
 
 impl Slots {
     /// No one running or waiting.
@@ -99,12 +113,28 @@ impl Slots {
             long_running: 0,
             clients: HashMap::new(),
             turn: VecDeque::new(),
+            waiting: 0,
             next_id: 1,
         }
     }
 
-    /// Queues a request; returns its id (see [`Slots::grants`]).
-    pub fn enqueue(&mut self, client: &str, class: Class) -> u64 {
+    /// Sets the node's current limit (the adaptive one); raising it lets waiters in.
+    pub fn set_total(&mut self, total: usize) {
+        self.limits.total = total.max(1);
+    }
+
+    /// The most long requests that may run now.
+    fn long_cap(&self) -> usize {
+        self.limits.long.min((self.limits.total * 3 / 4).max(1))
+    }
+
+    /// Queues a request; returns its id (see [`Slots::grants`]), or refuses it when
+    /// `max_queued` requests already wait.
+    pub fn enqueue(&mut self, client: &str, class: Class) -> Result<u64, QueueFull> {
+        if self.waiting >= self.limits.max_queued {
+            return Err(QueueFull(self.waiting));
+        }
+        self.waiting += 1;
         let id = self.next_id;
         self.next_id += 1;
         let queue = self.clients.entry(client.to_owned()).or_default();
@@ -115,7 +145,7 @@ impl Slots {
         if !self.turn.iter().any(|c| c == client) {
             self.turn.push_back(client.to_owned());
         }
-        id
+        Ok(id)
     }
 
     /// Removes a waiter that gave up; false if it is not waiting (already granted).
@@ -127,6 +157,9 @@ impl Slots {
         queue.short.retain(|w| *w != id);
         queue.long.retain(|w| *w != id);
         let removed = queue.short.len() + queue.long.len() < before;
+        if removed {
+            self.waiting = self.waiting.saturating_sub(1);
+        }
         self.forget_if_idle(client);
         removed
     }
@@ -161,15 +194,17 @@ impl Slots {
                 .get(c)
                 .is_some_and(|queue| !queue.short.is_empty())
         });
+        let long_cap = self.long_cap();
+        let per_client = self.limits.long_per_client.min(long_cap);
         let pick = short.map(|at| (at, Class::Short)).or_else(|| {
-            if self.long_running >= self.limits.long {
+            if self.long_running >= long_cap {
                 return None;
             }
             self.turn
                 .iter()
                 .position(|c| {
                     self.clients.get(c).is_some_and(|queue| {
-                        !queue.long.is_empty() && queue.long_running < self.limits.long_per_client
+                        !queue.long.is_empty() && queue.long_running < per_client
                     })
                 })
                 .map(|at| (at, Class::Long))
@@ -186,6 +221,7 @@ impl Slots {
             }
         };
         self.running += 1;
+        self.waiting = self.waiting.saturating_sub(1);
         if !queue.short.is_empty() || !queue.long.is_empty() {
             self.turn.push_back(client.clone());
         }
@@ -213,6 +249,8 @@ impl Slots {
 struct Shared {
     slots: Slots,
     waiters: HashMap<u64, oneshot::Sender<()>>,
+    limit: Aimd,
+    origin: Instant,
 }
 
 /// [`Slots`] for async tasks: `acquire` waits for a slot; dropping the [`Permit`] frees it.
@@ -263,18 +301,52 @@ impl Drop for Waiting<'_> {
 }
 
 impl FairLimiter {
-    /// A limiter with `limits`.
-    pub fn new(limits: Limits) -> Self {
+    /// A limiter with `limits`, whose total adapts as `limit` says.
+    pub fn new(limits: Limits, limit: Aimd) -> Self {
+        let mut slots = Slots::new(limits);
+        slots.set_total(limit.limit());
         Self {
             shared: Arc::new(Mutex::new(Shared {
-                slots: Slots::new(limits),
+                slots,
                 waiters: HashMap::new(),
+                limit,
+                origin: Instant::now(),
             })),
         }
     }
 
-    /// Waits for a slot for a request of `client` of `class`.
-    pub async fn acquire(&self, client: &str, class: Class) -> Permit {
+    /// Tells the adaptive limit how a request went.
+    pub fn observe(&self, signal: Signal) {
+        if let Some(mut shared) = self.lock() {
+            let now = shared.origin.elapsed();
+            let before = shared.slots.limits.total;
+            let total = shared.limit.observe(signal, now);
+            if total < before {
+                // At most once per cooldown: a burst of overload signals is one line.
+                tracing::warn!(
+                    before,
+                    total,
+                    ?signal,
+                    "OpenSIPS node overloaded: fewer MI requests in flight"
+                );
+            } else if total > before {
+                tracing::debug!(before, total, "MI concurrency limit raised");
+            }
+            if total != before {
+                shared.slots.set_total(total);
+                Self::hand_out(&mut shared);
+            }
+        }
+    }
+
+    /// The current limit of requests in flight.
+    pub fn limit(&self) -> usize {
+        self.lock().map_or(0, |shared| shared.slots.limits.total)
+    }
+
+    /// Waits for a slot for a request of `client` of `class`; refused at once when the
+    /// node's queue is full.
+    pub async fn acquire(&self, client: &str, class: Class) -> Result<Permit, QueueFull> {
         let permit = || Permit {
             limiter: self.clone(),
             client: client.to_owned(),
@@ -284,9 +356,9 @@ impl FairLimiter {
         let id = {
             let Some(mut shared) = self.lock() else {
                 // A poisoned lock means a panic elsewhere: run unbounded rather than hang.
-                return permit();
+                return Ok(permit());
             };
-            let id = shared.slots.enqueue(client, class);
+            let id = shared.slots.enqueue(client, class)?;
             shared.waiters.insert(id, tx);
             Self::hand_out(&mut shared);
             id
@@ -300,7 +372,7 @@ impl FairLimiter {
         };
         let _ = rx.await;
         waiting.done = true;
-        permit()
+        Ok(permit())
     }
 
     fn release(&self, client: &str, class: Class) {
@@ -342,6 +414,7 @@ mod tests {
             total,
             long,
             long_per_client,
+            max_queued: 100,
         }
     }
 
@@ -352,12 +425,14 @@ mod tests {
     #[test]
     fn one_client_cannot_take_every_long_slot() {
         let mut slots = Slots::new(limits(4, 3, 2));
-        let hog: Vec<u64> = (0..6).map(|_| slots.enqueue("a", Class::Long)).collect();
+        let hog: Vec<u64> = (0..6)
+            .map(|_| slots.enqueue("a", Class::Long).unwrap())
+            .collect();
         assert_eq!(ids(&slots.grants()), hog[..2]);
-        let other = slots.enqueue("b", Class::Long);
+        let other = slots.enqueue("b", Class::Long).unwrap();
         assert_eq!(ids(&slots.grants()), [other]);
         // Long slots full (3 of 3): a short request still runs.
-        let end = slots.enqueue("a", Class::Short);
+        let end = slots.enqueue("a", Class::Short).unwrap();
         assert_eq!(ids(&slots.grants()), [end]);
         // All 4 slots in use: nothing more.
         assert!(slots.grants().is_empty());
@@ -370,10 +445,10 @@ mod tests {
     #[test]
     fn waiting_clients_take_turns() {
         let mut slots = Slots::new(limits(1, 1, 1));
-        let a1 = slots.enqueue("a", Class::Short);
-        let a2 = slots.enqueue("a", Class::Short);
-        let a3 = slots.enqueue("a", Class::Short);
-        let b1 = slots.enqueue("b", Class::Short);
+        let a1 = slots.enqueue("a", Class::Short).unwrap();
+        let a2 = slots.enqueue("a", Class::Short).unwrap();
+        let a3 = slots.enqueue("a", Class::Short).unwrap();
+        let b1 = slots.enqueue("b", Class::Short).unwrap();
         let mut order = Vec::new();
         for _ in 0..4 {
             let granted = slots.grants();
@@ -388,10 +463,10 @@ mod tests {
     #[test]
     fn short_requests_go_before_long_ones() {
         let mut slots = Slots::new(limits(1, 1, 1));
-        let running = slots.enqueue("x", Class::Short);
+        let running = slots.enqueue("x", Class::Short).unwrap();
         assert_eq!(ids(&slots.grants()), [running]);
-        let long = slots.enqueue("a", Class::Long);
-        let short = slots.enqueue("b", Class::Short);
+        let long = slots.enqueue("a", Class::Long).unwrap();
+        let short = slots.enqueue("b", Class::Short).unwrap();
         slots.release("x", Class::Short);
         assert_eq!(ids(&slots.grants()), [short]);
         slots.release("b", Class::Short);
@@ -401,14 +476,74 @@ mod tests {
     #[test]
     fn a_cancelled_waiter_is_skipped_and_a_granted_one_is_not_cancelled() {
         let mut slots = Slots::new(limits(1, 1, 1));
-        let first = slots.enqueue("a", Class::Short);
-        let second = slots.enqueue("a", Class::Short);
+        let first = slots.enqueue("a", Class::Short).unwrap();
+        let second = slots.enqueue("a", Class::Short).unwrap();
         assert_eq!(ids(&slots.grants()), [first]);
         assert!(!slots.cancel("a", first));
         assert!(slots.cancel("a", second));
         slots.release("a", Class::Short);
         assert!(slots.grants().is_empty());
         assert!(slots.clients.is_empty() && slots.turn.is_empty());
+    }
+
+    fn aimd(initial: usize, max: usize) -> Aimd {
+        Aimd::new(
+            1,
+            initial,
+            max,
+            std::time::Duration::from_millis(500),
+            std::time::Duration::ZERO,
+        )
+    }
+
+    #[test]
+    fn a_full_queue_refuses_at_once() {
+        let mut slots = Slots::new(Limits {
+            max_queued: 2,
+            ..limits(1, 1, 1)
+        });
+        let running = slots.enqueue("a", Class::Short).unwrap();
+        assert_eq!(ids(&slots.grants()), [running]);
+        slots.enqueue("a", Class::Short).unwrap();
+        let cancelled = slots.enqueue("b", Class::Short).unwrap();
+        assert_eq!(slots.enqueue("c", Class::Short), Err(QueueFull(2)));
+        assert!(slots.cancel("b", cancelled));
+        assert!(slots.enqueue("c", Class::Short).is_ok(), "room again");
+    }
+
+    #[test]
+    fn a_lower_limit_leaves_long_requests_less_room_and_short_ones_some() {
+        let mut slots = Slots::new(limits(8, 8, 8));
+        let longs: Vec<u64> = (0..8)
+            .map(|_| slots.enqueue("a", Class::Long).unwrap())
+            .collect();
+        assert_eq!(ids(&slots.grants()), longs[..6], "three quarters of 8");
+        slots.set_total(4);
+        for _ in 0..6 {
+            slots.release("a", Class::Long);
+        }
+        assert_eq!(ids(&slots.grants()), longs[6..8], "three of 4, ...");
+        let short = slots.enqueue("b", Class::Short).unwrap();
+        assert_eq!(
+            ids(&slots.grants()),
+            [short],
+            "... and the 4th is for short ones"
+        );
+    }
+
+    #[tokio::test]
+    async fn overload_signals_lower_the_limit_and_answers_raise_it() {
+        let limiter = FairLimiter::new(limits(64, 48, 48), aimd(20, 64));
+        assert_eq!(limiter.limit(), 20);
+        limiter.observe(Signal::Overload);
+        assert_eq!(limiter.limit(), 14);
+        for _ in 0..15 {
+            limiter.observe(Signal::Answered {
+                short: true,
+                latency: std::time::Duration::from_millis(1),
+            });
+        }
+        assert_eq!(limiter.limit(), 15);
     }
 
     #[test]
@@ -419,8 +554,8 @@ mod tests {
 
     #[tokio::test]
     async fn permits_free_their_slot_and_timed_out_waits_leave_no_trace() {
-        let limiter = FairLimiter::new(limits(1, 1, 1));
-        let held = limiter.acquire("a", Class::Long).await;
+        let limiter = FairLimiter::new(limits(1, 1, 1), aimd(1, 1));
+        let held = limiter.acquire("a", Class::Long).await.unwrap();
         let timed_out = tokio::time::timeout(
             std::time::Duration::from_millis(20),
             limiter.acquire("b", Class::Long),

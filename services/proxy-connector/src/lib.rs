@@ -5,6 +5,7 @@
 //! Architecture invariant: this is the only crate that knows the MI wire format.
 #![forbid(unsafe_code)]
 
+pub mod adaptive;
 mod envelope;
 pub mod fair;
 mod transport;
@@ -20,7 +21,7 @@ use prost::Message as _;
 use tokio_util::sync::CancellationToken;
 
 pub use envelope::{MiOutcome, build_request};
-pub use transport::{MiEndpoint, MiTransport, TransportError};
+pub use transport::{MiEndpoint, MiRoutes, MiTransport, TransportError};
 
 /// The proxy-connector configuration.
 #[derive(Debug, Clone, serde::Deserialize)]
@@ -47,10 +48,20 @@ impl Default for Config {
 pub struct NodeConfig {
     /// Node id, used in subjects (`callapi.v1.mi.<id>`).
     pub id: String,
-    /// `udp:HOST:PORT` for mi_datagram or `http://HOST:PORT/mi` for mi_http.
+    /// `udp:HOST:PORT` for mi_datagram (the default, fast for every command) or
+    /// `http://HOST:PORT/mi` for mi_http (then `mi_async` is needed).
     pub mi: String,
-    /// Most MI requests in flight to this node at once (OpenSIPS 3.6 crashes under load).
+    /// Where asynchronous commands (`t_uac_dlg`) go when `mi` is mi_http: a `udp:HOST:PORT`
+    /// (OpenSIPS's mi_http answers them only at its next 500 ms poll step, one at a time).
+    pub mi_async: Option<String>,
+    /// Most MI requests in flight to this node at once: the ceiling of the adaptive limit.
     pub max_in_flight: usize,
+    /// The adaptive limit never goes below this.
+    pub min_in_flight: usize,
+    /// MI requests waiting for a slot at once; more fail at once as overloaded.
+    pub max_queued: usize,
+    /// A short MI command answered slower than this (milliseconds) counts as an overload signal.
+    pub slow_ms: u64,
     /// Most `t_uac_dlg` requests (which hold their slot while a phone rings) in flight at once,
     /// so that short commands always find a slot.
     pub max_async_in_flight: usize,
@@ -64,8 +75,12 @@ impl Default for NodeConfig {
     fn default() -> Self {
         Self {
             id: "opensips1".to_owned(),
-            mi: "http://127.0.0.1:8888/mi".to_owned(),
-            max_in_flight: 32,
+            mi: "udp:127.0.0.1:8080".to_owned(),
+            mi_async: None,
+            max_in_flight: 64,
+            min_in_flight: 4,
+            max_queued: 512,
+            slow_ms: 500,
             max_async_in_flight: 24,
             max_async_per_client: 8,
             default_timeout_ms: 10_000,
@@ -89,6 +104,9 @@ pub enum Error {
     },
 }
 
+/// Decreases of a node's adaptive limit are at least this far apart (one burst counts once).
+const ADAPTIVE_COOLDOWN: Duration = Duration::from_millis(500);
+
 /// Longest timeout a request may ask for.
 const MAX_TIMEOUT: Duration = Duration::from_secs(300);
 
@@ -105,18 +123,28 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
                 reason: "id must be letters, digits, '-' or '_'".to_owned(),
             });
         }
-        let endpoint = MiEndpoint::parse(&node.mi).map_err(|reason| Error::Node {
-            node: node.id.clone(),
-            reason,
-        })?;
+        let routes =
+            MiRoutes::new(&node.mi, node.mi_async.as_deref()).map_err(|reason| Error::Node {
+                node: node.id.clone(),
+                reason,
+            })?;
+        let described = routes.describe();
         let transport = Arc::new(
             MiTransport::open(
-                endpoint,
+                routes,
                 fair::Limits {
                     total: node.max_in_flight,
                     long: node.max_async_in_flight,
                     long_per_client: node.max_async_per_client,
+                    max_queued: node.max_queued,
                 },
+                adaptive::Aimd::new(
+                    node.min_in_flight,
+                    node.max_in_flight / 2,
+                    node.max_in_flight,
+                    Duration::from_millis(node.slow_ms),
+                    ADAPTIVE_COOLDOWN,
+                ),
             )
             .await
             .map_err(|e| Error::Node {
@@ -134,7 +162,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         tracing::info!(
             node = %node.id,
             mi = %callapi_kit::secret::redact_url(&node.mi),
-            "serving MI requests"
+            "serving MI requests: {described}"
         );
         tasks.push(tokio::spawn(serve_node(
             client.clone(),
@@ -258,6 +286,10 @@ async fn handle(
         Ok(outcome) => outcome,
         Err(TransportError::BadMethod(reason)) => {
             return failure(mi_failure::Kind::BadRequest, reason);
+        }
+        Err(TransportError::Overloaded(reason)) => {
+            tracing::debug!(method = %request.method, %reason, "node overloaded");
+            return failure(mi_failure::Kind::Overloaded, reason);
         }
         Err(TransportError::BadReply(reason)) => {
             return failure(mi_failure::Kind::BadReply, reason);

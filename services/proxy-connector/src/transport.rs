@@ -1,21 +1,22 @@
-//! MI transports: `mi_datagram` (one JSON-RPC request per UDP datagram, replies correlated by
-//! id, in any order) and `mi_http` (`POST` of the same JSON). Both bound the requests in flight.
+//! MI transports: `mi_datagram` (one JSON-RPC request per UDP datagram, one socket per request
+//! in flight) and `mi_http` (`POST` of the same JSON), chosen per command: asynchronous ones
+//! (`t_uac_dlg`) never go over mi_http. Requests in flight are bounded fairly and adaptively
+//! ([`crate::fair`], [`crate::adaptive`]); an internal-error reply or a full queue is
+//! [`TransportError::Overloaded`].
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use base64::Engine as _;
 use bytes::Bytes;
+use callapi_kit::secret::{Secret, redact_url};
 use http_body_util::{BodyExt as _, Full};
 use serde_json::Value;
 use tokio::net::UdpSocket;
-use tokio::sync::{Mutex, oneshot};
+use tokio::time::Instant;
 
-use base64::Engine as _;
-use callapi_kit::secret::{Secret, redact_url};
-
+use crate::adaptive::{Aimd, Signal};
 use crate::envelope::{self, MiOutcome};
 use crate::fair::{Class, FairLimiter, Limits};
 
@@ -88,24 +89,22 @@ pub enum TransportError {
     /// The answer was not a JSON-RPC reply.
     #[error("{0}")]
     BadReply(String),
+    /// The node is overloaded: OpenSIPS answered an internal error, or too many requests wait.
+    #[error("node overloaded: {0}")]
+    Overloaded(String),
 }
 
-type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<MiOutcome>>>>;
-
-/// An open MI transport to one node.
-pub struct MiTransport {
-    kind: Kind,
-    limit: FairLimiter,
-    next_id: AtomicU64,
-}
-
-enum Kind {
+/// An open MI channel to one node: what one kind of command travels on.
+enum Channel {
+    /// mi_datagram: one socket per request in flight (kept in a pool), so that a reply with no
+    /// usable id — the plain text `500 Internal error` OpenSIPS sends when it is out of shared
+    /// memory — still belongs to exactly one request.
     Udp {
-        socket: Arc<UdpSocket>,
-        target: String,
-        pending: Pending,
-        receiver: tokio::task::JoinHandle<()>,
+        target: SocketAddr,
+        label: String,
+        idle: std::sync::Mutex<Vec<Lane>>,
     },
+    /// mi_http: one POST per request.
     Http {
         uri: hyper::Uri,
         authorization: Option<Secret>,
@@ -116,19 +115,78 @@ enum Kind {
     },
 }
 
-impl Drop for MiTransport {
-    fn drop(&mut self) {
-        if let Kind::Udp { receiver, .. } = &self.kind {
-            receiver.abort();
+/// A UDP socket connected to the node, with its receive buffer.
+struct Lane {
+    socket: UdpSocket,
+    buffer: Vec<u8>,
+}
+
+/// Idle UDP sockets kept per node for the next requests.
+const MAX_IDLE_LANES: usize = 256;
+
+/// An open MI transport to one node.
+pub struct MiTransport {
+    /// Synchronous commands (answered at once).
+    sync: Channel,
+    /// Asynchronous commands (`t_uac_dlg`): never mi_http, whose single process answers them
+    /// only at its next 500 ms poll step and serves nothing else meanwhile.
+    asynchronous: Channel,
+    limit: FairLimiter,
+    next_id: AtomicU64,
+}
+
+/// How the node's MI is reached, per kind of command.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MiRoutes {
+    /// Where synchronous commands go.
+    pub sync: MiEndpoint,
+    /// Where asynchronous commands (`t_uac_dlg`) go: always mi_datagram.
+    pub asynchronous: MiEndpoint,
+}
+
+impl MiRoutes {
+    /// The routes of a node with MI at `mi` and, optionally, asynchronous commands at
+    /// `mi_async`; refused if asynchronous commands would go over mi_http.
+    pub fn new(mi: &str, mi_async: Option<&str>) -> Result<Self, String> {
+        let sync = MiEndpoint::parse(mi)?;
+        let asynchronous = match mi_async {
+            Some(text) => MiEndpoint::parse(text)?,
+            None => sync.clone(),
+        };
+        if matches!(asynchronous, MiEndpoint::Http { .. }) {
+            return Err(
+                "asynchronous MI commands (t_uac_dlg) must not go over mi_http: OpenSIPS answers \
+                 them only at its next 500 ms poll step, one at a time; set mi = \"udp:HOST:PORT\" \
+                 (mi_datagram), or keep mi_http for the rest and add mi_async = \"udp:HOST:PORT\""
+                    .to_owned(),
+            );
+        }
+        Ok(Self { sync, asynchronous })
+    }
+
+    /// How each kind travels, for the logs (no credentials).
+    pub fn describe(&self) -> String {
+        format!(
+            "synchronous commands over {}, asynchronous (t_uac_dlg) over {}",
+            self.sync.describe(),
+            self.asynchronous.describe()
+        )
+    }
+}
+
+impl MiEndpoint {
+    /// The transport and address, without credentials.
+    pub fn describe(&self) -> String {
+        match self {
+            MiEndpoint::Udp(target) => format!("mi_datagram udp:{target}"),
+            MiEndpoint::Http { uri, .. } => format!("mi_http {uri}"),
         }
     }
 }
 
-impl MiTransport {
-    /// Opens the transport (binds the UDP socket, or prepares the HTTP client); `limits` bound
-    /// the requests in flight (see [`crate::fair`]).
-    pub async fn open(endpoint: MiEndpoint, limits: Limits) -> std::io::Result<Self> {
-        let kind = match endpoint {
+impl Channel {
+    async fn open(endpoint: MiEndpoint) -> std::io::Result<Self> {
+        Ok(match endpoint {
             MiEndpoint::Udp(target) => {
                 let resolved: SocketAddr = tokio::net::lookup_host(target.as_str())
                     .await?
@@ -136,38 +194,169 @@ impl MiTransport {
                     .ok_or_else(|| {
                     std::io::Error::other(format!("{target} does not resolve"))
                 })?;
-                let bind: SocketAddr = if resolved.is_ipv4() {
-                    ([0, 0, 0, 0], 0).into()
-                } else {
-                    (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
-                };
-                let socket = UdpSocket::bind(bind).await?;
-                socket.connect(resolved).await?;
-                let socket = Arc::new(socket);
-                let pending: Pending = Arc::default();
-                let receiver = tokio::spawn(receive_replies(socket.clone(), pending.clone()));
-                Kind::Udp {
-                    socket,
-                    target,
-                    pending,
-                    receiver,
+                Channel::Udp {
+                    target: resolved,
+                    label: format!("udp:{target}"),
+                    idle: std::sync::Mutex::new(Vec::new()),
                 }
             }
             MiEndpoint::Http { uri, authorization } => {
+                let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
+                // Small requests and replies: never wait for a delayed ACK.
+                connector.set_nodelay(true);
                 let client = hyper_util::client::legacy::Client::builder(
                     hyper_util::rt::TokioExecutor::new(),
                 )
-                .build_http();
-                Kind::Http {
+                .build(connector);
+                Channel::Http {
                     uri,
                     authorization,
                     client,
                 }
             }
+        })
+    }
+
+    fn label(&self) -> String {
+        match self {
+            Channel::Udp { label, .. } => label.clone(),
+            Channel::Http { uri, .. } => uri.to_string(),
+        }
+    }
+
+    /// One request/reply exchange, without a time limit (the caller sets it).
+    async fn exchange(&self, id: u64, body: &[u8]) -> Result<MiOutcome, TransportError> {
+        match self {
+            Channel::Udp {
+                target,
+                label,
+                idle,
+            } => {
+                let mut lane = match idle.lock().ok().and_then(|mut lanes| lanes.pop()) {
+                    Some(lane) => lane,
+                    None => Lane::open(*target)
+                        .await
+                        .map_err(|e| TransportError::Unreachable(label.clone(), e.to_string()))?,
+                };
+                let outcome = lane.exchange(id, body, label).await;
+                // A lane is reused only after a clean exchange: after a timeout or an error a
+                // late reply could still arrive on it (the future is dropped with the lane).
+                if outcome.is_ok()
+                    && let Ok(mut lanes) = idle.lock()
+                    && lanes.len() < MAX_IDLE_LANES
+                {
+                    lanes.push(lane);
+                }
+                outcome
+            }
+            Channel::Http {
+                uri,
+                authorization,
+                client,
+            } => {
+                let mut request =
+                    hyper::Request::post(uri.clone()).header("content-type", "application/json");
+                if let Some(authorization) = authorization {
+                    request = request.header("authorization", authorization.expose());
+                }
+                let request = request
+                    .body(Full::new(Bytes::from(body.to_vec())))
+                    .map_err(|e| TransportError::BadMethod(e.to_string()))?;
+                let response = client
+                    .request(request)
+                    .await
+                    .map_err(|e| TransportError::Unreachable(uri.to_string(), e.to_string()))?;
+                let status = response.status();
+                let bytes = response
+                    .into_body()
+                    .collect()
+                    .await
+                    .map_err(|e| TransportError::Unreachable(uri.to_string(), e.to_string()))?
+                    .to_bytes();
+                if status.is_server_error() || is_internal_error(&bytes) {
+                    return Err(TransportError::Overloaded(format!(
+                        "OpenSIPS answered HTTP {status}: {}",
+                        snippet(&bytes)
+                    )));
+                }
+                envelope::parse_reply(&bytes)
+                    .map(|(_, outcome)| outcome)
+                    .map_err(TransportError::BadReply)
+            }
+        }
+    }
+}
+
+impl Lane {
+    async fn open(target: SocketAddr) -> std::io::Result<Self> {
+        let bind: SocketAddr = if target.is_ipv4() {
+            ([0, 0, 0, 0], 0).into()
+        } else {
+            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
         };
+        let socket = UdpSocket::bind(bind).await?;
+        socket.connect(target).await?;
         Ok(Self {
-            kind,
-            limit: FairLimiter::new(limits),
+            socket,
+            buffer: vec![0u8; MAX_DATAGRAM],
+        })
+    }
+
+    async fn exchange(
+        &mut self,
+        id: u64,
+        body: &[u8],
+        label: &str,
+    ) -> Result<MiOutcome, TransportError> {
+        let unreachable =
+            |e: std::io::Error| TransportError::Unreachable(label.to_owned(), e.to_string());
+        self.socket.send(body).await.map_err(unreachable)?;
+        loop {
+            // A refused port shows up here (ICMP port unreachable on a connected socket).
+            let len = self
+                .socket
+                .recv(&mut self.buffer)
+                .await
+                .map_err(unreachable)?;
+            let reply = &self.buffer[..len];
+            if is_internal_error(reply) {
+                return Err(TransportError::Overloaded(format!(
+                    "OpenSIPS answered {:?} (out of shared memory?)",
+                    snippet(reply)
+                )));
+            }
+            match envelope::parse_reply(reply) {
+                Ok((Some(reply_id), outcome)) if reply_id == id => return Ok(outcome),
+                Ok((Some(other), _)) => {
+                    tracing::debug!(other, id, "MI reply for an earlier request on this socket");
+                }
+                Ok((None, outcome)) => return Ok(outcome),
+                Err(reason) => return Err(TransportError::BadReply(reason)),
+            }
+        }
+    }
+}
+
+/// Whether a reply is OpenSIPS's plain-text internal error (e.g. mi_datagram's async handler
+/// could not be built: no shared memory left).
+fn is_internal_error(reply: &[u8]) -> bool {
+    reply.trim_ascii().starts_with(b"500 ")
+}
+
+fn snippet(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(&bytes[..bytes.len().min(120)])
+        .trim()
+        .to_owned()
+}
+
+impl MiTransport {
+    /// Opens the node's channels; `limits` and `adaptive` bound the requests in flight (see
+    /// [`crate::fair`] and [`crate::adaptive`]).
+    pub async fn open(routes: MiRoutes, limits: Limits, adaptive: Aimd) -> std::io::Result<Self> {
+        Ok(Self {
+            sync: Channel::open(routes.sync).await?,
+            asynchronous: Channel::open(routes.asynchronous).await?,
+            limit: FairLimiter::new(limits, adaptive),
             next_id: AtomicU64::new(1),
         })
     }
@@ -184,120 +373,164 @@ impl MiTransport {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let body = envelope::build_request(id, method, params.as_ref())
             .map_err(TransportError::BadMethod)?;
+        let class = Class::of(method);
+        let channel = match class {
+            Class::Short => &self.sync,
+            Class::Long => &self.asynchronous,
+        };
         let work = async {
-            let _permit = self.limit.acquire(client, Class::of(method)).await;
-            match &self.kind {
-                Kind::Udp {
-                    socket,
-                    target,
-                    pending,
-                    ..
-                } => {
-                    let (tx, rx) = oneshot::channel();
-                    pending.lock().await.insert(id, tx);
-                    let _guard = PendingGuard {
-                        pending: pending.clone(),
-                        id,
-                    };
-                    socket
-                        .send(&body)
-                        .await
-                        .map_err(|e| TransportError::Unreachable(target.clone(), e.to_string()))?;
-                    rx.await
-                        .map_err(|_| TransportError::Unreachable(target.clone(), "closed".into()))
-                }
-                Kind::Http {
-                    uri,
-                    authorization,
-                    client,
-                } => {
-                    let mut request = hyper::Request::post(uri.clone())
-                        .header("content-type", "application/json");
-                    if let Some(authorization) = authorization {
-                        request = request.header("authorization", authorization.expose());
-                    }
-                    let request = request
-                        .body(Full::new(Bytes::from(body)))
-                        .map_err(|e| TransportError::BadMethod(e.to_string()))?;
-                    let response = client
-                        .request(request)
-                        .await
-                        .map_err(|e| TransportError::Unreachable(uri.to_string(), e.to_string()))?;
-                    let bytes = response
-                        .into_body()
-                        .collect()
-                        .await
-                        .map_err(|e| TransportError::Unreachable(uri.to_string(), e.to_string()))?
-                        .to_bytes();
-                    envelope::parse_reply(&bytes)
-                        .map(|(_, outcome)| outcome)
-                        .map_err(TransportError::BadReply)
-                }
-            }
+            let _permit = self
+                .limit
+                .acquire(client, class)
+                .await
+                .map_err(|full| TransportError::Overloaded(format!("{full}; not sent")))?;
+            let sent = Instant::now();
+            let outcome = channel.exchange(id, &body).await;
+            let signal = match &outcome {
+                Ok(_) => Signal::Answered {
+                    short: class == Class::Short,
+                    latency: sent.elapsed(),
+                },
+                Err(TransportError::Overloaded(_)) => Signal::Overload,
+                Err(_) => Signal::Neutral,
+            };
+            self.limit.observe(signal);
+            outcome
         };
         match tokio::time::timeout(timeout, work).await {
             Ok(result) => result,
-            Err(_) => Err(TransportError::Timeout(self.target(), timeout)),
-        }
-    }
-
-    fn target(&self) -> String {
-        match &self.kind {
-            Kind::Udp { target, .. } => format!("udp:{target}"),
-            Kind::Http { uri, .. } => uri.to_string(),
-        }
-    }
-}
-
-/// Removes a pending UDP request however its wait ends (reply, timeout, cancel).
-struct PendingGuard {
-    pending: Pending,
-    id: u64,
-}
-
-impl Drop for PendingGuard {
-    fn drop(&mut self) {
-        let pending = self.pending.clone();
-        let id = self.id;
-        if let Ok(mut map) = pending.try_lock() {
-            map.remove(&id);
-        } else {
-            tokio::spawn(async move {
-                pending.lock().await.remove(&id);
-            });
-        }
-    }
-}
-
-async fn receive_replies(socket: Arc<UdpSocket>, pending: Pending) {
-    let mut buf = vec![0u8; MAX_DATAGRAM];
-    loop {
-        let len = match socket.recv(&mut buf).await {
-            Ok(len) => len,
-            Err(err) => {
-                // ICMP port unreachable shows up here while OpenSIPS is down: keep listening.
-                tracing::debug!(%err, "MI datagram receive error");
-                tokio::time::sleep(Duration::from_millis(20)).await;
-                continue;
-            }
-        };
-        match envelope::parse_reply(&buf[..len]) {
-            Ok((Some(id), outcome)) => {
-                if let Some(tx) = pending.lock().await.remove(&id) {
-                    let _ = tx.send(outcome);
-                } else {
-                    tracing::debug!(id, "MI reply for no pending request (late?)");
+            Err(_) => {
+                // A short command unanswered in time is a sign of overload too (a long one may
+                // just be a phone that keeps ringing).
+                if class == Class::Short {
+                    self.limit.observe(Signal::Overload);
                 }
+                Err(TransportError::Timeout(channel.label(), timeout))
             }
-            Ok((None, outcome)) => tracing::warn!(?outcome, "MI reply without a usable id"),
-            Err(reason) => tracing::warn!(%reason, "unusable MI datagram"),
         }
+    }
+
+    /// The node's current limit of MI requests in flight.
+    pub fn limit(&self) -> usize {
+        self.limit.limit()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
+
+    fn limits() -> (Limits, Aimd) {
+        (
+            Limits {
+                total: 8,
+                long: 6,
+                long_per_client: 6,
+                max_queued: 16,
+            },
+            Aimd::new(1, 8, 8, Duration::from_millis(500), Duration::ZERO),
+        )
+    }
+
+    /// A fake mi_datagram node answering each request with `reply(request)`.
+    async fn fake_node(reply: fn(&Value) -> Vec<u8>) -> SocketAddr {
+        let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let addr = socket.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 65_535];
+            while let Ok((len, from)) = socket.recv_from(&mut buf).await {
+                let request: Value = serde_json::from_slice(&buf[..len]).unwrap_or_default();
+                let _ = socket.send_to(&reply(&request), from).await;
+            }
+        });
+        addr
+    }
+
+    async fn transport_to(addr: SocketAddr) -> MiTransport {
+        let (limits, aimd) = limits();
+        let routes = MiRoutes::new(&format!("udp:{addr}"), None).unwrap();
+        MiTransport::open(routes, limits, aimd).await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_plain_internal_error_is_overload_and_lowers_the_limit() {
+        let addr = fake_node(|_| b"500 Internal error\n".to_vec()).await;
+        let transport = transport_to(addr).await;
+        let outcome = transport
+            .call("t_uac_dlg", None, Duration::from_secs(2), "t/c")
+            .await;
+        assert!(
+            matches!(outcome, Err(TransportError::Overloaded(_))),
+            "{outcome:?}"
+        );
+        assert!(transport.limit() < 8, "limit {}", transport.limit());
+    }
+
+    #[tokio::test]
+    async fn concurrent_requests_each_get_their_own_reply() {
+        let addr = fake_node(|request| {
+            serde_json::to_vec(
+                &json!({"jsonrpc": "2.0", "id": request["id"], "result": request["params"]}),
+            )
+            .unwrap()
+        })
+        .await;
+        let transport = std::sync::Arc::new(transport_to(addr).await);
+        let calls = (0..20).map(|i| {
+            let transport = transport.clone();
+            async move {
+                transport
+                    .call(
+                        "dlg_list",
+                        Some(json!({"callid": i.to_string()})),
+                        Duration::from_secs(2),
+                        "t/c",
+                    )
+                    .await
+            }
+        });
+        for (i, outcome) in futures::future::join_all(calls)
+            .await
+            .into_iter()
+            .enumerate()
+        {
+            assert_eq!(
+                outcome.unwrap(),
+                MiOutcome::Result(json!({"callid": i.to_string()}))
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_closed_port_is_unreachable_at_once() {
+        let addr = {
+            let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+            socket.local_addr().unwrap()
+        };
+        let transport = transport_to(addr).await;
+        let started = Instant::now();
+        let outcome = transport
+            .call("dlg_list", None, Duration::from_secs(5), "t/c")
+            .await;
+        assert!(
+            matches!(outcome, Err(TransportError::Unreachable(..))),
+            "{outcome:?}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(1));
+    }
+
+    #[test]
+    fn asynchronous_commands_never_go_over_mi_http() {
+        let err = MiRoutes::new("http://127.0.0.1:8888/mi", None).unwrap_err();
+        assert!(err.contains("500 ms"), "{err}");
+        let routes = MiRoutes::new("http://127.0.0.1:8888/mi", Some("udp:127.0.0.1:8080")).unwrap();
+        assert_eq!(
+            routes.describe(),
+            "synchronous commands over mi_http http://127.0.0.1:8888/mi, asynchronous (t_uac_dlg) over mi_datagram udp:127.0.0.1:8080"
+        );
+        assert!(MiRoutes::new("udp:127.0.0.1:8080", Some("http://h/mi")).is_err());
+    }
 
     #[test]
     fn credentials_in_the_mi_url_become_a_header_and_leave_the_url() {

@@ -21,7 +21,8 @@ use serde_json::{Value, json};
 pub struct StackOptions {
     /// Emulated OpenSIPS version: "3.6" or "4.0".
     pub opensips_version: &'static str,
-    /// MI transport the connector uses: "udp" or "http".
+    /// MI transport the connector uses: "udp" (mi_datagram for every command) or "http"
+    /// (mi_http for synchronous commands, mi_datagram for `t_uac_dlg`).
     pub mi_transport: &'static str,
     /// Number of gateway replicas.
     pub gateways: usize,
@@ -69,7 +70,7 @@ impl Default for StackOptions {
     fn default() -> Self {
         Self {
             opensips_version: "3.6",
-            mi_transport: "http",
+            mi_transport: "udp",
             gateways: 1,
             commands: 1,
             deadlines_ms: (15_000, 10_000, 5_000, 5_000),
@@ -154,12 +155,17 @@ impl Stack {
             options: options.clone(),
             connector_config: String::new(),
         };
+        // Asynchronous commands always go over mi_datagram (mi_http answers them at its 500 ms
+        // poll step); "http" sends the synchronous ones over mi_http.
         let mi = match options.mi_transport {
-            "udp" => format!("udp:{}", stack.emulator_mi_udp),
-            _ => format!("http://{}{emulator_mi_http}/mi", options.mi_userinfo),
+            "udp" => format!("mi = \"udp:{}\"", stack.emulator_mi_udp),
+            _ => format!(
+                "mi = \"http://{}{emulator_mi_http}/mi\"\nmi_async = \"udp:{}\"",
+                options.mi_userinfo, stack.emulator_mi_udp
+            ),
         };
         stack.connector_config = format!(
-            "{}\n[nats]\nurl = \"{}\"\n[[nodes]]\nid = \"opensips1\"\nmi = \"{mi}\"\ndefault_timeout_ms = 5000\n{}\n",
+            "{}\n[nats]\nurl = \"{}\"\n[[nodes]]\nid = \"opensips1\"\n{mi}\ndefault_timeout_ms = 5000\n{}\n",
             options.connector_toml, stack.nats.url, options.connector_node_toml
         );
         stack.connector = stack

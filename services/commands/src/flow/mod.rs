@@ -100,6 +100,9 @@ pub enum MiResult {
     },
     /// No answer: node down, timeout, no connector.
     Unreachable(String),
+    /// The node is overloaded (OpenSIPS out of shared memory, or too many requests waiting):
+    /// the request was not carried out.
+    Overloaded(String),
     /// The request was sent but contact was lost before its answer (connector gone, NATS
     /// restarted): OpenSIPS may or may not have acted on it.
     Lost(String),
@@ -199,6 +202,8 @@ pub enum ErrorCode {
     Timeout,
     /// The OpenSIPS node could not be reached.
     NodeUnreachable,
+    /// The OpenSIPS node is overloaded: the command was not carried out; try again later.
+    NodeOverloaded,
     /// Any other error OpenSIPS answered.
     OpensipsError,
 }
@@ -218,6 +223,7 @@ impl ErrorCode {
             Self::HoldFailed => "HOLD_FAILED",
             Self::Timeout => "TIMEOUT",
             Self::NodeUnreachable => "NODE_UNREACHABLE",
+            Self::NodeOverloaded => "NODE_OVERLOADED",
             Self::OpensipsError => "OPENSIPS_ERROR",
         }
     }
@@ -365,6 +371,13 @@ pub fn generic_mi_error(result: &MiResult, what: &str) -> ErrorNote {
         MiResult::Unreachable(reason) => ErrorNote::new(
             ErrorCode::NodeUnreachable,
             format!("{what}: OpenSIPS unreachable: {reason}"),
+            0,
+        ),
+        MiResult::Overloaded(reason) => ErrorNote::new(
+            ErrorCode::NodeOverloaded,
+            format!(
+                "{what}: not done, the OpenSIPS node is overloaded ({reason}); try again later"
+            ),
             0,
         ),
         MiResult::Lost(reason) => ErrorNote::new(
