@@ -42,17 +42,32 @@ pub async fn connect(
     settings: &NatsSettings,
     service: &str,
 ) -> Result<async_nats::Client, NatsError> {
+    Ok(connect_watched(settings, service).await?.0)
+}
+
+/// Like [`connect`], also giving the number of times the connection was lost so far: messages
+/// published meanwhile (replies, events) may be gone, and whoever waits for one should know.
+pub async fn connect_watched(
+    settings: &NatsSettings,
+    service: &str,
+) -> Result<(async_nats::Client, tokio::sync::watch::Receiver<u64>), NatsError> {
     let prepared = prepare(settings)?;
     let name = settings.name.clone().unwrap_or_else(|| service.to_owned());
+    let (disconnects, watch) = tokio::sync::watch::channel(0u64);
     let mut options = async_nats::ConnectOptions::new()
         .name(name)
         .retry_on_initial_connect()
-        .event_callback(|event| async move {
-            match event {
-                async_nats::Event::SlowConsumer(sid) => {
-                    tracing::warn!(sid, "NATS slow consumer: messages were dropped")
+        .event_callback(move |event| {
+            if matches!(event, async_nats::Event::Disconnected) {
+                disconnects.send_modify(|count| *count += 1);
+            }
+            async move {
+                match event {
+                    async_nats::Event::SlowConsumer(sid) => {
+                        tracing::warn!(sid, "NATS slow consumer: messages were dropped")
+                    }
+                    other => tracing::info!(event = %other, "NATS connection event"),
                 }
-                other => tracing::info!(event = %other, "NATS connection event"),
             }
         });
     let auth = match &prepared.credentials {
@@ -68,7 +83,8 @@ pub async fn connect(
         }
     };
     tracing::info!(url = %redact_url(&settings.url), auth, "connecting to NATS");
-    Ok(options.connect(prepared.urls.as_slice()).await?)
+    let client = options.connect(prepared.urls.as_slice()).await?;
+    Ok((client, watch))
 }
 
 /// Splits the URL list, takes credentials out of the URLs and picks the credentials to use:
@@ -145,22 +161,9 @@ fn split_userinfo(url: &str) -> Result<(String, Option<Credentials>), NatsError>
 
 /// Decodes the %-escapes of URL user information.
 fn percent_decode(text: &str) -> Result<Secret, NatsError> {
-    const BAD: NatsError = NatsError::Settings("bad %-escape in the credentials of nats.url");
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while let Some(&b) = bytes.get(i) {
-        if b == b'%' {
-            let hex = bytes.get(i + 1..i + 3).ok_or(BAD)?;
-            let hex = std::str::from_utf8(hex).map_err(|_| BAD)?;
-            out.push(u8::from_str_radix(hex, 16).map_err(|_| BAD)?);
-            i += 3;
-        } else {
-            out.push(b);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).map(Secret::from).map_err(|_| BAD)
+    crate::secret::percent_decode(text).ok_or(NatsError::Settings(
+        "bad %-escape in the credentials of nats.url",
+    ))
 }
 
 #[cfg(test)]

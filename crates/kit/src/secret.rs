@@ -57,6 +57,25 @@ impl fmt::Display for Secret {
     }
 }
 
+/// Decodes the %-escapes of URL user information (`p%40ss` → `p@ss`); `None` if an escape is
+/// malformed or the result is not UTF-8.
+pub fn percent_decode(text: &str) -> Option<Secret> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while let Some(&b) = bytes.get(i) {
+        if b == b'%' {
+            let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(b);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok().map(Secret::from)
+}
+
 /// A URL (or a comma-separated list of URLs) fit for a log line: any user information before
 /// an `@` in an authority is replaced by `***` (`http://admin:pw@h:80/mi` →
 /// `http://***@h:80/mi`). When in doubt it hides too much rather than too little: everything

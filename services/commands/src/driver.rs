@@ -19,7 +19,7 @@ use prost::Message as _;
 use tokio::time::Instant;
 
 use crate::flow::{
-    Action, CallEvent, ErrorCode, ErrorNote, Flow, Input, MiResult, StepNote, Timer,
+    Action, CallEvent, ErrorCode, ErrorNote, Flow, Input, MiResult, Step, StepNote, Timer,
 };
 
 /// After the deadline, how long a flow may still take to wrap up.
@@ -42,12 +42,21 @@ pub struct Context {
     pub connection_id: String,
     /// Subject of the gateway holding the client.
     pub notify_subject: String,
-    /// How MI requests in flight are watched.
-    pub liveness: Liveness,
+    /// How MI requests in flight are watched (`None`: only by their timeout).
+    pub liveness: Option<Liveness>,
+    /// Counts the losses of this replica's NATS connection.
+    pub disconnects: tokio::sync::watch::Receiver<u64>,
 }
+
+/// Longest wait for the answer to a `dlg_list` probe (the flow probes again after it).
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Attempts at a clean-up request while OpenSIPS cannot be reached, a second apart.
+const DETACHED_ATTEMPTS: u32 = 5;
 
 /// Runs `flow` until it finishes or its deadline (plus grace) passes.
 pub async fn drive(ctx: Context, mut flow: Flow, deadline: Duration) {
+    let mut disconnects = ctx.disconnects.clone();
+    disconnects.borrow_and_update();
     let started = Instant::now();
     let deadline_at = started + deadline;
     let hard_stop = deadline_at + GRACE;
@@ -83,14 +92,17 @@ pub async fn drive(ctx: Context, mut flow: Flow, deadline: Duration) {
                         }
                         need_flush = false;
                     }
-                    let budget = deadline_at.saturating_duration_since(Instant::now());
+                    let mut budget = deadline_at.saturating_duration_since(Instant::now());
+                    if step == Step::Probe {
+                        budget = budget.min(PROBE_TIMEOUT);
+                    }
                     let ctx = ctx.clone();
                     let params = params.to_string();
                     mi_calls.push(async move {
                         let budget = budget.max(Duration::from_millis(500));
                         (
                             step,
-                            mi_call(&ctx, method, params, budget, Some(ctx.liveness)).await,
+                            mi_call(&ctx, method, params, budget, ctx.liveness).await,
                         )
                     });
                 }
@@ -98,9 +110,29 @@ pub async fn drive(ctx: Context, mut flow: Flow, deadline: Duration) {
                     let ctx = ctx.clone();
                     let params = params.to_string();
                     tokio::spawn(async move {
-                        let result = mi_call(&ctx, method, params, DETACHED_TIMEOUT, None).await;
-                        if !matches!(result, MiResult::Ok(_)) {
-                            tracing::debug!(method, ?result, "clean-up request did not succeed");
+                        // Clean-up matters most when OpenSIPS was out of reach: try again a
+                        // few times while it still is (not when it answered, even an error).
+                        for attempt in 1..=DETACHED_ATTEMPTS {
+                            let result =
+                                mi_call(&ctx, method, params.clone(), DETACHED_TIMEOUT, None).await;
+                            match result {
+                                MiResult::Ok(_) => return,
+                                MiResult::Unreachable(_)
+                                | MiResult::Lost(_)
+                                | MiResult::Overloaded(_)
+                                    if attempt < DETACHED_ATTEMPTS =>
+                                {
+                                    tokio::time::sleep(Duration::from_secs(1)).await;
+                                }
+                                other => {
+                                    tracing::debug!(
+                                        method,
+                                        ?other,
+                                        "clean-up request did not succeed"
+                                    );
+                                    return;
+                                }
+                            }
                         }
                     });
                 }
@@ -128,12 +160,19 @@ pub async fn drive(ctx: Context, mut flow: Flow, deadline: Duration) {
             .min_by_key(|(_, at)| **at)
             .map(|(t, at)| (*t, *at));
         let input = tokio::select! {
+            // Answers and events before timers: an event and a timer ready together must not
+            // be decided by chance.
+            biased;
             Some((step, result)) = mi_calls.next(), if !mi_calls.is_empty() => Input::Mi(step, result),
             Some(message) = events.next(), if !events.is_empty() => {
                 match decode_event(&message.payload) {
                     Some(event) => Input::Event(event),
                     None => continue,
                 }
+            }
+            Ok(()) = disconnects.changed() => {
+                tracing::warn!(cmd_id = %ctx.cmd_id, "NATS connection lost during the command: events may be missing");
+                Input::ContactLost
             }
             Some(timer) = fire(next_timer) => {
                 timers.remove(&timer);

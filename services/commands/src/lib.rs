@@ -39,7 +39,8 @@ pub struct Config {
 pub struct MiSettings {
     /// How often proxy-connector confirms it still holds a request, milliseconds.
     pub progress_interval_ms: u64,
-    /// Silence after which a request is presumed lost, milliseconds.
+    /// Silence after which a request is presumed lost, milliseconds; 0 turns the watch off
+    /// (for a proxy-connector too old to send progress: upgrade proxy-connector first).
     pub lost_after_ms: u64,
 }
 
@@ -53,13 +54,16 @@ impl Default for MiSettings {
 }
 
 impl MiSettings {
-    /// As `kit::mi` takes it.
-    pub fn liveness(&self) -> callapi_kit::mi::Liveness {
+    /// As `kit::mi` takes it (`None` when turned off).
+    pub fn liveness(&self) -> Option<callapi_kit::mi::Liveness> {
+        if self.lost_after_ms == 0 {
+            return None;
+        }
         let progress_interval = Duration::from_millis(self.progress_interval_ms.max(100));
-        callapi_kit::mi::Liveness {
+        Some(callapi_kit::mi::Liveness {
             progress_interval,
             lost_after: Duration::from_millis(self.lost_after_ms).max(progress_interval * 2),
-        }
+        })
     }
 }
 
@@ -135,7 +139,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
             config.node_id
         )));
     }
-    let client = callapi_kit::nats::connect(&config.nats, "commands")
+    if config.deadlines.transfer_start_ms == 0 {
+        return Err(Error::Config(
+            "deadlines.transfer_start_ms must be above 0 (every transfer would fail at once)"
+                .to_owned(),
+        ));
+    }
+    let (client, disconnects) = callapi_kit::nats::connect_watched(&config.nats, "commands")
         .await
         .map_err(|e| Error::Nats(e.to_string()))?;
     let mut intake = client
@@ -154,7 +164,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
             _ = shutdown.cancelled() => break,
             message = intake.next() => {
                 let Some(message) = message else { break };
-                let ack = match accept(&config, &client, &message) {
+                let ack = match accept(&config, &client, &disconnects, &message) {
                     Ok((work, ends_within)) => {
                         running.spawn(work);
                         CommandAck {
@@ -189,6 +199,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
 fn accept(
     config: &Config,
     client: &async_nats::Client,
+    disconnects: &tokio::sync::watch::Receiver<u64>,
     message: &async_nats::Message,
 ) -> Result<
     (
@@ -227,6 +238,7 @@ fn accept(
         connection_id: request.connection_id.clone(),
         notify_subject: request.notify_subject.clone(),
         liveness: config.mi.liveness(),
+        disconnects: disconnects.clone(),
     };
     tracing::info!(cmd_id = %request.cmd_id, tenant = %request.tenant, ?deadline, "command accepted");
     let deadline = Duration::from_millis(deadline);

@@ -123,9 +123,15 @@ impl Slots {
         self.limits.total = total.max(1);
     }
 
-    /// The most long requests that may run now.
+    /// The most long requests that may run now: at most three quarters of the limit, and
+    /// always one slot left for short requests (unless the limit is 1).
     fn long_cap(&self) -> usize {
-        self.limits.long.min((self.limits.total * 3 / 4).max(1))
+        let total = self.limits.total;
+        self.limits
+            .long
+            .min(total * 3 / 4)
+            .min(total.saturating_sub(1))
+            .max(1)
     }
 
     /// Queues a request; returns its id (see [`Slots::grants`]), or refuses it when
@@ -562,6 +568,12 @@ mod tests {
         )
         .await;
         assert!(timed_out.is_err());
+        {
+            let shared = limiter.lock().unwrap();
+            assert!(shared.waiters.is_empty(), "the timed-out waiter is gone");
+            assert_eq!(shared.slots.waiting, 0);
+            assert_eq!(shared.slots.running, 1);
+        }
         drop(held);
         let again = tokio::time::timeout(
             std::time::Duration::from_secs(1),
@@ -569,5 +581,9 @@ mod tests {
         )
         .await;
         assert!(again.is_ok(), "the slot was given back");
+        drop(again);
+        let shared = limiter.lock().unwrap();
+        assert_eq!((shared.slots.running, shared.slots.long_running), (0, 0));
+        assert!(shared.slots.clients.is_empty() && shared.slots.turn.is_empty());
     }
 }

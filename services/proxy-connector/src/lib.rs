@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use callapi_kit::config::NatsSettings;
+use callapi_kit::secret::redact_url;
 use callapi_kit::subjects;
 use callapi_proto::v1::{MiFailure, MiProgress, MiReply, MiRequest, mi_failure, mi_reply};
 use futures::StreamExt as _;
@@ -43,7 +44,7 @@ impl Default for Config {
 }
 
 /// One OpenSIPS node and how to reach its MI.
-#[derive(Debug, Clone, serde::Deserialize)]
+#[derive(Clone, serde::Deserialize)]
 #[serde(default)]
 pub struct NodeConfig {
     /// Node id, used in subjects (`callapi.v1.mi.<id>`).
@@ -85,6 +86,24 @@ impl Default for NodeConfig {
             max_async_per_client: 8,
             default_timeout_ms: 10_000,
         }
+    }
+}
+
+impl std::fmt::Debug for NodeConfig {
+    /// Like a derived `Debug`, with the credentials of MI URLs hidden.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeConfig")
+            .field("id", &self.id)
+            .field("mi", &redact_url(&self.mi))
+            .field("mi_async", &self.mi_async.as_deref().map(redact_url))
+            .field("max_in_flight", &self.max_in_flight)
+            .field("min_in_flight", &self.min_in_flight)
+            .field("max_queued", &self.max_queued)
+            .field("slow_ms", &self.slow_ms)
+            .field("max_async_in_flight", &self.max_async_in_flight)
+            .field("max_async_per_client", &self.max_async_per_client)
+            .field("default_timeout_ms", &self.default_timeout_ms)
+            .finish()
     }
 }
 
@@ -139,7 +158,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
                     max_queued: node.max_queued,
                 },
                 adaptive::Aimd::new(
-                    node.min_in_flight,
+                    // Two at least: one for a t_uac_dlg, one for everything else.
+                    node.min_in_flight.max(2),
                     node.max_in_flight / 2,
                     node.max_in_flight,
                     Duration::from_millis(node.slow_ms),
@@ -161,7 +181,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
             .map_err(|e| Error::Nats(e.to_string()))?;
         tracing::info!(
             node = %node.id,
-            mi = %callapi_kit::secret::redact_url(&node.mi),
+            mi = %redact_url(&node.mi),
             "serving MI requests: {described}"
         );
         tasks.push(tokio::spawn(serve_node(
@@ -332,5 +352,22 @@ fn failure(kind: mi_failure::Kind, message: String) -> MiReply {
             kind: kind as i32,
             message,
         })),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_settings_debug_shows_no_credentials() {
+        let node = NodeConfig {
+            mi: "http://admin:hunter2@127.0.0.1:8888/mi".to_owned(),
+            mi_async: Some("udp:127.0.0.1:8080".to_owned()),
+            ..NodeConfig::default()
+        };
+        let shown = format!("{node:?}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(shown.contains("127.0.0.1:8888"), "{shown}");
     }
 }

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use bytes::Bytes;
-use callapi_kit::secret::{Secret, redact_url};
+use callapi_kit::secret::{Secret, percent_decode, redact_url};
 use http_body_util::{BodyExt as _, Full};
 use serde_json::Value;
 use tokio::net::UdpSocket;
@@ -59,12 +59,25 @@ impl MiEndpoint {
             let uri: hyper::Uri = format!("http://{host}{path}")
                 .parse()
                 .map_err(|e| format!("bad MI URL {shown:?}: {e}"))?;
-            let authorization = userinfo.map(|userinfo| {
-                Secret::new(format!(
-                    "Basic {}",
-                    base64::engine::general_purpose::STANDARD.encode(userinfo)
-                ))
-            });
+            let authorization = match userinfo {
+                Some(userinfo) => {
+                    let (user, password) = userinfo.split_once(':').unwrap_or((userinfo, ""));
+                    let decode = |part: &str| {
+                        percent_decode(part)
+                            .ok_or_else(|| format!("bad %-escape in the credentials of {shown:?}"))
+                    };
+                    let (user, password) = (decode(user)?, decode(password)?);
+                    Some(Secret::new(format!(
+                        "Basic {}",
+                        base64::engine::general_purpose::STANDARD.encode(format!(
+                            "{}:{}",
+                            user.expose(),
+                            password.expose()
+                        ))
+                    )))
+                }
+                None => None,
+            };
             return Ok(Self::Http { uri, authorization });
         }
         Err(format!(
@@ -549,6 +562,13 @@ mod tests {
             panic!("not http")
         };
         assert!(authorization.is_none());
+        let MiEndpoint::Http { authorization, .. } =
+            MiEndpoint::parse("http://admin:p%40ss@127.0.0.1:8888/mi").unwrap()
+        else {
+            panic!("not http")
+        };
+        // base64 of "admin:p@ss"
+        assert_eq!(authorization.unwrap().expose(), "Basic YWRtaW46cEBzcw==");
         let err = MiEndpoint::parse("ftp://admin:hunter2@h/mi").unwrap_err();
         assert!(!err.contains("hunter2"), "{err}");
     }

@@ -79,7 +79,7 @@ impl Default for Timings {
         Self {
             transfer_start: Duration::from_secs(5),
             reprobe: Duration::from_secs(1),
-            probes: 5,
+            probes: 30,
         }
     }
 }
@@ -157,6 +157,8 @@ pub enum Input {
     Event(CallEvent),
     /// A timer the flow asked for fired.
     Timer(Timer),
+    /// The connection to NATS was lost for a while: events published meanwhile may be gone.
+    ContactLost,
     /// The command's deadline passed.
     Deadline,
 }
@@ -370,7 +372,7 @@ pub fn generic_mi_error(result: &MiResult, what: &str) -> ErrorNote {
         }
         MiResult::Unreachable(reason) => ErrorNote::new(
             ErrorCode::NodeUnreachable,
-            format!("{what}: OpenSIPS unreachable: {reason}"),
+            format!("{what}: could not reach OpenSIPS: {reason}"),
             0,
         ),
         MiResult::Overloaded(reason) => ErrorNote::new(

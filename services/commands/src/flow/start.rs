@@ -52,6 +52,8 @@ pub struct StartFlow {
     loss_reported: bool,
     /// The answer to `call_transfer` was lost: only its events can tell whether it went on.
     transfer_answer_lost: bool,
+    /// NATS was lost for a while: events may be missing, so silence proves nothing.
+    contact_lost: bool,
 }
 
 impl StartFlow {
@@ -68,6 +70,7 @@ impl StartFlow {
             probes_left: timings.probes,
             loss_reported: false,
             transfer_answer_lost: false,
+            contact_lost: false,
         }
     }
 
@@ -100,6 +103,10 @@ impl StartFlow {
             return Vec::new();
         }
         match input {
+            Input::ContactLost => {
+                self.contact_lost = true;
+                Vec::new()
+            }
             Input::Mi(Step::Invite, MiResult::Lost(_)) => {
                 self.phase = Phase::Probing;
                 vec![self.probe()]
@@ -130,12 +137,19 @@ impl StartFlow {
             Input::Timer(Timer::TransferStart)
                 if self.phase == Phase::Transferring
                     && self.new_callid.is_none()
-                    && self.transfer_answer_lost =>
+                    && (self.transfer_answer_lost || self.contact_lost) =>
             {
                 let message = format!(
-                    "lost contact with OpenSIPS while asking it to transfer the caller to the callee {}, and the call to the callee did not start within {} ms; the caller's call was ended",
+                    "lost contact with OpenSIPS while the caller was being transferred to the callee {}, and no start of that call was seen within {} ms (it may or may not be up); the caller's first call is being ended",
                     self.callee,
                     self.timings.transfer_start.as_millis()
+                );
+                self.fail_and_clean(ErrorNote::new(ErrorCode::NodeUnreachable, message, 0))
+            }
+            Input::Deadline if self.phase == Phase::Transferring && self.contact_lost => {
+                let message = format!(
+                    "lost contact with OpenSIPS's events while calling the callee {}: the outcome of that call is unknown",
+                    self.callee
                 );
                 self.fail_and_clean(ErrorNote::new(ErrorCode::NodeUnreachable, message, 0))
             }
@@ -143,7 +157,7 @@ impl StartFlow {
                 if self.phase == Phase::Transferring && self.new_callid.is_none() =>
             {
                 let message = format!(
-                    "the call to the callee {} was not placed: OpenSIPS reported no start of it within {} ms of the caller accepting the REFER (the callee is probably unknown, e.g. 404 User Not Found, or the caller's phone could not call it); the caller's call was ended",
+                    "the call to the callee {} was not placed: OpenSIPS reported no start of it within {} ms of the caller accepting the REFER (the callee is probably unknown, e.g. 404 User Not Found, or the caller's phone could not call it); the caller's call is being ended",
                     self.callee,
                     self.timings.transfer_start.as_millis()
                 );
@@ -650,6 +664,31 @@ mod tests {
             "{}",
             e.message
         );
+    }
+
+    #[test]
+    fn silence_after_lost_contact_is_not_blamed_on_the_callee() {
+        let mut f = flow();
+        f.start();
+        f.handle(answered());
+        f.handle(mi_ok(Step::Transfer, json!("Accepted")));
+        assert!(f.handle(Input::ContactLost).is_empty());
+        let actions = f.handle(Input::Timer(Timer::TransferStart));
+        assert_eq!(
+            names(&actions),
+            ["fail NODE_UNREACHABLE", "detached dlg_end_dlg", "finish"]
+        );
+        // Started, then contact lost: the deadline is lost contact, not "still ringing".
+        let mut f = flow();
+        f.start();
+        f.handle(answered());
+        f.handle(transfer("X", "Y", "Y", "start", ""));
+        f.handle(Input::ContactLost);
+        let actions = f.handle(Input::Deadline);
+        let Action::Fail(e) = &actions[0] else {
+            panic!()
+        };
+        assert_eq!(e.code, ErrorCode::NodeUnreachable, "{}", e.message);
     }
 
     fn lost_invite(f: &mut StartFlow) -> Vec<Action> {

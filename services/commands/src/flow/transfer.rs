@@ -23,6 +23,8 @@ struct Progress {
     timings: Timings,
     /// The answer to `call_transfer` was lost: only its events can tell whether it went on.
     answer_lost: bool,
+    /// NATS was lost for a while: events may be missing, so silence proves nothing.
+    contact_lost: bool,
 }
 
 impl Progress {
@@ -36,6 +38,7 @@ impl Progress {
             done: false,
             timings,
             answer_lost: false,
+            contact_lost: false,
         }
     }
 
@@ -75,9 +78,9 @@ impl Progress {
             self.destination.clone()
         };
         let waited = self.timings.transfer_start.as_millis();
-        if self.answer_lost {
+        if self.answer_lost || self.contact_lost {
             let message = format!(
-                "lost contact with OpenSIPS while asking it for the transfer to {target}, and the transfer did not start within {waited} ms; the call should be as it was"
+                "lost contact with OpenSIPS during the transfer to {target}, and no start of it was seen within {waited} ms (it may or may not have happened)"
             );
             return self.fail(ErrorNote::new(ErrorCode::NodeUnreachable, message, 0));
         }
@@ -207,6 +210,13 @@ impl Progress {
     }
 
     fn timeout(&mut self) -> Vec<Action> {
+        if self.contact_lost {
+            let message = format!(
+                "lost contact with OpenSIPS's events during the transfer to {}: its outcome is unknown",
+                self.destination
+            );
+            return self.fail(ErrorNote::new(ErrorCode::NodeUnreachable, message, 0));
+        }
         let message = if self.accepted {
             format!(
                 "OpenSIPS reported no outcome of the transfer to {} in time (the target may still be ringing)",
@@ -260,6 +270,10 @@ impl BlindTransferFlow {
             Input::Mi(Step::Transfer, MiResult::Ok(_)) => p.on_accepted(),
             Input::Mi(Step::Transfer, MiResult::Lost(_)) => p.on_answer_lost(),
             Input::Mi(Step::Transfer, result) => p.mi_error(&result, None),
+            Input::ContactLost => {
+                p.contact_lost = true;
+                Vec::new()
+            }
             Input::Timer(Timer::TransferStart) => p.not_started(),
             Input::Event(CallEvent::Transfer {
                 callid,
@@ -329,6 +343,10 @@ impl AttendedTransferFlow {
             Input::Mi(Step::Transfer, MiResult::Ok(_)) => p.on_accepted(),
             Input::Mi(Step::Transfer, MiResult::Lost(_)) => p.on_answer_lost(),
             Input::Mi(Step::Transfer, result) => p.mi_error(&result, Some(&self.callid_b)),
+            Input::ContactLost => {
+                p.contact_lost = true;
+                Vec::new()
+            }
             Input::Timer(Timer::TransferStart) => p.not_started(),
             Input::Event(CallEvent::Transfer {
                 callid,

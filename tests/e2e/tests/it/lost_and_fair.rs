@@ -119,8 +119,8 @@ async fn a_lost_invite_is_noticed_within_seconds_and_reported_as_lost_contact() 
     // alice answers 3 s after the INVITE; proxy-connector is killed while her phone rings.
     let (mut stack, mut client, cmd_id) = ringing_call_start(3_000).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    stack.restart_connector().await;
     let killed = Instant::now();
+    stack.restart_connector().await;
     let error = client
         .take(|m| m["params"]["cmd_id"] == cmd_id.as_str() && m["method"] == "Error")
         .await;
