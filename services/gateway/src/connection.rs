@@ -19,10 +19,11 @@ use futures::{SinkExt as _, StreamExt as _};
 use prost::Message as _;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tokio_util::time::{DelayQueue, delay_queue};
 
 use crate::Shared;
 use crate::hub::ConnectionHandle;
-use crate::outbox::{self, Charge, Inbox, Outbox, WeakOutbox};
+use crate::outbox::{self, Charge, Inbox, Outbox};
 use crate::rpc::{self, CommandCall, RpcId, code};
 
 /// What the writer task sends.
@@ -38,8 +39,9 @@ pub(crate) enum Outgoing {
         reply: Option<String>,
         ends_within: Duration,
     },
-    /// A command's time is up: if it is still running, end it for the client.
-    Overdue(String, u64),
+    /// A command's time is up: if it is still running, end it for the client (made by the
+    /// writer itself when a command's timer is due, never queued).
+    Overdue(String),
     /// The command was not taken: write the error, drop what was held back.
     Refused {
         cmd_id: String,
@@ -64,7 +66,7 @@ impl Outgoing {
     pub(crate) fn weight(&self) -> usize {
         let text = match self {
             Outgoing::Reply(text) => text.len(),
-            Outgoing::Register(cmd_id) | Outgoing::Overdue(cmd_id, _) => cmd_id.len(),
+            Outgoing::Register(cmd_id) | Outgoing::Overdue(cmd_id) => cmd_id.len(),
             Outgoing::Started { cmd_id, reply, .. } | Outgoing::Refused { cmd_id, reply } => {
                 cmd_id.len() + reply.as_ref().map_or(0, String::len)
             }
@@ -132,7 +134,6 @@ pub(crate) async fn serve(socket: WebSocket, shared: Arc<Shared>) {
     let writer = tokio::spawn(write_loop(
         sink,
         inbox,
-        outbox.downgrade(),
         active.clone(),
         kill.clone(),
         limits.write_timeout,
@@ -446,6 +447,57 @@ enum CommandState {
 /// Extra time given to a commands replica beyond the deadline it announced.
 const OVERDUE_MARGIN: Duration = Duration::from_secs(3);
 
+/// The writer's view of the connection's commands: which are pending or live, and when each
+/// live one is overdue (one timer queue for all, dropped entries when a command ends).
+struct Commands {
+    states: HashMap<String, CommandState>,
+    overdue: DelayQueue<String>,
+    timers: HashMap<String, delay_queue::Key>,
+    active: Active,
+}
+
+impl Commands {
+    fn new(active: Active) -> Self {
+        Self {
+            states: HashMap::new(),
+            overdue: DelayQueue::new(),
+            timers: HashMap::new(),
+            active,
+        }
+    }
+
+    /// The command is over (ended, refused or overdue): forget it everywhere.
+    fn end(&mut self, cmd_id: &str) {
+        self.states.remove(cmd_id);
+        if let Some(key) = self.timers.remove(cmd_id) {
+            self.overdue.try_remove(&key);
+        }
+        lock(&self.active).remove(cmd_id);
+    }
+
+    /// The command was taken and must end within `ends_within`.
+    fn start(&mut self, cmd_id: &str, ends_within: Duration) -> Option<CommandState> {
+        let key = self
+            .overdue
+            .insert(cmd_id.to_owned(), ends_within + OVERDUE_MARGIN);
+        if let Some(old) = self.timers.insert(cmd_id.to_owned(), key) {
+            self.overdue.try_remove(&old);
+        }
+        self.states.insert(cmd_id.to_owned(), CommandState::Live)
+    }
+
+    /// The next command whose time is up; never, while none is live.
+    async fn next_overdue(&mut self) -> Option<String> {
+        if self.overdue.is_empty() {
+            return std::future::pending().await;
+        }
+        let expired = std::future::poll_fn(|cx| self.overdue.poll_expired(cx)).await?;
+        let cmd_id = expired.into_inner();
+        self.timers.remove(&cmd_id);
+        Some(cmd_id)
+    }
+}
+
 /// Writes one message; false if the client did not take it within `limit` or is killed.
 async fn write(
     sink: &mut SplitSink<WebSocket, Message>,
@@ -473,25 +525,20 @@ async fn write(
 async fn write_loop(
     mut sink: SplitSink<WebSocket, Message>,
     mut inbox: Inbox,
-    myself: WeakOutbox,
     active: Active,
     kill: CancellationToken,
     write_timeout: Duration,
 ) {
-    let mut commands: HashMap<String, CommandState> = HashMap::new();
-    let mut generations: HashMap<String, u64> = HashMap::new();
-    let mut generation = 0u64;
-    let finish = |cmd_id: &str| {
-        lock(&active).remove(cmd_id);
-    };
+    let mut commands = Commands::new(active);
     loop {
-        let next = tokio::select! {
+        let (outgoing, charge) = tokio::select! {
             biased;
             _ = kill.cancelled() => return,
-            next = inbox.recv() => next,
-        };
-        let Some((outgoing, charge)) = next else {
-            break;
+            next = inbox.recv() => match next {
+                Some((outgoing, charge)) => (outgoing, Some(charge)),
+                None => break,
+            },
+            Some(cmd_id) = commands.next_overdue() => (Outgoing::Overdue(cmd_id), None),
         };
         let mut frames = Vec::new();
         let mut closing = None;
@@ -500,7 +547,9 @@ async fn write_loop(
             Outgoing::Ping => frames.push(Message::Ping(Bytes::new())),
             Outgoing::Close(frame) => closing = Some(frame),
             Outgoing::Register(cmd_id) => {
-                commands.insert(cmd_id, CommandState::Pending(Vec::new()));
+                commands
+                    .states
+                    .insert(cmd_id, CommandState::Pending(Vec::new()));
             }
             Outgoing::Started {
                 cmd_id,
@@ -508,34 +557,19 @@ async fn write_loop(
                 ends_within,
             } => {
                 frames.extend(reply.map(|text| Message::Text(text.into())));
-                let myself = myself.clone();
-                let overdue = cmd_id.clone();
-                generation += 1;
-                let this_run = generation;
-                generations.insert(cmd_id.clone(), this_run);
-                tokio::spawn(async move {
-                    tokio::time::sleep(ends_within + OVERDUE_MARGIN).await;
-                    let _ = myself.push(Outgoing::Overdue(overdue, this_run));
-                });
-                if let Some(CommandState::Pending(held)) =
-                    commands.insert(cmd_id.clone(), CommandState::Live)
-                {
+                if let Some(CommandState::Pending(held)) = commands.start(&cmd_id, ends_within) {
                     for (kind, _charge) in held {
                         if matches!(kind, notification::Kind::Ended(_)) {
-                            commands.remove(&cmd_id);
-                            finish(&cmd_id);
+                            commands.end(&cmd_id);
                         }
                         frames.push(Message::Text(rpc::notification(&cmd_id, &kind).into()));
                     }
                 }
             }
-            Outgoing::Overdue(cmd_id, run) => {
-                // A cmd_id may be reused once its command ended: only the same run counts.
-                if generations.get(&cmd_id) == Some(&run)
-                    && generations.remove(&cmd_id).is_some()
-                    && commands.remove(&cmd_id).is_some()
-                {
-                    finish(&cmd_id);
+            Outgoing::Overdue(cmd_id) => {
+                // Its timer went with it if it ended: a due timer means it is still running.
+                if commands.states.contains_key(&cmd_id) {
+                    commands.end(&cmd_id);
                     tracing::warn!(%cmd_id, "no end from the commands service in time; ending the command");
                     let lost = notification::Kind::Error(callapi_proto::v1::CommandError {
                         code: "COMMAND_LOST".to_owned(),
@@ -554,19 +588,19 @@ async fn write_loop(
             }
             Outgoing::Refused { cmd_id, reply } => {
                 frames.extend(reply.map(|text| Message::Text(text.into())));
-                commands.remove(&cmd_id);
-                finish(&cmd_id);
+                commands.end(&cmd_id);
             }
-            Outgoing::Notification { cmd_id, kind } => match commands.get_mut(&cmd_id) {
+            Outgoing::Notification { cmd_id, kind } => match commands.states.get_mut(&cmd_id) {
                 Some(CommandState::Pending(held)) => {
                     // Its bytes stay counted while it is held back.
-                    held.push((kind, charge));
+                    if let Some(charge) = charge {
+                        held.push((kind, charge));
+                    }
                     continue;
                 }
                 Some(CommandState::Live) => {
                     if matches!(kind, notification::Kind::Ended(_)) {
-                        commands.remove(&cmd_id);
-                        finish(&cmd_id);
+                        commands.end(&cmd_id);
                     }
                     frames.push(Message::Text(rpc::notification(&cmd_id, &kind).into()));
                 }

@@ -67,13 +67,6 @@ pub(crate) struct Outbox {
     inner: Arc<Inner>,
 }
 
-/// A sending side that does not keep the writer alive (for timers).
-#[derive(Clone)]
-pub(crate) struct WeakOutbox {
-    tx: mpsc::WeakSender<Queued>,
-    inner: Arc<Inner>,
-}
-
 /// The writer's receiving side.
 pub(crate) struct Inbox {
     rx: mpsc::Receiver<Queued>,
@@ -122,30 +115,10 @@ impl Outbox {
         }
     }
 
-    /// A handle that does not keep the writer alive.
-    pub fn downgrade(&self) -> WeakOutbox {
-        WeakOutbox {
-            tx: self.tx.downgrade(),
-            inner: self.inner.clone(),
-        }
-    }
-
     /// Bytes queued and not yet written (or held back) right now.
     #[cfg(test)]
     pub fn queued_bytes(&self) -> usize {
         self.inner.queued_bytes.load(Ordering::Acquire)
-    }
-}
-
-impl WeakOutbox {
-    /// Queues `outgoing` if the connection still exists.
-    pub fn push(&self, outgoing: Outgoing) -> Result<(), PushError> {
-        let tx = self.tx.upgrade().ok_or(PushError::Closed)?;
-        Outbox {
-            tx,
-            inner: self.inner.clone(),
-        }
-        .push(outgoing)
     }
 }
 
@@ -206,17 +179,5 @@ mod tests {
         }
         assert_eq!(outbox.queued_bytes(), 0);
         assert!(!kill.is_cancelled());
-    }
-
-    #[tokio::test]
-    async fn a_weak_outbox_does_not_keep_the_writer_alive() {
-        let kill = CancellationToken::new();
-        let (outbox, mut inbox) = channel(10, 10_000, kill, "c".into());
-        let weak = outbox.downgrade();
-        weak.push(reply(1)).unwrap();
-        drop(outbox);
-        assert!(inbox.recv().await.is_some());
-        assert!(inbox.recv().await.is_none());
-        assert_eq!(weak.push(reply(1)), Err(PushError::Closed));
     }
 }
