@@ -356,6 +356,21 @@ fn is_internal_error(reply: &[u8]) -> bool {
     reply.trim_ascii().starts_with(b"500 ")
 }
 
+/// Whether an MI error says OpenSIPS ran out of resources: a 500 (`dlg_end_dlg` could not send
+/// its BYE: "Operation failed"), or a handler that returned nothing ("Command handler returned
+/// null": it could not allocate its reply). The error still goes back to the requester.
+fn is_resource_error(outcome: &MiOutcome) -> bool {
+    match outcome {
+        MiOutcome::Error { code: 500, .. } => true,
+        MiOutcome::Error {
+            code: -32000,
+            data: Some(Value::String(data)),
+            ..
+        } => data.contains("returned null"),
+        _ => false,
+    }
+}
+
 fn snippet(bytes: &[u8]) -> String {
     String::from_utf8_lossy(&bytes[..bytes.len().min(120)])
         .trim()
@@ -400,6 +415,7 @@ impl MiTransport {
             let sent = Instant::now();
             let outcome = channel.exchange(id, &body).await;
             let signal = match &outcome {
+                Ok(outcome) if is_resource_error(outcome) => Signal::Overload,
                 Ok(_) => Signal::Answered {
                     short: class == Class::Short,
                     latency: sent.elapsed(),
@@ -478,6 +494,26 @@ mod tests {
             "{outcome:?}"
         );
         assert!(transport.limit() < 8, "limit {}", transport.limit());
+    }
+
+    #[test]
+    fn resource_errors_are_told_from_other_errors() {
+        let error = |code, data: Option<Value>| MiOutcome::Error {
+            code,
+            message: String::new(),
+            data,
+        };
+        assert!(is_resource_error(&error(500, None)));
+        assert!(is_resource_error(&error(
+            -32000,
+            Some(json!("Command handler returned null"))
+        )));
+        assert!(!is_resource_error(&error(
+            -32000,
+            Some(json!("Failed to handle parameter"))
+        )));
+        assert!(!is_resource_error(&error(404, None)));
+        assert!(!is_resource_error(&MiOutcome::Result(json!("OK"))));
     }
 
     #[tokio::test]

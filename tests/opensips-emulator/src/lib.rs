@@ -10,6 +10,7 @@ pub mod events;
 pub mod mi;
 pub mod node;
 pub mod phones;
+pub mod shm;
 pub mod sip;
 pub mod transport;
 
@@ -22,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::node::Node;
 pub use crate::phones::Phones;
+pub use crate::shm::Stats;
 
 /// Which OpenSIPS to behave like.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,6 +51,14 @@ pub struct EmulatorConfig {
     pub dead_timeout: Duration,
     /// More users whose phones answer, besides alice, bob, cindy and dave.
     pub extra_phones: Vec<String>,
+    /// mi_http's poll step: its single httpd process checks for an asynchronous command's
+    /// reply (`t_uac_dlg`) this often, sleeping in between and serving nothing else (real:
+    /// 500 ms). Zero answers as soon as the command completes (kinder than OpenSIPS).
+    pub mi_http_poll: Duration,
+    /// Shared-memory budget: the most long transactions (`t_uac_dlg` in flight, relayed
+    /// INVITEs ringing) the node holds at once; past it MI requests and BYEs fail as on an
+    /// OpenSIPS out of shm (see [`shm`]). 0: unlimited.
+    pub shm_budget: usize,
 }
 
 impl Default for EmulatorConfig {
@@ -62,6 +72,8 @@ impl Default for EmulatorConfig {
             ring_timeout: Duration::from_secs(8),
             dead_timeout: Duration::from_secs(4),
             extra_phones: Vec::new(),
+            mi_http_poll: Duration::from_millis(500),
+            shm_budget: 0,
         }
     }
 }
@@ -104,6 +116,11 @@ impl Emulator {
         self.node.hang_up(callid)
     }
 
+    /// The shared-memory budget's counters (also served as `GET /emulator/stats`).
+    pub fn stats(&self) -> Stats {
+        self.node.stats()
+    }
+
     /// Whether the node crashed.
     pub fn crashed(&self) -> bool {
         self.node.crashed()
@@ -138,7 +155,14 @@ pub async fn start(config: EmulatorConfig) -> std::io::Result<Emulator> {
         mi_http = Some(listener.local_addr()?);
         tokio::spawn(transport::serve_http(listener, node.clone(), stop.clone()));
     }
-    tracing::info!(?mi_udp, ?mi_http, version = ?config.version, "OpenSIPS emulator listening");
+    tracing::info!(
+        ?mi_udp,
+        ?mi_http,
+        version = ?config.version,
+        mi_http_poll_ms = config.mi_http_poll.as_millis(),
+        shm_budget = config.shm_budget,
+        "OpenSIPS emulator listening"
+    );
     Ok(Emulator {
         node,
         mi_udp,

@@ -1,5 +1,6 @@
 //! `opensips-emulator`: runs the emulator until SIGTERM/SIGINT. Prints one line
-//! `READY mi_udp=ADDR mi_http=ADDR` on stdout once it listens; logs go to stderr.
+//! `READY mi_udp=ADDR mi_http=ADDR` on stdout once it listens; logs go to stderr (the shm
+//! budget's counters among them at exit; `GET /emulator/stats` on mi_http serves them live).
 
 use std::io::Write as _;
 use std::net::SocketAddr;
@@ -35,6 +36,15 @@ struct Args {
     /// only alice, bob, cindy and dave answer by default.
     #[arg(long, value_delimiter = ',')]
     extra_phones: Vec<String>,
+    /// mi_http's poll step (ms): an asynchronous command's reply (t_uac_dlg) goes out at the
+    /// first multiple of it after the command completed, and the single httpd serves nothing
+    /// else meanwhile, as OpenSIPS does (0: answer at once, kinder than OpenSIPS).
+    #[arg(long, default_value_t = 500)]
+    mi_http_poll_ms: u64,
+    /// Shared-memory budget: the most t_uac_dlg in flight plus relayed INVITEs ringing at
+    /// once; past it MI requests get `500 Internal error` and BYEs fail (0: unlimited).
+    #[arg(long, default_value_t = 0)]
+    shm_budget: usize,
 }
 
 fn listener(text: Option<&str>) -> Result<Option<SocketAddr>, String> {
@@ -85,6 +95,8 @@ async fn main() -> ExitCode {
         ring_timeout: Duration::from_millis(args.ring_timeout_ms),
         dead_timeout: Duration::from_millis(args.dead_timeout_ms),
         extra_phones: args.extra_phones,
+        mi_http_poll: Duration::from_millis(args.mi_http_poll_ms),
+        shm_budget: args.shm_budget,
     };
     let emulator = match opensips_emulator::start(config).await {
         Ok(emulator) => emulator,
@@ -105,6 +117,14 @@ async fn main() -> ExitCode {
     let _ = out.flush();
     drop(out);
     callapi_kit::shutdown::on_signal().cancelled().await;
+    let stats = emulator.stats();
+    tracing::info!(
+        in_flight = stats.in_flight,
+        high_water = stats.high_water,
+        budget = stats.budget,
+        refused = stats.refused,
+        "shm budget at exit"
+    );
     emulator.shutdown();
     ExitCode::SUCCESS
 }

@@ -48,6 +48,17 @@ impl MiError {
         }
     }
 
+    /// -32000 Server error / Command handler returned null: what the MI core answers when a
+    /// command's handler built no response (e.g. callops could not send its SIP request for
+    /// want of shared memory).
+    pub fn command_null() -> Self {
+        Self {
+            code: -32000,
+            message: "Server error".to_owned(),
+            data: Some("Command handler returned null".to_owned()),
+        }
+    }
+
     /// -32601 Method not found.
     pub fn no_method() -> Self {
         Self::new(-32601, "Method not found")
@@ -286,6 +297,14 @@ pub enum Command {
 }
 
 impl Command {
+    /// Whether OpenSIPS runs the command asynchronously (`MI_ASYNC_RPL_FLAG`): its reply comes
+    /// through an async handler in shared memory once the SIP side is done. Of the commands
+    /// emulated only `t_uac_dlg` is (OpenSIPS's others are `dlg_send_sequential`,
+    /// `pua_publish` and rtp_relay's, none of them emulated).
+    pub fn is_async(self) -> bool {
+        self == Command::UacDlg
+    }
+
     /// The module that exports the command (`help`'s "Exported by").
     pub fn module(self) -> &'static str {
         match self {

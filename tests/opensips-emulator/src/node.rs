@@ -2,6 +2,7 @@
 //! flows (phones answering, REFERs, re-INVITEs, timeouts) in time, raising the events the
 //! transcripts recorded from OpenSIPS 3.6.8 and 4.0.1 show (quirks included).
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -13,11 +14,27 @@ use crate::dialogs::{Dialog, DialogTable, HoldLegs, Leg, Party, TransferRefused}
 use crate::events::{Events, SubscribeError};
 use crate::mi::{self, Command, MiError, MiResult, match_params, text};
 use crate::phones::{self, Behaviour, Phones};
+use crate::shm::{Shm, Slot, Stats};
 use crate::sip::{self, UacReply, UacRequest};
 use crate::{EmulatorConfig, Version};
 
 /// A short pause putting an event just after the MI reply that caused it.
 const AFTER_REPLY: Duration = Duration::from_millis(2);
+
+/// What an MI command gave back, as the MI transports see it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Answer {
+    /// Answered at once: a synchronous command, or an asynchronous one refused before it
+    /// started (bad params, bad R-URI…).
+    Now(MiResult),
+    /// Answered through the command's async handler once it completed (`t_uac_dlg`): mi_http
+    /// picks such a reply up only at its next poll step.
+    Async(MiResult),
+    /// No shared memory for the command's async handler: the transport builds no response
+    /// at all (mi_datagram answers the plain text `500 Internal error`, mi_http an HTTP 500
+    /// with an empty body).
+    NoMemory,
+}
 
 /// The node.
 pub struct Node {
@@ -26,6 +43,9 @@ pub struct Node {
     events: Mutex<Events>,
     crashed: CancellationToken,
     counter: AtomicU64,
+    shm: Arc<Shm>,
+    /// The shm slot of each INVITE the proxy relays while it rings (by Call-ID).
+    ringing: Mutex<HashMap<String, Slot>>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -39,12 +59,24 @@ impl Node {
     pub fn new(config: EmulatorConfig, udp: std::net::UdpSocket) -> Arc<Self> {
         let events = Events::new(udp, config.version);
         Arc::new(Self {
-            config,
             dialogs: Mutex::new(DialogTable::new()),
             events: Mutex::new(events),
             crashed: CancellationToken::new(),
             counter: AtomicU64::new(1),
+            shm: Shm::new(config.shm_budget),
+            ringing: Mutex::new(HashMap::new()),
+            config,
         })
+    }
+
+    /// The shared-memory budget's counters now.
+    pub fn stats(&self) -> Stats {
+        self.shm.stats()
+    }
+
+    /// How long mi_http's httpd sleeps between checks for an async reply.
+    pub fn mi_http_poll(&self) -> Duration {
+        self.config.mi_http_poll
     }
 
     /// Which OpenSIPS this node behaves like.
@@ -145,8 +177,32 @@ impl Node {
     /// Moves dialog `callid` to `state`, raising E_DLG_STATE_CHANGED.
     fn set_state(&self, callid: &str, state: u8) {
         let params = lock(&self.dialogs).set_state(callid, state);
+        if state >= 3 {
+            // Answered or gone: its INVITE transaction no longer holds shared memory.
+            let slot = lock(&self.ringing).remove(callid);
+            drop(slot);
+        }
         if let Some(params) = params {
             self.raise("E_DLG_STATE_CHANGED", params);
+        }
+    }
+
+    /// Takes a shm slot for an INVITE the proxy relays (transfer target, phone-placed call),
+    /// held while dialog `callid` rings; false if there is no memory for it: the proxy then
+    /// rejects the INVITE statelessly (500), before any dialog exists.
+    fn admit_invite(&self, callid: &str) -> bool {
+        match self.shm.acquire("a relayed INVITE") {
+            Some(slot) => {
+                lock(&self.ringing).insert(callid.to_owned(), slot);
+                true
+            }
+            None => {
+                tracing::error!(
+                    %callid,
+                    "ERROR:tm:t_newtran: out of memory: INVITE rejected statelessly (500)"
+                );
+                false
+            }
         }
     }
 
@@ -179,8 +235,29 @@ impl Node {
     }
 
     /// Runs one MI command (already past the envelope checks).
-    pub async fn call(self: &Arc<Self>, method: &str, params: &Value) -> MiResult {
-        match mi::resolve(self.config.version, method)? {
+    pub async fn call(self: &Arc<Self>, method: &str, params: &Value) -> Answer {
+        let command = match mi::resolve(self.config.version, method) {
+            Ok(command) => command,
+            Err(error) => return Answer::Now(Err(error)),
+        };
+        if command.is_async() {
+            // The transport builds the async handler before the params are even looked at.
+            let Some(slot) = self.shm.acquire("an MI async handler") else {
+                return Answer::NoMemory;
+            };
+            let result = self.uac_dlg(params).await;
+            drop(slot);
+            return match result {
+                Ok(value) => Answer::Async(Ok(value)),
+                Err(error) => Answer::Now(Err(error)),
+            };
+        }
+        Answer::Now(self.call_sync(command, params))
+    }
+
+    /// Runs a synchronous command.
+    fn call_sync(self: &Arc<Self>, command: Command, params: &Value) -> MiResult {
+        match command {
             Command::Version => {
                 match_params(params, &[&[]])?;
                 Ok(json!({"Server": match self.config.version {
@@ -213,12 +290,13 @@ impl Node {
                     .list(event.as_deref())
                     .ok_or_else(|| MiError::new(404, "Unknown event"))
             }
-            Command::UacDlg => self.uac_dlg(params).await,
             Command::Transfer => self.transfer(params),
             Command::Hold => self.hold(params, true),
             Command::Unhold => self.hold(params, false),
             Command::EndDlg => self.end(params),
             Command::DlgList => self.list(params),
+            // Asynchronous: run by `call` itself, never here.
+            Command::UacDlg => Err(MiError::no_method()),
         }
     }
 
@@ -446,6 +524,7 @@ impl Node {
             let a = lock(&self.dialogs)
                 .begin_transfer(&callid)
                 .map_err(refused)?;
+            self.refer_room(&callid)?;
             let node = self.clone();
             tokio::spawn(async move { node.run_attended(a, leg, b, transfer_leg).await });
             return Ok(json!("Accepted"));
@@ -454,9 +533,21 @@ impl Node {
         let dialog = lock(&self.dialogs)
             .begin_transfer(&callid)
             .map_err(refused)?;
+        self.refer_room(&callid)?;
         let node = self.clone();
         tokio::spawn(async move { node.run_blind(dialog, leg, destination).await });
         Ok(json!("Accepted"))
+    }
+
+    /// Whether the REFER of a transfer of `callid` can be sent; if not, callops forgets the
+    /// transfer (a later one is allowed) and its handler returns no response (-32000).
+    fn refer_room(&self, callid: &str) -> Result<(), MiError> {
+        if self.shm.room("a REFER") {
+            return Ok(());
+        }
+        lock(&self.dialogs).update(callid, |d| d.transferred = false);
+        tracing::error!(%callid, "ERROR:callops:mi_call_blind_transfer: could not send the transfer message!");
+        Err(MiError::command_null())
     }
 
     fn transfer_event(
@@ -500,7 +591,8 @@ impl Node {
         );
         new_dialog.phones = dialog.phones;
         lock(&self.dialogs).insert(new_dialog);
-        if behaviour == Behaviour::Unknown {
+        // No memory for the new INVITE: rejected statelessly like an unknown user's.
+        if behaviour == Behaviour::Unknown || !self.admit_invite(&new_callid) {
             // Quirk 2: the proxy rejects the new call statelessly; no transfer event.
             self.set_state(&new_callid, 5);
             if dialog.hangs_up_on_refer {
@@ -589,6 +681,11 @@ impl Node {
         );
         new_dialog.phones = a.phones;
         lock(&self.dialogs).insert(new_dialog);
+        if !self.admit_invite(&new_callid) {
+            // Rejected statelessly: like quirk 2, no transfer event at all.
+            self.set_state(&new_callid, 5);
+            return;
+        }
         let (leg, transfer_leg) = (leg.name(), transfer_leg.name());
         self.transfer_event(&a.callid, leg, &new_callid, &destination, "start", "");
         self.transfer_event(
@@ -639,7 +736,16 @@ impl Node {
             return Err(MiError::invalid_params("Bad type for parameter 'headers'"));
         }
         let callid = text(&p, "callid").unwrap_or_default();
+        let before = self.find(&callid).map(|d| d.hold);
         let outcomes = lock(&self.dialogs).hold(&callid, legs, hold, self.config.version)?;
+        if !self.shm.room("a re-INVITE") {
+            // The first re-INVITE cannot be sent: nothing changes, the handler returns none.
+            if let Some(before) = before {
+                lock(&self.dialogs).update(&callid, |d| d.hold = before);
+            }
+            tracing::error!(%callid, "ERROR:callops:call_put_leg_onhold: failed to send the re-INVITE");
+            return Err(MiError::command_null());
+        }
         let action = if hold { "hold" } else { "unhold" };
         let event = |leg: Leg, state: &str| json!({"callid": callid, "leg": leg.name(), "action": action, "state": state});
         let outcome = |ok: bool| if ok { "ok" } else { "fail" };
@@ -677,6 +783,19 @@ impl Node {
         let dialog = self
             .find(&key)
             .ok_or_else(|| MiError::new(404, "Requested Dialog not found"))?;
+        if !self.shm.room("a BYE") {
+            if dialog.state >= 3 {
+                // dlg_send_dual_bye: both BYEs fail, and the dialog is ended locally anyway
+                // (dual_bye_event), the phones untold.
+                for leg in ["caller", "callee"] {
+                    tracing::error!(callid = %dialog.callid, leg, "ERROR:dialog:send_leg_bye: failed to send the BYE request");
+                }
+                self.set_state(&dialog.callid, 5);
+            } else {
+                tracing::error!(callid = %dialog.callid, "ERROR:dialog:dlg_end_dlg: Failed to send cancels");
+            }
+            return Err(MiError::new(500, "Operation failed"));
+        }
         self.set_state(&dialog.callid, 5);
         Ok(json!("OK"))
     }
@@ -732,8 +851,14 @@ impl Node {
         );
         dialog.phones = phones;
         dialog.hangs_up_on_refer = phones == Phones::Baresip;
+        let behaviour = self.behaviour(to);
+        if !matches!(behaviour, Behaviour::Busy | Behaviour::Unknown) && !self.admit_invite(&callid)
+        {
+            // No memory: the INVITE is rejected statelessly, no dialog ever exists.
+            return callid;
+        }
         lock(&self.dialogs).insert(dialog);
-        match self.behaviour(to) {
+        match behaviour {
             Behaviour::Answers => {
                 self.set_state(&callid, 2);
                 tokio::time::sleep(self.config.answer_delay).await;

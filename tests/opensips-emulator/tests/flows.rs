@@ -213,6 +213,11 @@ async fn mi_over_http_and_the_call_hook() {
         invalid.map(|v| v["error"]["code"].clone()),
         Some(json!(-32600))
     );
+    // No id: run, nothing to answer (mi_http: 202, empty).
+    let (status, body) = post(http, "/mi", r#"{"jsonrpc":"2.0","method":"version"}"#)
+        .await
+        .expect("answer");
+    assert_eq!((status, body.as_str()), (202, ""));
     // Not JSON.
     let (status, body) = post(http, "/mi", "{nope").await.expect("answer");
     assert_eq!((status, body.as_str()), (200, "400 Parse_error"));
