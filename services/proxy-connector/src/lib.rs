@@ -124,7 +124,7 @@ pub enum Error {
 }
 
 /// Decreases of a node's adaptive limit are at least this far apart (one burst counts once).
-const ADAPTIVE_COOLDOWN: Duration = Duration::from_millis(500);
+const ADAPTIVE_COOLDOWN: Duration = Duration::from_millis(200);
 
 /// Longest timeout a request may ask for.
 const MAX_TIMEOUT: Duration = Duration::from_secs(300);
@@ -307,7 +307,7 @@ async fn handle(
         Err(TransportError::BadMethod(reason)) => {
             return failure(mi_failure::Kind::BadRequest, reason);
         }
-        Err(TransportError::Overloaded(reason)) => {
+        Err(TransportError::Overloaded(reason) | TransportError::Refused(reason)) => {
             tracing::debug!(method = %request.method, %reason, "node overloaded");
             return failure(mi_failure::Kind::Overloaded, reason);
         }

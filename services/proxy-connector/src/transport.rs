@@ -102,9 +102,13 @@ pub enum TransportError {
     /// The answer was not a JSON-RPC reply.
     #[error("{0}")]
     BadReply(String),
-    /// The node is overloaded: OpenSIPS answered an internal error, or too many requests wait.
+    /// The node is overloaded: OpenSIPS kept refusing the request, or too many requests wait.
     #[error("node overloaded: {0}")]
     Overloaded(String),
+    /// OpenSIPS refused this request without carrying it out (its plain `500 Internal error`:
+    /// out of shared memory); [`MiTransport::call`] sends it again after a pause.
+    #[error("refused by OpenSIPS: {0}")]
+    Refused(String),
 }
 
 /// An open MI channel to one node: what one kind of command travels on.
@@ -287,7 +291,7 @@ impl Channel {
                     .map_err(|e| TransportError::Unreachable(uri.to_string(), e.to_string()))?
                     .to_bytes();
                 if status.is_server_error() || is_internal_error(&bytes) {
-                    return Err(TransportError::Overloaded(format!(
+                    return Err(TransportError::Refused(format!(
                         "OpenSIPS answered HTTP {status}: {}",
                         snippet(&bytes)
                     )));
@@ -333,7 +337,7 @@ impl Lane {
                 .map_err(unreachable)?;
             let reply = &self.buffer[..len];
             if is_internal_error(reply) {
-                return Err(TransportError::Overloaded(format!(
+                return Err(TransportError::Refused(format!(
                     "OpenSIPS answered {:?} (out of shared memory?)",
                     snippet(reply)
                 )));
@@ -350,25 +354,40 @@ impl Lane {
     }
 }
 
+/// Times a request refused by OpenSIPS is sent again (within its timeout).
+const MAX_RETRIES: u32 = 8;
+
+/// Pause before sending a refused request again: doubling from 40 ms up to 640 ms, spread by
+/// the request id so that refused requests do not all come back at once.
+fn retry_pause(attempt: u32, id: u64) -> Duration {
+    let base = 20u64 << attempt.min(5);
+    Duration::from_millis(base + (id % 7) * base / 8)
+}
+
 /// Whether a reply is OpenSIPS's plain-text internal error (e.g. mi_datagram's async handler
 /// could not be built: no shared memory left).
 fn is_internal_error(reply: &[u8]) -> bool {
     reply.trim_ascii().starts_with(b"500 ")
 }
 
-/// Whether an MI error says OpenSIPS ran out of resources: a 500 (`dlg_end_dlg` could not send
-/// its BYE: "Operation failed"), or a handler that returned nothing ("Command handler returned
-/// null": it could not allocate its reply). The error still goes back to the requester.
+/// Whether an MI error says OpenSIPS ran out of resources after acting: a 500 (`dlg_end_dlg`
+/// ended the dialog but could not send its BYE: "Operation failed"). The error still goes back
+/// to the requester.
 fn is_resource_error(outcome: &MiOutcome) -> bool {
-    match outcome {
-        MiOutcome::Error { code: 500, .. } => true,
+    matches!(outcome, MiOutcome::Error { code: 500, .. })
+}
+
+/// Whether an MI error says the command handler returned nothing ("Command handler returned
+/// null": it could not allocate its reply, and changed nothing), so it may be sent again.
+fn is_null_handler(outcome: &MiOutcome) -> bool {
+    matches!(
+        outcome,
         MiOutcome::Error {
             code: -32000,
             data: Some(Value::String(data)),
             ..
-        } => data.contains("returned null"),
-        _ => false,
-    }
+        } if data.contains("returned null")
+    )
 }
 
 fn snippet(bytes: &[u8]) -> String {
@@ -407,24 +426,48 @@ impl MiTransport {
             Class::Long => &self.asynchronous,
         };
         let work = async {
-            let _permit = self
-                .limit
-                .acquire(client, class)
-                .await
-                .map_err(|full| TransportError::Overloaded(format!("{full}; not sent")))?;
-            let sent = Instant::now();
-            let outcome = channel.exchange(id, &body).await;
-            let signal = match &outcome {
-                Ok(outcome) if is_resource_error(outcome) => Signal::Overload,
-                Ok(_) => Signal::Answered {
-                    short: class == Class::Short,
-                    latency: sent.elapsed(),
-                },
-                Err(TransportError::Overloaded(_)) => Signal::Overload,
-                Err(_) => Signal::Neutral,
-            };
-            self.limit.observe(signal);
-            outcome
+            let mut attempt = 0u32;
+            loop {
+                let permit = self
+                    .limit
+                    .acquire(client, class)
+                    .await
+                    .map_err(|full| TransportError::Overloaded(format!("{full}; not sent")))?;
+                let sent = Instant::now();
+                let outcome = match channel.exchange(id, &body).await {
+                    // A handler that could not allocate its reply did nothing: as refused.
+                    Ok(outcome) if is_null_handler(&outcome) => Err(TransportError::Refused(
+                        "OpenSIPS's command handler returned null (out of shared memory?)"
+                            .to_owned(),
+                    )),
+                    other => other,
+                };
+                let signal = match &outcome {
+                    Ok(outcome) if is_resource_error(outcome) => Signal::Overload,
+                    Ok(_) => Signal::Answered {
+                        short: class == Class::Short,
+                        latency: sent.elapsed(),
+                    },
+                    Err(TransportError::Refused(_)) => Signal::Overload,
+                    Err(_) => Signal::Neutral,
+                };
+                self.limit.observe(signal);
+                drop(permit);
+                match outcome {
+                    // OpenSIPS did not carry it out (no memory for it): safe to send again,
+                    // once the lowered limit and a pause have given the node room.
+                    Err(TransportError::Refused(reason)) => {
+                        attempt += 1;
+                        if attempt > MAX_RETRIES {
+                            return Err(TransportError::Overloaded(format!(
+                                "{reason}; refused {attempt} times"
+                            )));
+                        }
+                        tokio::time::sleep(retry_pause(attempt, id)).await;
+                    }
+                    other => return other,
+                }
+            }
         };
         match tokio::time::timeout(timeout, work).await {
             Ok(result) => result,
@@ -483,17 +526,37 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_plain_internal_error_is_overload_and_lowers_the_limit() {
+    async fn a_plain_internal_error_is_retried_then_overload_and_lowers_the_limit() {
         let addr = fake_node(|_| b"500 Internal error\n".to_vec()).await;
+        let transport = transport_to(addr).await;
+        let outcome = transport
+            .call("t_uac_dlg", None, Duration::from_secs(10), "t/c")
+            .await;
+        let Err(TransportError::Overloaded(reason)) = outcome else {
+            panic!("{outcome:?}")
+        };
+        assert!(reason.contains("refused 9 times"), "{reason}");
+        assert!(transport.limit() < 8, "limit {}", transport.limit());
+    }
+
+    #[tokio::test]
+    async fn a_request_refused_once_goes_through_when_sent_again() {
+        static SEEN: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let addr = fake_node(|request| {
+            if SEEN.fetch_add(1, Ordering::SeqCst) == 0 {
+                b"500 Internal error".to_vec()
+            } else {
+                serde_json::to_vec(&json!({"jsonrpc": "2.0", "id": request["id"], "result": "OK"}))
+                    .unwrap()
+            }
+        })
+        .await;
         let transport = transport_to(addr).await;
         let outcome = transport
             .call("t_uac_dlg", None, Duration::from_secs(2), "t/c")
             .await;
-        assert!(
-            matches!(outcome, Err(TransportError::Overloaded(_))),
-            "{outcome:?}"
-        );
-        assert!(transport.limit() < 8, "limit {}", transport.limit());
+        assert_eq!(outcome.unwrap(), MiOutcome::Result(json!("OK")));
+        assert_eq!(SEEN.load(Ordering::SeqCst), 2);
     }
 
     #[test]
@@ -504,11 +567,11 @@ mod tests {
             data,
         };
         assert!(is_resource_error(&error(500, None)));
-        assert!(is_resource_error(&error(
+        assert!(is_null_handler(&error(
             -32000,
             Some(json!("Command handler returned null"))
         )));
-        assert!(!is_resource_error(&error(
+        assert!(!is_null_handler(&error(
             -32000,
             Some(json!("Failed to handle parameter"))
         )));

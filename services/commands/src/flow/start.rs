@@ -157,7 +157,7 @@ impl StartFlow {
                 if self.phase == Phase::Transferring && self.new_callid.is_none() =>
             {
                 let message = format!(
-                    "the call to the callee {} was not placed: OpenSIPS reported no start of it within {} ms of the caller accepting the REFER (the callee is probably unknown, e.g. 404 User Not Found, or the caller's phone could not call it); the caller's call is being ended",
+                    "the call to the callee {} was not placed: OpenSIPS reported no start of it within {} ms of the caller accepting the REFER (the callee is probably unknown, e.g. 404 User Not Found, or the caller's phone could not call it, or the node is out of resources and refused that call); the caller's call is being ended",
                     self.callee,
                     self.timings.transfer_start.as_millis()
                 );

@@ -9,5 +9,6 @@ mod ingest_hardening;
 mod input_checks;
 mod lost_and_fair;
 mod nats_boundary;
+mod overload;
 mod protocol;
 mod resilience;
