@@ -451,7 +451,8 @@ const OVERDUE_MARGIN: Duration = Duration::from_secs(3);
 /// live one is overdue (one timer queue for all, dropped entries when a command ends).
 struct Commands {
     states: HashMap<String, CommandState>,
-    overdue: DelayQueue<String>,
+    /// Made at the first command: its timer wheel costs kilobytes, idle connections none.
+    overdue: Option<DelayQueue<String>>,
     timers: HashMap<String, delay_queue::Key>,
     active: Active,
 }
@@ -460,7 +461,7 @@ impl Commands {
     fn new(active: Active) -> Self {
         Self {
             states: HashMap::new(),
-            overdue: DelayQueue::new(),
+            overdue: None,
             timers: HashMap::new(),
             active,
         }
@@ -469,29 +470,28 @@ impl Commands {
     /// The command is over (ended, refused or overdue): forget it everywhere.
     fn end(&mut self, cmd_id: &str) {
         self.states.remove(cmd_id);
-        if let Some(key) = self.timers.remove(cmd_id) {
-            self.overdue.try_remove(&key);
+        if let (Some(key), Some(overdue)) = (self.timers.remove(cmd_id), self.overdue.as_mut()) {
+            overdue.try_remove(&key);
         }
         lock(&self.active).remove(cmd_id);
     }
 
     /// The command was taken and must end within `ends_within`.
     fn start(&mut self, cmd_id: &str, ends_within: Duration) -> Option<CommandState> {
-        let key = self
-            .overdue
-            .insert(cmd_id.to_owned(), ends_within + OVERDUE_MARGIN);
+        let overdue = self.overdue.get_or_insert_with(DelayQueue::new);
+        let key = overdue.insert(cmd_id.to_owned(), ends_within + OVERDUE_MARGIN);
         if let Some(old) = self.timers.insert(cmd_id.to_owned(), key) {
-            self.overdue.try_remove(&old);
+            overdue.try_remove(&old);
         }
         self.states.insert(cmd_id.to_owned(), CommandState::Live)
     }
 
     /// The next command whose time is up; never, while none is live.
     async fn next_overdue(&mut self) -> Option<String> {
-        if self.overdue.is_empty() {
+        let Some(overdue) = self.overdue.as_mut().filter(|queue| !queue.is_empty()) else {
             return std::future::pending().await;
-        }
-        let expired = std::future::poll_fn(|cx| self.overdue.poll_expired(cx)).await?;
+        };
+        let expired = std::future::poll_fn(|cx| overdue.poll_expired(cx)).await?;
         let cmd_id = expired.into_inner();
         self.timers.remove(&cmd_id);
         Some(cmd_id)

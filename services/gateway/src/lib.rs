@@ -198,10 +198,15 @@ pub async fn run(
     Ok(())
 }
 
+/// Initial WebSocket read buffer of each connection.
+const READ_BUFFER: usize = 2 * 1024;
+
 async fn upgrade(ws: WebSocketUpgrade, State(shared): State<Arc<Shared>>) -> impl IntoResponse {
     let tracked = shared.tasks.token();
-    ws.read_buffer_size(8 * 1024)
-        .write_buffer_size(8 * 1024)
+    // Small buffers: most connections idle, requests are small, and the read buffer grows
+    // for a larger message anyway (the write buffer grows with use, then is kept).
+    ws.read_buffer_size(READ_BUFFER)
+        .write_buffer_size(0)
         .max_message_size(HARD_FRAME_LIMIT)
         .max_frame_size(HARD_FRAME_LIMIT)
         .on_upgrade(move |socket| async move {
