@@ -80,7 +80,7 @@ impl Default for NodeConfig {
             mi_async: None,
             max_in_flight: 64,
             min_in_flight: 4,
-            max_queued: 512,
+            max_queued: 4096,
             slow_ms: 500,
             max_async_in_flight: 24,
             max_async_per_client: 8,
