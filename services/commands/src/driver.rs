@@ -150,7 +150,7 @@ pub async fn drive(ctx: Context, mut flow: Flow, deadline: Duration) {
                 Action::Finish => {
                     seq += 1;
                     publish(&ctx, seq, notification::Kind::Ended(CommandEnded {})).await;
-                    tracing::info!(cmd_id = %ctx.cmd_id, elapsed = ?started.elapsed(), "command ended");
+                    tracing::debug!(cmd_id = %ctx.cmd_id, elapsed = ?started.elapsed(), "command ended");
                     return;
                 }
             }

@@ -240,7 +240,7 @@ fn accept(
         liveness: config.mi.liveness(),
         disconnects: disconnects.clone(),
     };
-    tracing::info!(cmd_id = %request.cmd_id, tenant = %request.tenant, ?deadline, "command accepted");
+    tracing::debug!(cmd_id = %request.cmd_id, tenant = %request.tenant, ?deadline, "command accepted");
     let deadline = Duration::from_millis(deadline);
     Ok((driver::drive(ctx, flow, deadline), deadline + driver::GRACE))
 }

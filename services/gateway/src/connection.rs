@@ -499,16 +499,29 @@ impl Commands {
 }
 
 /// Writes one message; false if the client did not take it within `limit` or is killed.
+/// Writes `frames`, then flushes them to the socket if `flush` (else they wait in the
+/// WebSocket's buffer for the next flush); false if the client did not take them within
+/// `limit`, or is killed.
 async fn write(
     sink: &mut SplitSink<WebSocket, Message>,
-    message: Message,
+    frames: Vec<Message>,
+    flush: bool,
     kill: &CancellationToken,
     limit: Duration,
 ) -> bool {
+    let work = async {
+        for frame in frames {
+            sink.feed(frame).await?;
+        }
+        if flush {
+            sink.flush().await?;
+        }
+        Ok::<(), axum::Error>(())
+    };
     tokio::select! {
         biased;
         _ = kill.cancelled() => false,
-        sent = tokio::time::timeout(limit, sink.send(message)) => match sent {
+        sent = tokio::time::timeout(limit, work) => match sent {
             Ok(Ok(())) => true,
             Ok(Err(err)) => {
                 tracing::debug!(%err, "WebSocket write failed");
@@ -607,16 +620,24 @@ async fn write_loop(
                 None => tracing::debug!(%cmd_id, "notification for an unknown command dropped"),
             },
         }
-        for frame in frames {
-            if !write(&mut sink, frame, &kill, write_timeout).await {
-                kill.cancel();
-                return;
-            }
+        // What is queued right behind goes out in the same flush: one write for a command's
+        // `Started` and the notifications held back for it, or for a burst of notifications.
+        let flush = closing.is_some() || inbox.is_empty();
+        if !write(&mut sink, frames, flush, &kill, write_timeout).await {
+            kill.cancel();
+            return;
         }
         drop(charge);
         if let Some(frame) = closing {
             if let Some(frame) = frame
-                && !write(&mut sink, Message::Close(Some(frame)), &kill, write_timeout).await
+                && !write(
+                    &mut sink,
+                    vec![Message::Close(Some(frame))],
+                    true,
+                    &kill,
+                    write_timeout,
+                )
+                .await
             {
                 kill.cancel();
                 return;

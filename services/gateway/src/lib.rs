@@ -200,13 +200,16 @@ pub async fn run(
 
 /// Initial WebSocket read buffer of each connection.
 const READ_BUFFER: usize = 2 * 1024;
+/// Frames are written to the socket once this many bytes wait, or at a flush.
+const WRITE_BUFFER: usize = 16 * 1024;
 
 async fn upgrade(ws: WebSocketUpgrade, State(shared): State<Arc<Shared>>) -> impl IntoResponse {
     let tracked = shared.tasks.token();
-    // Small buffers: most connections idle, requests are small, and the read buffer grows
-    // for a larger message anyway (the write buffer grows with use, then is kept).
+    // A small read buffer: most connections idle, requests are small, and it grows for a larger
+    // message anyway. The write buffer is made at the first write; frames queued together
+    // are written together (the writer flushes when its queue is empty).
     ws.read_buffer_size(READ_BUFFER)
-        .write_buffer_size(0)
+        .write_buffer_size(WRITE_BUFFER)
         .max_message_size(HARD_FRAME_LIMIT)
         .max_frame_size(HARD_FRAME_LIMIT)
         .on_upgrade(move |socket| async move {

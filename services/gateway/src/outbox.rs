@@ -125,6 +125,11 @@ impl Outbox {
 }
 
 impl Inbox {
+    /// Whether nothing is queued right now.
+    pub fn is_empty(&self) -> bool {
+        self.rx.is_empty()
+    }
+
     /// The next message and its charge (drop the charge once the message is written), or
     /// `None` when every sender is gone.
     pub async fn recv(&mut self) -> Option<(Outgoing, Charge)> {
