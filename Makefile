@@ -22,3 +22,10 @@ fmt:
 clean:
 	$(CARGO) clean
 	rm -rf .run
+
+# Load figures (docs/performance.md): release build, own stack on free ports, table + target/bench/bench.json.
+# BENCH_ARGS: e.g. `--quick`, or `--mi udp:HOST:PORT` for a real OpenSIPS (see `callapi-bench --help`).
+.PHONY: bench
+bench:
+	$(CARGO) build --release --workspace --bins
+	./target/release/callapi-bench $(BENCH_ARGS)
