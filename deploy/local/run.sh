@@ -76,7 +76,7 @@ else
   start opensips-emulator "$bin/opensips-emulator" --mi-udp 127.0.0.1:8080 --mi-http 127.0.0.1:8888 --opensips-version 3.6 --answer-delay-ms 300 --extra-phones eve,frank
 fi
 start proxy-connector "$bin/proxy-connector" --config "$connector_config"
-grep -o 'serving MI requests: .*' "$run_dir/logs/proxy-connector.log" | head -1 | sed 's/^/==> /' || true
+sed -E 's/\x1b\[[0-9;]*m//g' "$run_dir/logs/proxy-connector.log" | grep -o 'serving MI requests: .*' | sed -E 's/ node=.*//; s/^/==> /' | head -1 || true
 start event-ingest "$bin/event-ingest" --config "$root/deploy/local/event-ingest.toml"
 start commands "$bin/commands" --config "$root/deploy/local/commands.toml"
 start gateway "$bin/gateway" --config "$root/deploy/local/gateway.toml"
