@@ -73,6 +73,24 @@ struct ClientQueue {
     short: VecDeque<u64>,
     long: VecDeque<u64>,
     long_running: usize,
+    /// In `short_turn` (at most once).
+    in_short_turn: bool,
+    /// In `long_turn` (at most once).
+    in_long_turn: bool,
+    /// At its share of long slots, with long requests waiting: out of `long_turn` until one of
+    /// its long requests ends.
+    parked: bool,
+}
+
+impl ClientQueue {
+    fn idle(&self) -> bool {
+        self.short.is_empty()
+            && self.long.is_empty()
+            && self.long_running == 0
+            && !self.in_short_turn
+            && !self.in_long_turn
+            && !self.parked
+    }
 }
 
 /// A request given a slot.
@@ -86,15 +104,20 @@ pub struct Grant {
     pub client: String,
 }
 
-/// The bookkeeping of one node's slots: who runs, who waits, who goes next.
+/// The bookkeeping of one node's slots: who runs, who waits, who goes next. Each grant costs
+/// O(1) amortised, whatever the number of clients waiting.
 #[derive(Debug)]
 pub struct Slots {
     limits: Limits,
     running: usize,
     long_running: usize,
     clients: HashMap<String, ClientQueue>,
-    /// Clients with waiters, in round-robin order.
-    turn: VecDeque<String>,
+    /// Clients with short requests waiting, in round-robin order.
+    short_turn: VecDeque<String>,
+    /// Clients with long requests waiting and below their share, in round-robin order.
+    long_turn: VecDeque<String>,
+    /// Clients with long requests waiting but at their share.
+    parked: Vec<String>,
     waiting: usize,
     next_id: u64,
 }
@@ -112,7 +135,9 @@ impl Slots {
             running: 0,
             long_running: 0,
             clients: HashMap::new(),
-            turn: VecDeque::new(),
+            short_turn: VecDeque::new(),
+            long_turn: VecDeque::new(),
+            parked: Vec::new(),
             waiting: 0,
             next_id: 1,
         }
@@ -120,7 +145,20 @@ impl Slots {
 
     /// Sets the node's current limit (the adaptive one); raising it lets waiters in.
     pub fn set_total(&mut self, total: usize) {
+        let before = self.per_client();
         self.limits.total = total.max(1);
+        if self.per_client() > before {
+            // A larger share: every parked client gets another go.
+            for client in std::mem::take(&mut self.parked) {
+                if let Some(queue) = self.clients.get_mut(&client) {
+                    queue.parked = false;
+                    if !queue.in_long_turn {
+                        queue.in_long_turn = true;
+                        self.long_turn.push_back(client);
+                    }
+                }
+            }
+        }
     }
 
     /// The most long requests that may run now: at most three quarters of the limit, and
@@ -134,6 +172,11 @@ impl Slots {
             .max(1)
     }
 
+    /// The most long requests one client may run now.
+    fn per_client(&self) -> usize {
+        self.limits.long_per_client.min(self.long_cap())
+    }
+
     /// Queues a request; returns its id (see [`Slots::grants`]), or refuses it when
     /// `max_queued` requests already wait.
     pub fn enqueue(&mut self, client: &str, class: Class) -> Result<u64, QueueFull> {
@@ -145,11 +188,20 @@ impl Slots {
         self.next_id += 1;
         let queue = self.clients.entry(client.to_owned()).or_default();
         match class {
-            Class::Short => queue.short.push_back(id),
-            Class::Long => queue.long.push_back(id),
-        }
-        if !self.turn.iter().any(|c| c == client) {
-            self.turn.push_back(client.to_owned());
+            Class::Short => {
+                queue.short.push_back(id);
+                if !queue.in_short_turn {
+                    queue.in_short_turn = true;
+                    self.short_turn.push_back(client.to_owned());
+                }
+            }
+            Class::Long => {
+                queue.long.push_back(id);
+                if !queue.in_long_turn && !queue.parked {
+                    queue.in_long_turn = true;
+                    self.long_turn.push_back(client.to_owned());
+                }
+            }
         }
         Ok(id)
     }
@@ -166,6 +218,19 @@ impl Slots {
         if removed {
             self.waiting = self.waiting.saturating_sub(1);
         }
+        // Cancels are rare (a request timed out while queued): leave no trace in the turns.
+        if queue.short.is_empty() && queue.in_short_turn {
+            queue.in_short_turn = false;
+            self.short_turn.retain(|c| c != client);
+        }
+        if queue.long.is_empty() && queue.in_long_turn {
+            queue.in_long_turn = false;
+            self.long_turn.retain(|c| c != client);
+        }
+        if queue.long.is_empty() && queue.parked {
+            queue.parked = false;
+            self.parked.retain(|c| c != client);
+        }
         self.forget_if_idle(client);
         removed
     }
@@ -175,8 +240,17 @@ impl Slots {
         self.running = self.running.saturating_sub(1);
         if class == Class::Long {
             self.long_running = self.long_running.saturating_sub(1);
+            let per_client = self.per_client();
             if let Some(queue) = self.clients.get_mut(client) {
                 queue.long_running = queue.long_running.saturating_sub(1);
+                if queue.parked && queue.long_running < per_client {
+                    queue.parked = false;
+                    self.parked.retain(|c| c != client);
+                    if !queue.long.is_empty() && !queue.in_long_turn {
+                        queue.in_long_turn = true;
+                        self.long_turn.push_back(client.to_owned());
+                    }
+                }
             }
             self.forget_if_idle(client);
         }
@@ -195,58 +269,82 @@ impl Slots {
         if self.running >= self.limits.total {
             return None;
         }
-        let short = self.turn.iter().position(|c| {
-            self.clients
-                .get(c)
-                .is_some_and(|queue| !queue.short.is_empty())
-        });
-        let long_cap = self.long_cap();
-        let per_client = self.limits.long_per_client.min(long_cap);
-        let pick = short.map(|at| (at, Class::Short)).or_else(|| {
-            if self.long_running >= long_cap {
-                return None;
+        self.grant_short().or_else(|| self.grant_long())
+    }
+
+    fn grant_short(&mut self) -> Option<Grant> {
+        while let Some(client) = self.short_turn.pop_front() {
+            let Some(queue) = self.clients.get_mut(&client) else {
+                continue;
+            };
+            let Some(id) = queue.short.pop_front() else {
+                // Emptied by a cancel while in the turn.
+                queue.in_short_turn = false;
+                self.forget_if_idle(&client);
+                continue;
+            };
+            if queue.short.is_empty() {
+                queue.in_short_turn = false;
+            } else {
+                self.short_turn.push_back(client.clone());
             }
-            self.turn
-                .iter()
-                .position(|c| {
-                    self.clients.get(c).is_some_and(|queue| {
-                        !queue.long.is_empty() && queue.long_running < per_client
-                    })
-                })
-                .map(|at| (at, Class::Long))
-        });
-        let (at, class) = pick?;
-        let client = self.turn.remove(at)?;
-        let queue = self.clients.get_mut(&client)?;
-        let id = match class {
-            Class::Short => queue.short.pop_front()?,
-            Class::Long => {
-                queue.long_running += 1;
-                self.long_running += 1;
-                queue.long.pop_front()?
-            }
-        };
-        self.running += 1;
-        self.waiting = self.waiting.saturating_sub(1);
-        if !queue.short.is_empty() || !queue.long.is_empty() {
-            self.turn.push_back(client.clone());
+            self.running += 1;
+            self.waiting = self.waiting.saturating_sub(1);
+            // Short requests are not counted per client: it may have nothing left here.
+            self.forget_if_idle(&client);
+            return Some(Grant {
+                id,
+                class: Class::Short,
+                client,
+            });
         }
-        self.forget_if_idle(&client);
-        Some(Grant { id, class, client })
+        None
+    }
+
+    fn grant_long(&mut self) -> Option<Grant> {
+        if self.long_running >= self.long_cap() {
+            return None;
+        }
+        let per_client = self.per_client();
+        while let Some(client) = self.long_turn.pop_front() {
+            let Some(queue) = self.clients.get_mut(&client) else {
+                continue;
+            };
+            if queue.long.is_empty() {
+                queue.in_long_turn = false;
+                self.forget_if_idle(&client);
+                continue;
+            }
+            if queue.long_running >= per_client {
+                // At its share: wait out of the turn until one of its calls ends.
+                queue.in_long_turn = false;
+                queue.parked = true;
+                self.parked.push(client);
+                continue;
+            }
+            let Some(id) = queue.long.pop_front() else {
+                continue;
+            };
+            queue.long_running += 1;
+            if queue.long.is_empty() {
+                queue.in_long_turn = false;
+            } else {
+                self.long_turn.push_back(client.clone());
+            }
+            self.long_running += 1;
+            self.running += 1;
+            self.waiting = self.waiting.saturating_sub(1);
+            return Some(Grant {
+                id,
+                class: Class::Long,
+                client,
+            });
+        }
+        None
     }
 
     fn forget_if_idle(&mut self, client: &str) {
-        let idle = self.clients.get(client).is_some_and(|queue| {
-            queue.short.is_empty() && queue.long.is_empty() && queue.long_running == 0
-        });
-        let waiting = self
-            .clients
-            .get(client)
-            .is_some_and(|queue| !queue.short.is_empty() || !queue.long.is_empty());
-        if !waiting {
-            self.turn.retain(|c| c != client);
-        }
-        if idle {
+        if self.clients.get(client).is_some_and(ClientQueue::idle) {
             self.clients.remove(client);
         }
     }
@@ -489,7 +587,9 @@ mod tests {
         assert!(slots.cancel("a", second));
         slots.release("a", Class::Short);
         assert!(slots.grants().is_empty());
-        assert!(slots.clients.is_empty() && slots.turn.is_empty());
+        assert!(
+            slots.clients.is_empty() && slots.short_turn.is_empty() && slots.long_turn.is_empty()
+        );
     }
 
     fn aimd(initial: usize, max: usize) -> Aimd {
@@ -553,6 +653,89 @@ mod tests {
     }
 
     #[test]
+    fn random_traffic_keeps_every_bound_and_serves_everyone_in_the_end() {
+        // A small linear congruential generator: no dependency, same run every time.
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut next = |n: u64| {
+            seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+            (seed >> 33) % n
+        };
+        let mut slots = Slots::new(limits(12, 8, 3));
+        let mut waiting: Vec<(String, Class, u64)> = Vec::new();
+        let mut running: Vec<(String, Class)> = Vec::new();
+        let mut granted = 0usize;
+        for step in 0..20_000u64 {
+            match next(10) {
+                0..=4 => {
+                    let client = format!("c{}", next(40));
+                    let class = if next(3) == 0 {
+                        Class::Short
+                    } else {
+                        Class::Long
+                    };
+                    if let Ok(id) = slots.enqueue(&client, class) {
+                        waiting.push((client, class, id));
+                    }
+                }
+                5 if !waiting.is_empty() => {
+                    let (client, class, id) =
+                        waiting.swap_remove(next(waiting.len() as u64) as usize);
+                    if !slots.cancel(&client, id) {
+                        panic!("step {step}: {id} of {client} ({class:?}) was waiting");
+                    }
+                }
+                6..=8 if !running.is_empty() => {
+                    let (client, class) = running.swap_remove(next(running.len() as u64) as usize);
+                    slots.release(&client, class);
+                }
+                _ => {}
+            }
+            for grant in slots.grants() {
+                let at = waiting
+                    .iter()
+                    .position(|(_, _, id)| *id == grant.id)
+                    .unwrap_or_else(|| panic!("step {step}: granted {grant:?} was not waiting"));
+                waiting.swap_remove(at);
+                running.push((grant.client, grant.class));
+                granted += 1;
+            }
+            let long = running.iter().filter(|(_, c)| *c == Class::Long).count();
+            assert!(
+                running.len() <= 12 && long <= slots.long_cap(),
+                "step {step}"
+            );
+            for client in running.iter().map(|(c, _)| c) {
+                let theirs = running
+                    .iter()
+                    .filter(|(c, k)| c == client && *k == Class::Long)
+                    .count();
+                assert!(theirs <= 3, "step {step}: {client} runs {theirs} long");
+            }
+            assert_eq!(slots.waiting, waiting.len(), "step {step}");
+        }
+        // Everyone left is served once the running requests end.
+        while !running.is_empty() || !waiting.is_empty() {
+            for (client, class) in std::mem::take(&mut running) {
+                slots.release(&client, class);
+            }
+            for grant in slots.grants() {
+                waiting.retain(|(_, _, id)| *id != grant.id);
+                running.push((grant.client, grant.class));
+                granted += 1;
+            }
+            assert!(
+                !running.is_empty() || waiting.is_empty(),
+                "waiters left with nothing running: {waiting:?}"
+            );
+        }
+        assert!(granted > 1_000, "{granted}");
+        assert!(slots.clients.is_empty(), "{:?}", slots.clients);
+        assert!(
+            slots.short_turn.is_empty() && slots.long_turn.is_empty() && slots.parked.is_empty()
+        );
+    }
+
+    #[test]
     fn limits_are_made_sane() {
         assert_eq!(limits(0, 0, 0).sane(), limits(1, 1, 1));
         assert_eq!(limits(8, 20, 30).sane(), limits(8, 8, 8));
@@ -584,6 +767,6 @@ mod tests {
         drop(again);
         let shared = limiter.lock().unwrap();
         assert_eq!((shared.slots.running, shared.slots.long_running), (0, 0));
-        assert!(shared.slots.clients.is_empty() && shared.slots.turn.is_empty());
+        assert!(shared.slots.clients.is_empty() && shared.slots.short_turn.is_empty());
     }
 }
