@@ -131,15 +131,21 @@ pub(crate) async fn serve(socket: WebSocket, shared: Arc<Shared>) {
         },
     );
     tracing::debug!(%connection_id, "client connected");
+    let (ping_written, ping_watch) = tokio::sync::watch::channel(None);
     let writer = tokio::spawn(write_loop(
         sink,
         inbox,
         active.clone(),
         kill.clone(),
         limits.write_timeout,
+        ping_written,
     ));
-    let ending = read_loop(
+    let incoming = Incoming {
         stream,
+        ping_written: ping_watch,
+    };
+    let ending = read_loop(
+        incoming,
         &shared,
         &connection_id,
         &outbox,
@@ -203,9 +209,15 @@ fn close_for(err: axum::Error) -> Option<CloseFrame> {
     }
 }
 
+/// What the reader listens to: the client's frames, and when the writer wrote its last ping.
+struct Incoming {
+    stream: SplitStream<WebSocket>,
+    ping_written: tokio::sync::watch::Receiver<Option<Instant>>,
+}
+
 /// Reads requests until the client leaves, is killed, stays silent, or the gateway stops.
 async fn read_loop(
-    mut stream: SplitStream<WebSocket>,
+    incoming: Incoming,
     shared: &Arc<Shared>,
     connection_id: &str,
     outbox: &Outbox,
@@ -213,16 +225,26 @@ async fn read_loop(
     kill: &CancellationToken,
     limits: Limits,
 ) -> Ending {
+    let Incoming {
+        mut stream,
+        mut ping_written,
+    } = incoming;
     let mut last_heard = Instant::now();
     let mut ping_sent: Option<Instant> = None;
     loop {
         let wake = match (limits.ping_interval, ping_sent) {
             (None, _) => None,
             (Some(every), None) => last_heard.checked_add(every),
-            (Some(_), Some(at)) => at.checked_add(limits.pong_timeout),
+            // The pong is due `pong_timeout` after the ping was written, not queued: a slow
+            // but live reader may have much queued before it (the write timeout bounds that).
+            (Some(_), Some(queued)) => match *ping_written.borrow() {
+                Some(written) if written >= queued => written.checked_add(limits.pong_timeout),
+                _ => queued.checked_add(limits.write_timeout + limits.pong_timeout),
+            },
         };
         let message = tokio::select! {
             _ = kill.cancelled() => return Ending::Drop,
+            Ok(()) = ping_written.changed(), if ping_sent.is_some() => continue,
             _ = shared.shutdown.cancelled() => {
                 return Ending::Close(close_frame(close_code::AWAY, "the gateway is shutting down"));
             }
@@ -541,6 +563,7 @@ async fn write_loop(
     active: Active,
     kill: CancellationToken,
     write_timeout: Duration,
+    ping_written: tokio::sync::watch::Sender<Option<Instant>>,
 ) {
     let mut commands = Commands::new(active);
     loop {
@@ -622,10 +645,14 @@ async fn write_loop(
         }
         // What is queued right behind goes out in the same flush: one write for a command's
         // `Started` and the notifications held back for it, or for a burst of notifications.
-        let flush = closing.is_some() || inbox.is_empty();
+        let ping = frames.iter().any(|frame| matches!(frame, Message::Ping(_)));
+        let flush = ping || closing.is_some() || inbox.is_empty();
         if !write(&mut sink, frames, flush, &kill, write_timeout).await {
             kill.cancel();
             return;
+        }
+        if ping {
+            ping_written.send_replace(Some(Instant::now()));
         }
         drop(charge);
         if let Some(frame) = closing {
