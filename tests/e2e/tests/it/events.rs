@@ -45,8 +45,24 @@ async fn every_dialog_event_is_published_under_its_callid() {
     assert_eq!(states, [2, 3, 4, 5]);
 }
 
-#[tokio::test]
-async fn event_stream_over_tcp_is_read_back_to_back() {
+/// event-ingest alone (node `node-7`, tenant `acme`, event_stream over TCP) on its own
+/// nats-server, with `extra` lines in its top level and node entry; and a NATS subscription to
+/// the node's events.
+pub struct LoneTcpIngest {
+    /// Its configuration and logs (the test removes it).
+    pub dir: std::path::PathBuf,
+    /// The NATS server (killed on drop).
+    pub nats_server: NatsServer,
+    /// event-ingest.
+    pub ingest: Service,
+    /// Where OpenSIPS would connect.
+    pub addr: std::net::SocketAddr,
+    /// Subscribed to `callapi.v1.event.acme.node-7.>`.
+    pub events: async_nats::Subscriber,
+}
+
+/// Starts a [`LoneTcpIngest`]; `top` goes before `[nats]`, `node` into `[[nodes]]`.
+pub async fn lone_tcp_ingest(top: &str, node: &str) -> LoneTcpIngest {
     let dir = std::env::temp_dir().join(format!("callapi-e2e-{}", uuid::Uuid::new_v4().simple()));
     std::fs::create_dir_all(&dir).unwrap();
     let nats_server = NatsServer::start(&dir).await;
@@ -54,7 +70,7 @@ async fn event_stream_over_tcp_is_read_back_to_back() {
     std::fs::write(
         &config,
         format!(
-            "check_interval_ms = 60000\n[nats]\nurl = \"{}\"\n[[nodes]]\nid = \"node-7\"\ntenant = \"acme\"\ntransport = \"tcp\"\nlisten = \"127.0.0.1:0\"\n",
+            "check_interval_ms = 60000\n{top}\n[nats]\nurl = \"{}\"\n[[nodes]]\nid = \"node-7\"\ntenant = \"acme\"\ntransport = \"tcp\"\nlisten = \"127.0.0.1:0\"\n{node}\n",
             nats_server.url
         ),
     )
@@ -66,14 +82,37 @@ async fn event_stream_over_tcp_is_read_back_to_back() {
         &[],
     )
     .await;
-    let socket = ingest.ready_field("node-7").unwrap();
-    let addr = socket.strip_prefix("tcp:").expect("tcp socket advertised");
+    let addr = ingest
+        .ready_field("node-7")
+        .unwrap()
+        .strip_prefix("tcp:")
+        .expect("tcp socket advertised")
+        .parse()
+        .unwrap();
     let nats = async_nats::connect(nats_server.url.as_str()).await.unwrap();
-    let mut events = nats
+    let events = nats
         .subscribe("callapi.v1.event.acme.node-7.>")
         .await
         .unwrap();
     nats.flush().await.unwrap();
+    LoneTcpIngest {
+        dir,
+        nats_server,
+        ingest,
+        addr,
+        events,
+    }
+}
+
+#[tokio::test]
+async fn event_stream_over_tcp_is_read_back_to_back() {
+    let LoneTcpIngest {
+        dir,
+        nats_server: _nats_server,
+        ingest,
+        addr,
+        mut events,
+    } = lone_tcp_ingest("", "").await;
     // As OpenSIPS's event_stream does: connect and write notifications with no delimiter,
     // here split at an awkward place.
     let a = r#"{"jsonrpc":"2.0","method":"E_CALL_HOLD","params":{"callid":"55254bf3893eb48e","leg":"caller","action":"hold","state":"start"}}"#;

@@ -4,7 +4,7 @@ use std::net::UdpSocket;
 use std::time::{Duration, Instant};
 
 use callapi_e2e::client::shape;
-use callapi_e2e::{NatsServer, Service, Stack, StackOptions};
+use callapi_e2e::{Service, Stack, StackOptions};
 use callapi_kit::subjects;
 use callapi_proto::v1::{OpensipsEvent, opensips_event};
 use futures::StreamExt as _;
@@ -13,6 +13,7 @@ use serde_json::json;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 use crate::commands::call;
+use crate::events::{LoneTcpIngest, lone_tcp_ingest};
 
 /// What event-ingest's drop report says about datagrams from a stranger: `N datagram(s) from
 /// IP (sender not in ...`.
@@ -175,38 +176,17 @@ async fn forged_datagrams_from_other_addresses_are_dropped_and_counted() {
 
 #[tokio::test]
 async fn event_stream_connections_from_other_addresses_are_closed() {
-    let dir = std::env::temp_dir().join(format!("callapi-e2e-{}", uuid::Uuid::new_v4().simple()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let nats_server = NatsServer::start(&dir).await;
-    let config = dir.join("event-ingest.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "check_interval_ms = 60000\ndrop_report_interval_ms = 300\n[nats]\nurl = \"{}\"\n[[nodes]]\nid = \"node-7\"\ntenant = \"acme\"\ntransport = \"tcp\"\nlisten = \"127.0.0.1:0\"\nsenders = [\"127.0.0.1/32\"]\n",
-            nats_server.url
-        ),
-    )
-    .unwrap();
-    let ingest = Service::start(
-        &dir,
-        "event-ingest",
-        &["--config", config.to_str().unwrap()],
-        &[],
+    let LoneTcpIngest {
+        dir,
+        nats_server: _nats_server,
+        ingest,
+        addr,
+        mut events,
+    } = lone_tcp_ingest(
+        "drop_report_interval_ms = 300",
+        "senders = [\"127.0.0.1/32\"]",
     )
     .await;
-    let addr: std::net::SocketAddr = ingest
-        .ready_field("node-7")
-        .unwrap()
-        .strip_prefix("tcp:")
-        .expect("tcp socket advertised")
-        .parse()
-        .unwrap();
-    let nats = async_nats::connect(nats_server.url.as_str()).await.unwrap();
-    let mut events = nats
-        .subscribe("callapi.v1.event.acme.node-7.>")
-        .await
-        .unwrap();
-    nats.flush().await.unwrap();
 
     let forged_callid = "forged-stream@127.0.0.2";
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
