@@ -2,6 +2,8 @@
 //! mi_http (`POST /mi`, `POST /emulator/call`), event_stream over TCP (k_event_stream), and the
 //! OpenSIPS 4.0.1 crash as seen from HTTP and from the event subscriber.
 
+mod common;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -41,24 +43,7 @@ async fn mi_udp(emulator: &Emulator, request: Value) -> Option<Value> {
 
 /// A minimal HTTP/1.1 POST; returns (status, body), or None if there was no answer in time.
 async fn post(addr: SocketAddr, path: &str, body: &str) -> Option<(u16, String)> {
-    let exchange = async {
-        let mut stream = TcpStream::connect(addr).await.ok()?;
-        let request = format!(
-            "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            body.len()
-        );
-        stream.write_all(request.as_bytes()).await.ok()?;
-        let mut response = Vec::new();
-        stream.read_to_end(&mut response).await.ok()?;
-        let text = String::from_utf8_lossy(&response).into_owned();
-        let status = text.split(' ').nth(1)?.parse().ok()?;
-        let body = text.split_once("\r\n\r\n")?.1.to_owned();
-        Some((status, body))
-    };
-    tokio::time::timeout(Duration::from_secs(2), exchange)
-        .await
-        .ok()
-        .flatten()
+    common::http(addr, "POST", path, body, Duration::from_secs(2)).await
 }
 
 async fn post_json(addr: SocketAddr, path: &str, body: Value) -> Option<Value> {

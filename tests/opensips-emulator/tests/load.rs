@@ -3,13 +3,14 @@
 //! at a time, while mi_datagram answers at once and concurrently; and a shared-memory budget
 //! past which MI requests get `500 Internal error` and BYEs fail, recovering once load eases.
 
+mod common;
+
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use opensips_emulator::{Emulator, EmulatorConfig, Stats};
 use serde_json::{Value, json};
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-use tokio::net::{TcpStream, UdpSocket};
+use tokio::net::UdpSocket;
 
 async fn emulator(config: EmulatorConfig) -> Emulator {
     opensips_emulator::start(config).await.expect("emulator")
@@ -39,24 +40,7 @@ async fn udp(emulator: &Emulator, request: &Value) -> Value {
 
 /// A minimal HTTP/1.1 request; returns (status, body), or None without an answer in 5 s.
 async fn http(addr: SocketAddr, method: &str, path: &str, body: &str) -> Option<(u16, String)> {
-    let exchange = async {
-        let mut stream = TcpStream::connect(addr).await.ok()?;
-        let request = format!(
-            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            body.len()
-        );
-        stream.write_all(request.as_bytes()).await.ok()?;
-        let mut response = Vec::new();
-        stream.read_to_end(&mut response).await.ok()?;
-        let text = String::from_utf8_lossy(&response).into_owned();
-        let status = text.split(' ').nth(1)?.parse().ok()?;
-        let body = text.split_once("\r\n\r\n")?.1.to_owned();
-        Some((status, body))
-    };
-    tokio::time::timeout(Duration::from_secs(5), exchange)
-        .await
-        .ok()
-        .flatten()
+    common::http(addr, method, path, body, Duration::from_secs(5)).await
 }
 
 async fn http_mi(emulator: &Emulator, request: &Value) -> (u16, String) {
