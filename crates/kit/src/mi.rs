@@ -6,11 +6,15 @@
 //! way (connector killed, NATS restarted) is told apart from a slow one within seconds instead
 //! of at the end of its timeout.
 
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use callapi_proto::v1::{MiReply, MiRequest, mi_reply};
 use futures::StreamExt as _;
 use prost::Message as _;
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::subjects;
@@ -96,95 +100,190 @@ pub enum MiCallError {
     Transport(String),
 }
 
-/// Sends `call` and waits for its outcome; with `liveness`, a silent request fails as
-/// [`MiCallError::Lost`] long before its timeout.
-pub async fn call(
-    client: &async_nats::Client,
-    call: &MiCall,
-    liveness: Option<Liveness>,
-) -> Result<MiAnswer, MiCallError> {
-    if client.connection_state() != async_nats::connection::State::Connected {
-        return Err(MiCallError::NatsDown);
+/// The MI client of one service: every request's replies come back on one wildcard
+/// subscription (`<inbox>.*`, made once) and are routed to the request by its last token, so a
+/// request costs one publish and its replies, not a subscription of its own. Cheap to clone.
+#[derive(Clone)]
+pub struct MiClient {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    nats: async_nats::Client,
+    /// `_INBOX.<unique>`: replies come to `<prefix>.<request number>`.
+    prefix: String,
+    routes: Mutex<HashMap<u64, mpsc::UnboundedSender<async_nats::Message>>>,
+    next_id: AtomicU64,
+    /// Stops the routing task when the last clone goes.
+    _stop: tokio_util::sync::DropGuard,
+}
+
+/// A request's place in the routing table, removed when the request is done.
+struct Route<'a> {
+    inner: &'a Inner,
+    id: u64,
+}
+
+impl Drop for Route<'_> {
+    fn drop(&mut self) {
+        lock(&self.inner.routes).remove(&self.id);
     }
-    // The connector answers "unreachable" a little before our own timeout fires.
-    let connector_timeout = call
-        .timeout
-        .saturating_sub(Duration::from_millis(250))
-        .max(Duration::from_millis(200));
-    let request = MiRequest {
-        node_id: call.node_id.clone(),
-        method: call.method.clone(),
-        params_json: call.params_json.clone(),
-        timeout_ms: millis_u32(connector_timeout),
-        progress_interval_ms: liveness.map_or(0, |l| millis_u32(l.progress_interval).max(1)),
-        tenant: call.tenant.clone(),
-        client: call.client.clone(),
-    };
-    let transport = |e: &dyn std::fmt::Display| MiCallError::Transport(format!("NATS: {e}"));
-    let inbox = client.new_inbox();
-    let mut replies = client
-        .subscribe(inbox.clone())
-        .await
-        .map_err(|e| transport(&e))?;
-    client
-        .publish_with_reply(
-            subjects::mi(&call.node_id),
-            inbox,
-            request.encode_to_vec().into(),
-        )
-        .await
-        .map_err(|e| transport(&e))?;
-    let give_up = Instant::now() + call.timeout;
-    let mut last_heard = Instant::now();
-    loop {
-        let silence_limit = liveness.map_or(give_up, |l| (last_heard + l.lost_after).min(give_up));
-        let message = match tokio::time::timeout_at(silence_limit, replies.next()).await {
-            Ok(Some(message)) => message,
-            Ok(None) => return Err(MiCallError::Transport("NATS subscription closed".into())),
-            Err(_) if silence_limit >= give_up => {
-                return Err(MiCallError::TimedOut {
-                    node: call.node_id.clone(),
-                    after: call.timeout,
-                });
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl MiClient {
+    /// Subscribes to this client's reply subjects and starts routing them (the subscription
+    /// is registered with the server before this returns).
+    pub async fn new(nats: async_nats::Client) -> Result<Self, MiCallError> {
+        let transport = |e: &dyn std::fmt::Display| MiCallError::Transport(format!("NATS: {e}"));
+        let prefix = nats.new_inbox();
+        let mut replies = nats
+            .subscribe(format!("{prefix}.*"))
+            .await
+            .map_err(|e| transport(&e))?;
+        nats.flush().await.map_err(|e| transport(&e))?;
+        let stop = tokio_util::sync::CancellationToken::new();
+        let inner = Arc::new(Inner {
+            nats,
+            prefix,
+            routes: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
+            _stop: stop.clone().drop_guard(),
+        });
+        let routing = Arc::downgrade(&inner);
+        tokio::spawn(async move {
+            loop {
+                let message = tokio::select! {
+                    _ = stop.cancelled() => break,
+                    message = replies.next() => message,
+                };
+                let Some(message) = message else { break };
+                let Some(inner) = routing.upgrade() else {
+                    break;
+                };
+                let id = message
+                    .subject
+                    .rsplit_once('.')
+                    .and_then(|(_, id)| id.parse::<u64>().ok());
+                if let Some(route) = id.and_then(|id| lock(&inner.routes).get(&id).cloned()) {
+                    // A request that just finished has dropped its receiver: nothing to do.
+                    let _ = route.send(message);
+                }
             }
-            Err(_) => {
-                return Err(MiCallError::Lost {
-                    node: call.node_id.clone(),
-                    silent: last_heard.elapsed(),
-                });
+            // Requests still waiting see their replies end instead of waiting for a timeout.
+            if let Some(inner) = routing.upgrade() {
+                lock(&inner.routes).clear();
             }
+        });
+        Ok(Self { inner })
+    }
+
+    /// The NATS client requests go out on.
+    pub fn nats(&self) -> &async_nats::Client {
+        &self.inner.nats
+    }
+
+    /// Sends `call` and waits for its outcome; with `liveness`, a silent request fails as
+    /// [`MiCallError::Lost`] long before its timeout.
+    pub async fn call(
+        &self,
+        call: &MiCall,
+        liveness: Option<Liveness>,
+    ) -> Result<MiAnswer, MiCallError> {
+        let inner = &*self.inner;
+        if inner.nats.connection_state() != async_nats::connection::State::Connected {
+            return Err(MiCallError::NatsDown);
+        }
+        // The connector answers "unreachable" a little before our own timeout fires.
+        let connector_timeout = call
+            .timeout
+            .saturating_sub(Duration::from_millis(250))
+            .max(Duration::from_millis(200));
+        let request = MiRequest {
+            node_id: call.node_id.clone(),
+            method: call.method.clone(),
+            params_json: call.params_json.clone(),
+            timeout_ms: millis_u32(connector_timeout),
+            progress_interval_ms: liveness.map_or(0, |l| millis_u32(l.progress_interval).max(1)),
+            tenant: call.tenant.clone(),
+            client: call.client.clone(),
         };
-        if message.status == Some(async_nats::StatusCode::NO_RESPONDERS) {
-            return Err(MiCallError::NoConnector(call.node_id.clone()));
+        let id = inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let (sender, mut replies) = mpsc::unbounded_channel();
+        lock(&inner.routes).insert(id, sender);
+        let _route = Route { inner, id };
+        inner
+            .nats
+            .publish_with_reply(
+                subjects::mi(&call.node_id),
+                format!("{}.{id}", inner.prefix),
+                request.encode_to_vec().into(),
+            )
+            .await
+            .map_err(|e| MiCallError::Transport(format!("NATS: {e}")))?;
+        let give_up = Instant::now() + call.timeout;
+        let mut last_heard = Instant::now();
+        loop {
+            let silence_limit =
+                liveness.map_or(give_up, |l| (last_heard + l.lost_after).min(give_up));
+            let message = match tokio::time::timeout_at(silence_limit, replies.recv()).await {
+                Ok(Some(message)) => message,
+                Ok(None) => return Err(MiCallError::Transport("NATS subscription closed".into())),
+                Err(_) if silence_limit >= give_up => {
+                    return Err(MiCallError::TimedOut {
+                        node: call.node_id.clone(),
+                        after: call.timeout,
+                    });
+                }
+                Err(_) => {
+                    return Err(MiCallError::Lost {
+                        node: call.node_id.clone(),
+                        silent: last_heard.elapsed(),
+                    });
+                }
+            };
+            match outcome_of(&message, &call.node_id)? {
+                Some(answer) => return Ok(answer),
+                None => last_heard = Instant::now(),
+            }
         }
-        let outcome = MiReply::decode(message.payload.as_ref())
-            .map_err(|_| MiCallError::Transport("undecodable reply from proxy-connector".into()))?
-            .outcome;
-        match outcome {
-            Some(mi_reply::Outcome::Progress(_)) => last_heard = Instant::now(),
-            Some(mi_reply::Outcome::ResultJson(json)) => return Ok(MiAnswer::Result(json)),
-            Some(mi_reply::Outcome::Error(error)) => {
-                return Ok(MiAnswer::Error {
-                    code: error.code,
-                    message: error.message,
-                    data_json: error.data_json,
-                });
-            }
-            Some(mi_reply::Outcome::Failure(failure)) => {
-                return Err(
-                    if failure.kind == callapi_proto::v1::mi_failure::Kind::Overloaded as i32 {
-                        MiCallError::Overloaded(failure.message)
-                    } else {
-                        MiCallError::Failure(failure.message)
-                    },
-                );
-            }
-            None => {
-                return Err(MiCallError::Transport(
-                    "empty reply from proxy-connector".into(),
-                ));
-            }
-        }
+    }
+}
+
+/// What one reply message says: the answer, or `None` for a progress message.
+fn outcome_of(
+    message: &async_nats::Message,
+    node_id: &str,
+) -> Result<Option<MiAnswer>, MiCallError> {
+    if message.status == Some(async_nats::StatusCode::NO_RESPONDERS) {
+        return Err(MiCallError::NoConnector(node_id.to_owned()));
+    }
+    let outcome = MiReply::decode(message.payload.as_ref())
+        .map_err(|_| MiCallError::Transport("undecodable reply from proxy-connector".into()))?
+        .outcome;
+    match outcome {
+        Some(mi_reply::Outcome::Progress(_)) => Ok(None),
+        Some(mi_reply::Outcome::ResultJson(json)) => Ok(Some(MiAnswer::Result(json))),
+        Some(mi_reply::Outcome::Error(error)) => Ok(Some(MiAnswer::Error {
+            code: error.code,
+            message: error.message,
+            data_json: error.data_json,
+        })),
+        Some(mi_reply::Outcome::Failure(failure)) => Err(
+            if failure.kind == callapi_proto::v1::mi_failure::Kind::Overloaded as i32 {
+                MiCallError::Overloaded(failure.message)
+            } else {
+                MiCallError::Failure(failure.message)
+            },
+        ),
+        None => Err(MiCallError::Transport(
+            "empty reply from proxy-connector".into(),
+        )),
     }
 }
 

@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use callapi_kit::mi::{self, Liveness, MiAnswer, MiCall, MiCallError};
+use callapi_kit::mi::{Liveness, MiAnswer, MiCall, MiCallError};
 use callapi_kit::subjects;
 use callapi_proto::v1::{
     CommandEnded, CommandError, CommandEvent, Notification, OpensipsEvent, notification,
@@ -32,6 +32,8 @@ const DETACHED_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct Context {
     /// NATS client.
     pub client: async_nats::Client,
+    /// MI requests to proxy-connector.
+    pub mi: callapi_kit::mi::MiClient,
     /// OpenSIPS node the MI requests are for.
     pub node_id: String,
     /// Tenant of the command.
@@ -222,7 +224,7 @@ async fn mi_call(
         tenant: ctx.tenant.clone(),
         client: ctx.connection_id.clone(),
     };
-    match mi::call(&ctx.client, &call, liveness).await {
+    match ctx.mi.call(&call, liveness).await {
         Ok(MiAnswer::Result(json)) => {
             MiResult::Ok(serde_json::from_str(&json).unwrap_or(serde_json::Value::String(json)))
         }

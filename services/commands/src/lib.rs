@@ -152,6 +152,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         .queue_subscribe(subjects::ALL_COMMANDS, subjects::COMMANDS_QUEUE.into())
         .await
         .map_err(|e| Error::Nats(e.to_string()))?;
+    let mi = callapi_kit::mi::MiClient::new(client.clone())
+        .await
+        .map_err(|e| Error::Nats(e.to_string()))?;
     client
         .flush()
         .await
@@ -164,7 +167,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
             _ = shutdown.cancelled() => break,
             message = intake.next() => {
                 let Some(message) = message else { break };
-                let ack = match accept(&config, &client, &disconnects, &message) {
+                let ack = match accept(&config, &mi, &disconnects, &message) {
                     Ok((work, ends_within)) => {
                         running.spawn(work);
                         CommandAck {
@@ -198,7 +201,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
 /// it ends.
 fn accept(
     config: &Config,
-    client: &async_nats::Client,
+    mi: &callapi_kit::mi::MiClient,
     disconnects: &tokio::sync::watch::Receiver<u64>,
     message: &async_nats::Message,
 ) -> Result<
@@ -231,7 +234,8 @@ fn accept(
     }
     let (flow, deadline) = intake::flow_for(&request, &config.deadlines)?;
     let ctx = driver::Context {
-        client: client.clone(),
+        client: mi.nats().clone(),
+        mi: mi.clone(),
         node_id: config.node_id.clone(),
         tenant: request.tenant.clone(),
         cmd_id: request.cmd_id.clone(),

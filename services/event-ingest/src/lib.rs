@@ -141,6 +141,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     let client = callapi_kit::nats::connect(&config.nats, "event-ingest")
         .await
         .map_err(|e| Error::Nats(e.to_string()))?;
+    let mi = callapi_kit::mi::MiClient::new(client.clone())
+        .await
+        .map_err(|e| Error::Nats(e.to_string()))?;
     let mut tasks = tokio::task::JoinSet::new();
     let mut ready = Vec::new();
     let drop_report_interval = Duration::from_millis(config.drop_report_interval_ms.max(10));
@@ -181,7 +184,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         let advertise = node.advertise.clone().unwrap_or(bound);
         ready.push(format!("{}={advertise}", node.id));
         tasks.spawn(subscriber::keep_subscribed(
-            client.clone(),
+            mi.clone(),
             subscriber::Subscription {
                 node_id: node.id.clone(),
                 socket: advertise,

@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use callapi_kit::mi::{self, MiAnswer, MiCall};
+use callapi_kit::mi::{MiAnswer, MiCall, MiClient};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
@@ -28,7 +28,7 @@ pub struct Subscription {
 
 /// Runs until `shutdown`; never gives up on a node.
 pub async fn keep_subscribed(
-    client: async_nats::Client,
+    client: MiClient,
     subscription: Subscription,
     shutdown: CancellationToken,
 ) {
@@ -66,7 +66,7 @@ pub async fn keep_subscribed(
 
 /// Checks the node once; returns the events (re-)subscribed.
 pub async fn check_once(
-    client: &async_nats::Client,
+    client: &MiClient,
     subscription: &Subscription,
 ) -> Result<Vec<String>, String> {
     let listed = mi(client, &subscription.node_id, "subscribers_list", None).await?;
@@ -108,7 +108,7 @@ pub fn our_ttl(listed: &Value, event: &str, socket: &str) -> Option<u64> {
 }
 
 async fn mi(
-    client: &async_nats::Client,
+    client: &MiClient,
     node_id: &str,
     method: &str,
     params: Option<Value>,
@@ -121,7 +121,7 @@ async fn mi(
         tenant: String::new(),
         client: "event-ingest".to_owned(),
     };
-    match mi::call(client, &call, None).await {
+    match client.call(&call, None).await {
         Ok(MiAnswer::Result(json)) => {
             serde_json::from_str(&json).map_err(|e| format!("{method}: {e}"))
         }

@@ -249,8 +249,9 @@ async fn serve_node(
     while in_flight.join_next().await.is_some() {}
 }
 
-/// Runs `work` while telling the requester, if it asked, that the request is alive: a first
-/// progress message at once, then one per `progress_interval_ms` until the outcome.
+/// Runs `work` while telling the requester, if it asked, that the request is alive: one
+/// progress message per `progress_interval_ms` until the outcome (none for a request answered
+/// within the first interval, which is nearly every one: a message less per request).
 async fn with_progress(
     client: &async_nats::Client,
     reply_to: &async_nats::Subject,
@@ -264,9 +265,10 @@ async fn with_progress(
         outcome: Some(mi_reply::Outcome::Progress(MiProgress {})),
     }
     .encode_to_vec();
-    let mut ticks = tokio::time::interval(Duration::from_millis(u64::from(
+    let period = Duration::from_millis(u64::from(
         request.progress_interval_ms.max(MIN_PROGRESS_INTERVAL_MS),
-    )));
+    ));
+    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tokio::pin!(work);
     loop {

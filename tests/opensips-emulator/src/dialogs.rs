@@ -2,6 +2,7 @@
 //! params each transition raises), the one-transfer-per-dialog rule, hold bookkeeping per leg
 //! (3.6.8: both legs only; 4.0.1: per-leg directions) and the `dlg_list` rendering.
 
+use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use serde_json::{Map, Value, json};
@@ -249,10 +250,15 @@ pub enum TransferRefused {
     Pending,
 }
 
-/// All dialogs of a node (ended ones linger for [`LINGER`]).
+/// All dialogs of a node (ended ones linger for [`LINGER`]). Live dialogs and ended ones are
+/// kept apart: under load thousands of ended dialogs linger, and look-ups of live ones must not
+/// scan them.
 #[derive(Debug, Default)]
 pub struct DialogTable {
-    dialogs: Vec<Dialog>,
+    /// Dialogs not in state 5, oldest first.
+    live: Vec<Dialog>,
+    /// Ended dialogs, in the order they ended.
+    ended: VecDeque<Dialog>,
 }
 
 impl DialogTable {
@@ -262,31 +268,38 @@ impl DialogTable {
     }
 
     fn prune(&mut self) {
-        // One clock read for the whole table (it holds thousands of ended dialogs under load).
         let Some(cutoff) = Instant::now().checked_sub(LINGER) else {
             return;
         };
-        self.dialogs
-            .retain(|d| d.ended_at.is_none_or(|at| at > cutoff));
+        while self
+            .ended
+            .front()
+            .is_some_and(|d| d.ended_at.is_none_or(|at| at <= cutoff))
+        {
+            self.ended.pop_front();
+        }
     }
 
     /// Adds a dialog (state 1: no event, as OpenSIPS raises no 0→1).
     pub fn insert(&mut self, dialog: Dialog) {
         self.prune();
-        self.dialogs.push(dialog);
+        self.live.push(dialog);
+    }
+
+    fn live_index(&self, callid: &str) -> Option<usize> {
+        self.live.iter().rposition(|d| d.callid == callid)
     }
 
     fn live_mut(&mut self, callid: &str) -> Option<&mut Dialog> {
-        self.dialogs
-            .iter_mut()
-            .rev()
-            .find(|d| d.callid == callid && d.state != 5)
+        let index = self.live_index(callid)?;
+        self.live.get_mut(index)
     }
 
     /// Moves live dialog `callid` forward to `state`; returns the E_DLG_STATE_CHANGED params,
     /// or `None` if there is no such live dialog or it is already at or past `state`.
     pub fn set_state(&mut self, callid: &str, state: u8) -> Option<Value> {
-        let dialog = self.live_mut(callid)?;
+        let index = self.live_index(callid)?;
+        let dialog = self.live.get_mut(index)?;
         if state <= dialog.state || state > 5 {
             return None;
         }
@@ -295,10 +308,7 @@ impl DialogTable {
         }
         let old = dialog.state;
         dialog.state = state;
-        if state == 5 {
-            dialog.ended_at = Some(Instant::now());
-        }
-        Some(json!({
+        let params = json!({
             "id": dialog.id,
             "db_id": dialog.db_id,
             "callid": dialog.callid,
@@ -306,15 +316,21 @@ impl DialogTable {
             "to_tag": dialog.callee_tag.clone().unwrap_or_default(),
             "old_state": old,
             "new_state": state,
-        }))
+        });
+        if state == 5 {
+            let mut ended = self.live.remove(index);
+            ended.ended_at = Some(Instant::now());
+            self.ended.push_back(ended);
+        }
+        Some(params)
     }
 
     /// A live (not ended) dialog by Call-ID or dialog ID.
     pub fn find(&self, key: &str) -> Option<Dialog> {
-        self.dialogs
+        self.live
             .iter()
             .rev()
-            .find(|d| d.state != 5 && (d.callid == key || d.id == key))
+            .find(|d| d.callid == key || d.id == key)
             .cloned()
     }
 
@@ -382,18 +398,21 @@ impl DialogTable {
     /// `dlg_list {callid}`: the newest dialog with that Call-ID, ended ones included.
     pub fn by_callid(&mut self, callid: &str) -> Option<Dialog> {
         self.prune();
-        self.dialogs
+        let newest = |d: &&Dialog| d.callid == callid;
+        self.live
             .iter()
             .rev()
-            .find(|d| d.callid == callid)
+            .find(newest)
+            .or_else(|| self.ended.iter().rev().find(newest))
             .cloned()
     }
 
-    /// `dlg_list` (optionally `index` + `counter`).
+    /// `dlg_list` (optionally `index` + `counter`): live dialogs, then the lingering ended ones.
     pub fn listed(&mut self, index: usize, counter: usize) -> Vec<Dialog> {
         self.prune();
-        self.dialogs
+        self.live
             .iter()
+            .chain(self.ended.iter())
             .skip(index)
             .take(counter)
             .cloned()

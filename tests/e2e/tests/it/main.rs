@@ -8,6 +8,7 @@ mod gateway_hardening;
 mod ingest_hardening;
 mod input_checks;
 mod lost_and_fair;
+mod mi_client;
 mod nats_boundary;
 mod overload;
 mod protocol;

@@ -1,0 +1,146 @@
+//! `callapi_kit::mi::MiClient` against a real nats-server and a hand-driven stand-in for
+//! proxy-connector: every request gets its own answer though all share one reply subscription.
+
+use std::time::Duration;
+
+use callapi_e2e::NatsServer;
+use callapi_kit::mi::{Liveness, MiAnswer, MiCall, MiCallError, MiClient};
+use callapi_proto::v1::{MiProgress, MiReply, MiRequest, mi_reply};
+use futures::StreamExt as _;
+use prost::Message as _;
+
+fn call(node: &str, method: &str, params_json: &str) -> MiCall {
+    MiCall {
+        node_id: node.into(),
+        method: method.into(),
+        params_json: params_json.into(),
+        timeout: Duration::from_secs(5),
+        tenant: "default".into(),
+        client: "test".into(),
+    }
+}
+
+fn result(json: &str) -> Vec<u8> {
+    MiReply {
+        outcome: Some(mi_reply::Outcome::ResultJson(json.into())),
+    }
+    .encode_to_vec()
+}
+
+fn progress() -> Vec<u8> {
+    MiReply {
+        outcome: Some(mi_reply::Outcome::Progress(MiProgress {})),
+    }
+    .encode_to_vec()
+}
+
+/// Answers each request on `callapi.v1.mi.n1` after the delay its params name (`{"ms": N}`),
+/// with its own params as the result; `"silent"` gets no answer, `"chatty"` progress first
+/// and a second, stray answer after the first.
+async fn stand_in_connector(nats: async_nats::Client) {
+    let mut requests = nats.subscribe("callapi.v1.mi.n1").await.unwrap();
+    nats.flush().await.unwrap();
+    tokio::spawn(async move {
+        while let Some(message) = requests.next().await {
+            let nats = nats.clone();
+            tokio::spawn(async move {
+                let request = MiRequest::decode(message.payload.as_ref()).unwrap();
+                let reply = message.reply.unwrap();
+                let ms = serde_json::from_str::<serde_json::Value>(&request.params_json)
+                    .ok()
+                    .and_then(|p| p["ms"].as_u64())
+                    .unwrap_or(0);
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+                match request.method.as_str() {
+                    "silent" => {}
+                    "chatty" => {
+                        for _ in 0..3 {
+                            nats.publish(reply.clone(), progress().into())
+                                .await
+                                .unwrap();
+                        }
+                        let answer = result(&request.params_json);
+                        nats.publish(reply.clone(), answer.into()).await.unwrap();
+                        nats.publish(reply, result("\"stray\"").into())
+                            .await
+                            .unwrap();
+                    }
+                    _ => {
+                        let answer = result(&request.params_json);
+                        nats.publish(reply, answer.into()).await.unwrap();
+                    }
+                }
+            });
+        }
+    });
+}
+
+#[tokio::test]
+async fn concurrent_requests_each_get_their_own_answer_over_one_subscription() {
+    let dir = tempdir();
+    let server = NatsServer::start(&dir).await;
+    stand_in_connector(async_nats::connect(server.url.as_str()).await.unwrap()).await;
+    let mi = MiClient::new(async_nats::connect(server.url.as_str()).await.unwrap())
+        .await
+        .unwrap();
+
+    // Answers come back in the reverse order of the requests.
+    let calls = (0..50u64).map(|i| {
+        let mi = mi.clone();
+        async move {
+            let params = format!("{{\"ms\":{},\"i\":{i}}}", (50 - i) * 4);
+            let answer = mi.call(&call("n1", "echo", &params), None).await;
+            (params, answer)
+        }
+    });
+    for (params, answer) in futures::future::join_all(calls).await {
+        assert_eq!(answer, Ok(MiAnswer::Result(params)));
+    }
+
+    // Progress messages are not answers; a stray second reply disturbs nobody.
+    let liveness = Some(Liveness {
+        progress_interval: Duration::from_millis(100),
+        lost_after: Duration::from_millis(400),
+    });
+    let answer = mi.call(&call("n1", "chatty", "{\"ms\":1}"), liveness).await;
+    assert_eq!(answer, Ok(MiAnswer::Result("{\"ms\":1}".into())));
+    let answer = mi.call(&call("n1", "echo", "{\"next\":1}"), None).await;
+    assert_eq!(answer, Ok(MiAnswer::Result("{\"next\":1}".into())));
+
+    // Silence is a lost request within lost_after; no subscriber is no connector.
+    let started = tokio::time::Instant::now();
+    let answer = mi.call(&call("n1", "silent", ""), liveness).await;
+    assert!(
+        matches!(answer, Err(MiCallError::Lost { .. })),
+        "{answer:?}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(2));
+    let answer = mi.call(&call("n2", "echo", ""), None).await;
+    assert_eq!(answer, Err(MiCallError::NoConnector("n2".into())));
+}
+
+#[tokio::test]
+async fn requests_in_flight_fail_when_the_connection_is_closed() {
+    let dir = tempdir();
+    let server = NatsServer::start(&dir).await;
+    stand_in_connector(async_nats::connect(server.url.as_str()).await.unwrap()).await;
+    let nats = async_nats::connect(server.url.as_str()).await.unwrap();
+    let mi = MiClient::new(nats.clone()).await.unwrap();
+    let waiting = tokio::spawn({
+        let mi = mi.clone();
+        async move { mi.call(&call("n1", "silent", ""), None).await }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    nats.drain().await.unwrap();
+    let answer = tokio::time::timeout(Duration::from_secs(3), waiting)
+        .await
+        .expect("answered before its 5 s timeout")
+        .unwrap();
+    assert!(answer.is_err(), "{answer:?}");
+}
+
+fn tempdir() -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("callapi-mi-client-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
