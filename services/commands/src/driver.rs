@@ -3,6 +3,11 @@
 //! is noticed within seconds), keeps the timers the flow asks for, feeds back replies, events,
 //! timers and the deadline, and publishes its notifications in order. Every command ends: at its
 //! deadline the flow is told, and a short grace later the driver ends it regardless.
+//!
+//! A subscription is live before the MI request that follows it without a flush (a round trip
+//! to the server): both go out on the one NATS connection, in order, and nats-server handles a
+//! connection's operations in order, so the node's events (published only after the request
+//! reached it) find the subscription in place.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -69,16 +74,12 @@ pub async fn drive(ctx: Context, mut flow: Flow, deadline: Duration) {
     let mut timers: HashMap<Timer, Instant> = HashMap::new();
     let mut actions = flow.start();
     loop {
-        let mut need_flush = false;
         for action in actions.drain(..) {
             match action {
                 Action::Watch(callid) => {
                     let subject = subjects::events_for_callid(&ctx.tenant, &callid);
                     match ctx.client.subscribe(subject).await {
-                        Ok(subscriber) => {
-                            events.push(subscriber);
-                            need_flush = true;
-                        }
+                        Ok(subscriber) => events.push(subscriber),
                         Err(err) => tracing::warn!(%err, %callid, "cannot watch Call-ID"),
                     }
                 }
@@ -87,13 +88,6 @@ pub async fn drive(ctx: Context, mut flow: Flow, deadline: Duration) {
                     method,
                     params,
                 } => {
-                    if need_flush {
-                        // Make sure the event subscriptions are live before OpenSIPS acts.
-                        if let Err(err) = ctx.client.flush().await {
-                            tracing::warn!(%err, "NATS flush failed");
-                        }
-                        need_flush = false;
-                    }
                     let mut budget = deadline_at.saturating_duration_since(Instant::now());
                     if step == Step::Probe {
                         budget = budget.min(PROBE_TIMEOUT);
