@@ -2,6 +2,7 @@
 //! connection, shutdown signal and the NATS subject scheme. Nothing here knows call flows.
 #![forbid(unsafe_code)]
 
+pub mod bus;
 pub mod config;
 pub mod mi;
 pub mod nats;

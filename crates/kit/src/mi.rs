@@ -92,9 +92,20 @@ pub enum MiCallError {
     /// request was not carried out.
     #[error("{0}")]
     Overloaded(String),
-    /// proxy-connector answered that OpenSIPS could not be asked or gave no usable answer.
+    /// proxy-connector got no answer from OpenSIPS (none within its timeout, or the node
+    /// refused the connection).
     #[error("{0}")]
-    Failure(String),
+    Unreachable(String),
+    /// proxy-connector refused the request as malformed (bad method or params): a bug of the
+    /// requester, not a state of the node. Not sent.
+    #[error("{0}")]
+    BadRequest(String),
+    /// proxy-connector serves no node with this id (a configuration mistake).
+    #[error("{0}")]
+    UnknownNode(String),
+    /// OpenSIPS answered something that is not a JSON-RPC reply.
+    #[error("{0}")]
+    BadReply(String),
     /// NATS refused the request or the reply was not an `MiReply`.
     #[error("{0}")]
     Transport(String),
@@ -274,13 +285,19 @@ fn outcome_of(
             message: error.message,
             data_json: error.data_json,
         })),
-        Some(mi_reply::Outcome::Failure(failure)) => Err(
-            if failure.kind == callapi_proto::v1::mi_failure::Kind::Overloaded as i32 {
-                MiCallError::Overloaded(failure.message)
-            } else {
-                MiCallError::Failure(failure.message)
-            },
-        ),
+        Some(mi_reply::Outcome::Failure(failure)) => {
+            use callapi_proto::v1::mi_failure::Kind;
+            let message = failure.message;
+            Err(match Kind::try_from(failure.kind) {
+                Ok(Kind::Overloaded) => MiCallError::Overloaded(message),
+                Ok(Kind::BadRequest) => MiCallError::BadRequest(message),
+                Ok(Kind::UnknownNode) => MiCallError::UnknownNode(message),
+                Ok(Kind::BadReply) => MiCallError::BadReply(message),
+                Ok(Kind::Unreachable | Kind::Unspecified) | Err(_) => {
+                    MiCallError::Unreachable(message)
+                }
+            })
+        }
         None => Err(MiCallError::Transport(
             "empty reply from proxy-connector".into(),
         )),

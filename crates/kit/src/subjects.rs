@@ -86,6 +86,36 @@ impl CommandKind {
             Self::End => "end",
         }
     }
+
+    /// Every kind.
+    pub const ALL: [CommandKind; 6] = [
+        Self::CallStart,
+        Self::BlindTransfer,
+        Self::AttendedTransfer,
+        Self::Hold,
+        Self::Unhold,
+        Self::End,
+    ];
+
+    /// The kind whose subject token is `token`.
+    pub fn from_token(token: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|kind| kind.token() == token)
+    }
+}
+
+/// Tenant and kind of a command subject (`callapi.v1.cmd.<tenant>.<kind>`).
+pub fn parse_command(subject: &str) -> Option<(&str, CommandKind)> {
+    let rest = subject.strip_prefix("callapi.v1.cmd.")?;
+    let (tenant, kind) = rest.split_once('.')?;
+    is_token(tenant).then_some(())?;
+    Some((tenant, CommandKind::from_token(kind)?))
+}
+
+/// Tenant and gateway id of a notification subject (`callapi.v1.notify.<tenant>.<gateway>`).
+pub fn parse_notify(subject: &str) -> Option<(&str, &str)> {
+    let rest = subject.strip_prefix("callapi.v1.notify.")?;
+    let (tenant, gateway) = rest.split_once('.')?;
+    (is_token(tenant) && is_token(gateway)).then_some((tenant, gateway))
 }
 
 /// Whether `s` may be used as one subject token for an id (tenant, node, gateway).
@@ -197,6 +227,33 @@ pub fn events_for_callid(tenant: &str, callid: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn command_and_notify_subjects_parse_back() {
+        for kind in CommandKind::ALL {
+            assert_eq!(parse_command(&command("acme", kind)), Some(("acme", kind)));
+        }
+        assert_eq!(
+            parse_notify(&notify("acme", "gw-1")),
+            Some(("acme", "gw-1"))
+        );
+        for bad in [
+            "callapi.v1.cmd.acme",
+            "callapi.v1.cmd.acme.fly",
+            "callapi.v1.cmd..hold",
+            "callapi.v1.cmd.acme.hold.extra",
+            "callapi.v2.cmd.acme.hold",
+        ] {
+            assert_eq!(parse_command(bad), None, "{bad}");
+        }
+        for bad in [
+            "callapi.v1.notify.acme",
+            "callapi.v1.notify.acme.gw.x",
+            "callapi.v1.notify..gw",
+        ] {
+            assert_eq!(parse_notify(bad), None, "{bad}");
+        }
+    }
 
     /// Longest subject NATS accepts on a connection, with room left for `PUB`, size and CRLF.
     const NATS_CONTROL_LINE: usize = 4096;

@@ -12,6 +12,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use callapi_kit::bus;
 use callapi_kit::mi::{Liveness, MiAnswer, MiCall, MiCallError};
 use callapi_kit::subjects;
 use callapi_proto::v1::{
@@ -239,7 +240,19 @@ async fn mi_call(
             MiResult::Lost(lost.to_string())
         }
         Err(MiCallError::Overloaded(reason)) => MiResult::Overloaded(reason),
-        Err(other) => MiResult::Unreachable(other.to_string()),
+        Err(MiCallError::BadRequest(reason)) => {
+            tracing::error!(cmd_id = %ctx.cmd_id, method, %reason, "proxy-connector refused an MI request as malformed");
+            MiResult::BadRequest(reason)
+        }
+        Err(MiCallError::BadReply(reason)) => MiResult::BadReply(reason),
+        Err(
+            other @ (MiCallError::NatsDown
+            | MiCallError::NoConnector(_)
+            | MiCallError::TimedOut { .. }
+            | MiCallError::Unreachable(_)
+            | MiCallError::UnknownNode(_)
+            | MiCallError::Transport(_)),
+        ) => MiResult::Unreachable(other.to_string()),
     }
 }
 
@@ -295,14 +308,7 @@ async fn publish(ctx: &Context, seq: u64, kind: notification::Kind) {
         seq,
         kind: Some(kind),
     };
-    if let Err(err) = ctx
-        .client
-        .publish(
-            ctx.notify_subject.clone(),
-            notification.encode_to_vec().into(),
-        )
-        .await
-    {
+    if let Err(err) = bus::publish(&ctx.client, ctx.notify_subject.clone(), &notification).await {
         tracing::warn!(%err, cmd_id = %ctx.cmd_id, "could not publish a notification");
     }
 }

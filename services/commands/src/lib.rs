@@ -12,6 +12,7 @@ pub mod intake;
 
 use std::time::Duration;
 
+use callapi_kit::bus;
 use callapi_kit::config::NatsSettings;
 use callapi_kit::subjects;
 use callapi_proto::v1::{CommandAck, CommandRequest};
@@ -182,7 +183,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
                     }
                 };
                 if let Some(reply) = message.reply.clone()
-                    && let Err(err) = client.publish(reply, ack.encode_to_vec().into()).await
+                    && let Err(err) = bus::publish(&client, reply, &ack).await
                 {
                     tracing::warn!(%err, "could not acknowledge a command");
                 }
@@ -213,23 +214,15 @@ fn accept(
 > {
     let request = CommandRequest::decode(message.payload.as_ref())
         .map_err(|e| format!("undecodable CommandRequest: {e}"))?;
-    let mut tokens = message.subject.split('.').skip(3);
-    let (subject_tenant, subject_kind) = (
-        tokens.next().unwrap_or_default(),
-        tokens.next().unwrap_or_default(),
-    );
-    if request.tenant != subject_tenant || !subjects::is_token(&request.tenant) {
+    let subject = subjects::parse_command(&message.subject);
+    if subject.map(|(tenant, _)| tenant) != Some(request.tenant.as_str()) {
         return Err("tenant of the message does not match its subject".to_owned());
     }
-    if intake::kind_of(&request).map(subjects::CommandKind::token) != Some(subject_kind) {
+    if intake::kind_of(&request) != subject.map(|(_, kind)| kind) {
         return Err("command of the message does not match its subject".to_owned());
     }
-    let own_notify = format!("callapi.v1.notify.{}.", request.tenant);
-    let gateway = request
-        .notify_subject
-        .strip_prefix(&own_notify)
-        .unwrap_or_default();
-    if !subjects::is_token(gateway) {
+    let notify_tenant = subjects::parse_notify(&request.notify_subject).map(|(tenant, _)| tenant);
+    if notify_tenant != Some(request.tenant.as_str()) {
         return Err("notify_subject must be callapi.v1.notify.<its tenant>.<gateway>".to_owned());
     }
     let (flow, deadline) = intake::flow_for(&request, &config.deadlines)?;

@@ -20,10 +20,10 @@ pub mod subscriber;
 use std::net::SocketAddr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use callapi_kit::bus;
 use callapi_kit::config::NatsSettings;
 use callapi_kit::subjects;
 use drops::{Drops, Why};
-use prost::Message as _;
 use senders::Senders;
 use tokio::net::{TcpListener, UdpSocket};
 use tokio_util::sync::CancellationToken;
@@ -276,11 +276,7 @@ impl Sink {
             }
         };
         tracing::debug!(%subject, name = %event.name, callid = %event.callid, "event");
-        if let Err(err) = self
-            .client
-            .publish(subject, event.encode_to_vec().into())
-            .await
-        {
+        if let Err(err) = bus::publish(&self.client, subject, &event).await {
             tracing::warn!(%err, "could not publish an event");
         }
     }

@@ -12,11 +12,11 @@ use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket, close_code};
 use bytes::Bytes;
+use callapi_kit::bus::{self, BusError};
 use callapi_kit::subjects;
 use callapi_proto::v1::{CommandAck, CommandRequest, notification};
 use futures::stream::{SplitSink, SplitStream};
 use futures::{SinkExt as _, StreamExt as _};
-use prost::Message as _;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::time::{DelayQueue, delay_queue};
@@ -414,47 +414,33 @@ fn start_command(
 const NATS_UNREACHABLE: &str =
     "NATS is unreachable: the gateway cannot reach the commands service; try again later";
 
-fn nats_connected(client: &async_nats::Client) -> bool {
-    client.connection_state() == async_nats::connection::State::Connected
-}
-
 /// Sends one command as a NATS request; how long it may run, or the JSON-RPC error.
 async fn send_command(
     shared: &Shared,
     subject: String,
     request: CommandRequest,
 ) -> Result<Duration, (i64, String)> {
-    if !nats_connected(&shared.client) {
-        return Err((code::UNAVAILABLE, NATS_UNREACHABLE.to_owned()));
-    }
-    let nats_request = async_nats::Request::new()
-        .payload(request.encode_to_vec().into())
-        .timeout(Some(Duration::from_millis(
-            shared.config.command_ack_timeout_ms,
-        )));
-    match shared.client.send_request(subject, nats_request).await {
-        Ok(message) => match CommandAck::decode(message.payload.as_ref()) {
-            Ok(ack) if ack.accepted => Ok(Duration::from_millis(ack.deadline_ms)),
-            Ok(ack) => Err((code::REFUSED, format!("command refused: {}", ack.error))),
-            Err(_) => Err((
-                code::UNAVAILABLE,
-                "unreadable answer from the commands service".to_owned(),
-            )),
-        },
-        Err(_) if !nats_connected(&shared.client) => {
-            Err((code::UNAVAILABLE, NATS_UNREACHABLE.to_owned()))
-        }
+    let timeout = Duration::from_millis(shared.config.command_ack_timeout_ms);
+    match bus::request::<CommandAck>(&shared.client, subject, &request, timeout).await {
+        Ok(ack) if ack.accepted => Ok(Duration::from_millis(ack.deadline_ms)),
+        Ok(ack) => Err((code::REFUSED, format!("command refused: {}", ack.error))),
         Err(err) => Err((
             code::UNAVAILABLE,
-            match err.kind() {
-                async_nats::RequestErrorKind::NoResponders => {
+            match err {
+                BusError::NatsDown => NATS_UNREACHABLE.to_owned(),
+                BusError::NoResponders(_) => {
                     "no commands service is running; try again later".to_owned()
                 }
-                async_nats::RequestErrorKind::TimedOut => {
+                BusError::TimedOut { .. } => {
                     "the commands service did not take the command in time; try again later"
                         .to_owned()
                 }
-                _ => format!("could not reach the commands service: {err}"),
+                BusError::Undecodable(_) => {
+                    "unreadable answer from the commands service".to_owned()
+                }
+                BusError::Nats(reason) => {
+                    format!("could not reach the commands service: {reason}")
+                }
             },
         )),
     }

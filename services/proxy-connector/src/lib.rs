@@ -13,6 +13,7 @@ mod transport;
 use std::sync::Arc;
 use std::time::Duration;
 
+use callapi_kit::bus;
 use callapi_kit::config::NatsSettings;
 use callapi_kit::secret::redact_url;
 use callapi_kit::subjects;
@@ -236,7 +237,7 @@ async fn serve_node(
                             format!("bad MiRequest: {err}"),
                         ),
                     };
-                    if let Err(err) = client.publish(reply_to, reply.encode_to_vec().into()).await {
+                    if let Err(err) = bus::publish(&client, reply_to, &reply).await {
                         tracing::warn!(%err, "could not publish MI reply");
                     }
                 });

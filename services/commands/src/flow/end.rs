@@ -95,4 +95,19 @@ mod tests {
         let actions = f.handle(Input::Mi(Step::End, MiResult::Unreachable("down".into())));
         assert_eq!(names(&actions), ["fail NODE_UNREACHABLE", "finish"]);
     }
+
+    #[test]
+    fn a_refused_request_or_an_unusable_answer_is_not_called_unreachable() {
+        let mut f = EndFlow::new("D".into());
+        f.start();
+        let actions = f.handle(Input::Mi(
+            Step::End,
+            MiResult::BadRequest("bad params".into()),
+        ));
+        assert_eq!(names(&actions), ["fail INTERNAL_ERROR", "finish"]);
+        let mut f = EndFlow::new("D".into());
+        f.start();
+        let actions = f.handle(Input::Mi(Step::End, MiResult::BadReply("not JSON".into())));
+        assert_eq!(names(&actions), ["fail OPENSIPS_ERROR", "finish"]);
+    }
 }

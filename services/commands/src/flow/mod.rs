@@ -106,6 +106,10 @@ pub enum MiResult {
     /// The request was sent but contact was lost before its answer (connector gone, NATS
     /// restarted): OpenSIPS may or may not have acted on it.
     Lost(String),
+    /// proxy-connector refused the request as malformed: callapi's own mistake. Not sent.
+    BadRequest(String),
+    /// OpenSIPS answered something that is not a JSON-RPC reply: it may have acted.
+    BadReply(String),
 }
 
 /// An OpenSIPS event about a watched Call-ID.
@@ -208,6 +212,8 @@ pub enum ErrorCode {
     NodeOverloaded,
     /// Any other error OpenSIPS answered.
     OpensipsError,
+    /// callapi itself made a request that could not be sent (a bug): nothing was done.
+    InternalError,
 }
 
 impl ErrorCode {
@@ -227,6 +233,7 @@ impl ErrorCode {
             Self::NodeUnreachable => "NODE_UNREACHABLE",
             Self::NodeOverloaded => "NODE_OVERLOADED",
             Self::OpensipsError => "OPENSIPS_ERROR",
+            Self::InternalError => "INTERNAL_ERROR",
         }
     }
 }
@@ -385,6 +392,18 @@ pub fn generic_mi_error(result: &MiResult, what: &str) -> ErrorNote {
         MiResult::Lost(reason) => ErrorNote::new(
             ErrorCode::NodeUnreachable,
             format!("{what}: lost contact with OpenSIPS before it answered: {reason}"),
+            0,
+        ),
+        MiResult::BadRequest(reason) => ErrorNote::new(
+            ErrorCode::InternalError,
+            format!(
+                "{what}: not sent, proxy-connector refused the request callapi made ({reason}); please report it"
+            ),
+            0,
+        ),
+        MiResult::BadReply(reason) => ErrorNote::new(
+            ErrorCode::OpensipsError,
+            format!("{what}: OpenSIPS gave an unusable answer: {reason}"),
             0,
         ),
         MiResult::Ok(_) => ErrorNote::new(

@@ -290,7 +290,7 @@ impl StartFlow {
                     ]
                 }
             }
-            MiResult::Unreachable(_) => {
+            MiResult::Unreachable(_) | MiResult::BadReply(_) => {
                 // The INVITE may still be ringing: hang it up if it exists.
                 self.fail_and_clean(generic_mi_error(&result, "call to the caller"))
             }

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use callapi_e2e::NatsServer;
 use callapi_kit::mi::{Liveness, MiAnswer, MiCall, MiCallError, MiClient};
-use callapi_proto::v1::{MiProgress, MiReply, MiRequest, mi_reply};
+use callapi_proto::v1::{MiFailure, MiProgress, MiReply, MiRequest, mi_failure, mi_reply};
 use futures::StreamExt as _;
 use prost::Message as _;
 
@@ -36,7 +36,8 @@ fn progress() -> Vec<u8> {
 
 /// Answers each request on `callapi.v1.mi.n1` after the delay its params name (`{"ms": N}`),
 /// with its own params as the result; `"silent"` gets no answer, `"chatty"` progress first
-/// and a second, stray answer after the first.
+/// and a second, stray answer after the first; `"refused"`, `"garbled"` and `"unknown"` the
+/// connector's failures of those kinds.
 async fn stand_in_connector(nats: async_nats::Client) {
     let mut requests = nats.subscribe("callapi.v1.mi.n1").await.unwrap();
     nats.flush().await.unwrap();
@@ -53,6 +54,22 @@ async fn stand_in_connector(nats: async_nats::Client) {
                 tokio::time::sleep(Duration::from_millis(ms)).await;
                 match request.method.as_str() {
                     "silent" => {}
+                    "refused" | "garbled" | "unknown" => {
+                        let kind = match request.method.as_str() {
+                            "refused" => mi_failure::Kind::BadRequest,
+                            "garbled" => mi_failure::Kind::BadReply,
+                            _ => mi_failure::Kind::UnknownNode,
+                        };
+                        let failure = MiReply {
+                            outcome: Some(mi_reply::Outcome::Failure(MiFailure {
+                                kind: kind as i32,
+                                message: request.method.clone(),
+                            })),
+                        };
+                        nats.publish(reply, failure.encode_to_vec().into())
+                            .await
+                            .unwrap();
+                    }
                     "chatty" => {
                         for _ in 0..3 {
                             nats.publish(reply.clone(), progress().into())
@@ -117,6 +134,24 @@ async fn concurrent_requests_each_get_their_own_answer_over_one_subscription() {
     assert!(started.elapsed() < Duration::from_secs(2));
     let answer = mi.call(&call("n2", "echo", ""), None).await;
     assert_eq!(answer, Err(MiCallError::NoConnector("n2".into())));
+}
+
+#[tokio::test]
+async fn each_kind_of_connector_failure_keeps_its_meaning() {
+    let dir = tempdir();
+    let server = NatsServer::start(&dir).await;
+    stand_in_connector(async_nats::connect(server.url.as_str()).await.unwrap()).await;
+    let mi = MiClient::new(async_nats::connect(server.url.as_str()).await.unwrap())
+        .await
+        .unwrap();
+    let cases = [
+        ("refused", MiCallError::BadRequest("refused".into())),
+        ("garbled", MiCallError::BadReply("garbled".into())),
+        ("unknown", MiCallError::UnknownNode("unknown".into())),
+    ];
+    for (method, expected) in cases {
+        assert_eq!(mi.call(&call("n1", method, ""), None).await, Err(expected));
+    }
 }
 
 #[tokio::test]
