@@ -6,32 +6,27 @@
 //! command's `Started` reply is written are held back and written right after it. The reader
 //! pings a silent peer and drops it when nothing comes back.
 
-use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket, close_code};
 use bytes::Bytes;
-use callapi_kit::bus::{self, BusError};
-use callapi_kit::subjects;
-use callapi_proto::v1::{CommandAck, CommandRequest, notification};
+use callapi_proto::v1::notification;
 use futures::stream::{SplitSink, SplitStream};
 use futures::{SinkExt as _, StreamExt as _};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tokio_util::time::{DelayQueue, delay_queue};
 
 use crate::Shared;
-use crate::hub::ConnectionHandle;
+use crate::core::{NotificationSink, Origin, SubmitError};
 use crate::outbox::{self, Charge, Inbox, Outbox};
 use crate::rpc::{self, CommandCall, RpcId, code};
+use crate::tracker::{Admission, CommandTracker, Delivery};
 
 /// What the writer task sends.
 pub(crate) enum Outgoing {
     /// A reply not tied to a running command.
     Reply(String),
-    /// A command is about to be sent: hold its notifications until `Started`.
-    Register(String),
     /// The command was taken: write the reply, then what was held back. If it has not ended
     /// after `ends_within`, its commands replica is presumed lost.
     Started {
@@ -39,9 +34,6 @@ pub(crate) enum Outgoing {
         reply: Option<String>,
         ends_within: Duration,
     },
-    /// A command's time is up: if it is still running, end it for the client (made by the
-    /// writer itself when a command's timer is due, never queued).
-    Overdue(String),
     /// The command was not taken: write the error, drop what was held back.
     Refused {
         cmd_id: String,
@@ -66,7 +58,6 @@ impl Outgoing {
     pub(crate) fn weight(&self) -> usize {
         let text = match self {
             Outgoing::Reply(text) => text.len(),
-            Outgoing::Register(cmd_id) | Outgoing::Overdue(cmd_id) => cmd_id.len(),
             Outgoing::Started { cmd_id, reply, .. } | Outgoing::Refused { cmd_id, reply } => {
                 cmd_id.len() + reply.as_ref().map_or(0, String::len)
             }
@@ -86,12 +77,16 @@ enum Ending {
     Drop,
 }
 
-/// The commands of a connection that are running (or about to): cmd_ids.
-type Active = Arc<Mutex<HashSet<String>>>;
+/// A notification held back for a pending command, with the queue bytes it keeps counted.
+type Held = (notification::Kind, Option<Charge>);
 
-fn lock(active: &Active) -> MutexGuard<'_, HashSet<String>> {
-    // No code panics while holding it; a poisoned set is still a correct set.
-    active
+/// The connection's commands, shared by the reader (which admits them) and the writer (which
+/// sees them start, notify and end).
+type Tracker = Arc<Mutex<CommandTracker<Held>>>;
+
+fn lock(tracker: &Tracker) -> MutexGuard<'_, CommandTracker<Held>> {
+    // No code panics while holding it; a poisoned tracker is still a correct one.
+    tracker
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
@@ -122,20 +117,18 @@ pub(crate) async fn serve(socket: WebSocket, shared: Arc<Shared>) {
         kill.clone(),
         connection_id.clone(),
     );
-    let active = Active::default();
-    shared.hub.add(
-        connection_id.clone(),
-        ConnectionHandle {
-            tenant: config.tenant.clone(),
-            outbox: outbox.clone(),
-        },
-    );
+    let tracker = Tracker::new(Mutex::new(CommandTracker::new(
+        config.max_commands_per_connection,
+    )));
+    let attachment = shared
+        .commands
+        .attach(&config.tenant, Arc::new(outbox.clone()));
     tracing::debug!(%connection_id, "client connected");
     let (ping_written, ping_watch) = tokio::sync::watch::channel(None);
     let writer = tokio::spawn(write_loop(
         sink,
         inbox,
-        active.clone(),
+        tracker.clone(),
         kill.clone(),
         limits.write_timeout,
         ping_written,
@@ -146,15 +139,18 @@ pub(crate) async fn serve(socket: WebSocket, shared: Arc<Shared>) {
     };
     let ending = read_loop(
         incoming,
-        &shared,
-        &connection_id,
-        &outbox,
-        &active,
-        &kill,
+        &Client {
+            shared: &shared,
+            connection_id: &connection_id,
+            origin: attachment.origin(),
+            outbox: &outbox,
+            tracker: &tracker,
+            kill: &kill,
+        },
         limits,
     )
     .await;
-    shared.hub.remove(&connection_id);
+    drop(attachment);
     match ending {
         Ending::Close(frame) => {
             if outbox.push(Outgoing::Close(frame)).is_err() {
@@ -215,16 +211,25 @@ struct Incoming {
     ping_written: tokio::sync::watch::Receiver<Option<Instant>>,
 }
 
+/// One connection's client as its reader sees it.
+struct Client<'a> {
+    shared: &'a Arc<Shared>,
+    connection_id: &'a str,
+    origin: &'a Origin,
+    outbox: &'a Outbox,
+    tracker: &'a Tracker,
+    kill: &'a CancellationToken,
+}
+
 /// Reads requests until the client leaves, is killed, stays silent, or the gateway stops.
-async fn read_loop(
-    incoming: Incoming,
-    shared: &Arc<Shared>,
-    connection_id: &str,
-    outbox: &Outbox,
-    active: &Active,
-    kill: &CancellationToken,
-    limits: Limits,
-) -> Ending {
+async fn read_loop(incoming: Incoming, client: &Client<'_>, limits: Limits) -> Ending {
+    let Client {
+        shared,
+        connection_id,
+        outbox,
+        kill,
+        ..
+    } = *client;
     let Incoming {
         mut stream,
         mut ping_written,
@@ -264,9 +269,7 @@ async fn read_loop(
         last_heard = Instant::now();
         ping_sent = None;
         let reply = match message {
-            Some(Ok(Message::Text(text))) => {
-                handle_text(shared, connection_id, outbox, active, &text)
-            }
+            Some(Ok(Message::Text(text))) => handle_text(client, &text),
             Some(Ok(Message::Binary(_))) => Some(rpc::error(
                 &RpcId::null(),
                 code::INVALID_REQUEST,
@@ -297,13 +300,8 @@ async fn read_loop(
 }
 
 /// Handles one text message; returns the reply to write at once, if any.
-fn handle_text(
-    shared: &Arc<Shared>,
-    connection_id: &str,
-    outbox: &Outbox,
-    active: &Active,
-    text: &str,
-) -> Option<String> {
+fn handle_text(client: &Client<'_>, text: &str) -> Option<String> {
+    let shared = client.shared;
     if text.len() > shared.config.max_message_bytes {
         return Some(rpc::error(
             &RpcId::null(),
@@ -316,52 +314,28 @@ fn handle_text(
         ));
     }
     match rpc::parse(text) {
-        Ok(call) => start_command(shared, connection_id, outbox, active, call),
+        Ok(call) => start_command(client, call),
         Err(error) if error.silent => None,
         Err(error) => Some(error.to_json()),
     }
 }
 
-/// Whether a command may start on this connection.
-enum Admission {
-    Fresh,
-    Duplicate,
-    Full,
-}
-
 /// Sends the command to a commands replica (its reply is written once a replica took it), or
 /// returns the error to answer at once.
-fn start_command(
-    shared: &Arc<Shared>,
-    connection_id: &str,
-    outbox: &Outbox,
-    active: &Active,
-    call: CommandCall,
-) -> Option<String> {
+fn start_command(client: &Client<'_>, call: CommandCall) -> Option<String> {
     let cmd_id = call
         .cmd_id
         .clone()
         .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
     let reply_id = call.id.clone().unwrap_or_else(RpcId::null);
-    let limit = shared.config.max_commands_per_connection;
-    let admission = {
-        let mut set = lock(active);
-        if set.contains(&cmd_id) {
-            Admission::Duplicate
-        } else if set.len() >= limit {
-            Admission::Full
-        } else {
-            set.insert(cmd_id.clone());
-            Admission::Fresh
-        }
-    };
+    let admission = lock(client.tracker).admit(&cmd_id);
     let refusal = match admission {
-        Admission::Fresh => None,
+        Admission::Admitted => None,
         Admission::Duplicate => Some((
             code::DUPLICATE_CMD_ID,
             format!("cmd_id {cmd_id:?} is already used by a running command"),
         )),
-        Admission::Full => Some((
+        Admission::Full { limit } => Some((
             code::TOO_MANY_COMMANDS,
             format!(
                 "too many commands in flight on this connection (limit {limit}); wait for one to end"
@@ -374,33 +348,28 @@ fn start_command(
             .is_some()
             .then(|| rpc::error(&reply_id, code, &message));
     }
-    if outbox.push(Outgoing::Register(cmd_id.clone())).is_err() {
-        lock(active).remove(&cmd_id);
-        return None;
-    }
-    let request = CommandRequest {
-        tenant: shared.config.tenant.clone(),
-        cmd_id: cmd_id.clone(),
-        notify_subject: shared.notify_subject.clone(),
-        connection_id: connection_id.to_owned(),
-        command: Some(call.command),
-    };
-    let subject = subjects::command(&shared.config.tenant, call.kind);
-    let shared = shared.clone();
-    let outbox = outbox.clone();
+    let commands = client.shared.commands.clone();
+    let origin = client.origin.clone();
+    let outbox = client.outbox.clone();
     let answer = call.id.is_some();
     tokio::spawn(async move {
-        let outcome = send_command(&shared, subject, request).await;
+        let outcome = commands
+            .submit(&origin, &cmd_id, call.kind, call.command)
+            .await;
         let outgoing = match outcome {
             Ok(ends_within) => Outgoing::Started {
                 reply: answer.then(|| rpc::started(&reply_id, &cmd_id)),
                 cmd_id,
                 ends_within,
             },
-            Err((code, message)) => {
-                tracing::warn!(%cmd_id, %message, "command not started");
+            Err(err) => {
+                tracing::warn!(%cmd_id, %err, "command not started");
+                let code = match err {
+                    SubmitError::Unavailable(_) => code::UNAVAILABLE,
+                    SubmitError::Refused(_) => code::REFUSED,
+                };
                 Outgoing::Refused {
-                    reply: answer.then(|| rpc::error(&reply_id, code, &message)),
+                    reply: answer.then(|| rpc::error(&reply_id, code, &err.to_string())),
                     cmd_id,
                 }
             }
@@ -410,99 +379,11 @@ fn start_command(
     None
 }
 
-/// What a client is told when the gateway has no working NATS connection.
-const NATS_UNREACHABLE: &str =
-    "NATS is unreachable: the gateway cannot reach the commands service; try again later";
-
-/// Sends one command as a NATS request; how long it may run, or the JSON-RPC error.
-async fn send_command(
-    shared: &Shared,
-    subject: String,
-    request: CommandRequest,
-) -> Result<Duration, (i64, String)> {
-    let timeout = Duration::from_millis(shared.config.command_ack_timeout_ms);
-    match bus::request::<CommandAck>(&shared.client, subject, &request, timeout).await {
-        Ok(ack) if ack.accepted => Ok(Duration::from_millis(ack.deadline_ms)),
-        Ok(ack) => Err((code::REFUSED, format!("command refused: {}", ack.error))),
-        Err(err) => Err((
-            code::UNAVAILABLE,
-            match err {
-                BusError::NatsDown => NATS_UNREACHABLE.to_owned(),
-                BusError::NoResponders(_) => {
-                    "no commands service is running; try again later".to_owned()
-                }
-                BusError::TimedOut { .. } => {
-                    "the commands service did not take the command in time; try again later"
-                        .to_owned()
-                }
-                BusError::Undecodable(_) => {
-                    "unreadable answer from the commands service".to_owned()
-                }
-                BusError::Nats(reason) => {
-                    format!("could not reach the commands service: {reason}")
-                }
-            },
-        )),
-    }
-}
-
-enum CommandState {
-    /// Not started yet: its notifications (and their queued bytes) are held back.
-    Pending(Vec<(notification::Kind, Charge)>),
-    Live,
-}
-
-/// Extra time given to a commands replica beyond the deadline it announced.
-const OVERDUE_MARGIN: Duration = Duration::from_secs(3);
-
-/// The writer's view of the connection's commands: which are pending or live, and when each
-/// live one is overdue (one timer queue for all, dropped entries when a command ends).
-struct Commands {
-    states: HashMap<String, CommandState>,
-    /// Made at the first command: its timer wheel costs kilobytes, idle connections none.
-    overdue: Option<DelayQueue<String>>,
-    timers: HashMap<String, delay_queue::Key>,
-    active: Active,
-}
-
-impl Commands {
-    fn new(active: Active) -> Self {
-        Self {
-            states: HashMap::new(),
-            overdue: None,
-            timers: HashMap::new(),
-            active,
-        }
-    }
-
-    /// The command is over (ended, refused or overdue): forget it everywhere.
-    fn end(&mut self, cmd_id: &str) {
-        self.states.remove(cmd_id);
-        if let (Some(key), Some(overdue)) = (self.timers.remove(cmd_id), self.overdue.as_mut()) {
-            overdue.try_remove(&key);
-        }
-        lock(&self.active).remove(cmd_id);
-    }
-
-    /// The command was taken and must end within `ends_within`.
-    fn start(&mut self, cmd_id: &str, ends_within: Duration) -> Option<CommandState> {
-        let overdue = self.overdue.get_or_insert_with(DelayQueue::new);
-        let key = overdue.insert(cmd_id.to_owned(), ends_within + OVERDUE_MARGIN);
-        if let Some(old) = self.timers.insert(cmd_id.to_owned(), key) {
-            overdue.try_remove(&old);
-        }
-        self.states.insert(cmd_id.to_owned(), CommandState::Live)
-    }
-
-    /// The next command whose time is up; never, while none is live.
-    async fn next_overdue(&mut self) -> Option<String> {
-        let Some(overdue) = self.overdue.as_mut().filter(|queue| !queue.is_empty()) else {
-            return std::future::pending().await;
-        };
-        let expired = std::future::poll_fn(|cx| overdue.poll_expired(cx)).await?;
-        let cmd_id = expired.into_inner();
-        self.timers.remove(&cmd_id);
-        Some(cmd_id)
+/// A connection's notifications go into its outbox, which never blocks: a client that cannot
+/// keep up is dropped by the outbox itself.
+impl NotificationSink for Outbox {
+    fn deliver(&self, cmd_id: String, kind: notification::Kind) {
+        let _ = self.push(Outgoing::Notification { cmd_id, kind });
     }
 }
 
@@ -543,24 +424,58 @@ async fn write(
     }
 }
 
+/// What a client gets for a command whose commands replica never ended it.
+fn overdue_frames(cmd_id: &str) -> [Message; 2] {
+    tracing::warn!(%cmd_id, "no end from the commands service in time; ending the command");
+    let lost = notification::Kind::Error(callapi_proto::v1::CommandError {
+        code: "COMMAND_LOST".to_owned(),
+        message: "the commands service handling this command did not finish it in time (it may have stopped); the call may be in any state".to_owned(),
+        sip_code: 0,
+    });
+    let ended = notification::Kind::Ended(callapi_proto::v1::CommandEnded {});
+    [
+        Message::Text(rpc::notification(cmd_id, &lost).into()),
+        Message::Text(rpc::notification(cmd_id, &ended).into()),
+    ]
+}
+
 async fn write_loop(
     mut sink: SplitSink<WebSocket, Message>,
     mut inbox: Inbox,
-    active: Active,
+    tracker: Tracker,
     kill: CancellationToken,
     write_timeout: Duration,
     ping_written: tokio::sync::watch::Sender<Option<Instant>>,
 ) {
-    let mut commands = Commands::new(active);
+    // One timer for the connection's next overdue command, moved as commands start and end.
+    let overdue_timer = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(overdue_timer);
+    let mut overdue_at: Option<std::time::Instant> = None;
     loop {
-        let (outgoing, charge) = tokio::select! {
+        let next_overdue = lock(&tracker).next_overdue_at();
+        if next_overdue != overdue_at {
+            overdue_at = next_overdue;
+            if let Some(at) = overdue_at {
+                overdue_timer.as_mut().reset(Instant::from_std(at));
+            }
+        }
+        let (outgoing, mut charge) = tokio::select! {
             biased;
             _ = kill.cancelled() => return,
             next = inbox.recv() => match next {
                 Some((outgoing, charge)) => (outgoing, Some(charge)),
                 None => break,
             },
-            Some(cmd_id) = commands.next_overdue() => (Outgoing::Overdue(cmd_id), None),
+            () = &mut overdue_timer, if overdue_at.is_some() => {
+                let overdue = lock(&tracker).take_overdue(std::time::Instant::now());
+                overdue_at = None;
+                let frames = overdue.iter().flat_map(|cmd_id| overdue_frames(cmd_id)).collect();
+                if !write(&mut sink, frames, true, &kill, write_timeout).await {
+                    kill.cancel();
+                    return;
+                }
+                continue;
+            }
         };
         let mut frames = Vec::new();
         let mut closing = None;
@@ -568,66 +483,36 @@ async fn write_loop(
             Outgoing::Reply(text) => frames.push(Message::Text(text.into())),
             Outgoing::Ping => frames.push(Message::Ping(Bytes::new())),
             Outgoing::Close(frame) => closing = Some(frame),
-            Outgoing::Register(cmd_id) => {
-                commands
-                    .states
-                    .insert(cmd_id, CommandState::Pending(Vec::new()));
-            }
             Outgoing::Started {
                 cmd_id,
                 reply,
                 ends_within,
             } => {
                 frames.extend(reply.map(|text| Message::Text(text.into())));
-                if let Some(CommandState::Pending(held)) = commands.start(&cmd_id, ends_within) {
-                    for (kind, _charge) in held {
-                        if matches!(kind, notification::Kind::Ended(_)) {
-                            commands.end(&cmd_id);
-                        }
-                        frames.push(Message::Text(rpc::notification(&cmd_id, &kind).into()));
-                    }
-                }
-            }
-            Outgoing::Overdue(cmd_id) => {
-                // Its timer went with it if it ended: a due timer means it is still running.
-                if commands.states.contains_key(&cmd_id) {
-                    commands.end(&cmd_id);
-                    tracing::warn!(%cmd_id, "no end from the commands service in time; ending the command");
-                    let lost = notification::Kind::Error(callapi_proto::v1::CommandError {
-                        code: "COMMAND_LOST".to_owned(),
-                        message: "the commands service handling this command did not finish it in time (it may have stopped); the call may be in any state".to_owned(),
-                        sip_code: 0,
-                    });
-                    frames.push(Message::Text(rpc::notification(&cmd_id, &lost).into()));
-                    frames.push(Message::Text(
-                        rpc::notification(
-                            &cmd_id,
-                            &notification::Kind::Ended(callapi_proto::v1::CommandEnded {}),
-                        )
-                        .into(),
-                    ));
+                let held = lock(&tracker).started(&cmd_id, std::time::Instant::now(), ends_within);
+                for (kind, _charge) in held {
+                    frames.push(Message::Text(rpc::notification(&cmd_id, &kind).into()));
                 }
             }
             Outgoing::Refused { cmd_id, reply } => {
                 frames.extend(reply.map(|text| Message::Text(text.into())));
-                commands.end(&cmd_id);
+                lock(&tracker).refused(&cmd_id);
             }
-            Outgoing::Notification { cmd_id, kind } => match commands.states.get_mut(&cmd_id) {
-                Some(CommandState::Pending(held)) => {
-                    // Its bytes stay counted while it is held back.
-                    if let Some(charge) = charge {
-                        held.push((kind, charge));
+            Outgoing::Notification { cmd_id, kind } => {
+                let ends = matches!(kind, notification::Kind::Ended(_));
+                // A held notification keeps its bytes counted until it is written.
+                let delivery = lock(&tracker).notification(&cmd_id, (kind, charge.take()), ends);
+                match delivery {
+                    Delivery::Held => continue,
+                    Delivery::Deliver((kind, own_charge)) => {
+                        frames.push(Message::Text(rpc::notification(&cmd_id, &kind).into()));
+                        charge = own_charge;
                     }
-                    continue;
-                }
-                Some(CommandState::Live) => {
-                    if matches!(kind, notification::Kind::Ended(_)) {
-                        commands.end(&cmd_id);
+                    Delivery::Unknown(_) => {
+                        tracing::debug!(%cmd_id, "notification for an unknown command dropped");
                     }
-                    frames.push(Message::Text(rpc::notification(&cmd_id, &kind).into()));
                 }
-                None => tracing::debug!(%cmd_id, "notification for an unknown command dropped"),
-            },
+            }
         }
         // What is queued right behind goes out in the same flush: one write for a command's
         // `Started` and the notifications held back for it, or for a burst of notifications.

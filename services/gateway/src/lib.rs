@@ -7,10 +7,11 @@
 #![forbid(unsafe_code)]
 
 mod connection;
-mod hub;
+pub mod core;
 mod outbox;
 pub mod rpc;
 mod serve;
+pub mod tracker;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -116,14 +117,10 @@ pub enum Error {
 
 /// What every connection handler shares.
 pub(crate) struct Shared {
-    /// The NATS connection.
-    pub client: async_nats::Client,
     /// The configuration.
     pub config: Config,
-    /// Where the commands service sends this gateway's notifications.
-    pub notify_subject: String,
-    /// The connections, for routing notifications.
-    pub hub: hub::Hub,
+    /// Submits commands and routes their notifications to the clients.
+    pub commands: core::CommandClient,
     /// Cancelled when the gateway stops.
     pub shutdown: CancellationToken,
     /// HTTP connections and WebSocket clients, waited for on shutdown.
@@ -161,18 +158,20 @@ pub async fn run(
         .flush()
         .await
         .map_err(|e| Error::Nats(e.to_string()))?;
-    let hub = hub::Hub::default();
-    let dispatcher = tokio::spawn(hub.clone().dispatch(notifications));
+    let commands = core::CommandClient::new(
+        client.clone(),
+        &gateway_id,
+        Duration::from_millis(config.command_ack_timeout_ms),
+    );
+    let dispatcher = tokio::spawn(commands.clone().route_notifications(notifications));
     let listener = match listener {
         Some(listener) => listener,
         None => TcpListener::bind(config.listen.as_str()).await?,
     };
     let local = listener.local_addr()?;
     let shared = Arc::new(Shared {
-        notify_subject: subjects::notify(&config.tenant, &gateway_id),
-        client: client.clone(),
         config,
-        hub,
+        commands,
         shutdown: shutdown.clone(),
         tasks: TaskTracker::new(),
     });

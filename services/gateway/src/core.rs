@@ -1,0 +1,193 @@
+//! The transport-neutral command core of the gateway: a client (a WebSocket connection, a REST
+//! caller) attaches a [`NotificationSink`], submits typed commands through the
+//! [`CommandClient`] and gets each command's acknowledgement; the command's notifications come
+//! back from the commands service on this gateway's notify subject and are routed to the sink
+//! of the client that submitted it. Nothing here knows JSON-RPC, HTTP or WebSocket frames.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use callapi_kit::bus::{self, BusError};
+use callapi_kit::subjects::{self, CommandKind};
+use callapi_proto::v1::{CommandAck, CommandRequest, Notification, command_request, notification};
+use futures::StreamExt as _;
+use prost::Message as _;
+
+/// Where the notifications of one client's commands go.
+pub trait NotificationSink: Send + Sync {
+    /// Hands over one notification of command `cmd_id`; never waits (a sink that cannot keep
+    /// up deals with it itself, e.g. by dropping its client).
+    fn deliver(&self, cmd_id: String, kind: notification::Kind);
+}
+
+/// Who a command is for: the tenant, and the attachment its notifications go to. Made only by
+/// [`CommandClient::attach`], so the tenant comes from one place.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Origin {
+    tenant: String,
+    route: String,
+}
+
+impl Origin {
+    /// The tenant commands from this origin act for.
+    pub fn tenant(&self) -> &str {
+        &self.tenant
+    }
+}
+
+/// A client's attachment: its notifications are routed to its sink until this is dropped.
+pub struct Attachment {
+    origin: Origin,
+    routes: Arc<Routes>,
+}
+
+impl Attachment {
+    /// The origin to submit this client's commands with.
+    pub fn origin(&self) -> &Origin {
+        &self.origin
+    }
+}
+
+impl Drop for Attachment {
+    fn drop(&mut self) {
+        if let Ok(mut routes) = self.routes.write() {
+            routes.remove(&self.origin.route);
+        }
+    }
+}
+
+struct Route {
+    tenant: String,
+    sink: Arc<dyn NotificationSink>,
+}
+
+type Routes = RwLock<HashMap<String, Route>>;
+
+/// Why a command did not start.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SubmitError {
+    /// No commands replica could be asked (NATS down, none running, no answer in time): try
+    /// again later.
+    #[error("{0}")]
+    Unavailable(String),
+    /// A commands replica refused the command.
+    #[error("command refused: {0}")]
+    Refused(String),
+}
+
+/// What a client is told when the gateway has no working NATS connection.
+pub const NATS_UNREACHABLE: &str =
+    "NATS is unreachable: the gateway cannot reach the commands service; try again later";
+
+/// Submits commands and routes their notifications. Cheap to clone.
+#[derive(Clone)]
+pub struct CommandClient {
+    nats: async_nats::Client,
+    gateway_id: String,
+    ack_timeout: Duration,
+    routes: Arc<Routes>,
+}
+
+impl CommandClient {
+    /// A client for gateway `gateway_id`, whose notifications arrive on its notify subjects.
+    pub fn new(nats: async_nats::Client, gateway_id: &str, ack_timeout: Duration) -> Self {
+        Self {
+            nats,
+            gateway_id: gateway_id.to_owned(),
+            ack_timeout,
+            routes: Arc::default(),
+        }
+    }
+
+    /// Routes the notifications of commands submitted with the returned attachment's origin
+    /// to `sink`, for a client of `tenant`.
+    pub fn attach(&self, tenant: &str, sink: Arc<dyn NotificationSink>) -> Attachment {
+        let route = uuid::Uuid::new_v4().simple().to_string();
+        if let Ok(mut routes) = self.routes.write() {
+            routes.insert(
+                route.clone(),
+                Route {
+                    tenant: tenant.to_owned(),
+                    sink,
+                },
+            );
+        }
+        Attachment {
+            origin: Origin {
+                tenant: tenant.to_owned(),
+                route,
+            },
+            routes: self.routes.clone(),
+        }
+    }
+
+    /// Sends a command to a commands replica; how long it may run once taken.
+    pub async fn submit(
+        &self,
+        origin: &Origin,
+        cmd_id: &str,
+        kind: CommandKind,
+        command: command_request::Command,
+    ) -> Result<Duration, SubmitError> {
+        let request = CommandRequest {
+            tenant: origin.tenant.clone(),
+            cmd_id: cmd_id.to_owned(),
+            notify_subject: subjects::notify(&origin.tenant, &self.gateway_id),
+            connection_id: origin.route.clone(),
+            command: Some(command),
+        };
+        let subject = subjects::command(&origin.tenant, kind);
+        match bus::request::<CommandAck>(&self.nats, subject, &request, self.ack_timeout).await {
+            Ok(ack) if ack.accepted => Ok(Duration::from_millis(ack.deadline_ms)),
+            Ok(ack) => Err(SubmitError::Refused(ack.error)),
+            Err(err) => Err(SubmitError::Unavailable(match err {
+                BusError::NatsDown => NATS_UNREACHABLE.to_owned(),
+                BusError::NoResponders(_) => {
+                    "no commands service is running; try again later".to_owned()
+                }
+                BusError::TimedOut { .. } => {
+                    "the commands service did not take the command in time; try again later"
+                        .to_owned()
+                }
+                BusError::Undecodable(_) => {
+                    "unreadable answer from the commands service".to_owned()
+                }
+                BusError::Nats(reason) => {
+                    format!("could not reach the commands service: {reason}")
+                }
+            })),
+        }
+    }
+
+    /// Routes every notification to the sink of the client whose command it is, until the
+    /// subscription ends. A notification for another tenant than the client's is dropped.
+    pub async fn route_notifications(self, mut notifications: async_nats::Subscriber) {
+        while let Some(message) = notifications.next().await {
+            let notification = match Notification::decode(message.payload.as_ref()) {
+                Ok(n) => n,
+                Err(err) => {
+                    tracing::warn!(%err, "undecodable notification");
+                    continue;
+                }
+            };
+            let sink = match self.routes.read() {
+                Ok(routes) => match routes.get(&notification.connection_id) {
+                    Some(route) if route.tenant == notification.tenant => Some(route.sink.clone()),
+                    Some(_) => {
+                        tracing::warn!(cmd_id = %notification.cmd_id, "notification for another tenant dropped");
+                        None
+                    }
+                    None => {
+                        tracing::debug!(cmd_id = %notification.cmd_id, "notification for a client that is gone");
+                        None
+                    }
+                },
+                Err(_) => None,
+            };
+            if let (Some(sink), Some(kind)) = (sink, notification.kind) {
+                sink.deliver(notification.cmd_id, kind);
+            }
+        }
+    }
+}

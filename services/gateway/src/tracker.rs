@@ -1,0 +1,254 @@
+//! The commands of one client, without I/O: which are pending (sent, not yet taken by a
+//! commands replica) or live (taken, not yet `Ended`), what is held back for a pending command,
+//! and when a live one is overdue. Time is passed in; the caller does the writing.
+//!
+//! A command's notifications may overtake its `Started` reply (they come from commands over
+//! NATS while the ack is still on its way): they are held while the command is pending and
+//! released, in order, right after `Started`.
+
+use std::collections::HashMap;
+use std::collections::hash_map::Entry;
+use std::time::{Duration, Instant};
+
+/// Extra time given to a commands replica beyond the deadline it announced.
+pub const OVERDUE_MARGIN: Duration = Duration::from_secs(3);
+
+/// Whether a command may start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    /// Registered as pending.
+    Admitted,
+    /// A running command already has this id.
+    Duplicate,
+    /// The client has as many commands in flight as it may.
+    Full {
+        /// The limit.
+        limit: usize,
+    },
+}
+
+/// What to do with a notification that arrived.
+#[derive(Debug, PartialEq)]
+pub enum Delivery<N> {
+    /// Write it now (and the command is over if it was its end).
+    Deliver(N),
+    /// Held back until the command's `Started` is written.
+    Held,
+    /// No such command (ended, refused, or never started here): drop it.
+    Unknown(N),
+}
+
+#[derive(Debug)]
+enum State<N> {
+    Pending { held: Vec<(N, bool)> },
+    Live { overdue_at: Instant },
+}
+
+/// The commands of one client. `N` is a notification as the caller keeps it.
+#[derive(Debug)]
+pub struct CommandTracker<N> {
+    commands: HashMap<String, State<N>>,
+    limit: usize,
+}
+
+impl<N> CommandTracker<N> {
+    /// A tracker allowing `limit` commands in flight at once.
+    pub fn new(limit: usize) -> Self {
+        Self {
+            commands: HashMap::new(),
+            limit,
+        }
+    }
+
+    /// Commands in flight (pending or live).
+    pub fn len(&self) -> usize {
+        self.commands.len()
+    }
+
+    /// Whether no command is in flight.
+    pub fn is_empty(&self) -> bool {
+        self.commands.is_empty()
+    }
+
+    /// Registers `cmd_id` as pending, unless it is in use or the client is at its limit.
+    pub fn admit(&mut self, cmd_id: &str) -> Admission {
+        if self.commands.contains_key(cmd_id) {
+            return Admission::Duplicate;
+        }
+        if self.commands.len() >= self.limit {
+            return Admission::Full { limit: self.limit };
+        }
+        self.commands
+            .insert(cmd_id.to_owned(), State::Pending { held: Vec::new() });
+        Admission::Admitted
+    }
+
+    /// A replica took the command at `now` and ends it within `ends_within`: returns what was
+    /// held back, to write right after `Started`. If that includes the command's end, the
+    /// command is over.
+    pub fn started(&mut self, cmd_id: &str, now: Instant, ends_within: Duration) -> Vec<N> {
+        let overdue_at = now + ends_within + OVERDUE_MARGIN;
+        let Some(state) = self.commands.get_mut(cmd_id) else {
+            return Vec::new();
+        };
+        let held = match std::mem::replace(state, State::Live { overdue_at }) {
+            State::Pending { held } => held,
+            State::Live { .. } => Vec::new(),
+        };
+        if held.iter().any(|(_, ends)| *ends) {
+            self.commands.remove(cmd_id);
+        }
+        held.into_iter().map(|(note, _)| note).collect()
+    }
+
+    /// The command was not taken: it is over; what was held back is dropped.
+    pub fn refused(&mut self, cmd_id: &str) {
+        self.commands.remove(cmd_id);
+    }
+
+    /// A notification of `cmd_id`; `ends` when it is the command's `Ended`.
+    pub fn notification(&mut self, cmd_id: &str, note: N, ends: bool) -> Delivery<N> {
+        match self.commands.entry(cmd_id.to_owned()) {
+            Entry::Vacant(_) => Delivery::Unknown(note),
+            Entry::Occupied(mut entry) => match entry.get_mut() {
+                State::Pending { held } => {
+                    held.push((note, ends));
+                    Delivery::Held
+                }
+                State::Live { .. } => {
+                    if ends {
+                        entry.remove();
+                    }
+                    Delivery::Deliver(note)
+                }
+            },
+        }
+    }
+
+    /// When the next live command becomes overdue, if any is live.
+    pub fn next_overdue_at(&self) -> Option<Instant> {
+        self.commands
+            .values()
+            .filter_map(|state| match state {
+                State::Live { overdue_at } => Some(*overdue_at),
+                State::Pending { .. } => None,
+            })
+            .min()
+    }
+
+    /// The live commands overdue at `now`, which are over: the caller ends them for the client.
+    pub fn take_overdue(&mut self, now: Instant) -> Vec<String> {
+        let overdue: Vec<String> = self
+            .commands
+            .iter()
+            .filter(|(_, state)| matches!(state, State::Live { overdue_at } if *overdue_at <= now))
+            .map(|(cmd_id, _)| cmd_id.clone())
+            .collect();
+        for cmd_id in &overdue {
+            self.commands.remove(cmd_id);
+        }
+        overdue
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SECOND: Duration = Duration::from_secs(1);
+
+    #[test]
+    fn notifications_before_started_are_held_and_released_in_order() {
+        let now = Instant::now();
+        let mut t = CommandTracker::new(4);
+        assert_eq!(t.admit("c1"), Admission::Admitted);
+        assert_eq!(t.notification("c1", "event 1", false), Delivery::Held);
+        assert_eq!(t.notification("c1", "event 2", false), Delivery::Held);
+        assert_eq!(t.started("c1", now, SECOND), ["event 1", "event 2"]);
+        assert_eq!(
+            t.notification("c1", "event 3", false),
+            Delivery::Deliver("event 3")
+        );
+        assert_eq!(
+            t.notification("c1", "ended", true),
+            Delivery::Deliver("ended")
+        );
+        assert!(t.is_empty());
+        assert_eq!(
+            t.notification("c1", "late", false),
+            Delivery::Unknown("late")
+        );
+    }
+
+    #[test]
+    fn an_end_held_back_ends_the_command_when_it_starts() {
+        let mut t = CommandTracker::new(4);
+        t.admit("c1");
+        t.notification("c1", "error", false);
+        t.notification("c1", "ended", true);
+        assert_eq!(t.started("c1", Instant::now(), SECOND), ["error", "ended"]);
+        assert!(t.is_empty());
+        assert_eq!(t.next_overdue_at(), None);
+    }
+
+    #[test]
+    fn ids_in_use_and_the_limit_are_refused_and_freed_when_commands_end() {
+        let mut t = CommandTracker::<&str>::new(2);
+        assert_eq!(t.admit("a"), Admission::Admitted);
+        assert_eq!(t.admit("a"), Admission::Duplicate);
+        assert_eq!(t.admit("b"), Admission::Admitted);
+        assert_eq!(t.admit("c"), Admission::Full { limit: 2 });
+        t.refused("a");
+        assert_eq!(t.admit("a"), Admission::Admitted);
+        t.started("b", Instant::now(), SECOND);
+        t.notification("b", "ended", true);
+        assert_eq!(t.admit("c"), Admission::Admitted);
+        assert_eq!(t.len(), 2);
+    }
+
+    #[test]
+    fn a_refused_command_drops_what_was_held() {
+        let mut t = CommandTracker::new(2);
+        t.admit("a");
+        t.notification("a", "event", false);
+        t.refused("a");
+        assert!(t.is_empty());
+        assert_eq!(t.started("a", Instant::now(), SECOND), Vec::<&str>::new());
+        assert!(t.is_empty());
+    }
+
+    #[test]
+    fn live_commands_become_overdue_after_their_deadline_and_margin() {
+        let now = Instant::now();
+        let mut t = CommandTracker::<&str>::new(4);
+        t.admit("pending");
+        t.admit("short");
+        t.admit("long");
+        t.started("short", now, SECOND);
+        t.started("long", now, 10 * SECOND);
+        assert_eq!(t.next_overdue_at(), Some(now + SECOND + OVERDUE_MARGIN));
+        assert!(t.take_overdue(now + SECOND).is_empty());
+        assert_eq!(t.take_overdue(now + SECOND + OVERDUE_MARGIN), ["short"]);
+        assert_eq!(
+            t.next_overdue_at(),
+            Some(now + 10 * SECOND + OVERDUE_MARGIN)
+        );
+        assert_eq!(t.take_overdue(now + 60 * SECOND), ["long"]);
+        // A pending command is never overdue: its ack has its own timeout.
+        assert_eq!(t.next_overdue_at(), None);
+        assert_eq!(t.len(), 1);
+    }
+
+    #[test]
+    fn a_reused_id_gets_a_fresh_deadline() {
+        let now = Instant::now();
+        let mut t = CommandTracker::<&str>::new(4);
+        t.admit("a");
+        t.started("a", now, SECOND);
+        t.notification("a", "ended", true);
+        t.admit("a");
+        t.started("a", now + 5 * SECOND, SECOND);
+        assert!(t.take_overdue(now + SECOND + OVERDUE_MARGIN).is_empty());
+        assert_eq!(t.take_overdue(now + 6 * SECOND + OVERDUE_MARGIN), ["a"]);
+    }
+}
