@@ -9,6 +9,7 @@
 mod connection;
 pub mod core;
 mod outbox;
+pub mod params;
 pub mod rpc;
 mod serve;
 pub mod tracker;

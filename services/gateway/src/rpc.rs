@@ -4,9 +4,11 @@
 use std::borrow::Cow;
 use std::collections::BTreeMap;
 
-use callapi_kit::{subjects::CommandKind, validate};
+use callapi_kit::subjects::CommandKind;
 use callapi_proto::v1::{self as pb, command_request::Command};
 use serde_json::value::RawValue;
+
+use crate::params;
 use serde_json::{Map, Value, json};
 
 /// JSON-RPC error codes sent to clients.
@@ -35,10 +37,16 @@ pub const MAX_QUOTED: usize = 64;
 /// `text` as quoted in an error message: at most [`MAX_QUOTED`] bytes (cut on a character
 /// boundary), with a note of the full length when cut, so no reply echoes unbounded input.
 pub fn clip(text: &str) -> Cow<'_, str> {
-    if text.len() <= MAX_QUOTED {
+    clip_to(text, MAX_QUOTED)
+}
+
+/// `text` cut to at most `max` bytes (on a character boundary), with a note of the full length
+/// when cut.
+pub fn clip_to(text: &str, max: usize) -> Cow<'_, str> {
+    if text.len() <= max {
         return Cow::Borrowed(text);
     }
-    let mut end = MAX_QUOTED;
+    let mut end = max;
     while !text.is_char_boundary(end) {
         end -= 1;
     }
@@ -283,7 +291,7 @@ pub fn parse(text: &str) -> Result<CommandCall, RpcError> {
             )));
         }
     };
-    let params = match member("params").map_err(silence)? {
+    let mut params = match member("params").map_err(silence)? {
         Some(Value::Object(params)) => params,
         _ => {
             return Err(silence(RpcError::field(
@@ -293,194 +301,32 @@ pub fn parse(text: &str) -> Result<CommandCall, RpcError> {
             )));
         }
     };
-    let mut reader = Params::new(&params, &reply_id);
-    let cmd_id = reader.optional_string("cmd_id").map_err(silence)?;
-    if let Some(cmd_id) = &cmd_id
-        && (cmd_id.is_empty()
-            || cmd_id.len() > 128
-            || !cmd_id.bytes().all(|b| b.is_ascii_graphic()))
-    {
-        return Err(silence(RpcError::field(
-            &reply_id,
-            "cmd_id",
-            "must be 1 to 128 printable ASCII characters",
-        )));
-    }
-    let command = command(kind, &mut reader).map_err(silence)?;
-    reader.no_leftovers().map_err(silence)?;
+    // cmd_id rides in the params of every method; the rest are the command's own.
+    let cmd_id = match params.remove("cmd_id") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(cmd_id))
+            if !cmd_id.is_empty()
+                && cmd_id.len() <= 128
+                && cmd_id.bytes().all(|b| b.is_ascii_graphic()) =>
+        {
+            Some(cmd_id)
+        }
+        Some(_) => {
+            return Err(silence(RpcError::field(
+                &reply_id,
+                "cmd_id",
+                "must be 1 to 128 printable ASCII characters",
+            )));
+        }
+    };
+    let command = params::command(kind, params)
+        .map_err(|e| silence(RpcError::field(&reply_id, &e.field, e.reason)))?;
     Ok(CommandCall {
         id,
         cmd_id,
         kind,
         command,
     })
-}
-
-fn command(kind: CommandKind, p: &mut Params<'_>) -> Result<Command, RpcError> {
-    Ok(match kind {
-        CommandKind::CallStart => Command::CallStart(pb::CallStart {
-            caller: p.uri("caller")?,
-            callee: p.uri("callee")?,
-        }),
-        CommandKind::BlindTransfer => Command::BlindTransfer(pb::CallBlindTransfer {
-            callid: p.callid("callid")?,
-            leg: p.leg("leg", false)? as i32,
-            destination: p.uri("destination")?,
-        }),
-        CommandKind::AttendedTransfer => {
-            let callid_a = p.callid_alias("callid_a", "callidA")?;
-            let leg_a = p.leg_alias("leg_a", "legA")?;
-            let callid_b = p.callid_alias("callid_b", "callidB")?;
-            let leg_b = p.leg_alias("leg_b", "legB")?;
-            let destination = match p.optional_string("destination")? {
-                Some(uri) => {
-                    validate::sip_uri(&uri).map_err(|why| p.bad("destination", why))?;
-                    uri
-                }
-                None => String::new(),
-            };
-            Command::AttendedTransfer(pb::CallAttendedTransfer {
-                callid_a,
-                leg_a: leg_a as i32,
-                callid_b,
-                leg_b: leg_b as i32,
-                destination,
-            })
-        }
-        CommandKind::Hold => Command::Hold(pb::CallHold {
-            callid: p.callid("callid")?,
-            leg: p.optional_leg("leg")? as i32,
-        }),
-        CommandKind::Unhold => Command::Unhold(pb::CallUnhold {
-            callid: p.callid("callid")?,
-            leg: p.optional_leg("leg")? as i32,
-        }),
-        CommandKind::End => Command::End(pb::CallEnd {
-            callid: p.callid("callid")?,
-        }),
-    })
-}
-
-/// Reads params, remembering which were used so leftovers can be refused.
-struct Params<'a> {
-    params: &'a Map<String, Value>,
-    used: Vec<&'static str>,
-    id: &'a RpcId,
-}
-
-impl<'a> Params<'a> {
-    fn new(params: &'a Map<String, Value>, id: &'a RpcId) -> Self {
-        Self {
-            params,
-            used: Vec::new(),
-            id,
-        }
-    }
-
-    fn bad(&self, field: &str, reason: impl Into<String>) -> RpcError {
-        RpcError::field(self.id, field, reason)
-    }
-
-    fn optional_string(&mut self, field: &'static str) -> Result<Option<String>, RpcError> {
-        self.used.push(field);
-        match self.params.get(field) {
-            None | Some(Value::Null) => Ok(None),
-            Some(Value::String(s)) => Ok(Some(s.clone())),
-            Some(other) => {
-                Err(self.bad(field, format!("must be a string, not {}", type_name(other))))
-            }
-        }
-    }
-
-    fn string(&mut self, field: &'static str) -> Result<String, RpcError> {
-        self.optional_string(field)?
-            .ok_or_else(|| self.bad(field, "is required"))
-    }
-
-    fn uri(&mut self, field: &'static str) -> Result<String, RpcError> {
-        let uri = self.string(field)?;
-        validate::sip_uri(&uri).map_err(|why| self.bad(field, why))?;
-        Ok(uri)
-    }
-
-    fn callid(&mut self, field: &'static str) -> Result<String, RpcError> {
-        let callid = self.string(field)?;
-        validate::callid(&callid).map_err(|why| self.bad(field, why))?;
-        Ok(callid)
-    }
-
-    /// A field that may also be spelled as the Go call-api does (`callidA`).
-    fn alias(&mut self, field: &'static str, alias: &'static str) -> Result<String, RpcError> {
-        let main = self.optional_string(field)?;
-        let other = self.optional_string(alias)?;
-        match (main, other) {
-            (Some(_), Some(_)) => Err(self.bad(field, format!("is given twice (also as {alias})"))),
-            (Some(v), None) | (None, Some(v)) => Ok(v),
-            (None, None) => Err(self.bad(field, "is required")),
-        }
-    }
-
-    fn callid_alias(
-        &mut self,
-        field: &'static str,
-        alias: &'static str,
-    ) -> Result<String, RpcError> {
-        let callid = self.alias(field, alias)?;
-        validate::callid(&callid).map_err(|why| self.bad(field, why))?;
-        Ok(callid)
-    }
-
-    fn leg_alias(&mut self, field: &'static str, alias: &'static str) -> Result<pb::Leg, RpcError> {
-        let leg = self.alias(field, alias)?;
-        match leg.as_str() {
-            "caller" => Ok(pb::Leg::Caller),
-            "callee" => Ok(pb::Leg::Callee),
-            _ => Err(self.bad(field, "must be \"caller\" or \"callee\"")),
-        }
-    }
-
-    fn leg(&mut self, field: &'static str, both_allowed: bool) -> Result<pb::Leg, RpcError> {
-        let leg = self.string(field)?;
-        match leg.as_str() {
-            "caller" => Ok(pb::Leg::Caller),
-            "callee" => Ok(pb::Leg::Callee),
-            "both" if both_allowed => Ok(pb::Leg::Both),
-            _ if both_allowed => Err(self.bad(field, "must be \"caller\", \"callee\" or \"both\"")),
-            _ => Err(self.bad(field, "must be \"caller\" or \"callee\"")),
-        }
-    }
-
-    fn optional_leg(&mut self, field: &'static str) -> Result<pb::Leg, RpcError> {
-        match self.params.get(field) {
-            None | Some(Value::Null) => {
-                self.used.push(field);
-                Ok(pb::Leg::Unspecified)
-            }
-            Some(_) => self.leg(field, true),
-        }
-    }
-
-    fn no_leftovers(&self) -> Result<(), RpcError> {
-        match self
-            .params
-            .keys()
-            .find(|k| !self.used.contains(&k.as_str()))
-        {
-            Some(key) => Err(self.bad(key, "is not a parameter of this method")),
-            None => Ok(()),
-        }
-    }
-}
-
-fn type_name(value: &Value) -> &'static str {
-    match value {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    }
 }
 
 #[cfg(test)]

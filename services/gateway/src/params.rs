@@ -1,0 +1,442 @@
+//! The params of each command as typed serde structs, checked the same way whatever carries
+//! them (JSON-RPC params today, REST bodies next): unknown fields refused, the Go call-api's
+//! spellings accepted as aliases, SIP URIs and Call-IDs checked as they are read, and every
+//! error naming its field. No I/O here.
+
+use std::fmt;
+
+use callapi_kit::subjects::CommandKind;
+use callapi_kit::validate;
+use callapi_proto::v1::{self as pb, command_request::Command};
+use serde::de::{self, Deserializer};
+use serde::{Deserialize, de::DeserializeOwned};
+use serde_json::{Map, Value};
+
+/// A checked SIP URI (see `callapi_kit::sip_uri`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SipUri(pub String);
+
+/// A checked SIP Call-ID.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CallId(pub String);
+
+/// A string checked by `check` as it is read; "a string" is what serde says it expected.
+fn checked_string<'de, D: Deserializer<'de>>(
+    deserializer: D,
+    what: &'static str,
+    check: fn(&str) -> Result<(), &'static str>,
+) -> Result<String, D::Error> {
+    struct Visitor {
+        what: &'static str,
+        check: fn(&str) -> Result<(), &'static str>,
+    }
+    impl de::Visitor<'_> for Visitor {
+        type Value = String;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str(self.what)
+        }
+        fn visit_str<E: de::Error>(self, value: &str) -> Result<String, E> {
+            (self.check)(value).map_err(E::custom)?;
+            Ok(value.to_owned())
+        }
+    }
+    deserializer.deserialize_str(Visitor { what, check })
+}
+
+impl<'de> Deserialize<'de> for SipUri {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        checked_string(deserializer, "a SIP URI string", validate::sip_uri).map(Self)
+    }
+}
+
+impl<'de> Deserialize<'de> for CallId {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        checked_string(deserializer, "a Call-ID string", validate::callid).map(Self)
+    }
+}
+
+/// The party of a dialog a transfer acts on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase", expecting = "\"caller\" or \"callee\"")]
+pub enum Party {
+    /// The dialog's caller.
+    Caller,
+    /// The dialog's callee.
+    Callee,
+}
+
+impl From<Party> for pb::Leg {
+    fn from(party: Party) -> Self {
+        match party {
+            Party::Caller => pb::Leg::Caller,
+            Party::Callee => pb::Leg::Callee,
+        }
+    }
+}
+
+/// The leg(s) a hold or unhold acts on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(
+    rename_all = "lowercase",
+    expecting = "\"caller\", \"callee\" or \"both\""
+)]
+pub enum HoldLeg {
+    /// The caller's leg.
+    Caller,
+    /// The callee's leg.
+    Callee,
+    /// Both legs.
+    Both,
+}
+
+/// The leg of a hold or unhold: none given means both, as OpenSIPS 3.x always does.
+fn hold_leg(leg: Option<HoldLeg>) -> pb::Leg {
+    match leg {
+        None => pb::Leg::Unspecified,
+        Some(HoldLeg::Caller) => pb::Leg::Caller,
+        Some(HoldLeg::Callee) => pb::Leg::Callee,
+        Some(HoldLeg::Both) => pb::Leg::Both,
+    }
+}
+
+/// `CallStart`: a call from `caller` to `callee` (click-to-dial).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CallStartParams {
+    /// Called first; when it answers, it is transferred to the callee.
+    pub caller: SipUri,
+    /// Called once the caller answered.
+    pub callee: SipUri,
+}
+
+/// `CallBlindTransfer`: send one party of a call to `destination`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BlindTransferParams {
+    /// The call.
+    pub callid: CallId,
+    /// The party transferred.
+    pub leg: Party,
+    /// Where it goes.
+    pub destination: SipUri,
+}
+
+/// `CallAttendedTransfer`: connect a party of call A with a party of call B.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AttendedTransferParams {
+    /// Call A.
+    #[serde(alias = "callidA")]
+    pub callid_a: CallId,
+    /// The party of call A that is transferred.
+    #[serde(alias = "legA")]
+    pub leg_a: Party,
+    /// Call B.
+    #[serde(alias = "callidB")]
+    pub callid_b: CallId,
+    /// The party of call B it is connected with.
+    #[serde(alias = "legB")]
+    pub leg_b: Party,
+    /// Optional: the URI of that party, if OpenSIPS cannot find it itself.
+    #[serde(default)]
+    pub destination: Option<SipUri>,
+}
+
+/// `CallHold` and `CallUnHold`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HoldParams {
+    /// The call.
+    pub callid: CallId,
+    /// Which leg(s); none means both.
+    #[serde(default)]
+    pub leg: Option<HoldLeg>,
+}
+
+/// `CallEnd`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EndParams {
+    /// The call.
+    pub callid: CallId,
+}
+
+/// Why params were refused: the field at fault (`params` for the whole object) and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParamsError {
+    /// The field, as the client spelled it.
+    pub field: String,
+    /// Why, in a few words (bounded: never echoes long client text).
+    pub reason: String,
+}
+
+/// Longest reason given; serde quotes client values (an unknown enum variant, say).
+const MAX_REASON: usize = 160;
+
+/// The command `params` describe for `kind`.
+pub fn command(kind: CommandKind, params: Map<String, Value>) -> Result<Command, ParamsError> {
+    Ok(match kind {
+        CommandKind::CallStart => {
+            let p: CallStartParams = typed(params, &[])?;
+            Command::CallStart(pb::CallStart {
+                caller: p.caller.0,
+                callee: p.callee.0,
+            })
+        }
+        CommandKind::BlindTransfer => {
+            let p: BlindTransferParams = typed(params, &[])?;
+            Command::BlindTransfer(pb::CallBlindTransfer {
+                callid: p.callid.0,
+                leg: pb::Leg::from(p.leg) as i32,
+                destination: p.destination.0,
+            })
+        }
+        CommandKind::AttendedTransfer => {
+            let aliases = [
+                ("callid_a", "callidA"),
+                ("leg_a", "legA"),
+                ("callid_b", "callidB"),
+                ("leg_b", "legB"),
+            ];
+            let p: AttendedTransferParams = typed(params, &aliases)?;
+            Command::AttendedTransfer(pb::CallAttendedTransfer {
+                callid_a: p.callid_a.0,
+                leg_a: pb::Leg::from(p.leg_a) as i32,
+                callid_b: p.callid_b.0,
+                leg_b: pb::Leg::from(p.leg_b) as i32,
+                destination: p.destination.map(|uri| uri.0).unwrap_or_default(),
+            })
+        }
+        CommandKind::Hold | CommandKind::Unhold => {
+            let p: HoldParams = typed(params, &[])?;
+            let (callid, leg) = (p.callid.0, hold_leg(p.leg) as i32);
+            if kind == CommandKind::Hold {
+                Command::Hold(pb::CallHold { callid, leg })
+            } else {
+                Command::Unhold(pb::CallUnhold { callid, leg })
+            }
+        }
+        CommandKind::End => {
+            let p: EndParams = typed(params, &[])?;
+            Command::End(pb::CallEnd { callid: p.callid.0 })
+        }
+    })
+}
+
+/// Reads `params` as `T`, naming the field of any error. `aliases` pairs each field with its
+/// other spelling: both given is an error on the field.
+fn typed<T: DeserializeOwned>(
+    mut params: Map<String, Value>,
+    aliases: &[(&str, &str)],
+) -> Result<T, ParamsError> {
+    for (field, alias) in aliases {
+        if params.contains_key(*field) && params.contains_key(*alias) {
+            return Err(error(field, format!("is given twice (also as {alias})")));
+        }
+    }
+    // An explicit null is the same as leaving a field out.
+    params.retain(|_, value| !value.is_null());
+    serde_path_to_error::deserialize(Value::Object(params)).map_err(|err| {
+        let inner = err.inner().to_string();
+        let at = err.path().to_string();
+        // serde reports these on the object, naming the field in its message.
+        for (prefix, reason) in [
+            ("missing field `", "is required"),
+            ("unknown field `", "is not a parameter of this method"),
+        ] {
+            if let Some((field, _)) = inner
+                .strip_prefix(prefix)
+                .and_then(|rest| rest.split_once('`'))
+            {
+                return error(field, reason.to_owned());
+            }
+        }
+        let field = if at == "." { "params" } else { at.as_str() };
+        error(field, describe(&inner))
+    })
+}
+
+fn error(field: &str, reason: String) -> ParamsError {
+    ParamsError {
+        field: crate::rpc::clip(field).into_owned(),
+        reason,
+    }
+}
+
+/// serde's message in our words: "must be …" for a wrong type, else as it is, bounded.
+fn describe(inner: &str) -> String {
+    let text = match inner.strip_prefix("invalid type: ") {
+        Some(rest) => match rest.split_once(", expected ") {
+            Some((got, expected)) => format!("must be {expected}, not {}", got_kind(got)),
+            None => inner.to_owned(),
+        },
+        None => match inner.strip_prefix("unknown variant ") {
+            Some(rest) => match rest.split_once(", expected ") {
+                Some((_, expected)) => format!("must be {}", expected.replace('`', "\"")),
+                None => inner.to_owned(),
+            },
+            None => inner.to_owned(),
+        },
+    };
+    crate::rpc::clip_to(&text, MAX_REASON).into_owned()
+}
+
+/// "integer `5`" → "a number": the kind of JSON value, never the value.
+fn got_kind(got: &str) -> &'static str {
+    match got.split([' ', '`']).next().unwrap_or_default() {
+        "integer" | "floating" => "a number",
+        "boolean" => "a boolean",
+        "string" => "a string",
+        "sequence" => "an array",
+        "map" => "an object",
+        "null" | "unit" => "null",
+        _ => "this",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn params(value: Value) -> Map<String, Value> {
+        match value {
+            Value::Object(map) => map,
+            _ => Map::new(),
+        }
+    }
+
+    fn refused(kind: CommandKind, value: Value) -> ParamsError {
+        command(kind, params(value)).expect_err("refused")
+    }
+
+    #[test]
+    fn the_documents_params_give_their_commands() {
+        let start = command(
+            CommandKind::CallStart,
+            params(json!({"caller": "sip:alice@127.0.0.1", "callee": "sip:bob@127.0.0.1"})),
+        );
+        assert_eq!(
+            start,
+            Ok(Command::CallStart(pb::CallStart {
+                caller: "sip:alice@127.0.0.1".into(),
+                callee: "sip:bob@127.0.0.1".into(),
+            }))
+        );
+        let attended = command(
+            CommandKind::AttendedTransfer,
+            params(json!({"callidA": "a", "legA": "caller", "callid_b": "b", "leg_b": "callee"})),
+        );
+        assert_eq!(
+            attended,
+            Ok(Command::AttendedTransfer(pb::CallAttendedTransfer {
+                callid_a: "a".into(),
+                leg_a: pb::Leg::Caller as i32,
+                callid_b: "b".into(),
+                leg_b: pb::Leg::Callee as i32,
+                destination: String::new(),
+            }))
+        );
+        let hold = command(
+            CommandKind::Unhold,
+            params(json!({"callid": "x", "leg": null})),
+        );
+        assert_eq!(
+            hold,
+            Ok(Command::Unhold(pb::CallUnhold {
+                callid: "x".into(),
+                leg: pb::Leg::Unspecified as i32,
+            }))
+        );
+    }
+
+    #[test]
+    fn every_error_names_its_field_in_plain_words() {
+        let cases = [
+            (
+                CommandKind::CallStart,
+                json!({"caller": 1, "callee": "sip:b@c"}),
+                "caller",
+                "must be a SIP URI string, not a number",
+            ),
+            (
+                CommandKind::CallStart,
+                json!({"caller": "sip:a@b"}),
+                "callee",
+                "is required",
+            ),
+            (
+                CommandKind::CallStart,
+                json!({"caller": "sip:a@b", "callee": null}),
+                "callee",
+                "is required",
+            ),
+            (
+                CommandKind::CallStart,
+                json!({"caller": "sip:a@b", "callee": "bob"}),
+                "callee",
+                "",
+            ),
+            (
+                CommandKind::CallStart,
+                json!({"caller": "sip:a@b", "callee": "sip:b@c", "extra": true}),
+                "extra",
+                "is not a parameter of this method",
+            ),
+            (
+                CommandKind::BlindTransfer,
+                json!({"callid": "x", "leg": "sideways", "destination": "sip:c@d"}),
+                "leg",
+                "must be \"caller\" or \"callee\"",
+            ),
+            (
+                CommandKind::Hold,
+                json!({"callid": "x", "leg": 3}),
+                "leg",
+                "must be",
+            ),
+            (
+                CommandKind::AttendedTransfer,
+                json!({"callid_a": "a", "callidA": "a", "leg_a": "caller", "callid_b": "b", "leg_b": "callee"}),
+                "callid_a",
+                "is given twice (also as callidA)",
+            ),
+            (
+                CommandKind::End,
+                json!({"callid": ""}),
+                "callid",
+                "must not be empty",
+            ),
+            (
+                CommandKind::End,
+                json!({"callid": ["x"]}),
+                "callid",
+                "not an array",
+            ),
+        ];
+        for (kind, value, field, reason) in cases {
+            let err = refused(kind, value.clone());
+            assert_eq!(err.field, field, "{value}");
+            assert!(
+                err.reason.starts_with(reason) || err.reason.contains(reason),
+                "{value}: {}",
+                err.reason
+            );
+        }
+    }
+
+    #[test]
+    fn client_text_in_errors_is_bounded() {
+        let long = "x".repeat(10_000);
+        let err = refused(
+            CommandKind::CallStart,
+            json!({"caller": "sip:a@b", "callee": "sip:b@c", long.clone(): 1}),
+        );
+        assert!(err.field.len() < 100, "{}", err.field);
+        let err = refused(
+            CommandKind::BlindTransfer,
+            json!({"callid": "x", "leg": long, "destination": "sip:c@d"}),
+        );
+        assert!(err.reason.len() <= MAX_REASON + 20, "{}", err.reason);
+    }
+}
