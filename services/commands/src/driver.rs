@@ -260,23 +260,22 @@ fn decode_event(payload: &[u8]) -> Option<CallEvent> {
     let event = OpensipsEvent::decode(payload).ok()?;
     Some(match event.body? {
         opensips_event::Body::CallTransfer(t) => CallEvent::Transfer {
+            state: t.state(),
             callid: t.callid,
-            leg: t.leg,
             transfer_callid: t.transfer_callid,
             destination: t.destination,
-            state: t.state,
             status: t.status,
         },
         opensips_event::Body::CallHold(h) => CallEvent::Hold {
+            leg: h.leg(),
+            action: h.action(),
+            state: h.state(),
             callid: h.callid,
-            leg: h.leg,
-            action: h.action,
-            state: h.state,
         },
         opensips_event::Body::DialogStateChanged(d) => CallEvent::DialogState {
+            old_state: d.old_state(),
+            new_state: d.new_state(),
             callid: d.callid,
-            old_state: d.old_state,
-            new_state: d.new_state,
         },
         opensips_event::Body::OtherParamsJson(_) => return None,
     })
@@ -284,9 +283,9 @@ fn decode_event(payload: &[u8]) -> Option<CallEvent> {
 
 fn event_of(note: StepNote) -> CommandEvent {
     CommandEvent {
-        name: note.name.to_owned(),
+        step: note.step as i32,
         callid: note.callid,
-        leg: note.leg,
+        leg: note.leg as i32,
         sip_status: note.sip_status,
         destination: note.destination,
     }
@@ -294,7 +293,7 @@ fn event_of(note: StepNote) -> CommandEvent {
 
 fn error_of(error: ErrorNote) -> CommandError {
     CommandError {
-        code: error.code.as_str().to_owned(),
+        code: error.code as i32,
         message: error.message,
         sip_code: error.sip_code,
     }

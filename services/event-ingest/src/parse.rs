@@ -7,7 +7,8 @@
 
 use callapi_kit::subjects;
 use callapi_proto::v1::{
-    CallHoldEvent, CallTransferEvent, DialogStateChanged, OpensipsEvent, opensips_event,
+    CallHoldEvent, CallTransferEvent, DialogState, DialogStateChanged, HoldAction, HoldState, Leg,
+    OpensipsEvent, TransferState, opensips_event,
 };
 use serde_json::{Map, Value};
 
@@ -87,22 +88,31 @@ pub fn event(
             callid: callid.clone(),
             from_tag: text("from_tag"),
             to_tag: text("to_tag"),
-            old_state: number("old_state"),
-            new_state: number("new_state"),
+            old_state: dialog_state(number("old_state")) as i32,
+            new_state: dialog_state(number("new_state")) as i32,
         }),
         "E_CALL_TRANSFER" => opensips_event::Body::CallTransfer(CallTransferEvent {
             callid: callid.clone(),
-            leg: text("leg"),
+            leg: leg(&text("leg")) as i32,
             transfer_callid: text("transfer_callid"),
-            destination: text("destination"),
-            state: text("state"),
+            destination: without_osid(&text("destination")),
+            state: transfer_state(&text("state")) as i32,
             status: text("status"),
         }),
         "E_CALL_HOLD" => opensips_event::Body::CallHold(CallHoldEvent {
             callid: callid.clone(),
-            leg: text("leg"),
-            action: text("action"),
-            state: text("state"),
+            leg: leg(&text("leg")) as i32,
+            action: match text("action").as_str() {
+                "hold" => HoldAction::Hold,
+                "unhold" => HoldAction::Unhold,
+                _ => HoldAction::Unspecified,
+            } as i32,
+            state: match text("state").as_str() {
+                "start" => HoldState::Start,
+                "ok" => HoldState::Ok,
+                "fail" => HoldState::Fail,
+                _ => HoldState::Unspecified,
+            } as i32,
         }),
         _ => opensips_event::Body::OtherParamsJson(Value::Object(params.clone()).to_string()),
     };
@@ -114,6 +124,40 @@ pub fn event(
         callid,
         body: Some(body),
     })
+}
+
+/// A leg as OpenSIPS names it; anything else (E_CALL_TRANSFER puts the new Call-ID there in
+/// `start`) is no leg.
+fn leg(text: &str) -> Leg {
+    match text {
+        "caller" => Leg::Caller,
+        "callee" => Leg::Callee,
+        _ => Leg::Unspecified,
+    }
+}
+
+fn dialog_state(number: i32) -> DialogState {
+    DialogState::try_from(number).unwrap_or(DialogState::Unspecified)
+}
+
+fn transfer_state(text: &str) -> TransferState {
+    match text {
+        "start" => TransferState::Start,
+        "notify" => TransferState::Notify,
+        "ok" => TransferState::Ok,
+        // OpenSIPS says "fail"; "failure" is what the Go call-api expected.
+        "fail" | "failure" => TransferState::Fail,
+        _ => TransferState::Unspecified,
+    }
+}
+
+/// The transfer target without the `;osid=...` parameter callops adds.
+fn without_osid(destination: &str) -> String {
+    destination
+        .split(';')
+        .filter(|part| !part.starts_with("osid="))
+        .collect::<Vec<_>>()
+        .join(";")
 }
 
 /// JSON values cut from the front of an event_stream buffer.
@@ -168,18 +212,37 @@ mod tests {
             panic!()
         };
         assert_eq!(
-            (t.state.as_str(), t.transfer_callid.as_str()),
-            ("start", "82874d5bc6400262")
+            (t.state(), t.transfer_callid.as_str(), t.leg()),
+            (TransferState::Start, "82874d5bc6400262", Leg::Unspecified)
         );
+        // OpenSIPS's vocabulary stays here: the target comes without callops' osid.
+        assert_eq!(t.destination, "sip:bob@127.0.0.1:5072");
 
         let e = event(br#"{"jsonrpc": "2.0", "method": "E_DLG_STATE_CHANGED", "params": {"id": "185.f5453241", "db_id": "6051946779743", "callid": "ac6a8eb7310d488e", "from_tag": "c80007b51531c07b", "to_tag": null, "old_state": 1, "new_state": 5}}"#, "t", "n", 1).unwrap();
         let Some(opensips_event::Body::DialogStateChanged(d)) = e.body else {
             panic!()
         };
-        assert_eq!((d.old_state, d.new_state, d.to_tag.as_str()), (1, 5, ""));
+        assert_eq!(
+            (d.old_state(), d.new_state(), d.to_tag.as_str()),
+            (DialogState::Unconfirmed, DialogState::Deleted, "")
+        );
 
         let e = event(br#"{"jsonrpc":"2.0","method":"E_CALL_HOLD","params":{"callid":"b9","leg":"caller","action":"hold","state":"ok"}}"#, "t", "n", 1).unwrap();
-        assert!(matches!(e.body, Some(opensips_event::Body::CallHold(_))));
+        let Some(opensips_event::Body::CallHold(h)) = e.body else {
+            panic!()
+        };
+        assert_eq!(
+            (h.leg(), h.action(), h.state()),
+            (Leg::Caller, HoldAction::Hold, HoldState::Ok)
+        );
+        let e = event(br#"{"jsonrpc":"2.0","method":"E_CALL_TRANSFER","params":{"callid":"c","leg":"","state":"fail","status":"486 Busy Here"}}"#, "t", "n", 1).unwrap();
+        let Some(opensips_event::Body::CallTransfer(t)) = e.body else {
+            panic!()
+        };
+        assert_eq!(
+            (t.state(), t.status.as_str()),
+            (TransferState::Fail, "486 Busy Here")
+        );
     }
 
     #[test]

@@ -428,7 +428,7 @@ async fn write(
 fn overdue_frames(cmd_id: &str) -> [Message; 2] {
     tracing::warn!(%cmd_id, "no end from the commands service in time; ending the command");
     let lost = notification::Kind::Error(callapi_proto::v1::CommandError {
-        code: "COMMAND_LOST".to_owned(),
+        code: callapi_proto::v1::ErrorCode::CommandLost as i32,
         message: "the commands service handling this command did not finish it in time (it may have stopped); the call may be in any state".to_owned(),
         sip_code: 0,
     });

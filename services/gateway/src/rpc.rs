@@ -176,21 +176,21 @@ pub fn notification(cmd_id: &str, kind: &pb::notification::Kind) -> String {
     params.insert("cmd_id".into(), cmd_id.into());
     let method = match kind {
         pb::notification::Kind::Event(event) => {
-            params.insert("data".into(), event.name.clone().into());
+            params.insert("data".into(), event.step().protocol_name().into());
             for (key, value) in [
-                ("callid", &event.callid),
-                ("leg", &event.leg),
-                ("sip_status", &event.sip_status),
-                ("destination", &event.destination),
+                ("callid", event.callid.as_str()),
+                ("leg", event.leg().protocol_name()),
+                ("sip_status", event.sip_status.as_str()),
+                ("destination", event.destination.as_str()),
             ] {
                 if !value.is_empty() {
-                    params.insert(key.into(), value.clone().into());
+                    params.insert(key.into(), value.into());
                 }
             }
             "Event"
         }
         pb::notification::Kind::Error(error) => {
-            params.insert("code".into(), error.code.clone().into());
+            params.insert("code".into(), error.code().protocol_name().into());
             params.insert("message".into(), error.message.clone().into());
             if error.sip_code != 0 {
                 params.insert("sip_code".into(), error.sip_code.into());
@@ -555,7 +555,7 @@ mod tests {
     #[test]
     fn notification_json_matches_the_document() {
         let kind = pb::notification::Kind::Event(pb::CommandEvent {
-            name: "CALL_START".into(),
+            step: pb::CommandStep::CallStart as i32,
             callid: "Y".into(),
             ..Default::default()
         });
@@ -563,6 +563,27 @@ mod tests {
         assert_eq!(
             v,
             json!({"jsonrpc":"2.0","method":"Event","params":{"cmd_id":"c1","data":"CALL_START","callid":"Y"}})
+        );
+        let kind = pb::notification::Kind::Event(pb::CommandEvent {
+            step: pb::CommandStep::CallHold as i32,
+            callid: "Y".into(),
+            leg: pb::Leg::Both as i32,
+            ..Default::default()
+        });
+        let v: Value = serde_json::from_str(&notification("c1", &kind)).unwrap();
+        assert_eq!(
+            v,
+            json!({"jsonrpc":"2.0","method":"Event","params":{"cmd_id":"c1","data":"CALL_HOLD","callid":"Y","leg":"both"}})
+        );
+        let kind = pb::notification::Kind::Error(pb::CommandError {
+            code: pb::ErrorCode::DialogNotFound as i32,
+            message: "gone".into(),
+            sip_code: 404,
+        });
+        let v: Value = serde_json::from_str(&notification("c1", &kind)).unwrap();
+        assert_eq!(
+            v,
+            json!({"jsonrpc":"2.0","method":"Error","params":{"cmd_id":"c1","code":"DIALOG_NOT_FOUND","message":"gone","sip_code":404}})
         );
         let v: Value = serde_json::from_str(&notification(
             "c1",

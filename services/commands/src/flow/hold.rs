@@ -6,6 +6,7 @@
 //! per-leg hold (a `leg` param → -32602): that is reported as NOT_SUPPORTED. OpenSIPS 4.0 takes
 //! `leg`, and still re-INVITEs and reports both legs.
 
+use callapi_proto::v1 as pb;
 use serde_json::json;
 
 use super::{
@@ -22,10 +23,10 @@ pub enum HoldAction {
 }
 
 impl HoldAction {
-    fn event_action(self) -> &'static str {
+    fn event_action(self) -> pb::HoldAction {
         match self {
-            Self::Hold => "hold",
-            Self::Unhold => "unhold",
+            Self::Hold => pb::HoldAction::Hold,
+            Self::Unhold => pb::HoldAction::Unhold,
         }
     }
 }
@@ -110,16 +111,16 @@ impl HoldFlow {
                 action,
                 state,
             }) if callid == self.callid && action == self.action.event_action() => {
-                let slot = match leg.as_str() {
-                    "caller" => &mut self.caller,
-                    "callee" => &mut self.callee,
-                    _ => return Vec::new(),
+                let slot = match leg {
+                    pb::Leg::Caller => &mut self.caller,
+                    pb::Leg::Callee => &mut self.callee,
+                    pb::Leg::Both | pb::Leg::Unspecified => return Vec::new(),
                 };
-                *slot = match state.as_str() {
-                    "start" if !slot.is_final() => LegState::Started,
-                    "ok" => LegState::Ok,
-                    "fail" => LegState::Failed,
-                    _ => *slot,
+                *slot = match state {
+                    pb::HoldState::Start if !slot.is_final() => LegState::Started,
+                    pb::HoldState::Ok => LegState::Ok,
+                    pb::HoldState::Fail => LegState::Failed,
+                    pb::HoldState::Start | pb::HoldState::Unspecified => *slot,
                 };
                 self.check(false)
             }
@@ -163,12 +164,12 @@ impl HoldFlow {
             && legs.iter().all(|(_, s)| *s != LegState::Started);
         if self.replied && (all_final || settled_at_deadline) {
             let note = StepNote {
-                name: match self.action {
-                    HoldAction::Hold => "CALL_HOLD",
-                    HoldAction::Unhold => "CALL_UNHOLD",
+                step: match self.action {
+                    HoldAction::Hold => pb::CommandStep::CallHold,
+                    HoldAction::Unhold => pb::CommandStep::CallUnhold,
                 },
                 callid: self.callid.clone(),
-                leg: self.leg.map_or("both", Leg::as_str).into(),
+                leg: self.leg.map_or(pb::Leg::Both, Leg::to_proto),
                 sip_status: String::new(),
                 destination: String::new(),
             };
@@ -367,7 +368,10 @@ mod tests {
         let Action::Notify(note) = &done[0] else {
             panic!()
         };
-        assert_eq!((note.name, note.leg.as_str()), ("CALL_HOLD", "callee"));
+        assert_eq!(
+            (note.step, note.leg),
+            (pb::CommandStep::CallHold, pb::Leg::Callee)
+        );
     }
 
     #[test]

@@ -17,6 +17,7 @@ pub use transfer::{AttendedTransferFlow, BlindTransferFlow};
 
 use std::time::Duration;
 
+use callapi_proto::v1 as pb;
 use serde_json::Value;
 
 /// Which party of a dialog.
@@ -34,6 +35,14 @@ impl Leg {
         match self {
             Self::Caller => "caller",
             Self::Callee => "callee",
+        }
+    }
+
+    /// The leg on the wire.
+    pub fn to_proto(self) -> pb::Leg {
+        match self {
+            Self::Caller => pb::Leg::Caller,
+            Self::Callee => pb::Leg::Callee,
         }
     }
 }
@@ -119,14 +128,12 @@ pub enum CallEvent {
     Transfer {
         /// Dialog the transfer runs on.
         callid: String,
-        /// Leg (quirk: the transfer Call-ID in `start`, "" in the last `notify`).
-        leg: String,
         /// Call-ID of the new call.
         transfer_callid: String,
-        /// Transfer target as OpenSIPS sent it.
+        /// Transfer target (without callops' `;osid=`), may be empty.
         destination: String,
-        /// start | notify | ok | fail.
-        state: String,
+        /// Where the transfer is.
+        state: pb::TransferState,
         /// SIP status line, may be empty.
         status: String,
     },
@@ -134,21 +141,21 @@ pub enum CallEvent {
     Hold {
         /// Dialog.
         callid: String,
-        /// caller | callee.
-        leg: String,
-        /// hold | unhold.
-        action: String,
-        /// start | ok | fail.
-        state: String,
+        /// The leg.
+        leg: pb::Leg,
+        /// Hold or unhold.
+        action: pb::HoldAction,
+        /// Where the leg's hold or unhold is.
+        state: pb::HoldState,
     },
     /// E_DLG_STATE_CHANGED.
     DialogState {
         /// Dialog.
         callid: String,
-        /// Previous state (1..5).
-        old_state: i32,
-        /// New state (1..5).
-        new_state: i32,
+        /// Previous state.
+        old_state: pb::DialogState,
+        /// New state.
+        new_state: pb::DialogState,
     },
 }
 
@@ -170,73 +177,20 @@ pub enum Input {
 /// A step reported to the client (`Event` notification).
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct StepNote {
-    /// Event name of the call-api protocol (CALL_ANSWER, TRANSFER_ACCEPT, ...).
-    pub name: &'static str,
+    /// The step (CALL_ANSWER, TRANSFER_ACCEPT, ...).
+    pub step: pb::CommandStep,
     /// Call-ID the step is about.
     pub callid: String,
-    /// Leg, or empty.
-    pub leg: String,
+    /// Leg, if the step is about one.
+    pub leg: pb::Leg,
     /// SIP status line, or empty.
     pub sip_status: String,
     /// Destination, or empty.
     pub destination: String,
 }
 
-/// Stable error codes sent to clients.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ErrorCode {
-    /// A party of a CallStart could not be reached: the caller did not answer (busy, no
-    /// answer, unknown user), or the call to the callee failed or was never placed.
-    CallFailed,
-    /// The transfer target did not answer.
-    TransferFailed,
-    /// No such dialog on OpenSIPS.
-    DialogNotFound,
-    /// OpenSIPS refused a transfer: 491 Request Pending (one transfer per dialog).
-    TransferPending,
-    /// Hold of a dialog whose legs are already on hold.
-    AlreadyHeld,
-    /// Unhold of a dialog with no leg on hold.
-    NotHeld,
-    /// The dialog is not confirmed yet (ringing).
-    DialogNotReady,
-    /// The OpenSIPS node does not support what was asked (per-leg hold on 3.x).
-    NotSupported,
-    /// A leg failed to go on / off hold.
-    HoldFailed,
-    /// The command did not complete before its deadline.
-    Timeout,
-    /// The OpenSIPS node could not be reached.
-    NodeUnreachable,
-    /// The OpenSIPS node is overloaded: the command was not carried out; try again later.
-    NodeOverloaded,
-    /// Any other error OpenSIPS answered.
-    OpensipsError,
-    /// callapi itself made a request that could not be sent (a bug): nothing was done.
-    InternalError,
-}
-
-impl ErrorCode {
-    /// The code as sent to clients.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::CallFailed => "CALL_FAILED",
-            Self::TransferFailed => "TRANSFER_FAILED",
-            Self::DialogNotFound => "DIALOG_NOT_FOUND",
-            Self::TransferPending => "TRANSFER_PENDING",
-            Self::AlreadyHeld => "ALREADY_HELD",
-            Self::NotHeld => "NOT_HELD",
-            Self::DialogNotReady => "DIALOG_NOT_READY",
-            Self::NotSupported => "NOT_SUPPORTED",
-            Self::HoldFailed => "HOLD_FAILED",
-            Self::Timeout => "TIMEOUT",
-            Self::NodeUnreachable => "NODE_UNREACHABLE",
-            Self::NodeOverloaded => "NODE_OVERLOADED",
-            Self::OpensipsError => "OPENSIPS_ERROR",
-            Self::InternalError => "INTERNAL_ERROR",
-        }
-    }
-}
+/// Stable error codes sent to clients (defined in `commands.proto`).
+pub use callapi_proto::v1::ErrorCode;
 
 /// A failure reported to the client (`Error` notification).
 #[derive(Debug, Clone, PartialEq)]
@@ -434,58 +388,69 @@ pub(crate) enum TransferStage {
 }
 
 pub(crate) fn transfer_stage(
-    state: &str,
+    state: pb::TransferState,
     transfer_callid: &str,
     destination: &str,
     status: &str,
 ) -> TransferStage {
     match state {
-        "start" => TransferStage::Started {
+        pb::TransferState::Start => TransferStage::Started {
             transfer_callid: transfer_callid.to_owned(),
             destination: destination.to_owned(),
         },
-        "ok" => TransferStage::Answered {
+        pb::TransferState::Ok => TransferStage::Answered {
             transfer_callid: transfer_callid.to_owned(),
             status: status.to_owned(),
         },
-        // OpenSIPS says "fail"; "failure" is what the Go call-api wrongly expected.
-        "fail" | "failure" => TransferStage::Failed {
+        pb::TransferState::Fail => TransferStage::Failed {
             status: status.to_owned(),
         },
-        _ => TransferStage::Other,
+        pb::TransferState::Notify | pb::TransferState::Unspecified => TransferStage::Other,
     }
-}
-
-/// Strips the `;osid=...` parameter callops adds to transfer destinations.
-pub(crate) fn clean_destination(destination: &str) -> String {
-    destination
-        .split(';')
-        .filter(|part| !part.starts_with("osid="))
-        .collect::<Vec<_>>()
-        .join(";")
 }
 
 #[cfg(test)]
 pub(crate) mod test_support {
     use super::*;
 
-    pub fn transfer(callid: &str, leg: &str, tcid: &str, state: &str, status: &str) -> Input {
+    /// An E_CALL_TRANSFER as event-ingest publishes it, in OpenSIPS's words (`leg` is not
+    /// kept: OpenSIPS puts the new Call-ID there).
+    pub fn transfer(callid: &str, _leg: &str, tcid: &str, state: &str, status: &str) -> Input {
         Input::Event(CallEvent::Transfer {
             callid: callid.into(),
-            leg: leg.into(),
             transfer_callid: tcid.into(),
-            destination: "sip:bob@127.0.0.1:5072;osid=fed.b360b044".into(),
-            state: state.into(),
+            destination: "sip:bob@127.0.0.1:5072".into(),
+            state: match state {
+                "start" => pb::TransferState::Start,
+                "notify" => pb::TransferState::Notify,
+                "ok" => pb::TransferState::Ok,
+                "fail" => pb::TransferState::Fail,
+                _ => pb::TransferState::Unspecified,
+            },
             status: status.into(),
         })
     }
 
+    /// An E_CALL_HOLD as event-ingest publishes it, in OpenSIPS's words.
     pub fn hold(callid: &str, leg: &str, action: &str, state: &str) -> Input {
         Input::Event(CallEvent::Hold {
             callid: callid.into(),
-            leg: leg.into(),
-            action: action.into(),
-            state: state.into(),
+            leg: match leg {
+                "caller" => pb::Leg::Caller,
+                "callee" => pb::Leg::Callee,
+                _ => pb::Leg::Unspecified,
+            },
+            action: match action {
+                "hold" => pb::HoldAction::Hold,
+                "unhold" => pb::HoldAction::Unhold,
+                _ => pb::HoldAction::Unspecified,
+            },
+            state: match state {
+                "start" => pb::HoldState::Start,
+                "ok" => pb::HoldState::Ok,
+                "fail" => pb::HoldState::Fail,
+                _ => pb::HoldState::Unspecified,
+            },
         })
     }
 
@@ -512,8 +477,8 @@ pub(crate) mod test_support {
                 Action::Mi { method, .. } => format!("mi {method}"),
                 Action::StartTimer { timer, .. } => format!("timer {timer:?}"),
                 Action::MiDetached { method, .. } => format!("detached {method}"),
-                Action::Notify(n) => format!("notify {}", n.name),
-                Action::Fail(e) => format!("fail {}", e.code.as_str()),
+                Action::Notify(n) => format!("notify {}", n.step.protocol_name()),
+                Action::Fail(e) => format!("fail {}", e.code.protocol_name()),
                 Action::Finish => "finish".into(),
             })
             .collect()

@@ -17,11 +17,12 @@
 //!   OpenSIPS what became of X (`dlg_list`), ends it if it was answered (or once it stops
 //!   ringing) and reports NODE_UNREACHABLE, never a "did not answer".
 
+use callapi_proto::v1 as pb;
 use serde_json::json;
 
 use super::{
     Action, CallEvent, ErrorCode, ErrorNote, Input, MiResult, Step, StepNote, Timer, Timings,
-    TransferStage, clean_destination, generic_mi_error, status_code, transfer_stage,
+    TransferStage, generic_mi_error, status_code, transfer_stage,
 };
 
 /// SDP offer of the first INVITE (the caller's phone answers it; media then flows phone to phone).
@@ -191,7 +192,7 @@ impl StartFlow {
                 status,
                 ..
             }) if callid == self.callid && self.phase == Phase::Transferring => {
-                match transfer_stage(&state, &transfer_callid, &destination, &status) {
+                match transfer_stage(state, &transfer_callid, &destination, &status) {
                     TransferStage::Started {
                         transfer_callid,
                         destination,
@@ -203,9 +204,9 @@ impl StartFlow {
                         let mut actions = self.started(transfer_callid.clone(), &destination);
                         let callid = self.new_callid.clone().unwrap_or(transfer_callid);
                         actions.push(Action::Notify(StepNote {
-                            name: "CALL_ANSWER",
+                            step: pb::CommandStep::CallAnswer,
                             callid,
-                            leg: "callee".into(),
+                            leg: pb::Leg::Callee,
                             sip_status: status,
                             destination: self.callee.clone(),
                         }));
@@ -257,9 +258,9 @@ impl StartFlow {
                     self.phase = Phase::Transferring;
                     vec![
                         Action::Notify(StepNote {
-                            name: "CALL_ANSWER",
+                            step: pb::CommandStep::CallAnswer,
                             callid: self.callid.clone(),
-                            leg: "caller".into(),
+                            leg: pb::Leg::Caller,
                             sip_status: status,
                             destination: self.caller.clone(),
                         }),
@@ -379,9 +380,9 @@ impl StartFlow {
         }
         self.accepted = true;
         vec![Action::Notify(StepNote {
-            name: "TRANSFER_ACCEPT",
+            step: pb::CommandStep::TransferAccept,
             callid: self.callid.clone(),
-            leg: "callee".into(),
+            leg: pb::Leg::Callee,
             sip_status: String::new(),
             destination: self.callee.clone(),
         })]
@@ -392,11 +393,11 @@ impl StartFlow {
         if self.new_callid.is_none() {
             self.new_callid = Some(transfer_callid.clone());
             actions.push(Action::Notify(StepNote {
-                name: "CALL_START",
+                step: pb::CommandStep::CallStart,
                 callid: transfer_callid,
-                leg: "callee".into(),
+                leg: pb::Leg::Callee,
                 sip_status: String::new(),
-                destination: clean_destination(destination),
+                destination: destination.to_owned(),
             }));
         }
         actions
@@ -476,8 +477,8 @@ mod tests {
         assert_eq!(note.destination, "sip:bob@127.0.0.1:5072");
         let dialog_gone = Input::Event(CallEvent::DialogState {
             callid: "X".into(),
-            old_state: 4,
-            new_state: 5,
+            old_state: pb::DialogState::Confirmed,
+            new_state: pb::DialogState::Deleted,
         });
         assert!(f.handle(dialog_gone).is_empty());
         let done = f.handle(transfer("X", "callee", "Y", "ok", "200 Answering"));

@@ -4,11 +4,12 @@
 //! an unknown target raises no event at all, so a transfer accepted but not started within
 //! [`Timings::transfer_start`] has failed (the original call stays up); 491 after one transfer.
 
+use callapi_proto::v1 as pb;
 use serde_json::json;
 
 use super::{
     Action, CallEvent, ErrorCode, ErrorNote, Input, Leg, MiResult, Step, StepNote, Timer, Timings,
-    TransferStage, clean_destination, generic_mi_error, status_code, transfer_stage,
+    TransferStage, generic_mi_error, status_code, transfer_stage,
 };
 
 /// Progress shared by both kinds of transfer.
@@ -96,9 +97,9 @@ impl Progress {
         }
         self.accepted = true;
         vec![Action::Notify(StepNote {
-            name: "TRANSFER_ACCEPT",
+            step: pb::CommandStep::TransferAccept,
             callid: self.callid.clone(),
-            leg: self.leg.as_str().into(),
+            leg: self.leg.to_proto(),
             sip_status: String::new(),
             destination: self.destination.clone(),
         })]
@@ -111,12 +112,12 @@ impl Progress {
             let destination = if destination.is_empty() {
                 self.destination.clone()
             } else {
-                clean_destination(destination)
+                destination.to_owned()
             };
             actions.push(Action::Notify(StepNote {
-                name: "CALL_START",
+                step: pb::CommandStep::CallStart,
                 callid: transfer_callid,
-                leg: self.leg.as_str().into(),
+                leg: self.leg.to_proto(),
                 sip_status: String::new(),
                 destination,
             }));
@@ -177,7 +178,7 @@ impl Progress {
 
     fn on_event(
         &mut self,
-        state: &str,
+        state: pb::TransferState,
         transfer_callid: &str,
         destination: &str,
         status: &str,
@@ -282,7 +283,7 @@ impl BlindTransferFlow {
                 state,
                 status,
                 ..
-            }) if callid == p.callid => p.on_event(&state, &transfer_callid, &destination, &status),
+            }) if callid == p.callid => p.on_event(state, &transfer_callid, &destination, &status),
             Input::Deadline => p.timeout(),
             _ => Vec::new(),
         }
@@ -357,8 +358,10 @@ impl AttendedTransferFlow {
                 ..
             }) => {
                 // Dialog B only matters when its side fails.
-                if callid == p.callid || (callid == self.callid_b && state == "fail") {
-                    p.on_event(&state, &transfer_callid, &destination, &status)
+                if callid == p.callid
+                    || (callid == self.callid_b && state == pb::TransferState::Fail)
+                {
+                    p.on_event(state, &transfer_callid, &destination, &status)
                 } else {
                     Vec::new()
                 }
@@ -396,7 +399,7 @@ mod tests {
         let Action::Notify(note) = &started[0] else {
             panic!()
         };
-        assert_eq!((note.callid.as_str(), note.leg.as_str()), ("N", "callee"));
+        assert_eq!((note.callid.as_str(), note.leg), ("N", pb::Leg::Callee));
         assert!(
             f.handle(transfer("D", "callee", "N", "notify", "100 Trying"))
                 .is_empty()

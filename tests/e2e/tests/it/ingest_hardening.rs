@@ -267,7 +267,7 @@ async fn a_long_callid_is_published_under_a_hash_without_breaking_the_nats_conne
     let Some(opensips_event::Body::CallTransfer(transfer)) = event.body else {
         panic!("not a transfer event: {event:?}")
     };
-    assert_eq!(transfer.state, "ok");
+    assert_eq!(transfer.state(), callapi_proto::v1::TransferState::Ok);
 
     // As in the hostile run: many of them. Then real events still arrive promptly.
     send_many(&opensips, &to, datagram.as_bytes(), 130).await;
