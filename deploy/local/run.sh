@@ -33,13 +33,9 @@ nats_port=$(echo "$nats_url" | sed -E 's#^.*:([0-9]+)$#\1#')
 if port_open "$nats_host" "$nats_port"; then
   echo "==> using the NATS server at $nats_url"
 else
-  if ! command -v nats-server >/dev/null 2>&1; then
-    echo "==> installing nats-server"
-    if [ "$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi
-    $SUDO apt-get update -qq && $SUDO apt-get install -y -qq nats-server
-  fi
-  echo "==> starting nats-server on $nats_host:$nats_port"
-  nats-server -a "$nats_host" -p "$nats_port" -js -sd "$run_dir/jetstream" >"$run_dir/logs/nats-server.log" 2>&1 &
+  nats_server=$("$root/deploy/local/nats-server.sh")
+  echo "==> starting $("$nats_server" --version) on $nats_host:$nats_port"
+  "$nats_server" -a "$nats_host" -p "$nats_port" -js -sd "$run_dir/jetstream" >"$run_dir/logs/nats-server.log" 2>&1 &
   pids+=($!)
   for _ in $(seq 100); do port_open "$nats_host" "$nats_port" && break; sleep 0.1; done
 fi
