@@ -5,6 +5,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "callapi/v1/commands.proto",
         "callapi/v1/mi.proto",
         "callapi/v1/events.proto",
+        "callapi/v1/sessions.proto",
     ];
     for proto in protos {
         println!("cargo:rerun-if-changed={proto}");

@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 pub mod bus;
+pub mod calls;
 pub mod config;
 pub mod mi;
 pub mod nats;

@@ -12,6 +12,7 @@
 //! Architecture invariant: this is the only crate that parses OpenSIPS events.
 #![forbid(unsafe_code)]
 
+pub mod calls;
 pub mod drops;
 pub mod parse;
 pub mod senders;

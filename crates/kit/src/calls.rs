@@ -1,0 +1,112 @@
+//! The session store's layout, shared by its writer (event-ingest) and its readers (gateway): the
+//! JetStream key-value bucket [`BUCKET`], one `CallRecord` per dialog under
+//! `<tenant>.<node>.<call token>`, and how a session id is derived.
+
+use std::time::Duration;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use sha2::{Digest as _, Sha256};
+
+use crate::validate::MAX_CALLID_LEN;
+
+/// The bucket of live calls.
+pub const BUCKET: &str = "callapi_calls";
+
+/// How long a record lives without being written (a safety net: reconciliation with each
+/// node's `dlg_list` removes records of dialogs that are gone long before).
+pub const MAX_AGE: Duration = Duration::from_secs(24 * 3600);
+
+/// The session id of a session whose first dialog has `callid`: 63 bits of SHA-256 of tenant
+/// and Call-ID (never 0), so every writer derives the same id without asking anyone.
+pub fn session_id(tenant: &str, callid: &str) -> u64 {
+    let mut hash = Sha256::new();
+    hash.update(tenant.as_bytes());
+    hash.update([0]);
+    hash.update(callid.as_bytes());
+    let digest = hash.finalize();
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest[..8]);
+    (u64::from_be_bytes(first) & (i64::MAX as u64)).max(1)
+}
+
+/// A Call-ID as one key token: unpadded URL-safe base64, or `=` + hex SHA-256 past
+/// [`MAX_CALLID_LEN`] bytes (`=` is allowed in keys and never in unpadded base64).
+pub fn callid_token(callid: &str) -> String {
+    if callid.len() > MAX_CALLID_LEN {
+        let digest = Sha256::digest(callid.as_bytes());
+        let mut token = String::with_capacity(1 + 2 * digest.len());
+        token.push('=');
+        for byte in digest {
+            token.push_str(&format!("{byte:02x}"));
+        }
+        token
+    } else {
+        URL_SAFE_NO_PAD.encode(callid.as_bytes())
+    }
+}
+
+/// The key of one dialog's record.
+pub fn key(tenant: &str, node_id: &str, callid: &str) -> String {
+    format!("{tenant}.{node_id}.{}", callid_token(callid))
+}
+
+/// The keys of one node's records, as a watch filter.
+pub fn node_keys(tenant: &str, node_id: &str) -> String {
+    format!("{tenant}.{node_id}.*")
+}
+
+/// Opens the bucket, creating it (or bringing its settings up to date) if needed.
+pub async fn open(
+    jetstream: &async_nats::jetstream::Context,
+    replicas: usize,
+) -> Result<async_nats::jetstream::kv::Store, String> {
+    jetstream
+        .create_or_update_key_value(async_nats::jetstream::kv::Config {
+            bucket: BUCKET.to_owned(),
+            description: "callapi: one record per live dialog (callapi.v1.CallRecord)".to_owned(),
+            history: 1,
+            max_age: MAX_AGE,
+            storage: async_nats::jetstream::stream::StorageType::File,
+            num_replicas: replicas.max(1),
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| format!("key-value bucket {BUCKET}: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn session_ids_are_stable_positive_and_per_tenant() {
+        let id = session_id("acme", "a84b4c76e66710@pc33.example.com");
+        assert_eq!(id, session_id("acme", "a84b4c76e66710@pc33.example.com"));
+        assert!(id > 0 && id <= i64::MAX as u64);
+        assert_ne!(id, session_id("other", "a84b4c76e66710@pc33.example.com"));
+        assert_ne!(id, session_id("acme", "another"));
+    }
+
+    #[test]
+    fn keys_are_valid_key_value_keys_whatever_the_call_id() {
+        let valid = |key: &str| {
+            key.split('.').all(|token| !token.is_empty())
+                && key
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'=' | b'.'))
+        };
+        for callid in [
+            "x",
+            "a84b4c76e66710@pc33.example.com",
+            "a b/c+d",
+            &"é".repeat(200),
+        ] {
+            let key = key("acme", "node1", callid);
+            assert!(valid(&key), "{key}");
+        }
+        let long = key("acme", "node1", &"x".repeat(400));
+        assert!(valid(&long) && long.len() < 100, "{long}");
+        assert_ne!(callid_token("a"), callid_token("b"));
+    }
+}
