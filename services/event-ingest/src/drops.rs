@@ -34,6 +34,9 @@ pub enum Why {
     /// A connection that sent more than an event's worth of bytes without completing one
     /// (closed).
     StreamOverflow,
+    /// An event published but not recorded in the session store: its recorder is behind (the
+    /// next reconciliation repairs the view).
+    StoreBehind,
 }
 
 impl Why {
@@ -45,6 +48,7 @@ impl Why {
             Self::UnusableEvent => ("event(s)", "unusable"),
             Self::StreamNotJson => ("connection(s)", "event stream is not JSON, closed"),
             Self::StreamOverflow => ("connection(s)", "event too large, closed"),
+            Self::StoreBehind => ("event(s)", "not recorded in the session store (behind)"),
         }
     }
 }

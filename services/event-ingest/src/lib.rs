@@ -16,6 +16,7 @@ pub mod calls;
 pub mod drops;
 pub mod parse;
 pub mod senders;
+pub mod store;
 pub mod subscriber;
 
 use std::net::SocketAddr;
@@ -46,6 +47,8 @@ pub struct Config {
     /// At most one WARN line per node per this many milliseconds about dropped datagrams,
     /// connections and events (with their counts).
     pub drop_report_interval_ms: u64,
+    /// The session store (live view of every dialog).
+    pub sessions: store::StoreConfig,
 }
 
 impl Default for Config {
@@ -61,6 +64,7 @@ impl Default for Config {
             expire_secs: 3600,
             check_interval_ms: 5_000,
             drop_report_interval_ms: 10_000,
+            sessions: store::StoreConfig::default(),
         }
     }
 }
@@ -145,6 +149,20 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     let mi = callapi_kit::mi::MiClient::new(client.clone())
         .await
         .map_err(|e| Error::Nats(e.to_string()))?;
+    let kv = if config.sessions.enabled {
+        let jetstream = async_nats::jetstream::new(client.clone());
+        Some(
+            callapi_kit::calls::open(&jetstream, config.sessions.replicas)
+                .await
+                .map_err(|e| {
+                    Error::Nats(format!(
+                        "{e} (the session store needs JetStream on nats-server 2.10 or later; sessions.enabled = false runs without it)"
+                    ))
+                })?,
+        )
+    } else {
+        None
+    };
     let mut tasks = tokio::task::JoinSet::new();
     let mut ready = Vec::new();
     let drop_report_interval = Duration::from_millis(config.drop_report_interval_ms.max(10));
@@ -155,12 +173,28 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         };
         let drops = Drops::new(&node.id, drop_report_interval);
         tasks.spawn(drops.clone().report_periodically(shutdown.clone()));
+        let recorder = kv.as_ref().map(|kv| {
+            let (recorder, task) = store::start(
+                client.clone(),
+                mi.clone(),
+                kv.clone(),
+                &node.tenant,
+                &node.id,
+                &config.sessions,
+                shutdown.clone(),
+            );
+            tasks.spawn(async move {
+                let _ = task.await;
+            });
+            recorder
+        });
         let sink = Sink {
             client: client.clone(),
             node_id: node.id.clone(),
             tenant: node.tenant.clone(),
             senders,
             drops,
+            recorder,
         };
         let bound = match node.transport {
             Transport::Udp => {
@@ -254,6 +288,8 @@ struct Sink {
     tenant: String,
     senders: Senders,
     drops: Drops,
+    /// Where events go to be recorded in the session store, if it is kept.
+    recorder: Option<store::Recorder>,
 }
 
 impl Sink {
@@ -279,6 +315,15 @@ impl Sink {
         tracing::debug!(%subject, name = %event.name, callid = %event.callid, "event");
         if let Err(err) = bus::publish(&self.client, subject, &event).await {
             tracing::warn!(%err, "could not publish an event");
+        }
+        if let Some(recorder) = &self.recorder
+            && !recorder.record(event)
+        {
+            self.drops.record(
+                Why::StoreBehind,
+                from.ip(),
+                &"session store recorder queue full",
+            );
         }
     }
 }

@@ -20,7 +20,9 @@ use tokio_util::sync::CancellationToken;
 use crate::Shared;
 use crate::core::{NotificationSink, Origin, SubmitError};
 use crate::outbox::{self, Charge, Inbox, Outbox};
-use crate::rpc::{self, CommandCall, RpcId, code};
+use crate::params::SessionKey;
+use crate::rpc::{self, CommandCall, Query, QueryCall, Request, RpcId, code};
+use crate::sessions;
 use crate::tracker::{Admission, CommandTracker, Delivery};
 
 /// What the writer task sends.
@@ -314,10 +316,55 @@ fn handle_text(client: &Client<'_>, text: &str) -> Option<String> {
         ));
     }
     match rpc::parse(text) {
-        Ok(call) => start_command(client, call),
+        Ok(Request::Command(call)) => start_command(client, call),
+        Ok(Request::Query(query)) => answer_query(client, query),
         Err(error) if error.silent => None,
         Err(error) => Some(error.to_json()),
     }
+}
+
+/// Answers `CallList` / `CallGet` from the live view, for the client's tenant only.
+fn answer_query(client: &Client<'_>, call: QueryCall) -> Option<String> {
+    let id = call.id?;
+    let Some(view) = client.shared.sessions.as_ref() else {
+        return Some(rpc::error(
+            &id,
+            code::UNAVAILABLE,
+            "the session store is not available on this gateway",
+        ));
+    };
+    let tenant = client.origin.tenant();
+    let now = now_ms();
+    Some(match call.query {
+        Query::List => {
+            let sessions: Vec<serde_json::Value> = view
+                .list(tenant)
+                .iter()
+                .map(|s| sessions::to_json(s, now))
+                .collect();
+            rpc::result(
+                &id,
+                &serde_json::json!({"count": sessions.len(), "items": sessions}),
+            )
+        }
+        Query::Get(key) => {
+            let found = match &key {
+                SessionKey::Id(session_id) => view.get(tenant, *session_id),
+                SessionKey::Callid(callid) => view.by_callid(tenant, callid),
+            };
+            match found {
+                Some(session) => rpc::result(&id, &sessions::to_json(&session, now)),
+                None => rpc::error(&id, code::NOT_FOUND, "no such session"),
+            }
+        }
+    })
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
 }
 
 /// Sends the command to a commands replica (its reply is written once a replica took it), or

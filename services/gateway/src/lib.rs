@@ -12,6 +12,7 @@ mod outbox;
 pub mod params;
 pub mod rpc;
 mod serve;
+pub mod sessions;
 pub mod tracker;
 
 use std::sync::Arc;
@@ -59,6 +60,8 @@ pub struct Config {
     /// A pinged peer that sends nothing (no pong, no other frame) this long is dropped,
     /// milliseconds.
     pub pong_timeout_ms: u64,
+    /// Follow the session store and answer `CallList` / `CallGet` (needs JetStream).
+    pub sessions_enabled: bool,
 }
 
 impl Default for Config {
@@ -77,6 +80,7 @@ impl Default for Config {
             handshake_timeout_ms: 5_000,
             ping_interval_ms: 20_000,
             pong_timeout_ms: 10_000,
+            sessions_enabled: true,
         }
     }
 }
@@ -122,6 +126,8 @@ pub(crate) struct Shared {
     pub config: Config,
     /// Submits commands and routes their notifications to the clients.
     pub commands: core::CommandClient,
+    /// The live view of every active call (`None` when `sessions_enabled` is off).
+    pub sessions: Option<sessions::SessionView>,
     /// Cancelled when the gateway stops.
     pub shutdown: CancellationToken,
     /// HTTP connections and WebSocket clients, waited for on shutdown.
@@ -165,6 +171,20 @@ pub async fn run(
         Duration::from_millis(config.command_ack_timeout_ms),
     );
     let dispatcher = tokio::spawn(commands.clone().route_notifications(notifications));
+    let sessions = if config.sessions_enabled {
+        let jetstream = async_nats::jetstream::new(client.clone());
+        Some(
+            sessions::SessionView::start(&jetstream, shutdown.clone())
+                .await
+                .map_err(|e| {
+                    Error::Nats(format!(
+                        "{e} (the live view of calls needs JetStream on nats-server 2.10 or later; sessions_enabled = false runs without it)"
+                    ))
+                })?,
+        )
+    } else {
+        None
+    };
     let listener = match listener {
         Some(listener) => listener,
         None => TcpListener::bind(config.listen.as_str()).await?,
@@ -173,6 +193,7 @@ pub async fn run(
     let shared = Arc::new(Shared {
         config,
         commands,
+        sessions,
         shutdown: shutdown.clone(),
         tasks: TaskTracker::new(),
     });

@@ -161,6 +161,61 @@ pub struct EndParams {
     pub callid: CallId,
 }
 
+/// `CallGet`: one session, by its id or by the SIP Call-ID of one of its dialogs.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GetParams {
+    /// Session id (decimal, as `CallList` gives it).
+    #[serde(default)]
+    pub session_id: Option<String>,
+    /// Or the Call-ID of one of its dialogs.
+    #[serde(default)]
+    pub callid: Option<CallId>,
+}
+
+/// `CallList` takes no params.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListParams {}
+
+/// Which session a `CallGet` asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SessionKey {
+    /// By session id.
+    Id(u64),
+    /// By the Call-ID of one of its dialogs.
+    Callid(String),
+}
+
+/// The session `CallGet` params name.
+pub fn session_key(params: Map<String, Value>) -> Result<SessionKey, ParamsError> {
+    let p: GetParams = typed(params, &[])?;
+    match (p.session_id, p.callid) {
+        (Some(_), Some(_)) => Err(error(
+            "session_id",
+            "and callid cannot both be given".to_owned(),
+        )),
+        (Some(id), None) => id
+            .parse::<u64>()
+            .ok()
+            .filter(|id| *id > 0 && *id <= i64::MAX as u64)
+            .map(SessionKey::Id)
+            .ok_or_else(|| {
+                error(
+                    "session_id",
+                    "must be a session id (a positive int64 in decimal)".to_owned(),
+                )
+            }),
+        (None, Some(callid)) => Ok(SessionKey::Callid(callid.0)),
+        (None, None) => Err(error("session_id", "is required (or callid)".to_owned())),
+    }
+}
+
+/// Checks `CallList` params (none).
+pub fn list(params: Map<String, Value>) -> Result<(), ParamsError> {
+    typed::<ListParams>(params, &[]).map(|_| ())
+}
+
 /// Why params were refused: the field at fault (`params` for the whole object) and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ParamsError {

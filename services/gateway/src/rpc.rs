@@ -29,6 +29,8 @@ pub mod code {
     pub const DUPLICATE_CMD_ID: i64 = -32002;
     /// The connection already has as many commands in flight as it may.
     pub const TOO_MANY_COMMANDS: i64 = -32003;
+    /// No such session (`CallGet`).
+    pub const NOT_FOUND: i64 = -32004;
 }
 
 /// Longest piece of client text (method name, member or param name) quoted in an error.
@@ -148,6 +150,38 @@ pub struct CommandCall {
     pub command: Command,
 }
 
+/// A question about calls, answered at once (no `Started`, no notifications).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Query {
+    /// `CallList`: every session of the tenant.
+    List,
+    /// `CallGet`: one session.
+    Get(params::SessionKey),
+}
+
+/// A checked query request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QueryCall {
+    /// Request id (`None` for a notification: nothing is answered).
+    pub id: Option<RpcId>,
+    /// What is asked.
+    pub query: Query,
+}
+
+/// A checked request: a command or a query.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Request {
+    /// A command (`CallStart`, ...).
+    Command(CommandCall),
+    /// A query (`CallList`, `CallGet`).
+    Query(QueryCall),
+}
+
+/// A `result` reply.
+pub fn result(id: &RpcId, body: &Value) -> String {
+    response(id, "result", body)
+}
+
 /// A response object with the id as sent; `member` is `result` or `error`.
 fn response(id: &RpcId, member: &str, body: &Value) -> String {
     format!(
@@ -225,7 +259,7 @@ fn not_an_object(text: &str) -> RpcError {
 /// A request that is not a well-formed JSON-RPC 2.0 request object is always answered (with
 /// `"id": null` when its id is missing or unusable); only a well-formed notification (no id)
 /// stays silent on errors about its method or params.
-pub fn parse(text: &str) -> Result<CommandCall, RpcError> {
+pub fn parse(text: &str) -> Result<Request, RpcError> {
     let members: BTreeMap<String, &RawValue> =
         serde_json::from_str(text).map_err(|_| not_an_object(text))?;
     let null = RpcId::null();
@@ -276,6 +310,26 @@ pub fn parse(text: &str) -> Result<CommandCall, RpcError> {
         e.silent = id.is_none();
         e
     };
+    if matches!(method.as_str(), "CallList" | "CallGet") {
+        let params = match member("params").map_err(silence)? {
+            None | Some(Value::Null) => Map::new(),
+            Some(Value::Object(params)) => params,
+            Some(_) => {
+                return Err(silence(RpcError::field(
+                    &reply_id,
+                    "params",
+                    "must be an object",
+                )));
+            }
+        };
+        let checked = if method == "CallList" {
+            params::list(params).map(|()| Query::List)
+        } else {
+            params::session_key(params).map(Query::Get)
+        };
+        let query = checked.map_err(|e| silence(RpcError::field(&reply_id, &e.field, e.reason)))?;
+        return Ok(Request::Query(QueryCall { id, query }));
+    }
     let kind = match method.as_str() {
         "CallStart" => CommandKind::CallStart,
         "CallBlindTransfer" => CommandKind::BlindTransfer,
@@ -321,28 +375,89 @@ pub fn parse(text: &str) -> Result<CommandCall, RpcError> {
     };
     let command = params::command(kind, params)
         .map_err(|e| silence(RpcError::field(&reply_id, &e.field, e.reason)))?;
-    Ok(CommandCall {
+    Ok(Request::Command(CommandCall {
         id,
         cmd_id,
         kind,
         command,
-    })
+    }))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn err(text: &str) -> RpcError {
-        parse(text).unwrap_err()
+    fn parse_command(text: &str) -> Result<CommandCall, RpcError> {
+        match parse(text)? {
+            Request::Command(call) => Ok(call),
+            Request::Query(query) => panic!("not a command: {query:?}"),
+        }
     }
 
     #[test]
-    fn the_documents_requests_parse() {
-        let call = parse(r#"{"method":"CallStart","params":{"caller":"sip:alice@10.0.0.10","callee":"sip:bob@10.0.0.11"},"id":"831717ed97e5","jsonrpc":"2.0"}"#).unwrap();
+    fn queries_parse_and_check_their_params() {
+        let q = parse(r#"{"jsonrpc":"2.0","method":"CallList","id":1}"#).unwrap();
+        assert!(matches!(
+            q,
+            Request::Query(QueryCall {
+                query: Query::List,
+                ..
+            })
+        ));
+        let q = parse(r#"{"jsonrpc":"2.0","method":"CallGet","params":{"session_id":"884757570370146304"},"id":1}"#).unwrap();
+        assert!(matches!(
+            q,
+            Request::Query(QueryCall {
+                query: Query::Get(params::SessionKey::Id(884_757_570_370_146_304)),
+                ..
+            })
+        ));
+        let q = parse(r#"{"jsonrpc":"2.0","method":"CallGet","params":{"callid":"x@y"},"id":1}"#)
+            .unwrap();
+        assert!(matches!(
+            q,
+            Request::Query(QueryCall {
+                query: Query::Get(params::SessionKey::Callid(_)),
+                ..
+            })
+        ));
+        for (text, field) in [
+            (
+                r#"{"jsonrpc":"2.0","method":"CallList","params":{"x":1},"id":1}"#,
+                "x",
+            ),
+            (
+                r#"{"jsonrpc":"2.0","method":"CallGet","params":{},"id":1}"#,
+                "session_id",
+            ),
+            (
+                r#"{"jsonrpc":"2.0","method":"CallGet","params":{"session_id":"-5"},"id":1}"#,
+                "session_id",
+            ),
+            (
+                r#"{"jsonrpc":"2.0","method":"CallGet","params":{"session_id":"1","callid":"c"},"id":1}"#,
+                "session_id",
+            ),
+        ] {
+            let e = parse(text).unwrap_err();
+            assert_eq!(
+                (e.code, e.data.unwrap()["field"].clone()),
+                (code::INVALID_PARAMS, json!(field)),
+                "{text}"
+            );
+        }
+    }
+
+    fn err(text: &str) -> RpcError {
+        parse_command(text).unwrap_err()
+    }
+
+    #[test]
+    fn the_documents_requests_parse_command() {
+        let call = parse_command(r#"{"method":"CallStart","params":{"caller":"sip:alice@10.0.0.10","callee":"sip:bob@10.0.0.11"},"id":"831717ed97e5","jsonrpc":"2.0"}"#).unwrap();
         assert_eq!(call.kind, CommandKind::CallStart);
         assert_eq!(call.id.unwrap().as_json(), r#""831717ed97e5""#);
-        let call = parse(r#"{"method":"CallAttendedTransfer","params":{"callid_a":"431fc357.a3e3.49c2@127.0.0.1","leg_a":"caller","callid_b":"0ba2cf53","leg_b":"callee","destination":"sip:cindy@10.0.0.11"},"id":1,"jsonrpc":"2.0"}"#).unwrap();
+        let call = parse_command(r#"{"method":"CallAttendedTransfer","params":{"callid_a":"431fc357.a3e3.49c2@127.0.0.1","leg_a":"caller","callid_b":"0ba2cf53","leg_b":"callee","destination":"sip:cindy@10.0.0.11"},"id":1,"jsonrpc":"2.0"}"#).unwrap();
         let Command::AttendedTransfer(a) = call.command else {
             panic!()
         };
@@ -350,15 +465,17 @@ mod tests {
             (a.leg_a, a.leg_b),
             (pb::Leg::Caller as i32, pb::Leg::Callee as i32)
         );
-        let call = parse(r#"{"method":"CallAttendedTransfer","params":{"callidA":"a","legA":"caller","callidB":"b","legB":"callee"},"id":1,"jsonrpc":"2.0"}"#).unwrap();
+        let call = parse_command(r#"{"method":"CallAttendedTransfer","params":{"callidA":"a","legA":"caller","callidB":"b","legB":"callee"},"id":1,"jsonrpc":"2.0"}"#).unwrap();
         assert!(matches!(call.command, Command::AttendedTransfer(_)));
-        let call = parse(r#"{"method":"CallHold","params":{"callid":"x"},"id":2,"jsonrpc":"2.0"}"#)
-            .unwrap();
+        let call = parse_command(
+            r#"{"method":"CallHold","params":{"callid":"x"},"id":2,"jsonrpc":"2.0"}"#,
+        )
+        .unwrap();
         let Command::Hold(h) = call.command else {
             panic!()
         };
         assert_eq!(h.leg, pb::Leg::Unspecified as i32);
-        assert!(parse(r#"{"method":"CallUnhold","params":{"callid":"x","cmd_id":"mine"},"id":2,"jsonrpc":"2.0"}"#).is_ok());
+        assert!(parse_command(r#"{"method":"CallUnhold","params":{"callid":"x","cmd_id":"mine"},"id":2,"jsonrpc":"2.0"}"#).is_ok());
     }
 
     #[test]
@@ -518,7 +635,7 @@ mod tests {
                 expected,
                 e.to_json()
             );
-            let call = parse(&format!(
+            let call = parse_command(&format!(
                 r#"{{"jsonrpc":"2.0","method":"CallEnd","params":{{"callid":"x"}},"id":{}}}"#,
                 id
             ))
@@ -594,7 +711,7 @@ mod tests {
             v,
             json!({"jsonrpc":"2.0","method":"Ended","params":{"cmd_id":"c1"}})
         );
-        let id = parse(
+        let id = parse_command(
             r#"{"jsonrpc":"2.0","method":"CallEnd","params":{"callid":"x"},"id":"831717ed97e5"}"#,
         )
         .unwrap()

@@ -455,6 +455,8 @@ fn has_time_left(ttl: &Value) -> bool {
 async fn start_nats(config: &StackConfig, port: u16, monitor: u16) -> Result<Proc> {
     let log = config.dir.join("nats-server.log");
     let log_file = std::fs::File::create(&log)?;
+    // JetStream: the session store is a key-value bucket.
+    let store = config.dir.join("jetstream");
     let mut child = Command::new(&config.nats_server)
         .args([
             "-a",
@@ -463,7 +465,10 @@ async fn start_nats(config: &StackConfig, port: u16, monitor: u16) -> Result<Pro
             &port.to_string(),
             "-m",
             &monitor.to_string(),
+            "-js",
+            "-sd",
         ])
+        .arg(&store)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::from(log_file))

@@ -177,18 +177,7 @@ impl Stack {
             stack.commands.push(commands);
         }
         for _ in 0..options.gateways {
-            let gateway = stack
-                .service(
-                    "gateway",
-                    &format!(
-                        "listen = \"127.0.0.1:0\"\n{}\n[nats]\nurl = \"{}\"\n",
-                        options.gateway_toml, stack.nats.url
-                    ),
-                )
-                .await;
-            let listen = gateway.ready_field("listen").expect("gateway listen");
-            stack.gateway_urls.push(format!("ws://{listen}/call-api"));
-            stack.gateways.push(gateway);
+            stack.start_gateway().await;
         }
         stack.wait_subscribed(Duration::from_secs(10));
         stack
@@ -245,6 +234,74 @@ impl Stack {
         self.connector = self
             .service("proxy-connector", &self.connector_config)
             .await;
+    }
+
+    /// Kills every callapi service (gateways, commands, proxy-connector, event-ingest) and
+    /// starts them again with the same configuration; NATS and the emulator stay up. The
+    /// gateways listen on new ports (`gateway_urls` follows).
+    pub async fn restart_services(&mut self) {
+        for gateway in &mut self.gateways {
+            gateway.kill().await;
+        }
+        for commands in &mut self.commands {
+            commands.kill().await;
+        }
+        self.connector.kill().await;
+        self.ingest.kill().await;
+        self.connector = self
+            .service("proxy-connector", &self.connector_config)
+            .await;
+        self.start_ingest().await;
+        let mut commands = Vec::new();
+        for _ in 0..self.options.commands {
+            commands.push(self.start_commands().await);
+        }
+        self.commands = commands;
+        self.gateways.clear();
+        self.gateway_urls.clear();
+        for _ in 0..self.options.gateways {
+            self.start_gateway().await;
+        }
+        self.wait_subscribed(Duration::from_secs(10));
+    }
+
+    /// Kills event-ingest and starts it again with the same configuration (it listens on a new
+    /// port and subscribes the node to it).
+    pub async fn restart_ingest(&mut self) {
+        self.ingest.kill().await;
+        self.start_ingest().await;
+        self.wait_subscribed(Duration::from_secs(10));
+    }
+
+    /// Starts one more gateway, with `extra` added to its configuration, and returns it with
+    /// its WebSocket URL (it is not one of `gateways`).
+    pub async fn extra_gateway(&self, extra: &str) -> (Service, String) {
+        let gateway = self
+            .service(
+                "gateway",
+                &format!(
+                    "listen = \"127.0.0.1:0\"\n{extra}\n[nats]\nurl = \"{}\"\n",
+                    self.nats.url
+                ),
+            )
+            .await;
+        let listen = gateway.ready_field("listen").expect("gateway listen");
+        (gateway, format!("ws://{listen}/call-api"))
+    }
+
+    async fn start_gateway(&mut self) {
+        let gateway = self
+            .service(
+                "gateway",
+                &format!(
+                    "listen = \"127.0.0.1:0\"\n{}\n[nats]\nurl = \"{}\"\n",
+                    self.options.gateway_toml, self.nats.url
+                ),
+            )
+            .await;
+        let listen = gateway.ready_field("listen").expect("gateway listen");
+        self.gateway_urls.push(format!("ws://{listen}/call-api"));
+        self.gateways.push(gateway);
     }
 
     /// Kills the emulator and starts a fresh one (no dialogs, no subscriptions) on the same

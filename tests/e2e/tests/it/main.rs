@@ -13,3 +13,4 @@ mod nats_boundary;
 mod overload;
 mod protocol;
 mod resilience;
+mod sessions;

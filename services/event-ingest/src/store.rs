@@ -1,0 +1,260 @@
+//! Keeps the session store (the `callapi_calls` key-value bucket) in step with one node: a task
+//! per node owns the node's [`Book`], feeds it the node's events, asks the node (`dlg_list`,
+//! through proxy-connector) for the parties of each new dialog, reconciles with the node's full
+//! list at start and then periodically, and writes what the book says.
+//!
+//! Writes are plain NATS publishes on the bucket's subjects (`$KV.callapi_calls.<key>`; a
+//! delete carries `KV-Operation: DEL`), in order on one connection and without waiting for
+//! JetStream's acknowledgement, so the store keeps up with thousands of events a second. A
+//! write lost meanwhile (JetStream unavailable) is repaired by the next reconciliation.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use callapi_kit::calls;
+use callapi_kit::mi::{MiAnswer, MiCall, MiClient};
+use callapi_proto::v1::{CallRecord, OpensipsEvent};
+use futures::StreamExt as _;
+use prost::Message as _;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::calls::{Book, Listed, Outcome, Write, parse_listing};
+
+/// Events queued for the recorder of one node; past it they are counted and dropped (the next
+/// reconciliation repairs the view).
+const QUEUE: usize = 16_384;
+/// Dialogs asked for per `dlg_list` page while reconciling.
+const PAGE: usize = 100;
+/// Longest wait for one `dlg_list`.
+const MI_TIMEOUT: Duration = Duration::from_secs(4);
+
+/// Settings of the session store.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(default)]
+pub struct StoreConfig {
+    /// Keep the session store up to date (false: events are only published).
+    pub enabled: bool,
+    /// How often each node's dialogs are compared with the store, milliseconds (and once at
+    /// start).
+    pub reconcile_interval_ms: u64,
+    /// Replicas of the bucket when it is created (3 in a JetStream cluster).
+    pub replicas: usize,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            reconcile_interval_ms: 30_000,
+            replicas: 1,
+        }
+    }
+}
+
+/// Hands a node's events to its recorder; never waits.
+#[derive(Clone)]
+pub struct Recorder {
+    events: mpsc::Sender<OpensipsEvent>,
+}
+
+impl Recorder {
+    /// Queues `event`; false if the queue is full (the event is not recorded).
+    pub fn record(&self, event: OpensipsEvent) -> bool {
+        self.events.try_send(event).is_ok()
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+/// Starts the recorder of node `node_id` of `tenant`: loads what the store holds for the node,
+/// reconciles it with the node, then follows the node's events until `shutdown`.
+pub fn start(
+    nats: async_nats::Client,
+    mi: MiClient,
+    kv: async_nats::jetstream::kv::Store,
+    tenant: &str,
+    node_id: &str,
+    config: &StoreConfig,
+    shutdown: CancellationToken,
+) -> (Recorder, tokio::task::JoinHandle<()>) {
+    let (events, queue) = mpsc::channel(QUEUE);
+    let task = Task {
+        nats,
+        mi,
+        kv,
+        book: Book::new(tenant, node_id),
+        tenant: tenant.to_owned(),
+        node_id: node_id.to_owned(),
+        reconcile_every: Duration::from_millis(config.reconcile_interval_ms.max(1_000)),
+    };
+    let handle = tokio::spawn(task.run(queue, shutdown));
+    (Recorder { events }, handle)
+}
+
+struct Task {
+    nats: async_nats::Client,
+    mi: MiClient,
+    kv: async_nats::jetstream::kv::Store,
+    book: Book,
+    tenant: String,
+    node_id: String,
+    reconcile_every: Duration,
+}
+
+impl Task {
+    async fn run(mut self, mut queue: mpsc::Receiver<OpensipsEvent>, shutdown: CancellationToken) {
+        self.load().await;
+        let (parties_tx, mut parties) = mpsc::unbounded_channel::<Listed>();
+        let mut reconcile = tokio::time::interval(self.reconcile_every);
+        reconcile.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let outcome = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                event = queue.recv() => match event {
+                    Some(event) => self.book.on_event(&event, now_ms()),
+                    None => break,
+                },
+                Some(listed) = parties.recv() => self.book.on_parties(&listed, now_ms()),
+                _ = reconcile.tick() => match self.list_node().await {
+                    Ok((listed, since)) => self.book.reconcile(&listed, since, now_ms()),
+                    Err(reason) => {
+                        tracing::debug!(node = %self.node_id, %reason, "cannot list the node's dialogs to reconcile");
+                        Outcome::default()
+                    }
+                },
+            };
+            for callid in outcome.ask_parties {
+                self.ask_parties(callid, parties_tx.clone());
+            }
+            for write in outcome.writes {
+                self.write(write).await;
+            }
+        }
+        let _ = self.nats.flush().await;
+    }
+
+    /// Reads the node's records left in the store (by an earlier run).
+    async fn load(&mut self) {
+        let prefix = format!("{}.{}.", self.tenant, self.node_id);
+        let mut keys = match self.kv.keys().await {
+            Ok(keys) => keys,
+            Err(err) => {
+                tracing::warn!(%err, "cannot read the session store's keys");
+                return;
+            }
+        };
+        let mut loaded = 0usize;
+        while let Some(key) = keys.next().await {
+            let Ok(key) = key else { break };
+            if !key.starts_with(&prefix) {
+                continue;
+            }
+            if let Ok(Some(bytes)) = self.kv.get(key.as_str()).await
+                && let Ok(record) = CallRecord::decode(bytes.as_ref())
+            {
+                self.book.load(record);
+                loaded += 1;
+            }
+        }
+        tracing::info!(node = %self.node_id, loaded, "session store loaded");
+    }
+
+    /// Every dialog of the node, page by page, and when the listing began.
+    async fn list_node(&self) -> Result<(Vec<Listed>, u64), String> {
+        let since = now_ms();
+        let mut all = Vec::new();
+        loop {
+            let page = self
+                .dlg_list(serde_json::json!({"index": all.len(), "counter": PAGE}))
+                .await?;
+            let got = page.len();
+            all.extend(page);
+            if got < PAGE {
+                return Ok((all, since));
+            }
+        }
+    }
+
+    async fn dlg_list(&self, params: serde_json::Value) -> Result<Vec<Listed>, String> {
+        dlg_list(&self.mi, &self.node_id, params).await
+    }
+
+    fn ask_parties(&self, callid: String, answers: mpsc::UnboundedSender<Listed>) {
+        let mi = self.mi.clone();
+        let node_id = self.node_id.clone();
+        tokio::spawn(async move {
+            let params = serde_json::json!({ "callid": callid });
+            if let Ok(listed) = dlg_list(&mi, &node_id, params).await
+                && let Some(found) = listed.into_iter().find(|l| l.callid == callid)
+            {
+                let _ = answers.send(found);
+            }
+        });
+    }
+
+    async fn write(&self, write: Write) {
+        let result = match write {
+            Write::Put(record) => {
+                let subject = subject(&record.tenant, &record.node_id, &record.callid);
+                self.nats
+                    .publish(subject, record.encode_to_vec().into())
+                    .await
+            }
+            Write::Delete {
+                tenant,
+                node_id,
+                callid,
+            } => {
+                let mut headers = async_nats::HeaderMap::new();
+                headers.insert("KV-Operation", "DEL");
+                self.nats
+                    .publish_with_headers(
+                        subject(&tenant, &node_id, &callid),
+                        headers,
+                        bytes::Bytes::new(),
+                    )
+                    .await
+            }
+        };
+        if let Err(err) = result {
+            tracing::debug!(%err, "could not write to the session store");
+        }
+    }
+}
+
+fn subject(tenant: &str, node_id: &str, callid: &str) -> String {
+    format!(
+        "$KV.{}.{}",
+        calls::BUCKET,
+        calls::key(tenant, node_id, callid)
+    )
+}
+
+async fn dlg_list(
+    mi: &MiClient,
+    node_id: &str,
+    params: serde_json::Value,
+) -> Result<Vec<Listed>, String> {
+    let call = MiCall {
+        node_id: node_id.to_owned(),
+        method: "dlg_list".to_owned(),
+        params_json: params.to_string(),
+        timeout: MI_TIMEOUT,
+        tenant: String::new(),
+        client: "event-ingest".to_owned(),
+    };
+    match mi.call(&call, None).await {
+        Ok(MiAnswer::Result(json)) => serde_json::from_str(&json)
+            .map(|value| parse_listing(&value))
+            .map_err(|e| format!("dlg_list: {e}")),
+        // 404: no such dialog (it ended meanwhile).
+        Ok(MiAnswer::Error { code: 404, .. }) => Ok(Vec::new()),
+        Ok(MiAnswer::Error { code, message, .. }) => Err(format!("dlg_list: {code} {message}")),
+        Err(err) => Err(format!("dlg_list: {err}")),
+    }
+}

@@ -1,0 +1,290 @@
+//! The live view of every active call, as every gateway replica sees it: a copy of the session
+//! store (the `callapi_calls` key-value bucket, written by event-ingest) kept up to date by a
+//! watch, grouped into sessions, and the JSON clients get for them (the same for WebSocket
+//! `CallList`/`CallGet` and the REST API).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use callapi_kit::calls;
+use callapi_proto::v1::{CallRecord, DialogState};
+use futures::StreamExt as _;
+use prost::Message as _;
+use serde_json::{Value, json};
+
+/// One session: the dialogs that share a session id.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Session {
+    /// Session id.
+    pub id: u64,
+    /// Its dialogs, oldest first.
+    pub calls: Vec<CallRecord>,
+}
+
+/// The live view. Cheap to clone.
+#[derive(Clone, Default)]
+pub struct SessionView {
+    /// Records by key.
+    records: Arc<RwLock<HashMap<String, CallRecord>>>,
+}
+
+/// Longest wait at start for the store's current content.
+const CATCH_UP: Duration = Duration::from_secs(5);
+
+impl SessionView {
+    /// Opens the bucket (creating it if no event-ingest did yet), loads what it holds, and
+    /// follows it until `shutdown`.
+    pub async fn start(
+        jetstream: &async_nats::jetstream::Context,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) -> Result<Self, String> {
+        let kv = match jetstream.get_key_value(calls::BUCKET).await {
+            Ok(kv) => kv,
+            Err(_) => calls::open(jetstream, 1).await?,
+        };
+        let pending = kv
+            .status()
+            .await
+            .map_err(|e| format!("key-value bucket {}: {e}", calls::BUCKET))?
+            .values();
+        let mut watch = kv
+            .watch_with_history(">")
+            .await
+            .map_err(|e| format!("cannot watch key-value bucket {}: {e}", calls::BUCKET))?;
+        let view = Self::default();
+        let (caught_up, caught_up_rx) = tokio::sync::oneshot::channel::<()>();
+        let follower = view.clone();
+        tokio::spawn(async move {
+            let mut caught_up = (pending > 0).then_some(caught_up);
+            loop {
+                let entry = tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    entry = watch.next() => entry,
+                };
+                let Some(entry) = entry else { break };
+                let Ok(entry) = entry else { continue };
+                follower.apply(&entry);
+                if entry.delta == 0
+                    && let Some(done) = caught_up.take()
+                {
+                    let _ = done.send(());
+                }
+            }
+            tracing::warn!("stopped following the session store");
+        });
+        if pending > 0 {
+            let _ = tokio::time::timeout(CATCH_UP, caught_up_rx).await;
+        }
+        Ok(view)
+    }
+
+    fn apply(&self, entry: &async_nats::jetstream::kv::Entry) {
+        let Ok(mut records) = self.records.write() else {
+            return;
+        };
+        match entry.operation {
+            async_nats::jetstream::kv::Operation::Put => {
+                match CallRecord::decode(entry.value.as_ref()) {
+                    Ok(record) => {
+                        records.insert(entry.key.clone(), record);
+                    }
+                    Err(err) => tracing::warn!(%err, key = %entry.key, "undecodable call record"),
+                }
+            }
+            async_nats::jetstream::kv::Operation::Delete
+            | async_nats::jetstream::kv::Operation::Purge => {
+                records.remove(&entry.key);
+            }
+        }
+    }
+
+    /// Every session of `tenant`, newest first.
+    pub fn list(&self, tenant: &str) -> Vec<Session> {
+        let Ok(records) = self.records.read() else {
+            return Vec::new();
+        };
+        let prefix = format!("{tenant}.");
+        let mut sessions: BTreeMap<u64, Vec<CallRecord>> = BTreeMap::new();
+        for (key, record) in records.iter() {
+            if key.starts_with(&prefix) && record.tenant == tenant {
+                sessions
+                    .entry(record.session_id)
+                    .or_default()
+                    .push(record.clone());
+            }
+        }
+        let mut sessions: Vec<Session> = sessions
+            .into_iter()
+            .map(|(id, mut calls)| {
+                calls.sort_by_key(|c| (c.started_at_ms, c.callid.clone()));
+                Session { id, calls }
+            })
+            .collect();
+        sessions.sort_by_key(|s| std::cmp::Reverse(s.calls.first().map_or(0, |c| c.started_at_ms)));
+        sessions
+    }
+
+    /// One session of `tenant` by id.
+    pub fn get(&self, tenant: &str, id: u64) -> Option<Session> {
+        self.list(tenant).into_iter().find(|s| s.id == id)
+    }
+
+    /// The session of `tenant` holding the dialog `callid`.
+    pub fn by_callid(&self, tenant: &str, callid: &str) -> Option<Session> {
+        self.list(tenant)
+            .into_iter()
+            .find(|s| s.calls.iter().any(|c| c.callid == callid))
+    }
+}
+
+/// RFC 3339 UTC, to the second (`2026-12-01T10:00:00Z`), or null for 0.
+fn time(ms: u64) -> Value {
+    if ms == 0 {
+        return Value::Null;
+    }
+    let secs = i64::try_from(ms / 1000).unwrap_or(i64::MAX);
+    time::OffsetDateTime::from_unix_timestamp(secs)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .map_or(Value::Null, Value::String)
+}
+
+/// The user part of a SIP URI (the number or extension PortSIP shows), or the URI itself.
+fn number(uri: &str) -> Value {
+    if uri.is_empty() {
+        return Value::Null;
+    }
+    let rest = uri
+        .strip_prefix("sips:")
+        .or_else(|| uri.strip_prefix("sip:"))
+        .or_else(|| uri.strip_prefix("tel:"))
+        .unwrap_or(uri);
+    let user = rest.split(['@', ';', '?']).next().unwrap_or(rest);
+    Value::String(if user.is_empty() { uri } else { user }.to_owned())
+}
+
+fn text_or_null(text: &str) -> Value {
+    if text.is_empty() {
+        Value::Null
+    } else {
+        Value::String(text.to_owned())
+    }
+}
+
+/// The state of one dialog in words.
+fn state(call: &CallRecord) -> &'static str {
+    match call.state() {
+        _ if !call.transferred_to.is_empty() => "transferring",
+        DialogState::Unspecified | DialogState::Unconfirmed => "trying",
+        DialogState::Early => "ringing",
+        DialogState::ConfirmedNotAcked | DialogState::Confirmed => "answered",
+        DialogState::Deleted => "ended",
+    }
+}
+
+/// A session as clients get it: PortSIP's `{id, calls: [{caller, caller_display_name, callee,
+/// trunk, started_at, talking_time}]}` (the id a decimal string, blank fields null, times
+/// RFC 3339 UTC, talking time in seconds), and our own detail in added fields.
+pub fn to_json(session: &Session, now_ms: u64) -> Value {
+    let calls: Vec<Value> = session
+        .calls
+        .iter()
+        .map(|call| {
+            let talking_time = match call.answered_at_ms {
+                0 => 0,
+                at => now_ms.saturating_sub(at) / 1000,
+            };
+            json!({
+                "caller": number(&call.caller_uri),
+                "caller_display_name": Value::Null,
+                "callee": number(&call.callee_uri),
+                "trunk": Value::Null,
+                "started_at": time(call.started_at_ms),
+                "talking_time": talking_time,
+                "callid": call.callid,
+                "caller_uri": text_or_null(&call.caller_uri),
+                "callee_uri": text_or_null(&call.callee_uri),
+                "state": state(call),
+                "answered_at": time(call.answered_at_ms),
+                "caller_held": call.caller_held,
+                "callee_held": call.callee_held,
+                "transferred_to": text_or_null(&call.transferred_to),
+            })
+        })
+        .collect();
+    json!({
+        "id": session.id.to_string(),
+        "node": session.calls.first().map(|c| c.node_id.as_str()),
+        "calls": calls,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(tenant: &str, session_id: u64, callid: &str, started: u64) -> CallRecord {
+        CallRecord {
+            tenant: tenant.into(),
+            node_id: "n1".into(),
+            session_id,
+            callid: callid.into(),
+            caller_uri: "sip:1001@pbx.example.com".into(),
+            callee_uri: "sip:+15551234@pbx.example.com;user=phone".into(),
+            state: DialogState::Confirmed as i32,
+            started_at_ms: started,
+            answered_at_ms: started + 2_000,
+            ..Default::default()
+        }
+    }
+
+    fn view(records: Vec<CallRecord>) -> SessionView {
+        let view = SessionView::default();
+        if let Ok(mut map) = view.records.write() {
+            for r in records {
+                map.insert(calls::key(&r.tenant, &r.node_id, &r.callid), r);
+            }
+        }
+        view
+    }
+
+    #[test]
+    fn records_group_into_sessions_per_tenant() {
+        let v = view(vec![
+            record("acme", 7, "Y", 2_000),
+            record("acme", 7, "X", 1_000),
+            record("acme", 9, "Z", 5_000),
+            record("other", 7, "W", 1_000),
+        ]);
+        let list = v.list("acme");
+        assert_eq!(list.iter().map(|s| s.id).collect::<Vec<_>>(), [9, 7]);
+        let calls: Vec<&str> = list[1].calls.iter().map(|c| c.callid.as_str()).collect();
+        assert_eq!(calls, ["X", "Y"]);
+        assert_eq!(v.by_callid("acme", "Y").map(|s| s.id), Some(7));
+        assert_eq!(v.by_callid("acme", "W"), None);
+        assert_eq!(v.get("other", 7).map(|s| s.calls.len()), Some(1));
+    }
+
+    #[test]
+    fn the_json_has_portsips_fields_and_ours() {
+        let session = Session {
+            id: 884_757_570_370_146_304,
+            calls: vec![record("acme", 1, "X", 1_764_583_200_000)],
+        };
+        let json = to_json(&session, 1_764_583_212_000);
+        assert_eq!(json["id"], "884757570370146304");
+        let call = &json["calls"][0];
+        assert_eq!(call["caller"], "1001");
+        assert_eq!(call["callee"], "+15551234");
+        assert_eq!(call["caller_display_name"], Value::Null);
+        assert_eq!(call["trunk"], Value::Null);
+        assert_eq!(call["started_at"], "2025-12-01T10:00:00Z");
+        assert_eq!(call["talking_time"], 10);
+        assert_eq!(call["state"], "answered");
+        assert_eq!(call["transferred_to"], Value::Null);
+    }
+}
