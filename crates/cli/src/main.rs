@@ -80,6 +80,10 @@ async fn run(args: &Args) -> Result<bool, String> {
                 return Ok(false);
             }
             cmd_id = value["result"]["cmd_id"].as_str().map(str::to_owned);
+            if cmd_id.is_none() {
+                // A query (CallList, CallGet): its result is the whole answer.
+                return Ok(true);
+            }
             continue;
         }
         let ours = cmd_id.is_some() && value["params"]["cmd_id"].as_str() == cmd_id.as_deref();

@@ -8,6 +8,8 @@
 use std::collections::HashMap;
 
 use callapi_kit::calls;
+
+use crate::parse::without_osid;
 use callapi_proto::v1::{
     CallRecord, DialogState, HoldAction, HoldState, Leg, OpensipsEvent, TransferState,
     opensips_event,
@@ -279,8 +281,8 @@ pub fn parse_listing(result: &serde_json::Value) -> Vec<Listed> {
             Some(Listed {
                 callid: callid.to_owned(),
                 state,
-                from_uri: text("from_uri").to_owned(),
-                to_uri: text("to_uri").to_owned(),
+                from_uri: without_osid(text("from_uri")),
+                to_uri: without_osid(text("to_uri")),
                 timestart: d
                     .get("timestart")
                     .and_then(serde_json::Value::as_u64)
@@ -490,7 +492,7 @@ mod tests {
             (listed[0].state, listed[0].timestart),
             (DialogState::Confirmed, 1_795_349_716)
         );
-        let one = json!({"Dialog": {"callid": "c", "state": 2, "from_uri": "sip:a@b", "to_uri": "sip:c@d", "timestart": 0}});
+        let one = json!({"Dialog": {"callid": "c", "state": 2, "from_uri": "sip:a@b", "to_uri": "sip:c@d;osid=101.e6de2737", "timestart": 0}});
         assert_eq!(parse_listing(&one)[0].to_uri, "sip:c@d");
         assert!(parse_listing(&json!("OK")).is_empty());
     }

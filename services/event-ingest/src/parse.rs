@@ -151,8 +151,9 @@ fn transfer_state(text: &str) -> TransferState {
     }
 }
 
-/// The transfer target without the `;osid=...` parameter callops adds.
-fn without_osid(destination: &str) -> String {
+/// A URI without the `;osid=...` parameter callops adds (to transfer targets, and so to the
+/// To URI of the call a transfer makes).
+pub(crate) fn without_osid(destination: &str) -> String {
     destination
         .split(';')
         .filter(|part| !part.starts_with("osid="))
