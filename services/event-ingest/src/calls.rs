@@ -84,6 +84,13 @@ impl Book {
         self.records.values()
     }
 
+    /// Whether dialog `callid` is recorded without its parties yet.
+    pub fn lacks_parties(&self, callid: &str) -> bool {
+        self.records
+            .get(callid)
+            .is_some_and(|r| r.caller_uri.is_empty() && r.callee_uri.is_empty())
+    }
+
     /// Takes a record found in the store (at start-up).
     pub fn load(&mut self, record: CallRecord) {
         self.records.insert(record.callid.clone(), record);

@@ -7,7 +7,13 @@
 //! delete carries `KV-Operation: DEL`), in order on one connection and without waiting for
 //! JetStream's acknowledgement, so the store keeps up with thousands of events a second. A
 //! write lost meanwhile (JetStream unavailable) is repaired by the next reconciliation.
+//!
+//! Two things keep the store's cost low when calls are many and short: writes wait up to
+//! [`FLUSH_AFTER`] and only the last one per dialog goes out (a dialog that starts and ends
+//! within it costs nothing), and a new dialog's parties are asked for only if it still lives
+//! [`PARTIES_AFTER`] later.
 
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use callapi_kit::calls;
@@ -27,6 +33,56 @@ const QUEUE: usize = 16_384;
 const PAGE: usize = 100;
 /// Longest wait for one `dlg_list`.
 const MI_TIMEOUT: Duration = Duration::from_secs(4);
+/// How long writes are gathered before they go out.
+pub const FLUSH_AFTER: Duration = Duration::from_millis(10);
+/// How long a new dialog must live before its parties are asked of the node.
+pub const PARTIES_AFTER: Duration = Duration::from_millis(250);
+
+/// Writes waiting for the next flush: the last one per key wins, and a record put and deleted
+/// again before the store ever had it costs nothing.
+#[derive(Debug, Default)]
+struct Pending {
+    writes: HashMap<String, Write>,
+    /// Keys the store holds (as far as this recorder wrote or loaded them).
+    stored: HashSet<String>,
+}
+
+impl Pending {
+    fn add(&mut self, write: Write) {
+        let key = key_of(&write);
+        if matches!(write, Write::Delete { .. }) && !self.stored.contains(&key) {
+            self.writes.remove(&key);
+            return;
+        }
+        self.writes.insert(key, write);
+    }
+
+    fn is_empty(&self) -> bool {
+        self.writes.is_empty()
+    }
+
+    fn take(&mut self) -> Vec<Write> {
+        let writes: Vec<Write> = self.writes.drain().map(|(_, write)| write).collect();
+        for write in &writes {
+            match write {
+                Write::Put(_) => self.stored.insert(key_of(write)),
+                Write::Delete { .. } => self.stored.remove(&key_of(write)),
+            };
+        }
+        writes
+    }
+}
+
+fn key_of(write: &Write) -> String {
+    match write {
+        Write::Put(record) => calls::key(&record.tenant, &record.node_id, &record.callid),
+        Write::Delete {
+            tenant,
+            node_id,
+            callid,
+        } => calls::key(tenant, node_id, callid),
+    }
+}
 
 /// Settings of the session store.
 #[derive(Debug, Clone, serde::Deserialize)]
@@ -108,18 +164,34 @@ struct Task {
 
 impl Task {
     async fn run(mut self, mut queue: mpsc::Receiver<OpensipsEvent>, shutdown: CancellationToken) {
-        self.load().await;
+        let mut pending = Pending::default();
+        self.load(&mut pending).await;
         let (parties_tx, mut parties) = mpsc::unbounded_channel::<Listed>();
+        let (due_tx, mut due) = mpsc::unbounded_channel::<String>();
         let mut reconcile = tokio::time::interval(self.reconcile_every);
         reconcile.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let flush = tokio::time::sleep(FLUSH_AFTER);
+        tokio::pin!(flush);
         loop {
             let outcome = tokio::select! {
                 _ = shutdown.cancelled() => break,
+                () = &mut flush, if !pending.is_empty() => {
+                    for write in pending.take() {
+                        self.write(write).await;
+                    }
+                    continue;
+                }
                 event = queue.recv() => match event {
                     Some(event) => self.book.on_event(&event, now_ms()),
                     None => break,
                 },
                 Some(listed) = parties.recv() => self.book.on_parties(&listed, now_ms()),
+                Some(callid) = due.recv() => {
+                    if self.book.lacks_parties(&callid) {
+                        self.ask_parties(callid, parties_tx.clone());
+                    }
+                    continue;
+                }
                 _ = reconcile.tick() => match self.list_node().await {
                     Ok((listed, since)) => self.book.reconcile(&listed, since, now_ms()),
                     Err(reason) => {
@@ -129,17 +201,29 @@ impl Task {
                 },
             };
             for callid in outcome.ask_parties {
-                self.ask_parties(callid, parties_tx.clone());
+                let due_tx = due_tx.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(PARTIES_AFTER).await;
+                    let _ = due_tx.send(callid);
+                });
+            }
+            if pending.is_empty() && !outcome.writes.is_empty() {
+                flush
+                    .as_mut()
+                    .reset(tokio::time::Instant::now() + FLUSH_AFTER);
             }
             for write in outcome.writes {
-                self.write(write).await;
+                pending.add(write);
             }
+        }
+        for write in pending.take() {
+            self.write(write).await;
         }
         let _ = self.nats.flush().await;
     }
 
     /// Reads the node's records left in the store (by an earlier run).
-    async fn load(&mut self) {
+    async fn load(&mut self, pending: &mut Pending) {
         let prefix = format!("{}.{}.", self.tenant, self.node_id);
         let mut keys = match self.kv.keys().await {
             Ok(keys) => keys,
@@ -158,6 +242,7 @@ impl Task {
                 && let Ok(record) = CallRecord::decode(bytes.as_ref())
             {
                 self.book.load(record);
+                pending.stored.insert(key);
                 loaded += 1;
             }
         }
@@ -256,5 +341,48 @@ async fn dlg_list(
         Ok(MiAnswer::Error { code: 404, .. }) => Ok(Vec::new()),
         Ok(MiAnswer::Error { code, message, .. }) => Err(format!("dlg_list: {code} {message}")),
         Err(err) => Err(format!("dlg_list: {err}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn put(callid: &str, state: i32) -> Write {
+        Write::Put(CallRecord {
+            tenant: "t".into(),
+            node_id: "n".into(),
+            callid: callid.into(),
+            state,
+            ..Default::default()
+        })
+    }
+
+    fn delete(callid: &str) -> Write {
+        Write::Delete {
+            tenant: "t".into(),
+            node_id: "n".into(),
+            callid: callid.into(),
+        }
+    }
+
+    #[test]
+    fn only_the_last_write_per_dialog_goes_out_and_short_lives_cost_nothing() {
+        let mut pending = Pending::default();
+        pending.add(put("a", 2));
+        pending.add(put("a", 4));
+        pending.add(put("b", 2));
+        let mut first = pending.take();
+        first.sort_by_key(key_of);
+        assert_eq!(first, [put("a", 4), put("b", 2)]);
+        // a is in the store now: its end goes out; c never reached it: nothing goes out.
+        pending.add(put("c", 2));
+        pending.add(delete("c"));
+        pending.add(delete("a"));
+        assert_eq!(pending.take(), [delete("a")]);
+        assert!(pending.is_empty());
+        // Deleted and gone: deleting again sends nothing.
+        pending.add(delete("a"));
+        assert!(pending.take().is_empty());
     }
 }

@@ -137,7 +137,11 @@ async fn a_click_to_dial_is_one_session_and_its_holds_show() {
     .await;
     assert_eq!(call_of(&session, &callid)["state"], "answered", "{session}");
     // callops' ;osid= (on the To of a transfer's new call) stays inside event-ingest.
-    assert_eq!(call_of(&session, &callid)["callee_uri"], "sip:bob@127.0.0.1", "{session}");
+    assert_eq!(
+        call_of(&session, &callid)["callee_uri"],
+        "sip:bob@127.0.0.1",
+        "{session}"
+    );
     let hold = client.run("CallHold", json!({"callid": callid})).await;
     assert_eq!(hold.last().unwrap()["method"], "Ended", "{hold:?}");
     wait_for(&mut client, &callid, |s| {
