@@ -40,7 +40,12 @@ pub fn flow_for(
         Command::CallStart(c) => {
             uri("caller", &c.caller)?;
             uri("callee", &c.callee)?;
-            let callid = Uuid::new_v4().to_string();
+            let callid = if c.callid.is_empty() {
+                Uuid::new_v4().to_string()
+            } else {
+                callid("callid", &c.callid)?;
+                c.callid.clone()
+            };
             (
                 Flow::Start(StartFlow::new(
                     c.caller.clone(),

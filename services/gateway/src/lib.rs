@@ -10,6 +10,7 @@ mod connection;
 pub mod core;
 mod outbox;
 pub mod params;
+pub mod rest;
 pub mod rpc;
 mod serve;
 pub mod sessions;
@@ -62,6 +63,11 @@ pub struct Config {
     pub pong_timeout_ms: u64,
     /// Follow the session store and answer `CallList` / `CallGet` (needs JetStream).
     pub sessions_enabled: bool,
+    /// SIP domain that numbers given to the REST API (`caller: "1001"`) become URIs in.
+    pub sip_domain: String,
+    /// How long a REST control request waits for its command's first notification (so a
+    /// failure known at once is its answer), milliseconds.
+    pub rest_outcome_wait_ms: u64,
 }
 
 impl Default for Config {
@@ -81,6 +87,8 @@ impl Default for Config {
             ping_interval_ms: 20_000,
             pong_timeout_ms: 10_000,
             sessions_enabled: true,
+            sip_domain: "127.0.0.1".to_owned(),
+            rest_outcome_wait_ms: 2_000,
         }
     }
 }
@@ -197,10 +205,18 @@ pub async fn run(
         shutdown: shutdown.clone(),
         tasks: TaskTracker::new(),
     });
+    let rest = Arc::new(rest::Rest::new(
+        shared.commands.clone(),
+        shared.sessions.clone(),
+        &shared.config.tenant,
+        &shared.config.sip_domain,
+        Duration::from_millis(shared.config.rest_outcome_wait_ms),
+    ));
     let app = Router::new()
         .route("/call-api", get(upgrade))
         .route("/healthz", get(|| async { "ok" }))
-        .with_state(shared.clone());
+        .with_state(shared.clone())
+        .merge(rest::router(rest).layer(axum::extract::DefaultBodyLimit::max(REST_BODY_LIMIT)));
     callapi_kit::announce_ready(&format!("listen={local} gateway_id={gateway_id}"));
     tracing::info!(%local, %gateway_id, "WebSocket JSON-RPC at ws://{local}/call-api");
     serve::accept_loop(listener, app, &shared).await;
@@ -218,6 +234,9 @@ pub async fn run(
     let _ = tokio::time::timeout(Duration::from_secs(5), client.drain()).await;
     Ok(())
 }
+
+/// Largest REST request body accepted (413 past it).
+const REST_BODY_LIMIT: usize = 64 * 1024;
 
 /// Initial WebSocket read buffer of each connection.
 const READ_BUFFER: usize = 2 * 1024;

@@ -236,6 +236,7 @@ pub fn command(kind: CommandKind, params: Map<String, Value>) -> Result<Command,
             Command::CallStart(pb::CallStart {
                 caller: p.caller.0,
                 callee: p.callee.0,
+                callid: String::new(),
             })
         }
         CommandKind::BlindTransfer => {
@@ -376,6 +377,7 @@ mod tests {
             Ok(Command::CallStart(pb::CallStart {
                 caller: "sip:alice@127.0.0.1".into(),
                 callee: "sip:bob@127.0.0.1".into(),
+                callid: String::new(),
             }))
         );
         let attended = command(

@@ -154,17 +154,22 @@ fn time(ms: u64) -> Value {
 }
 
 /// The user part of a SIP URI (the number or extension PortSIP shows), or the URI itself.
-fn number(uri: &str) -> Value {
-    if uri.is_empty() {
-        return Value::Null;
-    }
+pub fn user_part(uri: &str) -> &str {
     let rest = uri
         .strip_prefix("sips:")
         .or_else(|| uri.strip_prefix("sip:"))
         .or_else(|| uri.strip_prefix("tel:"))
         .unwrap_or(uri);
     let user = rest.split(['@', ';', '?']).next().unwrap_or(rest);
-    Value::String(if user.is_empty() { uri } else { user }.to_owned())
+    if user.is_empty() { uri } else { user }
+}
+
+fn number(uri: &str) -> Value {
+    if uri.is_empty() {
+        Value::Null
+    } else {
+        Value::String(user_part(uri).to_owned())
+    }
 }
 
 fn text_or_null(text: &str) -> Value {

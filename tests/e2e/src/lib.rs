@@ -5,6 +5,7 @@
 //! The service binaries must be built first (`cargo build --workspace --bins`; `make test` does).
 
 pub mod client;
+pub mod http;
 pub mod process;
 
 pub use client::Client;
@@ -315,6 +316,14 @@ impl Stack {
 
     async fn start_emulator(&self, udp: &str, http: &str) -> Service {
         start_emulator(&self.dir, &self.options, udp, http).await
+    }
+
+    /// `host:port` of the first gateway's HTTP listener (REST under `/api`).
+    pub fn http_addr(&self) -> String {
+        self.gateway_urls[0]
+            .trim_start_matches("ws://")
+            .trim_end_matches("/call-api")
+            .to_owned()
     }
 
     /// URL of the first gateway.

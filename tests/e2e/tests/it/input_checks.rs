@@ -59,6 +59,7 @@ fn nats_commands(uri: &str) -> Vec<(&'static str, Command, &'static str)> {
             Command::CallStart(pb::CallStart {
                 caller: uri.into(),
                 callee: "sip:bob@127.0.0.1".into(),
+                callid: String::new(),
             }),
             "caller",
         ),
@@ -67,6 +68,7 @@ fn nats_commands(uri: &str) -> Vec<(&'static str, Command, &'static str)> {
             Command::CallStart(pb::CallStart {
                 caller: "sip:alice@127.0.0.1".into(),
                 callee: uri.into(),
+                callid: String::new(),
             }),
             "callee",
         ),

@@ -13,4 +13,5 @@ mod nats_boundary;
 mod overload;
 mod protocol;
 mod resilience;
+mod rest;
 mod sessions;

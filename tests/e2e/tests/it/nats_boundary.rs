@@ -29,6 +29,7 @@ async fn bad_command_messages_are_refused_with_a_reason() {
     let start = Command::CallStart(pb::CallStart {
         caller: "sip:alice@127.0.0.1".into(),
         callee: "sip:bob@127.0.0.1".into(),
+        callid: String::new(),
     });
     let cases = [
         (
@@ -53,6 +54,7 @@ async fn bad_command_messages_are_refused_with_a_reason() {
                 Command::CallStart(pb::CallStart {
                     caller: "sip:alice@127.0.0.1\r\nX-Injected: 1".into(),
                     callee: "sip:bob@127.0.0.1".into(),
+                    callid: String::new(),
                 }),
             )
             .encode_to_vec(),

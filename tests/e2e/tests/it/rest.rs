@@ -1,0 +1,312 @@
+//! The REST API under `/api`, PortSIP v22's sessions API: every endpoint, its limits and its
+//! errors (RFC 9457 problem+json), against the real stack.
+
+use std::time::Duration;
+
+use callapi_e2e::http::{Response, request};
+use callapi_e2e::{Stack, StackOptions};
+use serde_json::{Value, json};
+use tokio::time::Instant;
+
+fn with_extensions(version: &'static str) -> StackOptions {
+    StackOptions {
+        emulator_args: vec!["--extra-phones=1001,1002,1003".into()],
+        opensips_version: version,
+        ..Default::default()
+    }
+}
+
+async fn get(stack: &Stack, path: &str) -> Response {
+    request(&stack.http_addr(), "GET", path, None).await
+}
+
+async fn post(stack: &Stack, path: &str, body: Value) -> Response {
+    request(&stack.http_addr(), "POST", path, Some(&body.to_string())).await
+}
+
+fn assert_problem(response: &Response, status: u16, code: &str, field: Option<&str>) {
+    assert_eq!(response.status, status, "{response:?}");
+    assert_eq!(
+        response.content_type, "application/problem+json",
+        "{response:?}"
+    );
+    assert_eq!(response.json["status"], status, "{response:?}");
+    assert_eq!(response.json["code"], code, "{response:?}");
+    assert_eq!(
+        response.json["type"],
+        format!("urn:callapi:error:{code}"),
+        "{response:?}"
+    );
+    assert!(
+        response.json["detail"]
+            .as_str()
+            .is_some_and(|d| !d.is_empty()),
+        "{response:?}"
+    );
+    if let Some(field) = field {
+        assert_eq!(response.json["field"], field, "{response:?}");
+    }
+}
+
+/// Creates a click-to-dial call and waits until its session shows the answered call to
+/// `callee`; returns the session id.
+async fn established(stack: &Stack, caller: &str, callee: &str) -> String {
+    let created = post(
+        stack,
+        "/api/sessions",
+        json!({"caller": caller, "callee": callee, "send_sdp": true}),
+    )
+    .await;
+    assert_eq!(created.status, 200, "{created:?}");
+    let id = created.json["id"].as_str().expect("string id").to_owned();
+    assert!(id.parse::<i64>().is_ok_and(|n| n > 0), "{id}");
+    wait_session(stack, &id, |s| {
+        s["calls"].as_array().is_some_and(|calls| {
+            calls.len() == 1 && calls[0]["callee"] == callee && calls[0]["state"] == "answered"
+        })
+    })
+    .await
+}
+
+async fn wait_session(stack: &Stack, id: &str, ready: impl Fn(&Value) -> bool) -> String {
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        let got = get(stack, &format!("/api/sessions/{id}")).await;
+        if got.status == 200 && ready(&got.json) {
+            return id.to_owned();
+        }
+        assert!(
+            Instant::now() < until,
+            "session {id} not as expected: {got:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn create_list_get_and_destroy_follow_portsip() {
+    let stack = Stack::with(with_extensions("3.6")).await;
+    let id = established(&stack, "1001", "1002").await;
+
+    let listed = get(&stack, "/api/sessions").await;
+    assert_eq!(listed.status, 200, "{listed:?}");
+    assert_eq!(listed.json["count"], 1, "{listed:?}");
+    let item = &listed.json["items"][0];
+    assert_eq!(item["id"], json!(id));
+    let call = &item["calls"][0];
+    for field in [
+        "caller",
+        "caller_display_name",
+        "callee",
+        "trunk",
+        "started_at",
+        "talking_time",
+    ] {
+        assert!(
+            call.get(field).is_some(),
+            "PortSIP field {field} missing: {call}"
+        );
+    }
+    assert_eq!(
+        (call["caller"].clone(), call["callee"].clone()),
+        (json!("1001"), json!("1002"))
+    );
+    assert_eq!(call["caller_uri"], "sip:1001@127.0.0.1");
+    assert_eq!(call["trunk"], Value::Null);
+    assert!(call["talking_time"].is_u64());
+    let one = get(&stack, &format!("/api/sessions/{id}")).await;
+    assert_eq!(one.json, *item);
+
+    // The WebSocket API sees the same session.
+    let mut client = stack.client().await;
+    let asked = client.request("CallGet", json!({"session_id": id})).await;
+    assert_eq!(client.reply(&asked).await["result"]["id"], json!(id));
+
+    let destroyed = post(&stack, &format!("/api/sessions/{id}/destroy"), json!({})).await;
+    assert_eq!(
+        (destroyed.status, destroyed.body.as_str()),
+        (200, ""),
+        "{destroyed:?}"
+    );
+    let until = Instant::now() + Duration::from_secs(10);
+    while get(&stack, &format!("/api/sessions/{id}")).await.status != 404 {
+        assert!(Instant::now() < until, "session {id} still there");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_problem(
+        &get(&stack, &format!("/api/sessions/{id}")).await,
+        404,
+        "NOT_FOUND",
+        None,
+    );
+    let again = post(&stack, &format!("/api/sessions/{id}/destroy"), json!({})).await;
+    assert_problem(&again, 404, "NOT_FOUND", None);
+}
+
+#[tokio::test]
+async fn every_limit_and_bad_input_is_a_problem_naming_its_field() {
+    let stack = Stack::with(with_extensions("3.6")).await;
+    for (path, field) in [
+        ("/api/sessions?top=0", "top"),
+        ("/api/sessions?top=101", "top"),
+        ("/api/sessions?top=x", "top"),
+        ("/api/sessions?skip=-1", "skip"),
+        ("/api/sessions?orderby=caller", "orderby"),
+        ("/api/sessions?page=2", "page"),
+        ("/api/sessions/abc", "id"),
+        ("/api/sessions/0", "id"),
+    ] {
+        assert_problem(&get(&stack, path).await, 400, "INVALID_FIELD", Some(field));
+    }
+    assert_eq!(
+        get(
+            &stack,
+            "/api/sessions?top=100&skip=0&orderby=started_at%20desc&filter=1001"
+        )
+        .await
+        .status,
+        200
+    );
+    assert_problem(
+        &get(&stack, "/api/sessions/884757570370146304").await,
+        404,
+        "NOT_FOUND",
+        None,
+    );
+    assert_problem(&get(&stack, "/api/nothing").await, 404, "NOT_FOUND", None);
+
+    let ok = json!({"caller": "1001", "callee": "1002", "send_sdp": true});
+    let with = |key: &str, value: Value| {
+        let mut body = ok.clone();
+        body[key] = value;
+        body
+    };
+    let without = |key: &str| {
+        let mut body = ok.clone();
+        body.as_object_mut().unwrap().remove(key);
+        body
+    };
+    for (body, field) in [
+        (without("caller"), "caller"),
+        (without("send_sdp"), "send_sdp"),
+        (with("caller", json!("1".repeat(257))), "caller"),
+        (with("callee", json!("")), "callee"),
+        (
+            with("caller_display_name", json!("x".repeat(1025))),
+            "caller_display_name",
+        ),
+        (with("trunk", json!("")), "trunk"),
+        (with("trunk", json!("t".repeat(65))), "trunk"),
+        (with("rewrite_from", json!("1".repeat(17))), "rewrite_from"),
+        (with("user_data", json!("u".repeat(129))), "user_data"),
+        (with("target", json!("t".repeat(129))), "target"),
+        (with("extra", json!(1)), "extra"),
+        (with("callee", json!("bob@evil?x")), "callee"),
+    ] {
+        let response = post(&stack, "/api/sessions", body.clone()).await;
+        assert_problem(&response, 400, "INVALID_FIELD", Some(field));
+    }
+    let bad_enum = post(
+        &stack,
+        "/api/sessions",
+        with("additional_header", json!("LOUD")),
+    )
+    .await;
+    assert_problem(&bad_enum, 400, "INVALID_BODY", None);
+    let not_yet = post(&stack, "/api/sessions", with("trunk", json!("carrier1"))).await;
+    assert_problem(&not_yet, 422, "NOT_SUPPORTED", Some("trunk"));
+    let no_json = request(&stack.http_addr(), "POST", "/api/sessions", None).await;
+    assert_eq!(no_json.status, 415, "{no_json:?}");
+    let huge = format!("{{\"caller\":\"{}\"}}", "1".repeat(100_000));
+    let too_big = request(&stack.http_addr(), "POST", "/api/sessions", Some(&huge)).await;
+    assert_eq!(too_big.status, 413, "{too_big:?}");
+
+    let directly = get(&stack, "/api/sessions/directly?extension_number=1001&password=x&caller=1001&callee=1002&domain=test.io&send_sdp=true").await;
+    assert_problem(&directly, 501, "NOT_IMPLEMENTED", None);
+
+    let id = established(&stack, "1001", "1002").await;
+    for (op, body, field) in [
+        ("hold", json!({}), "extension_number"),
+        (
+            "hold",
+            json!({"extension_number": "12"}),
+            "extension_number",
+        ),
+        (
+            "hold",
+            json!({"extension_number": "10x1"}),
+            "extension_number",
+        ),
+        (
+            "unhold",
+            json!({"extension_number": "1001", "leg": "caller"}),
+            "leg",
+        ),
+        ("refer", json!({"extension_number": "1001"}), "refer_to"),
+    ] {
+        let response = post(&stack, &format!("/api/sessions/{id}/{op}"), body).await;
+        assert_problem(&response, 400, "INVALID_FIELD", Some(field));
+    }
+    let stranger = post(
+        &stack,
+        &format!("/api/sessions/{id}/hold"),
+        json!({"extension_number": "1999"}),
+    )
+    .await;
+    assert_problem(&stranger, 422, "NOT_A_PARTY", Some("extension_number"));
+    // On OpenSIPS 3.6 one party cannot be held alone: the answer says so, naming the version.
+    let one_leg = post(
+        &stack,
+        &format!("/api/sessions/{id}/hold"),
+        json!({"extension_number": "1001"}),
+    )
+    .await;
+    assert_problem(&one_leg, 422, "NOT_SUPPORTED", None);
+    assert!(
+        one_leg.json["detail"].as_str().unwrap().contains("4.0"),
+        "{one_leg:?}"
+    );
+}
+
+#[tokio::test]
+async fn hold_unhold_and_refer_act_for_the_extension_named() {
+    let stack = Stack::with(with_extensions("4.0")).await;
+    let id = established(&stack, "1001", "1002").await;
+    // 1001 holds the call: 1002 is put on hold (OpenSIPS 4.0 re-INVITEs both parties for a
+    // one-leg hold, so both legs show as held).
+    let hold = |op: &'static str| {
+        let path = format!("/api/sessions/{id}/{op}");
+        let stack = &stack;
+        async move { post(stack, &path, json!({"extension_number": "1001"})).await }
+    };
+    let held = hold("hold").await;
+    assert_eq!(held.status, 200, "{held:?}");
+    wait_session(&stack, &id, |s| s["calls"][0]["callee_held"] == true).await;
+    // Held already: a conflict known at once.
+    let again = hold("hold").await;
+    assert_eq!(again.status, 409, "{again:?}");
+    assert_eq!(again.json["code"], "ALREADY_HELD", "{again:?}");
+    let unheld = hold("unhold").await;
+    assert_eq!(unheld.status, 200, "{unheld:?}");
+    wait_session(&stack, &id, |s| {
+        s["calls"][0]["callee_held"] == false && s["calls"][0]["caller_held"] == false
+    })
+    .await;
+
+    // 1001 transfers 1002 to 1003: the session goes on with 1002 and 1003.
+    let referred = post(
+        &stack,
+        &format!("/api/sessions/{id}/refer"),
+        json!({"extension_number": "1001", "refer_to": "1003"}),
+    )
+    .await;
+    assert_eq!(referred.status, 200, "{referred:?}");
+    wait_session(&stack, &id, |s| {
+        s["calls"].as_array().is_some_and(|calls| {
+            calls
+                .iter()
+                .any(|c| c["callee"] == "1003" && c["state"] == "answered")
+        })
+    })
+    .await;
+}
