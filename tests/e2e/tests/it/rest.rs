@@ -310,3 +310,49 @@ async fn hold_unhold_and_refer_act_for_the_extension_named() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn attended_refer_connects_the_two_parties_the_extension_talks_to() {
+    let stack = Stack::with(with_extensions("3.6")).await;
+    let first = established(&stack, "1001", "1002").await;
+    let second = established(&stack, "1001", "1003").await;
+    let bad = post(
+        &stack,
+        &format!("/api/sessions/{first}/attended_refer"),
+        json!({"extension_number": "1001", "refer_to_1": "1002", "refer_to_2": "1999"}),
+    )
+    .await;
+    assert_problem(&bad, 422, "NOT_A_PARTY", Some("refer_to_2"));
+    let referred = post(
+        &stack,
+        &format!("/api/sessions/{first}/attended_refer"),
+        json!({"extension_number": "1001", "refer_to_1": "1002", "session_1": first, "refer_to_2": "1003", "session_2": second}),
+    )
+    .await;
+    assert_eq!(referred.status, 200, "{referred:?}");
+    // 1002 and 1003 end up talking to each other; 1001 is out of both calls.
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        let listed = get(&stack, "/api/sessions").await;
+        let calls: Vec<Value> = listed.json["items"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|s| s["calls"].as_array().cloned().unwrap_or_default())
+            .collect();
+        let joined = calls.iter().any(|c| {
+            let parties = [c["caller"].clone(), c["callee"].clone()];
+            parties.contains(&json!("1002"))
+                && parties.contains(&json!("1003"))
+                && c["state"] == "answered"
+        });
+        let agent_left = calls
+            .iter()
+            .all(|c| c["caller"] != "1001" && c["callee"] != "1001");
+        if joined && agent_left {
+            break;
+        }
+        assert!(Instant::now() < until, "not joined: {listed:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
