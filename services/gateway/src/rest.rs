@@ -17,7 +17,7 @@ use callapi_kit::subjects::CommandKind;
 use callapi_kit::validate;
 use callapi_proto::v1::{self as pb, command_request::Command, notification};
 use serde::Deserialize;
-use serde_json::{Value, json};
+use serde_json::json;
 use tokio::sync::mpsc;
 
 use crate::core::{Attachment, CommandClient, NotificationSink, SubmitError};
@@ -96,25 +96,55 @@ impl IntoResponse for Problem {
     }
 }
 
-/// Where the first notification of each REST command goes, for the handler waiting for it.
+/// How long a session created over REST is shown from what the gateway knows, while OpenSIPS
+/// has not reported its first call yet (or after its command ended without one).
+const PROVISIONAL_TTL: Duration = Duration::from_secs(10);
+
+/// A session created here that the store does not show yet.
+struct Provisional {
+    session: Session,
+    cmd_id: String,
+    until: std::time::Instant,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Where the notifications of REST commands go: the first one to the handler waiting for it;
+/// the end of a create to its provisional session (so a call that fails at once shows ended).
 #[derive(Default)]
 struct Waiters {
     waiting: Mutex<HashMap<String, mpsc::UnboundedSender<notification::Kind>>>,
-}
-
-impl Waiters {
-    fn lock(&self) -> MutexGuard<'_, HashMap<String, mpsc::UnboundedSender<notification::Kind>>> {
-        self.waiting
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
+    provisional: Mutex<HashMap<u64, Provisional>>,
 }
 
 impl NotificationSink for Waiters {
     fn deliver(&self, cmd_id: String, kind: notification::Kind) {
-        if let Some(waiter) = self.lock().get(&cmd_id) {
+        let ended = matches!(kind, notification::Kind::Ended(_));
+        if let Some(waiter) = lock(&self.waiting).get(&cmd_id) {
             let _ = waiter.send(kind);
         }
+        if ended {
+            let mut provisional = lock(&self.provisional);
+            if let Some(entry) = provisional.values_mut().find(|p| p.cmd_id == cmd_id) {
+                for call in &mut entry.session.calls {
+                    call.state = pb::DialogState::Deleted as i32;
+                }
+            }
+        }
+    }
+}
+
+impl Waiters {
+    /// The provisional sessions still to show (the store's own take over once it has them).
+    fn provisional(&self, view: &SessionView, tenant: &str) -> Vec<Session> {
+        let now = std::time::Instant::now();
+        let mut provisional = lock(&self.provisional);
+        provisional.retain(|id, p| p.until > now && view.get(tenant, *id).is_none());
+        provisional.values().map(|p| p.session.clone()).collect()
     }
 }
 
@@ -165,15 +195,22 @@ impl Rest {
 
     fn session(&self, id: &str) -> Result<Session, Problem> {
         let id = session_id(id).ok_or_else(|| {
-            Problem::field("id", "must be a session id (a positive int64 in decimal)")
-        })?;
-        self.view()?.get(self.tenant(), id).ok_or_else(|| {
-            Problem::new(
-                StatusCode::NOT_FOUND,
-                "NOT_FOUND",
-                format!("no session {id}"),
+            Problem::field(
+                "id",
+                "must be a session id: 1 to 19 digits, no leading zero",
             )
-        })
+        })?;
+        let view = self.view()?;
+        let provisional = self.waiters.provisional(view, self.tenant());
+        view.get(self.tenant(), id)
+            .or_else(|| provisional.into_iter().find(|s| s.id == id))
+            .ok_or_else(|| {
+                Problem::new(
+                    StatusCode::NOT_FOUND,
+                    "NOT_FOUND",
+                    format!("no session {id}"),
+                )
+            })
     }
 
     /// Submits a command; waits (a little) for its first notification so a failure known at
@@ -181,9 +218,9 @@ impl Rest {
     async fn run(&self, kind: CommandKind, command: Command) -> Result<(), Problem> {
         let cmd_id = uuid::Uuid::new_v4().to_string();
         let (waiter, mut first) = mpsc::unbounded_channel();
-        self.waiters.lock().insert(cmd_id.clone(), waiter);
+        lock(&self.waiters.waiting).insert(cmd_id.clone(), waiter);
         let outcome = self.wait_first(&cmd_id, kind, command, &mut first).await;
-        self.waiters.lock().remove(&cmd_id);
+        lock(&self.waiters.waiting).remove(&cmd_id);
         outcome
     }
 
@@ -211,30 +248,37 @@ impl Rest {
         }
     }
 
-    /// A number (extension or PSTN) as a SIP URI in the tenant's domain; a SIP URI as it is.
+    /// A number (an extension or a PSTN number: digits, an optional leading `+`) as a SIP URI
+    /// in the tenant's domain.
     fn uri_of(&self, field: &str, number: &str) -> Result<String, Problem> {
-        let uri = if number.starts_with("sip:")
-            || number.starts_with("sips:")
-            || number.starts_with("tel:")
-        {
-            number.to_owned()
-        } else {
-            format!("sip:{number}@{}", self.sip_domain)
-        };
+        let digits = number.strip_prefix('+').unwrap_or(number);
+        if digits.is_empty() || digits.len() > 64 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(Problem::field(
+                field,
+                "must be a number: 1 to 64 digits, optionally after a +",
+            ));
+        }
+        let uri = format!("sip:{number}@{}", self.sip_domain);
         validate::sip_uri(&uri).map_err(|why| Problem::field(field, why))?;
         Ok(uri)
     }
 }
 
+/// A session id as the path gives it: 1 to 19 digits, no leading zero (one past int64 is no
+/// session: 404, not a malformed id).
 fn session_id(text: &str) -> Option<u64> {
-    text.parse::<u64>()
-        .ok()
-        .filter(|id| *id > 0 && *id <= i64::MAX as u64)
+    let digits = (1..=19).contains(&text.len()) && text.bytes().all(|b| b.is_ascii_digit());
+    if !digits || text.starts_with('0') {
+        return None;
+    }
+    text.parse::<u64>().ok()
 }
 
 /// The routes under `/api`.
 pub fn router(rest: Arc<Rest>) -> axum::Router {
     axum::Router::new()
+        .route("/api/openapi.json", get(openapi))
+        .route("/api/docs", get(docs))
         .route("/api/sessions", get(list).post(create))
         .route("/api/sessions/directly", get(directly))
         .route("/api/sessions/{id}", get(get_one))
@@ -255,13 +299,47 @@ fn now_ms() -> u64 {
 }
 
 /// The query of `GET /sessions` (v22 list parameters).
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct ListQuery {
+    /// Text a session's caller or callee URI contains, or one of its Call-IDs (≤ 256).
+    #[param(max_length = 256)]
     filter: Option<String>,
+    /// `started_at` (ascending, the default), `started_at asc` or `started_at desc`.
+    #[param(pattern = "^started_at( asc| desc)?$")]
     orderby: Option<String>,
+    /// Sessions to skip, 0 to 2147483647 (default 0).
+    #[param(value_type = Option<i32>, minimum = 0)]
     skip: Option<String>,
+    /// Sessions to return, 1 to 100 (default 100).
+    #[param(value_type = Option<i32>, minimum = 1, maximum = 100)]
     top: Option<String>,
+}
+
+/// An RFC 9457 problem, as the API sends it.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct ProblemDoc {
+    /// `urn:callapi:error:<code>`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The HTTP status's reason phrase.
+    pub title: String,
+    /// The HTTP status.
+    pub status: u16,
+    /// What went wrong.
+    pub detail: String,
+    /// Stable code (see docs/rest.md).
+    pub code: String,
+    /// The field at fault, when there is one.
+    pub field: Option<String>,
+}
+
+/// `{"id": "…"}`: the new session's id.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct Created {
+    /// Session id: an int64 in decimal.
+    pub id: String,
 }
 
 fn query_problem(rejection: QueryRejection) -> Problem {
@@ -275,10 +353,22 @@ fn query_problem(rejection: QueryRejection) -> Problem {
     }
 }
 
+/// The tenant's active sessions.
+#[utoipa::path(
+    get,
+    path = "/api/sessions",
+    tag = "sessions",
+    params(ListQuery),
+    responses(
+        (status = 200, description = "The sessions", body = sessions::SessionList),
+        (status = 400, description = "A bad query parameter", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 503, description = "The session store is unavailable", body = ProblemDoc, content_type = "application/problem+json"),
+    )
+)]
 async fn list(
     State(rest): State<Arc<Rest>>,
     query: Result<Query<ListQuery>, QueryRejection>,
-) -> Result<Json<Value>, Problem> {
+) -> Result<Json<sessions::SessionList>, Problem> {
     let Query(query) = query.map_err(query_problem)?;
     let top = match query.top.as_deref() {
         None => 100,
@@ -310,7 +400,10 @@ async fn list(
     if query.filter.as_ref().is_some_and(|f| f.len() > 256) {
         return Err(Problem::field("filter", "is longer than 256 characters"));
     }
-    let mut found: Vec<Session> = rest.view()?.list(rest.tenant());
+    let view = rest.view()?;
+    let mut found: Vec<Session> = view.list(rest.tenant());
+    found.extend(rest.waiters.provisional(view, rest.tenant()));
+    found.sort_by_key(|s| std::cmp::Reverse(s.calls.first().map_or(0, |c| c.started_at_ms)));
     if let Some(filter) = query.filter.as_deref().filter(|f| !f.is_empty()) {
         found.retain(|s| {
             s.calls.iter().any(|c| {
@@ -323,23 +416,45 @@ async fn list(
         found.reverse();
     }
     let now = now_ms();
-    let items: Vec<Value> = found
+    let items = found
         .iter()
         .skip(skip)
         .take(top)
-        .map(|s| sessions::to_json(s, now))
+        .map(|s| sessions::item(s, now))
         .collect();
-    Ok(Json(json!({"count": found.len(), "items": items})))
+    Ok(Json(sessions::SessionList {
+        count: found.len(),
+        items,
+    }))
 }
 
+/// One session.
+#[utoipa::path(
+    get,
+    path = "/api/sessions/{id}",
+    tag = "sessions",
+    params(("id" = String, Path, description = "Session id (an int64 in decimal)", pattern = "^[1-9][0-9]{0,18}$")),
+    responses(
+        (status = 200, description = "The session", body = sessions::SessionItem),
+        (status = 400, description = "Not a session id", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 404, description = "No such session", body = ProblemDoc, content_type = "application/problem+json"),
+    )
+)]
 async fn get_one(
     State(rest): State<Arc<Rest>>,
     Path(id): Path<String>,
-) -> Result<Json<Value>, Problem> {
+) -> Result<Json<sessions::SessionItem>, Problem> {
     let session = rest.session(&id)?;
-    Ok(Json(sessions::to_json(&session, now_ms())))
+    Ok(Json(sessions::item(&session, now_ms())))
 }
 
+/// PortSIP's call creation authenticated by an extension's password: not available yet.
+#[utoipa::path(
+    get,
+    path = "/api/sessions/directly",
+    tag = "sessions",
+    responses((status = 501, description = "Needs tenants and their extensions", body = ProblemDoc, content_type = "application/problem+json"))
+)]
 async fn directly() -> Problem {
     Problem::new(
         StatusCode::NOT_IMPLEMENTED,
@@ -349,26 +464,71 @@ async fn directly() -> Problem {
 }
 
 /// `POST /sessions`: PortSIP's table B.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct CreateBody {
+    /// Calling number: an extension or a PSTN number (digits, an optional leading `+`).
+    #[schema(min_length = 1, max_length = 256, pattern = r"^\+?[0-9]{1,64}$")]
     caller: String,
+    /// Called number: an extension or a PSTN number.
+    #[schema(min_length = 1, max_length = 256, pattern = r"^\+?[0-9]{1,64}$")]
     callee: String,
-    send_sdp: bool,
+    /// Whether the INVITE carries an SDP offer (only `true` is supported yet).
+    send_sdp: SendSdp,
+    /// Display name for the caller (not supported yet).
+    #[schema(ignore)]
     caller_display_name: Option<String>,
+    /// Trunk to route through (not supported yet).
+    #[schema(ignore)]
     trunk: Option<String>,
+    /// User part of From toward the trunk (not supported yet).
+    #[schema(ignore)]
     rewrite_from: Option<String>,
+    /// User part of P-Asserted-Identity toward the trunk (not supported yet).
+    #[schema(ignore)]
     rewrite_pai: Option<String>,
+    /// User part of Remote-Party-ID toward the trunk (not supported yet).
+    #[schema(ignore)]
     rewrite_rpi: Option<String>,
+    /// Caller's context (not supported yet).
+    #[schema(ignore)]
     user_data: Option<String>,
+    /// Target address (not supported yet).
+    #[schema(ignore)]
     target: Option<String>,
+    /// Target instance id (not supported yet).
+    #[schema(ignore)]
     target_instance_id: Option<String>,
+    /// Target extension number (not supported yet).
+    #[schema(ignore)]
     target_extension_number: Option<String>,
+    /// RFC 5373 header to add to the INVITE (not supported yet).
+    #[schema(ignore)]
     additional_header: Option<AdditionalHeader>,
+    /// Which INVITE(s) get `additional_header`; ignored without it.
     header_direction: Option<HeaderDirection>,
 }
 
+/// `send_sdp`: a boolean; only `true` (an SDP offer in the INVITE) is supported yet.
 #[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(transparent)]
+struct SendSdp(bool);
+
+impl utoipa::PartialSchema for SendSdp {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        utoipa::openapi::ObjectBuilder::new()
+            .schema_type(utoipa::openapi::schema::Type::Boolean)
+            .enum_values(Some([true]))
+            .description(Some(
+                "Whether the INVITE carries an SDP offer; only true is supported yet",
+            ))
+            .into()
+    }
+}
+
+impl utoipa::ToSchema for SendSdp {}
+
+#[derive(Debug, Clone, Copy, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 enum AdditionalHeader {
     AnswerMode,
@@ -378,7 +538,7 @@ enum AdditionalHeader {
     AlertInfoIntercom,
 }
 
-#[derive(Debug, Clone, Copy, Deserialize)]
+#[derive(Debug, Clone, Copy, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 enum HeaderDirection {
     Caller,
@@ -440,10 +600,25 @@ fn extension(field: &str, value: &str) -> Result<(), Problem> {
     }
 }
 
+/// Click-to-dial: the caller's phone rings, then calls the callee.
+#[utoipa::path(
+    post,
+    path = "/api/sessions",
+    tag = "sessions",
+    request_body = CreateBody,
+    responses(
+        (status = 200, description = "Taken by a commands replica", body = Created),
+        (status = 400, description = "A bad field", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 413, description = "Body over 64 KiB", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 415, description = "Not JSON", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 422, description = "A field not supported yet, or refused", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 503, description = "No commands replica or NATS", body = ProblemDoc, content_type = "application/problem+json"),
+    )
+)]
 async fn create(
     State(rest): State<Arc<Rest>>,
     body: Result<Json<CreateBody>, JsonRejection>,
-) -> Result<Json<Value>, Problem> {
+) -> Result<Json<Created>, Problem> {
     let Json(body) = body.map_err(json_problem)?;
     bounded("caller", &Some(body.caller.clone()), 1, 256)?;
     bounded("callee", &Some(body.callee.clone()), 1, 256)?;
@@ -479,7 +654,7 @@ async fn create(
         ),
         ("additional_header", body.additional_header.is_some()),
         ("caller_display_name", body.caller_display_name.is_some()),
-        ("send_sdp", !body.send_sdp),
+        ("send_sdp", !body.send_sdp.0),
     ];
     // header_direction only says where additional_header goes: ignored without it (PortSIP).
     let _ = body.header_direction;
@@ -493,12 +668,33 @@ async fn create(
     }
     let callid = uuid::Uuid::new_v4().to_string();
     let id = callapi_kit::calls::session_id(rest.tenant(), &callid);
+    let cmd_id = uuid::Uuid::new_v4().to_string();
+    let first_call = pb::CallRecord {
+        tenant: rest.tenant().to_owned(),
+        session_id: id,
+        callid: callid.clone(),
+        caller_uri: caller.clone(),
+        callee_uri: callee.clone(),
+        state: pb::DialogState::Unconfirmed as i32,
+        started_at_ms: now_ms(),
+        ..Default::default()
+    };
+    lock(&rest.waiters.provisional).insert(
+        id,
+        Provisional {
+            session: Session {
+                id,
+                calls: vec![first_call],
+            },
+            cmd_id: cmd_id.clone(),
+            until: std::time::Instant::now() + PROVISIONAL_TTL,
+        },
+    );
     let command = Command::CallStart(pb::CallStart {
         caller,
         callee,
         callid,
     });
-    let cmd_id = uuid::Uuid::new_v4().to_string();
     rest.commands
         .submit(
             rest.attachment.origin(),
@@ -507,6 +703,9 @@ async fn create(
             command,
         )
         .await
+        .inspect_err(|_| {
+            lock(&rest.waiters.provisional).remove(&id);
+        })
         .map_err(|err| match err {
             SubmitError::Unavailable(reason) => {
                 Problem::new(StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE", reason)
@@ -515,13 +714,15 @@ async fn create(
                 Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "REFUSED", reason)
             }
         })?;
-    Ok(Json(json!({"id": id.to_string()})))
+    Ok(Json(Created { id: id.to_string() }))
 }
 
 /// Bodies naming the extension on whose behalf an operation is done.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct ExtensionBody {
+    /// The extension (3–64 digits) on whose behalf it is done.
+    #[schema(pattern = "^[0-9]{3,64}$")]
     extension_number: String,
 }
 
@@ -551,7 +752,7 @@ fn party_of<'a>(
         }
     }
     Err(Problem {
-        status: StatusCode::UNPROCESSABLE_ENTITY,
+        status: StatusCode::NOT_FOUND,
         code: "NOT_A_PARTY",
         detail: format!("extension {extension} is not a party of this session"),
         field: Some("extension_number".to_owned()),
@@ -565,6 +766,23 @@ fn other(leg: pb::Leg) -> pb::Leg {
     }
 }
 
+/// Hangs up every live call of the session.
+#[utoipa::path(
+    post,
+    path = "/api/sessions/{id}/destroy",
+    tag = "sessions",
+    params(("id" = String, Path, description = "Session id (an int64 in decimal)", pattern = "^[1-9][0-9]{0,18}$")),
+    responses(
+        (status = 200, description = "Taken, and no failure came back at once"),
+        (status = 400, description = "A bad field", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 404, description = "No such session or dialog, or the extension is not a party of it", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 409, description = "A conflict OpenSIPS reported at once", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 413, description = "Body over 64 KiB", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 415, description = "Not JSON", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 422, description = "Not supported by the node (one-party hold on OpenSIPS 3.6), or refused", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 503, description = "No commands replica, NATS or node", body = ProblemDoc, content_type = "application/problem+json"),
+    )
+)]
 async fn destroy(
     State(rest): State<Arc<Rest>>,
     Path(id): Path<String>,
@@ -618,6 +836,24 @@ async fn hold_or_unhold(
     Ok(StatusCode::OK)
 }
 
+/// The extension holds the call: the other party is put on hold.
+#[utoipa::path(
+    post,
+    path = "/api/sessions/{id}/hold",
+    tag = "sessions",
+    params(("id" = String, Path, description = "Session id (an int64 in decimal)", pattern = "^[1-9][0-9]{0,18}$")),
+    request_body = ExtensionBody,
+    responses(
+        (status = 200, description = "Taken, and no failure came back at once"),
+        (status = 400, description = "A bad field", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 404, description = "No such session or dialog, or the extension is not a party of it", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 409, description = "A conflict OpenSIPS reported at once", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 413, description = "Body over 64 KiB", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 415, description = "Not JSON", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 422, description = "Not supported by the node (one-party hold on OpenSIPS 3.6), or refused", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 503, description = "No commands replica, NATS or node", body = ProblemDoc, content_type = "application/problem+json"),
+    )
+)]
 async fn hold(
     State(rest): State<Arc<Rest>>,
     Path(id): Path<String>,
@@ -626,6 +862,24 @@ async fn hold(
     hold_or_unhold(&rest, &id, body, true).await
 }
 
+/// Undoes a hold by the extension.
+#[utoipa::path(
+    post,
+    path = "/api/sessions/{id}/unhold",
+    tag = "sessions",
+    params(("id" = String, Path, description = "Session id (an int64 in decimal)", pattern = "^[1-9][0-9]{0,18}$")),
+    request_body = ExtensionBody,
+    responses(
+        (status = 200, description = "Taken, and no failure came back at once"),
+        (status = 400, description = "A bad field", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 404, description = "No such session or dialog, or the extension is not a party of it", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 409, description = "A conflict OpenSIPS reported at once", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 413, description = "Body over 64 KiB", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 415, description = "Not JSON", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 422, description = "Not supported by the node (one-party hold on OpenSIPS 3.6), or refused", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 503, description = "No commands replica, NATS or node", body = ProblemDoc, content_type = "application/problem+json"),
+    )
+)]
 async fn unhold(
     State(rest): State<Arc<Rest>>,
     Path(id): Path<String>,
@@ -636,13 +890,35 @@ async fn unhold(
 
 /// `POST /sessions/{id}/refer`: the extension transfers the call: the other party goes to
 /// `refer_to`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct ReferBody {
+    /// The extension transferring the call (3–64 digits).
+    #[schema(pattern = "^[0-9]{3,64}$")]
     extension_number: String,
+    /// Where the other party goes: a number.
+    #[schema(min_length = 1, max_length = 256, pattern = r"^\+?[0-9]{1,64}$")]
     refer_to: String,
 }
 
+/// Blind transfer by the extension: the other party goes to `refer_to`.
+#[utoipa::path(
+    post,
+    path = "/api/sessions/{id}/refer",
+    tag = "sessions",
+    params(("id" = String, Path, description = "Session id (an int64 in decimal)", pattern = "^[1-9][0-9]{0,18}$")),
+    request_body = ReferBody,
+    responses(
+        (status = 200, description = "Taken, and no failure came back at once"),
+        (status = 400, description = "A bad field", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 404, description = "No such session or dialog, or the extension is not a party of it", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 409, description = "A conflict OpenSIPS reported at once", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 413, description = "Body over 64 KiB", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 415, description = "Not JSON", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 422, description = "Not supported by the node (one-party hold on OpenSIPS 3.6), or refused", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 503, description = "No commands replica, NATS or node", body = ProblemDoc, content_type = "application/problem+json"),
+    )
+)]
 async fn refer(
     State(rest): State<Arc<Rest>>,
     Path(id): Path<String>,
@@ -664,13 +940,23 @@ async fn refer(
 }
 
 /// `POST /sessions/{id}/attended_refer` (PortSIP's table E).
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct AttendedReferBody {
+    /// The extension performing the transfer (3–64 digits).
+    #[schema(pattern = "^[0-9]{3,64}$")]
     extension_number: String,
+    /// The first party (a number), talking with the extension in `session_1`.
+    #[schema(min_length = 1, max_length = 256, pattern = r"^\+?[0-9]{1,64}$")]
     refer_to_1: String,
+    /// Its session (default: the path's).
+    #[schema(pattern = "^[1-9][0-9]{0,18}$")]
     session_1: Option<String>,
+    /// The second party (a number), talking with the extension in `session_2`.
+    #[schema(min_length = 1, max_length = 256, pattern = r"^\+?[0-9]{1,64}$")]
     refer_to_2: String,
+    /// Its session (default: found among the tenant's).
+    #[schema(pattern = "^[1-9][0-9]{0,18}$")]
     session_2: Option<String>,
 }
 
@@ -695,6 +981,24 @@ fn counterpart<'a>(
     })
 }
 
+/// Attended transfer by the extension: its two counterparts are connected.
+#[utoipa::path(
+    post,
+    path = "/api/sessions/{id}/attended_refer",
+    tag = "sessions",
+    params(("id" = String, Path, description = "Session id (an int64 in decimal)", pattern = "^[1-9][0-9]{0,18}$")),
+    request_body = AttendedReferBody,
+    responses(
+        (status = 200, description = "Taken, and no failure came back at once"),
+        (status = 400, description = "A bad field", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 404, description = "No such session or dialog, or the extension is not a party of it", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 409, description = "A conflict OpenSIPS reported at once", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 413, description = "Body over 64 KiB", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 415, description = "Not JSON", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 422, description = "Not supported by the node (one-party hold on OpenSIPS 3.6), or refused", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 503, description = "No commands replica, NATS or node", body = ProblemDoc, content_type = "application/problem+json"),
+    )
+)]
 async fn attended_refer(
     State(rest): State<Arc<Rest>>,
     Path(id): Path<String>,
@@ -702,8 +1006,8 @@ async fn attended_refer(
 ) -> Result<StatusCode, Problem> {
     let Json(body) = body.map_err(json_problem)?;
     extension("extension_number", &body.extension_number)?;
-    bounded("refer_to_1", &Some(body.refer_to_1.clone()), 1, 256)?;
-    bounded("refer_to_2", &Some(body.refer_to_2.clone()), 1, 256)?;
+    rest.uri_of("refer_to_1", &body.refer_to_1)?;
+    rest.uri_of("refer_to_2", &body.refer_to_2)?;
     let find = |number: &str, session: Option<&str>, field: &'static str| {
         let sessions: Vec<Session> = match session {
             Some(id) => vec![rest.session(id)?],
@@ -716,7 +1020,7 @@ async fn attended_refer(
                     .map(|(call, leg)| (call.callid.clone(), leg))
             })
             .ok_or_else(|| Problem {
-                status: StatusCode::UNPROCESSABLE_ENTITY,
+                status: StatusCode::NOT_FOUND,
                 code: "NOT_A_PARTY",
                 detail: format!(
                     "no call between extension {} and {number} found",
@@ -737,4 +1041,101 @@ async fn attended_refer(
     });
     rest.run(CommandKind::AttendedTransfer, command).await?;
     Ok(StatusCode::OK)
+}
+
+/// The OpenAPI document of the REST API.
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    info(
+        title = "callapi REST API",
+        description = "PortSIP PBX v22's sessions API over OpenSIPS (docs/rest.md)."
+    ),
+    paths(
+        list,
+        create,
+        get_one,
+        directly,
+        destroy,
+        hold,
+        unhold,
+        refer,
+        attended_refer
+    ),
+    components(schemas(
+        ProblemDoc,
+        Created,
+        sessions::SessionList,
+        sessions::SessionItem,
+        sessions::CallItem
+    ))
+)]
+pub struct ApiDoc;
+
+/// `GET /api/openapi.json`.
+async fn openapi() -> Response {
+    use utoipa::OpenApi as _;
+    let mut response = ApiDoc::openapi()
+        .to_json()
+        .unwrap_or_default()
+        .into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+/// `GET /api/docs`: the document rendered by Redoc (loaded from its CDN by the browser).
+async fn docs() -> Response {
+    let mut response = REDOC_PAGE.into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    response
+}
+
+const REDOC_PAGE: &str = r#"<!DOCTYPE html>
+<html><head><meta charset="utf-8"><title>callapi REST API</title>
+<meta name="viewport" content="width=device-width, initial-scale=1"></head>
+<body><redoc spec-url="/api/openapi.json"></redoc>
+<script src="https://cdn.jsdelivr.net/npm/redoc@2/bundles/redoc.standalone.js"></script>
+<noscript>The API document is at <a href="/api/openapi.json">/api/openapi.json</a>.</noscript>
+</body></html>
+"#;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::Value;
+    use utoipa::OpenApi as _;
+
+    #[test]
+    fn the_document_is_openapi_3_1_with_every_operation() {
+        let doc: Value = serde_json::from_str(&ApiDoc::openapi().to_json().unwrap()).unwrap();
+        assert_eq!(doc["openapi"], "3.1.0");
+        let paths = doc["paths"].as_object().unwrap();
+        for (path, method) in [
+            ("/api/sessions", "get"),
+            ("/api/sessions", "post"),
+            ("/api/sessions/{id}", "get"),
+            ("/api/sessions/directly", "get"),
+            ("/api/sessions/{id}/destroy", "post"),
+            ("/api/sessions/{id}/hold", "post"),
+            ("/api/sessions/{id}/unhold", "post"),
+            ("/api/sessions/{id}/refer", "post"),
+            ("/api/sessions/{id}/attended_refer", "post"),
+        ] {
+            assert!(paths[path].get(method).is_some(), "{method} {path}");
+        }
+        let create = &doc["components"]["schemas"]["CreateBody"];
+        assert_eq!(create["properties"]["caller"]["maxLength"], 256);
+        let required: Vec<&str> = create["required"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(Value::as_str)
+            .collect();
+        assert_eq!(required, ["caller", "callee", "send_sdp"]);
+    }
 }

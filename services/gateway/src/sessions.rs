@@ -11,7 +11,7 @@ use callapi_kit::calls;
 use callapi_proto::v1::{CallRecord, DialogState};
 use futures::StreamExt as _;
 use prost::Message as _;
-use serde_json::{Value, json};
+use serde_json::Value;
 
 /// One session: the dialogs that share a session id.
 #[derive(Debug, Clone, PartialEq)]
@@ -138,10 +138,10 @@ impl SessionView {
     }
 }
 
-/// RFC 3339 UTC, to the second (`2026-12-01T10:00:00Z`), or null for 0.
-fn time(ms: u64) -> Value {
+/// RFC 3339 UTC, to the second (`2026-12-01T10:00:00Z`), or none for 0.
+fn time(ms: u64) -> Option<String> {
     if ms == 0 {
-        return Value::Null;
+        return None;
     }
     let secs = i64::try_from(ms / 1000).unwrap_or(i64::MAX);
     time::OffsetDateTime::from_unix_timestamp(secs)
@@ -150,7 +150,6 @@ fn time(ms: u64) -> Value {
             t.format(&time::format_description::well_known::Rfc3339)
                 .ok()
         })
-        .map_or(Value::Null, Value::String)
 }
 
 /// The user part of a SIP URI (the number or extension PortSIP shows), or the URI itself.
@@ -164,22 +163,6 @@ pub fn user_part(uri: &str) -> &str {
     if user.is_empty() { uri } else { user }
 }
 
-fn number(uri: &str) -> Value {
-    if uri.is_empty() {
-        Value::Null
-    } else {
-        Value::String(user_part(uri).to_owned())
-    }
-}
-
-fn text_or_null(text: &str) -> Value {
-    if text.is_empty() {
-        Value::Null
-    } else {
-        Value::String(text.to_owned())
-    }
-}
-
 /// The state of one dialog in words.
 fn state(call: &CallRecord) -> &'static str {
     match call.state() {
@@ -191,41 +174,99 @@ fn state(call: &CallRecord) -> &'static str {
     }
 }
 
-/// A session as clients get it: PortSIP's `{id, calls: [{caller, caller_display_name, callee,
-/// trunk, started_at, talking_time}]}` (the id a decimal string, blank fields null, times
-/// RFC 3339 UTC, talking time in seconds), and our own detail in added fields.
-pub fn to_json(session: &Session, now_ms: u64) -> Value {
-    let calls: Vec<Value> = session
+/// One call (dialog) of a session as clients get it: PortSIP's fields, then ours.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, utoipa::ToSchema)]
+pub struct CallItem {
+    /// Caller number (the user part of the From URI); null until known.
+    pub caller: Option<String>,
+    /// Caller display name (null: not known).
+    pub caller_display_name: Option<String>,
+    /// Callee number (the user part of the To URI); null until known.
+    pub callee: Option<String>,
+    /// Trunk name (null: not known).
+    pub trunk: Option<String>,
+    /// When the call was first seen, RFC 3339 UTC.
+    pub started_at: Option<String>,
+    /// Seconds since it was answered (0 before).
+    pub talking_time: u64,
+    /// SIP Call-ID.
+    pub callid: String,
+    /// From URI.
+    pub caller_uri: Option<String>,
+    /// To URI.
+    pub callee_uri: Option<String>,
+    /// `trying`, `ringing`, `answered` or `transferring`.
+    pub state: &'static str,
+    /// When it was answered, RFC 3339 UTC (null before).
+    pub answered_at: Option<String>,
+    /// Whether OpenSIPS re-INVITEd the caller's leg to hold.
+    pub caller_held: bool,
+    /// Whether OpenSIPS re-INVITEd the callee's leg to hold.
+    pub callee_held: bool,
+    /// The Call-ID of the call a transfer of this one made (null if none).
+    pub transferred_to: Option<String>,
+}
+
+/// A session as clients get it: PortSIP's `{id, calls}` (the id a decimal string), and the
+/// node it is on.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, utoipa::ToSchema)]
+pub struct SessionItem {
+    /// Session id: an int64 in decimal.
+    pub id: String,
+    /// The OpenSIPS node.
+    pub node: Option<String>,
+    /// Its calls, oldest first.
+    pub calls: Vec<CallItem>,
+}
+
+/// `GET /sessions`: PortSIP's `{count, items}`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, utoipa::ToSchema)]
+pub struct SessionList {
+    /// Sessions matching (before `skip` and `top`).
+    pub count: usize,
+    /// The page asked for.
+    pub items: Vec<SessionItem>,
+}
+
+fn text(text: &str) -> Option<String> {
+    (!text.is_empty()).then(|| text.to_owned())
+}
+
+/// A session as clients get it (the same for WebSocket `CallList`/`CallGet` and REST).
+pub fn item(session: &Session, now_ms: u64) -> SessionItem {
+    let calls = session
         .calls
         .iter()
-        .map(|call| {
-            let talking_time = match call.answered_at_ms {
+        .map(|call| CallItem {
+            caller: text(user_part(&call.caller_uri)),
+            caller_display_name: None,
+            callee: text(user_part(&call.callee_uri)),
+            trunk: None,
+            started_at: time(call.started_at_ms),
+            talking_time: match call.answered_at_ms {
                 0 => 0,
                 at => now_ms.saturating_sub(at) / 1000,
-            };
-            json!({
-                "caller": number(&call.caller_uri),
-                "caller_display_name": Value::Null,
-                "callee": number(&call.callee_uri),
-                "trunk": Value::Null,
-                "started_at": time(call.started_at_ms),
-                "talking_time": talking_time,
-                "callid": call.callid,
-                "caller_uri": text_or_null(&call.caller_uri),
-                "callee_uri": text_or_null(&call.callee_uri),
-                "state": state(call),
-                "answered_at": time(call.answered_at_ms),
-                "caller_held": call.caller_held,
-                "callee_held": call.callee_held,
-                "transferred_to": text_or_null(&call.transferred_to),
-            })
+            },
+            callid: call.callid.clone(),
+            caller_uri: text(&call.caller_uri),
+            callee_uri: text(&call.callee_uri),
+            state: state(call),
+            answered_at: time(call.answered_at_ms),
+            caller_held: call.caller_held,
+            callee_held: call.callee_held,
+            transferred_to: text(&call.transferred_to),
         })
         .collect();
-    json!({
-        "id": session.id.to_string(),
-        "node": session.calls.first().map(|c| c.node_id.as_str()),
-        "calls": calls,
-    })
+    SessionItem {
+        id: session.id.to_string(),
+        node: session.calls.first().map(|c| c.node_id.clone()),
+        calls,
+    }
+}
+
+/// [`item`] as JSON.
+pub fn to_json(session: &Session, now_ms: u64) -> Value {
+    serde_json::to_value(item(session, now_ms)).unwrap_or(Value::Null)
 }
 
 #[cfg(test)]

@@ -253,7 +253,7 @@ async fn every_limit_and_bad_input_is_a_problem_naming_its_field() {
         json!({"extension_number": "1999"}),
     )
     .await;
-    assert_problem(&stranger, 422, "NOT_A_PARTY", Some("extension_number"));
+    assert_problem(&stranger, 404, "NOT_A_PARTY", Some("extension_number"));
     // On OpenSIPS 3.6 one party cannot be held alone: the answer says so, naming the version.
     let one_leg = post(
         &stack,
@@ -322,7 +322,7 @@ async fn attended_refer_connects_the_two_parties_the_extension_talks_to() {
         json!({"extension_number": "1001", "refer_to_1": "1002", "refer_to_2": "1999"}),
     )
     .await;
-    assert_problem(&bad, 422, "NOT_A_PARTY", Some("refer_to_2"));
+    assert_problem(&bad, 404, "NOT_A_PARTY", Some("refer_to_2"));
     let referred = post(
         &stack,
         &format!("/api/sessions/{first}/attended_refer"),
