@@ -56,21 +56,43 @@ pub fn node_keys(tenant: &str, node_id: &str) -> String {
     format!("{tenant}.{node_id}.*")
 }
 
+fn config(replicas: usize) -> async_nats::jetstream::kv::Config {
+    async_nats::jetstream::kv::Config {
+        bucket: BUCKET.to_owned(),
+        description: "callapi: one record per live dialog (callapi.v1.CallRecord)".to_owned(),
+        history: 1,
+        max_age: MAX_AGE,
+        storage: async_nats::jetstream::stream::StorageType::File,
+        num_replicas: replicas.max(1),
+        ..Default::default()
+    }
+}
+
+/// Opens the bucket for reading: as it is if it exists (its settings untouched), else creates
+/// it with one replica (event-ingest sets the replicas it is configured with).
+pub async fn open_existing(
+    jetstream: &async_nats::jetstream::Context,
+) -> Result<async_nats::jetstream::kv::Store, String> {
+    if let Ok(kv) = jetstream.get_key_value(BUCKET).await {
+        return Ok(kv);
+    }
+    match jetstream.create_key_value(config(1)).await {
+        Ok(kv) => Ok(kv),
+        // Made meanwhile by someone else (or it existed and the first look failed).
+        Err(_) => jetstream
+            .get_key_value(BUCKET)
+            .await
+            .map_err(|e| format!("key-value bucket {BUCKET}: {e}")),
+    }
+}
+
 /// Opens the bucket, creating it (or bringing its settings up to date) if needed.
 pub async fn open(
     jetstream: &async_nats::jetstream::Context,
     replicas: usize,
 ) -> Result<async_nats::jetstream::kv::Store, String> {
     jetstream
-        .create_or_update_key_value(async_nats::jetstream::kv::Config {
-            bucket: BUCKET.to_owned(),
-            description: "callapi: one record per live dialog (callapi.v1.CallRecord)".to_owned(),
-            history: 1,
-            max_age: MAX_AGE,
-            storage: async_nats::jetstream::stream::StorageType::File,
-            num_replicas: replicas.max(1),
-            ..Default::default()
-        })
+        .create_or_update_key_value(config(replicas))
         .await
         .map_err(|e| format!("key-value bucket {BUCKET}: {e}"))
 }

@@ -38,6 +38,9 @@ pub struct Outcome {
     pub writes: Vec<Write>,
     /// Dialogs first seen, whose parties (From/To) should be asked of the node.
     pub ask_parties: Vec<String>,
+    /// Dialogs the node's full list did not show: gone, or missed by a paged listing (a page
+    /// shifts when a dialog before it ends). Ask the node about each before forgetting it.
+    pub suspects: Vec<String>,
 }
 
 /// A dialog as the node lists it (`dlg_list`).
@@ -226,9 +229,9 @@ impl Book {
     }
 
     /// Compares the book with the node's full list, taken starting at `listed_since_ms`:
-    /// records of dialogs the node no longer has are deleted (unless written since the list
-    /// was asked for: an event may be newer than the list), dialogs missing from the book are
-    /// added.
+    /// dialogs missing from the book are added; records of dialogs the list does not show
+    /// (unless written since the list was asked for: an event may be newer than the list) are
+    /// suspects, to be asked about one by one ([`Book::on_suspect`]).
     pub fn reconcile(&mut self, listed: &[Listed], listed_since_ms: u64, now_ms: u64) -> Outcome {
         let mut outcome = Outcome::default();
         let live: HashMap<&str, &Listed> = listed
@@ -236,15 +239,12 @@ impl Book {
             .filter(|l| l.state != DialogState::Deleted && l.state != DialogState::Unspecified)
             .map(|l| (l.callid.as_str(), l))
             .collect();
-        let ghosts: Vec<String> = self
+        outcome.suspects = self
             .records
             .values()
             .filter(|r| r.updated_at_ms < listed_since_ms && !live.contains_key(r.callid.as_str()))
             .map(|r| r.callid.clone())
             .collect();
-        for callid in ghosts {
-            outcome.writes.push(self.delete(&callid));
-        }
         for (callid, listed) in live {
             if self.records.contains_key(callid) {
                 continue;
@@ -260,6 +260,36 @@ impl Book {
             self.put(record, now_ms, true, &mut outcome);
         }
         outcome
+    }
+}
+
+impl Book {
+    /// What the node said of a suspect (`None`: it has no such dialog): a record not written
+    /// since `asked_since_ms` of a dialog the node no longer has, or has ended, is removed.
+    pub fn on_suspect(
+        &mut self,
+        callid: &str,
+        listed: Option<&Listed>,
+        asked_since_ms: u64,
+    ) -> Outcome {
+        let mut outcome = Outcome::default();
+        let gone = listed.is_none_or(|l| l.state == DialogState::Deleted);
+        let untouched = self
+            .records
+            .get(callid)
+            .is_some_and(|r| r.updated_at_ms < asked_since_ms);
+        if gone && untouched {
+            outcome.writes.push(self.delete(callid));
+        }
+        outcome
+    }
+
+    /// The keys this book's records live under.
+    pub fn keys(&self) -> std::collections::HashSet<String> {
+        self.records
+            .values()
+            .map(|r| calls::key(&r.tenant, &r.node_id, &r.callid))
+            .collect()
     }
 }
 
@@ -471,7 +501,8 @@ mod tests {
             },
         ];
         let outcome = book.reconcile(&listed, 50, 10_000);
-        assert_eq!(deletes(&outcome), ["ghost"]);
+        assert_eq!(outcome.suspects, ["ghost"]);
+        assert!(deletes(&outcome).is_empty());
         assert_eq!(
             puts(&outcome),
             [(
@@ -485,6 +516,17 @@ mod tests {
             (missing.caller_uri.as_str(), missing.answered_at_ms),
             ("sip:c@h", 7_000)
         );
+        // The node is asked about the suspect: still there (a shifted page missed it) keeps
+        // it; gone removes it.
+        let live = Listed {
+            callid: "ghost".into(),
+            state: Confirmed,
+            from_uri: String::new(),
+            to_uri: String::new(),
+            timestart: 0,
+        };
+        assert!(book.on_suspect("ghost", Some(&live), 50).writes.is_empty());
+        assert_eq!(deletes(&book.on_suspect("ghost", None, 50)), ["ghost"]);
         let mut left: Vec<_> = book.records().map(|r| r.callid.clone()).collect();
         left.sort();
         assert_eq!(left, ["kept", "missing", "newer"]);

@@ -6,7 +6,8 @@
 //! Writes are plain NATS publishes on the bucket's subjects (`$KV.callapi_calls.<key>`; a
 //! delete carries `KV-Operation: DEL`), in order on one connection and without waiting for
 //! JetStream's acknowledgement, so the store keeps up with thousands of events a second. A
-//! write lost meanwhile (JetStream unavailable) is repaired by the next reconciliation.
+//! write lost meanwhile (JetStream unavailable) is repaired by the next reconciliation, which
+//! compares the node with the book and then the store's keys with the book.
 //!
 //! Two things keep the store's cost low when calls are many and short: writes wait up to
 //! [`FLUSH_AFTER`] and only the last one per dialog goes out (a dialog that starts and ends
@@ -192,13 +193,7 @@ impl Task {
                     }
                     continue;
                 }
-                _ = reconcile.tick() => match self.list_node().await {
-                    Ok((listed, since)) => self.book.reconcile(&listed, since, now_ms()),
-                    Err(reason) => {
-                        tracing::debug!(node = %self.node_id, %reason, "cannot list the node's dialogs to reconcile");
-                        Outcome::default()
-                    }
-                },
+                _ = reconcile.tick() => self.reconcile(&mut pending).await,
             };
             for callid in outcome.ask_parties {
                 let due_tx = due_tx.clone();
@@ -220,6 +215,80 @@ impl Task {
             self.write(write).await;
         }
         let _ = self.nats.flush().await;
+    }
+
+    /// Compares the book with the node (its full list, then each record the list did not show)
+    /// and then the store with the book: keys of this node the book does not hold (a delete
+    /// lost while JetStream was away, or records of dialogs that ended while nobody listened)
+    /// are removed, records the store lacks are written again.
+    async fn reconcile(&mut self, pending: &mut Pending) -> Outcome {
+        let mut outcome = match self.list_node().await {
+            Ok((listed, since)) => self.book.reconcile(&listed, since, now_ms()),
+            Err(reason) => {
+                tracing::debug!(node = %self.node_id, %reason, "cannot list the node's dialogs to reconcile");
+                return Outcome::default();
+            }
+        };
+        for callid in std::mem::take(&mut outcome.suspects) {
+            let asked = now_ms();
+            // When the node cannot tell now, the record stays until it can.
+            if let Ok(listed) = self.dlg_list(serde_json::json!({ "callid": callid })).await {
+                let found = listed.iter().find(|l| l.callid == callid);
+                let gone = self.book.on_suspect(&callid, found, asked);
+                outcome.writes.extend(gone.writes);
+            }
+        }
+        for write in outcome.writes.drain(..) {
+            pending.add(write);
+        }
+        for write in pending.take() {
+            self.write(write).await;
+        }
+        self.repair_store(pending).await;
+        outcome
+    }
+
+    /// Makes the store hold exactly the book's records for this node.
+    async fn repair_store(&mut self, pending: &mut Pending) {
+        let prefix = format!("{}.{}.", self.tenant, self.node_id);
+        let Ok(mut keys) = self.kv.keys().await else {
+            return;
+        };
+        let mut stored = HashSet::new();
+        while let Some(Ok(key)) = keys.next().await {
+            if key.starts_with(&prefix) {
+                stored.insert(key);
+            }
+        }
+        let held = self.book.keys();
+        let mut repaired = 0usize;
+        for key in stored.difference(&held) {
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert("KV-Operation", "DEL");
+            let subject = format!("$KV.{}.{key}", calls::BUCKET);
+            if self
+                .nats
+                .publish_with_headers(subject, headers, bytes::Bytes::new())
+                .await
+                .is_ok()
+            {
+                repaired += 1;
+            }
+        }
+        let missing: Vec<CallRecord> = self
+            .book
+            .records()
+            .filter(|r| !stored.contains(&calls::key(&r.tenant, &r.node_id, &r.callid)))
+            .cloned()
+            .collect();
+        repaired += missing.len();
+        for record in missing {
+            self.write(Write::Put(record)).await;
+        }
+        pending.stored = held;
+        if repaired > 0 {
+            tracing::info!(node = %self.node_id, repaired, "session store repaired");
+        }
     }
 
     /// Reads the node's records left in the store (by an earlier run).

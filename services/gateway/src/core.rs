@@ -171,6 +171,13 @@ impl CommandClient {
                     continue;
                 }
             };
+            // The subject's tenant is what NATS permissions confine publishers to: it, the
+            // payload's and the client's must all agree.
+            let subject_tenant = subjects::parse_notify(&message.subject).map(|(tenant, _)| tenant);
+            if subject_tenant != Some(notification.tenant.as_str()) {
+                tracing::warn!(subject = %message.subject, "notification whose tenant does not match its subject dropped");
+                continue;
+            }
             let sink = match self.routes.read() {
                 Ok(routes) => match routes.get(&notification.connection_id) {
                     Some(route) if route.tenant == notification.tenant => Some(route.sink.clone()),

@@ -113,12 +113,46 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+/// At most this many provisional sessions are kept (creates beyond it are not shown until the
+/// store has them).
+const MAX_PROVISIONAL: usize = 10_000;
+
+/// Sessions created here that the store does not show yet, by id and by their command.
+#[derive(Default)]
+struct Provisionals {
+    by_id: HashMap<u64, Provisional>,
+    by_cmd: HashMap<String, u64>,
+}
+
+impl Provisionals {
+    fn prune(&mut self, now: std::time::Instant, shown: &std::collections::HashSet<u64>) {
+        self.by_id
+            .retain(|id, p| p.until > now && !shown.contains(id));
+        let by_id = &self.by_id;
+        self.by_cmd.retain(|_, id| by_id.contains_key(id));
+    }
+
+    fn insert(&mut self, id: u64, entry: Provisional) {
+        self.prune(std::time::Instant::now(), &Default::default());
+        if self.by_id.len() < MAX_PROVISIONAL {
+            self.by_cmd.insert(entry.cmd_id.clone(), id);
+            self.by_id.insert(id, entry);
+        }
+    }
+
+    fn remove(&mut self, id: u64) {
+        if let Some(entry) = self.by_id.remove(&id) {
+            self.by_cmd.remove(&entry.cmd_id);
+        }
+    }
+}
+
 /// Where the notifications of REST commands go: the first one to the handler waiting for it;
 /// the end of a create to its provisional session (so a call that fails at once shows ended).
 #[derive(Default)]
 struct Waiters {
     waiting: Mutex<HashMap<String, mpsc::UnboundedSender<notification::Kind>>>,
-    provisional: Mutex<HashMap<u64, Provisional>>,
+    provisional: Mutex<Provisionals>,
 }
 
 impl NotificationSink for Waiters {
@@ -129,7 +163,9 @@ impl NotificationSink for Waiters {
         }
         if ended {
             let mut provisional = lock(&self.provisional);
-            if let Some(entry) = provisional.values_mut().find(|p| p.cmd_id == cmd_id) {
+            if let Some(id) = provisional.by_cmd.get(&cmd_id).copied()
+                && let Some(entry) = provisional.by_id.get_mut(&id)
+            {
                 for call in &mut entry.session.calls {
                     call.state = pb::DialogState::Deleted as i32;
                 }
@@ -141,10 +177,29 @@ impl NotificationSink for Waiters {
 impl Waiters {
     /// The provisional sessions still to show (the store's own take over once it has them).
     fn provisional(&self, view: &SessionView, tenant: &str) -> Vec<Session> {
-        let now = std::time::Instant::now();
+        let shown: std::collections::HashSet<u64> =
+            view.list(tenant).iter().map(|s| s.id).collect();
         let mut provisional = lock(&self.provisional);
-        provisional.retain(|id, p| p.until > now && view.get(tenant, *id).is_none());
-        provisional.values().map(|p| p.session.clone()).collect()
+        provisional.prune(std::time::Instant::now(), &shown);
+        provisional
+            .by_id
+            .values()
+            .filter(|p| p.session.calls.iter().all(|c| c.tenant == tenant))
+            .map(|p| p.session.clone())
+            .collect()
+    }
+}
+
+/// Takes a REST command's waiter out of the map however the handler ends (answered, or
+/// dropped when its client went away).
+struct WaiterGuard<'a> {
+    waiters: &'a Waiters,
+    cmd_id: &'a str,
+}
+
+impl Drop for WaiterGuard<'_> {
+    fn drop(&mut self) {
+        lock(&self.waiters.waiting).remove(self.cmd_id);
     }
 }
 
@@ -194,6 +249,12 @@ impl Rest {
     }
 
     fn session(&self, id: &str) -> Result<Session, Problem> {
+        self.session_and_whether_placed(id)
+            .map(|(session, _)| session)
+    }
+
+    /// A session of the tenant, and whether OpenSIPS has reported it yet (not only provisional).
+    fn session_and_whether_placed(&self, id: &str) -> Result<(Session, bool), Problem> {
         let id = session_id(id).ok_or_else(|| {
             Problem::field(
                 "id",
@@ -201,9 +262,14 @@ impl Rest {
             )
         })?;
         let view = self.view()?;
+        if let Some(session) = view.get(self.tenant(), id) {
+            return Ok((session, true));
+        }
         let provisional = self.waiters.provisional(view, self.tenant());
-        view.get(self.tenant(), id)
-            .or_else(|| provisional.into_iter().find(|s| s.id == id))
+        provisional
+            .into_iter()
+            .find(|s| s.id == id)
+            .map(|s| (s, false))
             .ok_or_else(|| {
                 Problem::new(
                     StatusCode::NOT_FOUND,
@@ -219,9 +285,11 @@ impl Rest {
         let cmd_id = uuid::Uuid::new_v4().to_string();
         let (waiter, mut first) = mpsc::unbounded_channel();
         lock(&self.waiters.waiting).insert(cmd_id.clone(), waiter);
-        let outcome = self.wait_first(&cmd_id, kind, command, &mut first).await;
-        lock(&self.waiters.waiting).remove(&cmd_id);
-        outcome
+        let _guard = WaiterGuard {
+            waiters: &self.waiters,
+            cmd_id: &cmd_id,
+        };
+        self.wait_first(&cmd_id, kind, command, &mut first).await
     }
 
     async fn wait_first(
@@ -704,7 +772,7 @@ async fn create(
         )
         .await
         .inspect_err(|_| {
-            lock(&rest.waiters.provisional).remove(&id);
+            lock(&rest.waiters.provisional).remove(id);
         })
         .map_err(|err| match err {
             SubmitError::Unavailable(reason) => {
@@ -787,7 +855,14 @@ async fn destroy(
     State(rest): State<Arc<Rest>>,
     Path(id): Path<String>,
 ) -> Result<StatusCode, Problem> {
-    let session = rest.session(&id)?;
+    let (session, placed) = rest.session_and_whether_placed(&id)?;
+    if !placed && !live_calls(&session).is_empty() {
+        return Err(Problem::new(
+            StatusCode::CONFLICT,
+            "DIALOG_NOT_READY",
+            "the call is still being placed (OpenSIPS has not reported it yet); try again in a moment",
+        ));
+    }
     let live = live_calls(&session);
     if live.is_empty() {
         return Err(Problem::new(

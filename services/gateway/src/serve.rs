@@ -1,12 +1,13 @@
 //! The gateway's own accept loop: HTTP/1 with upgrades (hyper) around the axum router, with a
 //! handshake timeout that `axum::serve` lacks.
 //!
-//! Every accepted TCP connection must finish its HTTP exchange (for `/call-api`, the WebSocket
-//! upgrade) within `handshake_timeout_ms`; half-sent requests, silent connections and idle
-//! keep-alive connections are closed then. Upgraded WebSockets are not affected: hyper's
-//! connection future completes when the connection is upgraded, and the socket then belongs to
-//! the WebSocket task. On shutdown no new connection is accepted and pending HTTP exchanges are
-//! ended gracefully.
+//! Every accepted TCP connection must send its request headers within `handshake_timeout_ms`
+//! (half-sent requests and silent connections are closed), and stays open for HTTP at most that
+//! long: then it is shut down gracefully, an idle keep-alive connection at once, a request in
+//! flight (a REST call waiting for its command) after its answer, within [`REQUEST_GRACE`].
+//! Upgraded WebSockets are not affected: hyper's connection future completes when the
+//! connection is upgraded, and the socket then belongs to the WebSocket task. On shutdown no
+//! new connection is accepted and pending HTTP exchanges are ended gracefully.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -18,6 +19,9 @@ use hyper_util::service::TowerToHyperService;
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::Shared;
+
+/// How long a request in flight at the connection's deadline may still take.
+const REQUEST_GRACE: Duration = Duration::from_secs(30);
 
 /// Pause after a failed `accept` (e.g. out of file descriptors) before trying again.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
@@ -51,6 +55,8 @@ async fn serve_http(stream: TcpStream, peer: SocketAddr, app: Router, shared: Ar
     let _ = stream.set_nodelay(true);
     let timeout = Duration::from_millis(shared.config.handshake_timeout_ms);
     let connection = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(timeout)
         .serve_connection(TokioIo::new(stream), TowerToHyperService::new(app))
         .with_upgrades();
     tokio::pin!(connection);
@@ -63,7 +69,12 @@ async fn serve_http(stream: TcpStream, peer: SocketAddr, app: Router, shared: Ar
             }
         }
         _ = deadline.as_mut() => {
-            tracing::debug!(%peer, "no WebSocket upgrade within {timeout:?}: connection closed");
+            tracing::debug!(%peer, "HTTP connection open for {timeout:?}: closing it once idle");
+            connection.as_mut().graceful_shutdown();
+            tokio::select! {
+                _ = connection.as_mut() => {}
+                _ = tokio::time::sleep(REQUEST_GRACE) => {}
+            }
         }
         _ = shared.shutdown.cancelled() => {
             connection.as_mut().graceful_shutdown();

@@ -39,10 +39,7 @@ impl SessionView {
         jetstream: &async_nats::jetstream::Context,
         shutdown: tokio_util::sync::CancellationToken,
     ) -> Result<Self, String> {
-        let kv = match jetstream.get_key_value(calls::BUCKET).await {
-            Ok(kv) => kv,
-            Err(_) => calls::open(jetstream, 1).await?,
-        };
+        let kv = calls::open_existing(jetstream).await?;
         let pending = kv
             .status()
             .await
@@ -62,16 +59,32 @@ impl SessionView {
                     _ = shutdown.cancelled() => break,
                     entry = watch.next() => entry,
                 };
-                let Some(entry) = entry else { break };
-                let Ok(entry) = entry else { continue };
-                follower.apply(&entry);
-                if entry.delta == 0
-                    && let Some(done) = caught_up.take()
-                {
-                    let _ = done.send(());
+                match entry {
+                    Some(Ok(entry)) => {
+                        follower.apply(&entry);
+                        if entry.delta == 0
+                            && let Some(done) = caught_up.take()
+                        {
+                            let _ = done.send(());
+                        }
+                    }
+                    Some(Err(err)) => tracing::warn!(%err, "session store watch error"),
+                    None => {
+                        // Start over from the store's current content.
+                        tracing::warn!("session store watch ended; following it again");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        match kv.watch_with_history(">").await {
+                            Ok(again) => {
+                                if let Ok(mut records) = follower.records.write() {
+                                    records.clear();
+                                }
+                                watch = again;
+                            }
+                            Err(err) => tracing::warn!(%err, "cannot watch the session store"),
+                        }
+                    }
                 }
             }
-            tracing::warn!("stopped following the session store");
         });
         if pending > 0 {
             let _ = tokio::time::timeout(CATCH_UP, caught_up_rx).await;

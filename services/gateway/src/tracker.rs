@@ -87,7 +87,10 @@ impl<N> CommandTracker<N> {
     /// held back, to write right after `Started`. If that includes the command's end, the
     /// command is over.
     pub fn started(&mut self, cmd_id: &str, now: Instant, ends_within: Duration) -> Vec<N> {
-        let overdue_at = now + ends_within + OVERDUE_MARGIN;
+        // The deadline comes from NATS: an absurd one must not overflow.
+        let overdue_at = now
+            .checked_add(ends_within.saturating_add(OVERDUE_MARGIN))
+            .unwrap_or(now + Duration::from_secs(365 * 24 * 3600));
         let Some(state) = self.commands.get_mut(cmd_id) else {
             return Vec::new();
         };

@@ -356,3 +356,44 @@ async fn attended_refer_connects_the_two_parties_the_extension_talks_to() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+#[tokio::test]
+async fn rest_and_websocket_control_the_same_sessions() {
+    let stack = Stack::with(with_extensions("3.6")).await;
+    let mut client = stack.client().await;
+
+    // Made over REST, held and ended over WebSocket by its Call-ID.
+    let id = established(&stack, "1001", "1002").await;
+    let session = get(&stack, &format!("/api/sessions/{id}")).await;
+    let callid = session.json["calls"][0]["callid"]
+        .as_str()
+        .expect("callid")
+        .to_owned();
+    let held = client.run("CallHold", json!({"callid": callid})).await;
+    assert_eq!(held.last().unwrap()["method"], "Ended", "{held:?}");
+    assert!(held.iter().all(|n| n["method"] != "Error"), "{held:?}");
+    wait_session(&stack, &id, |s| s["calls"][0]["callee_held"] == true).await;
+    let ended = client.run("CallEnd", json!({"callid": callid})).await;
+    assert!(ended.iter().all(|n| n["method"] != "Error"), "{ended:?}");
+
+    // Made over WebSocket, found and ended over REST by its session id.
+    let callid = crate::commands::call(&mut client, "1001", "1003").await;
+    // The store shows it within milliseconds of OpenSIPS's events.
+    let until = Instant::now() + Duration::from_secs(10);
+    let id = loop {
+        let asked = client.request("CallGet", json!({"callid": callid})).await;
+        let reply = client.reply(&asked).await;
+        if let Some(id) = reply["result"]["id"].as_str() {
+            break id.to_owned();
+        }
+        assert!(Instant::now() < until, "{callid} never listed: {reply}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let destroyed = post(&stack, &format!("/api/sessions/{id}/destroy"), json!({})).await;
+    assert_eq!(destroyed.status, 200, "{destroyed:?}");
+    let until = Instant::now() + Duration::from_secs(10);
+    while get(&stack, &format!("/api/sessions/{id}")).await.status != 404 {
+        assert!(Instant::now() < until, "session {id} still there");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -201,7 +201,30 @@ async fn the_list_is_right_after_every_service_restarted_mid_call() {
             .any(|c| c["callid"] == "ended-while-down@operator")),
         "nobody removed it yet"
     );
+    // A record the store holds but no dialog backs (a delete lost while JetStream was away)
+    // is removed too: the restarted ingest compares the store with what it knows.
+    let nats = async_nats::connect(stack.nats.url.as_str()).await.unwrap();
+    let stray = callapi_proto::v1::CallRecord {
+        tenant: "default".into(),
+        node_id: "opensips1".into(),
+        session_id: 42,
+        callid: "stray@nowhere".into(),
+        state: callapi_proto::v1::DialogState::Confirmed as i32,
+        started_at_ms: 1,
+        ..Default::default()
+    };
+    let key = callapi_kit::calls::key("default", "opensips1", "stray@nowhere");
+    nats.publish(
+        format!("$KV.{}.{key}", callapi_kit::calls::BUCKET),
+        prost::Message::encode_to_vec(&stray).into(),
+    )
+    .await
+    .unwrap();
+    nats.flush().await.unwrap();
+    wait_for(&mut client, "stray@nowhere", |_| true).await;
+
     stack.restart_ingest().await;
     wait_gone(&mut client, "ended-while-down@operator").await;
+    wait_gone(&mut client, "stray@nowhere").await;
     wait_for(&mut client, "kept@operator", |_| true).await;
 }
