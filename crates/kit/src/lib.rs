@@ -14,6 +14,14 @@ pub mod subjects;
 pub mod telemetry;
 pub mod validate;
 
+/// Now, in Unix milliseconds (0 if the clock is before 1970).
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
 /// Prints the one-line readiness report (`READY key=value ...`) that scripts and tests wait for.
 pub fn announce_ready(details: &str) {
     use std::io::Write;

@@ -20,7 +20,7 @@ pub mod store;
 pub mod subscriber;
 
 use std::net::SocketAddr;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use callapi_kit::bus;
 use callapi_kit::config::NatsSettings;
@@ -294,10 +294,7 @@ struct Sink {
 
 impl Sink {
     async fn publish(&self, bytes: &[u8], from: &SocketAddr) {
-        let received_at_ms = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-            .unwrap_or(0);
+        let received_at_ms = callapi_kit::unix_ms();
         let parsed = parse::event(bytes, &self.tenant, &self.node_id, received_at_ms)
             .map_err(|e| e.to_string())
             .and_then(|event| {

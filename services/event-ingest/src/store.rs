@@ -15,7 +15,7 @@
 //! [`PARTIES_AFTER`] later.
 
 use std::collections::{HashMap, HashSet};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use callapi_kit::calls;
 use callapi_kit::mi::{MiAnswer, MiCall, MiClient};
@@ -121,12 +121,7 @@ impl Recorder {
     }
 }
 
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
-}
+use callapi_kit::unix_ms as now_ms;
 
 /// Starts the recorder of node `node_id` of `tenant`: loads what the store holds for the node,
 /// reconciles it with the node, then follows the node's events until `shutdown`.

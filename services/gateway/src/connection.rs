@@ -360,12 +360,7 @@ fn answer_query(client: &Client<'_>, call: QueryCall) -> Option<String> {
     })
 }
 
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
-}
+use callapi_kit::unix_ms as now_ms;
 
 /// Sends the command to a commands replica (its reply is written once a replica took it), or
 /// returns the error to answer at once.

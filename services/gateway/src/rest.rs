@@ -359,12 +359,7 @@ pub fn router(rest: Arc<Rest>) -> axum::Router {
         .with_state(rest)
 }
 
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
-}
+use callapi_kit::unix_ms as now_ms;
 
 /// The query of `GET /sessions` (v22 list parameters).
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
@@ -383,6 +378,37 @@ struct ListQuery {
     /// Sessions to return, 1 to 100 (default 100).
     #[param(value_type = Option<i32>, minimum = 1, maximum = 100)]
     top: Option<String>,
+}
+
+/// The answers of the control operations (destroy, hold, unhold, refer, attended_refer), for the
+/// OpenAPI document only (the handlers answer `Result<StatusCode, Problem>`).
+#[derive(utoipa::IntoResponses)]
+#[allow(dead_code)]
+enum ControlResponses {
+    /// Taken, and no failure came back at once.
+    #[response(status = 200)]
+    Taken,
+    /// A bad field.
+    #[response(status = 400, content_type = "application/problem+json")]
+    BadField(ProblemDoc),
+    /// No such session or dialog, or the extension is not a party of it.
+    #[response(status = 404, content_type = "application/problem+json")]
+    NotFound(ProblemDoc),
+    /// A conflict OpenSIPS reported at once.
+    #[response(status = 409, content_type = "application/problem+json")]
+    Conflict(ProblemDoc),
+    /// Body over 64 KiB.
+    #[response(status = 413, content_type = "application/problem+json")]
+    TooLarge(ProblemDoc),
+    /// Not JSON.
+    #[response(status = 415, content_type = "application/problem+json")]
+    NotJson(ProblemDoc),
+    /// Not supported by the node (one-party hold on OpenSIPS 3.6), or refused.
+    #[response(status = 422, content_type = "application/problem+json")]
+    NotSupported(ProblemDoc),
+    /// No commands replica, NATS or node.
+    #[response(status = 503, content_type = "application/problem+json")]
+    Unavailable(ProblemDoc),
 }
 
 /// An RFC 9457 problem, as the API sends it.
@@ -840,16 +866,7 @@ fn other(leg: pb::Leg) -> pb::Leg {
     path = "/api/sessions/{id}/destroy",
     tag = "sessions",
     params(("id" = String, Path, description = "Session id (an int64 in decimal)", pattern = "^[1-9][0-9]{0,18}$")),
-    responses(
-        (status = 200, description = "Taken, and no failure came back at once"),
-        (status = 400, description = "A bad field", body = ProblemDoc, content_type = "application/problem+json"),
-        (status = 404, description = "No such session or dialog, or the extension is not a party of it", body = ProblemDoc, content_type = "application/problem+json"),
-        (status = 409, description = "A conflict OpenSIPS reported at once", body = ProblemDoc, content_type = "application/problem+json"),
-        (status = 413, description = "Body over 64 KiB", body = ProblemDoc, content_type = "application/problem+json"),
-        (status = 415, description = "Not JSON", body = ProblemDoc, content_type = "application/problem+json"),
-        (status = 422, description = "Not supported by the node (one-party hold on OpenSIPS 3.6), or refused", body = ProblemDoc, content_type = "application/problem+json"),
-        (status = 503, description = "No commands replica, NATS or node", body = ProblemDoc, content_type = "application/problem+json"),
-    )
+    responses(ControlResponses)
 )]
 async fn destroy(
     State(rest): State<Arc<Rest>>,
@@ -918,16 +935,7 @@ async fn hold_or_unhold(
     tag = "sessions",
     params(("id" = String, Path, description = "Session id (an int64 in decimal)", pattern = "^[1-9][0-9]{0,18}$")),
     request_body = ExtensionBody,
-    responses(
-        (status = 200, description = "Taken, and no failure came back at once"),
-        (status = 400, description = "A bad field", body = ProblemDoc, content_type = "application/problem+json"),
-        (status = 404, description = "No such session or dialog, or the extension is not a party of it", body = ProblemDoc, content_type = "application/problem+json"),
-        (status = 409, description = "A conflict OpenSIPS reported at once", body = ProblemDoc, content_type = "application/problem+json"),
-        (status = 413, description = "Body over 64 KiB", body = ProblemDoc, content_type = "application/problem+json"),
-        (status = 415, description = "Not JSON", body = ProblemDoc, content_type = "application/problem+json"),
-        (status = 422, description = "Not supported by the node (one-party hold on OpenSIPS 3.6), or refused", body = ProblemDoc, content_type = "application/problem+json"),
-        (status = 503, description = "No commands replica, NATS or node", body = ProblemDoc, content_type = "application/problem+json"),
-    )
+    responses(ControlResponses)
 )]
 async fn hold(
     State(rest): State<Arc<Rest>>,
@@ -944,16 +952,7 @@ async fn hold(
     tag = "sessions",
     params(("id" = String, Path, description = "Session id (an int64 in decimal)", pattern = "^[1-9][0-9]{0,18}$")),
     request_body = ExtensionBody,
-    responses(
-        (status = 200, description = "Taken, and no failure came back at once"),
-        (status = 400, description = "A bad field", body = ProblemDoc, content_type = "application/problem+json"),
-        (status = 404, description = "No such session or dialog, or the extension is not a party of it", body = ProblemDoc, content_type = "application/problem+json"),
-        (status = 409, description = "A conflict OpenSIPS reported at once", body = ProblemDoc, content_type = "application/problem+json"),
-        (status = 413, description = "Body over 64 KiB", body = ProblemDoc, content_type = "application/problem+json"),
-        (status = 415, description = "Not JSON", body = ProblemDoc, content_type = "application/problem+json"),
-        (status = 422, description = "Not supported by the node (one-party hold on OpenSIPS 3.6), or refused", body = ProblemDoc, content_type = "application/problem+json"),
-        (status = 503, description = "No commands replica, NATS or node", body = ProblemDoc, content_type = "application/problem+json"),
-    )
+    responses(ControlResponses)
 )]
 async fn unhold(
     State(rest): State<Arc<Rest>>,
@@ -983,16 +982,7 @@ struct ReferBody {
     tag = "sessions",
     params(("id" = String, Path, description = "Session id (an int64 in decimal)", pattern = "^[1-9][0-9]{0,18}$")),
     request_body = ReferBody,
-    responses(
-        (status = 200, description = "Taken, and no failure came back at once"),
-        (status = 400, description = "A bad field", body = ProblemDoc, content_type = "application/problem+json"),
-        (status = 404, description = "No such session or dialog, or the extension is not a party of it", body = ProblemDoc, content_type = "application/problem+json"),
-        (status = 409, description = "A conflict OpenSIPS reported at once", body = ProblemDoc, content_type = "application/problem+json"),
-        (status = 413, description = "Body over 64 KiB", body = ProblemDoc, content_type = "application/problem+json"),
-        (status = 415, description = "Not JSON", body = ProblemDoc, content_type = "application/problem+json"),
-        (status = 422, description = "Not supported by the node (one-party hold on OpenSIPS 3.6), or refused", body = ProblemDoc, content_type = "application/problem+json"),
-        (status = 503, description = "No commands replica, NATS or node", body = ProblemDoc, content_type = "application/problem+json"),
-    )
+    responses(ControlResponses)
 )]
 async fn refer(
     State(rest): State<Arc<Rest>>,
@@ -1063,16 +1053,7 @@ fn counterpart<'a>(
     tag = "sessions",
     params(("id" = String, Path, description = "Session id (an int64 in decimal)", pattern = "^[1-9][0-9]{0,18}$")),
     request_body = AttendedReferBody,
-    responses(
-        (status = 200, description = "Taken, and no failure came back at once"),
-        (status = 400, description = "A bad field", body = ProblemDoc, content_type = "application/problem+json"),
-        (status = 404, description = "No such session or dialog, or the extension is not a party of it", body = ProblemDoc, content_type = "application/problem+json"),
-        (status = 409, description = "A conflict OpenSIPS reported at once", body = ProblemDoc, content_type = "application/problem+json"),
-        (status = 413, description = "Body over 64 KiB", body = ProblemDoc, content_type = "application/problem+json"),
-        (status = 415, description = "Not JSON", body = ProblemDoc, content_type = "application/problem+json"),
-        (status = 422, description = "Not supported by the node (one-party hold on OpenSIPS 3.6), or refused", body = ProblemDoc, content_type = "application/problem+json"),
-        (status = 503, description = "No commands replica, NATS or node", body = ProblemDoc, content_type = "application/problem+json"),
-    )
+    responses(ControlResponses)
 )]
 async fn attended_refer(
     State(rest): State<Arc<Rest>>,
