@@ -92,14 +92,20 @@ async fn stand_in_connector(nats: async_nats::Client) {
     });
 }
 
-#[tokio::test]
-async fn concurrent_requests_each_get_their_own_answer_over_one_subscription() {
-    let dir = tempdir();
-    let server = NatsServer::start(&dir).await;
+/// A nats-server of its own, the stand-in connector on it, and an `MiClient` on another
+/// connection (the server stops when the first value is dropped).
+async fn server_connector_and_client() -> (NatsServer, MiClient) {
+    let server = NatsServer::start(&tempdir()).await;
     stand_in_connector(async_nats::connect(server.url.as_str()).await.unwrap()).await;
     let mi = MiClient::new(async_nats::connect(server.url.as_str()).await.unwrap())
         .await
         .unwrap();
+    (server, mi)
+}
+
+#[tokio::test]
+async fn concurrent_requests_each_get_their_own_answer_over_one_subscription() {
+    let (_server, mi) = server_connector_and_client().await;
 
     // Answers come back in the reverse order of the requests.
     let calls = (0..50u64).map(|i| {
@@ -138,12 +144,7 @@ async fn concurrent_requests_each_get_their_own_answer_over_one_subscription() {
 
 #[tokio::test]
 async fn each_kind_of_connector_failure_keeps_its_meaning() {
-    let dir = tempdir();
-    let server = NatsServer::start(&dir).await;
-    stand_in_connector(async_nats::connect(server.url.as_str()).await.unwrap()).await;
-    let mi = MiClient::new(async_nats::connect(server.url.as_str()).await.unwrap())
-        .await
-        .unwrap();
+    let (_server, mi) = server_connector_and_client().await;
     let cases = [
         ("refused", MiCallError::BadRequest("refused".into())),
         ("garbled", MiCallError::BadReply("garbled".into())),
