@@ -411,6 +411,17 @@ enum ControlResponses {
     Unavailable(ProblemDoc),
 }
 
+/// The `{id}` of the session paths, for the OpenAPI document (handlers take it as `Path<String>`
+/// and check it themselves, to answer with a problem naming the field).
+#[derive(utoipa::IntoParams)]
+#[into_params(parameter_in = Path)]
+#[allow(dead_code)]
+struct SessionPath {
+    /// Session id: an int64 in decimal.
+    #[param(pattern = "^[1-9][0-9]{0,18}$")]
+    id: String,
+}
+
 /// An RFC 9457 problem, as the API sends it.
 #[derive(Debug, serde::Serialize, utoipa::ToSchema)]
 pub struct ProblemDoc {
@@ -527,7 +538,7 @@ async fn list(
     get,
     path = "/api/sessions/{id}",
     tag = "sessions",
-    params(("id" = String, Path, description = "Session id (an int64 in decimal)", pattern = "^[1-9][0-9]{0,18}$")),
+    params(SessionPath),
     responses(
         (status = 200, description = "The session", body = sessions::SessionItem),
         (status = 400, description = "Not a session id", body = ProblemDoc, content_type = "application/problem+json"),
@@ -865,7 +876,7 @@ fn other(leg: pb::Leg) -> pb::Leg {
     post,
     path = "/api/sessions/{id}/destroy",
     tag = "sessions",
-    params(("id" = String, Path, description = "Session id (an int64 in decimal)", pattern = "^[1-9][0-9]{0,18}$")),
+    params(SessionPath),
     responses(ControlResponses)
 )]
 async fn destroy(
@@ -933,7 +944,7 @@ async fn hold_or_unhold(
     post,
     path = "/api/sessions/{id}/hold",
     tag = "sessions",
-    params(("id" = String, Path, description = "Session id (an int64 in decimal)", pattern = "^[1-9][0-9]{0,18}$")),
+    params(SessionPath),
     request_body = ExtensionBody,
     responses(ControlResponses)
 )]
@@ -950,7 +961,7 @@ async fn hold(
     post,
     path = "/api/sessions/{id}/unhold",
     tag = "sessions",
-    params(("id" = String, Path, description = "Session id (an int64 in decimal)", pattern = "^[1-9][0-9]{0,18}$")),
+    params(SessionPath),
     request_body = ExtensionBody,
     responses(ControlResponses)
 )]
@@ -980,7 +991,7 @@ struct ReferBody {
     post,
     path = "/api/sessions/{id}/refer",
     tag = "sessions",
-    params(("id" = String, Path, description = "Session id (an int64 in decimal)", pattern = "^[1-9][0-9]{0,18}$")),
+    params(SessionPath),
     request_body = ReferBody,
     responses(ControlResponses)
 )]
@@ -1051,7 +1062,7 @@ fn counterpart<'a>(
     post,
     path = "/api/sessions/{id}/attended_refer",
     tag = "sessions",
-    params(("id" = String, Path, description = "Session id (an int64 in decimal)", pattern = "^[1-9][0-9]{0,18}$")),
+    params(SessionPath),
     request_body = AttendedReferBody,
     responses(ControlResponses)
 )]
