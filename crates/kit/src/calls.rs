@@ -17,6 +17,21 @@ pub const BUCKET: &str = "callapi_calls";
 /// node's `dlg_list` removes records of dialogs that are gone long before).
 pub const MAX_AGE: Duration = Duration::from_secs(24 * 3600);
 
+/// How long the marker of a removed record stays in the bucket (so watchers that were away see
+/// the removal), after which JetStream drops it: ended calls leave nothing behind.
+pub const MARKER_TTL: Duration = Duration::from_secs(60);
+
+/// Headers of a message removing a record (published on `$KV.callapi_calls.<key>` with an
+/// empty payload): a purge rolling up the key's history, whose marker expires after
+/// [`MARKER_TTL`].
+pub fn removal_headers() -> async_nats::HeaderMap {
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("KV-Operation", "PURGE");
+    headers.insert("Nats-Rollup", "sub");
+    headers.insert("Nats-TTL", MARKER_TTL.as_secs().to_string().as_str());
+    headers
+}
+
 /// The session id of a session whose first dialog has `callid`: 63 bits of SHA-256 of tenant
 /// and Call-ID (never 0), so every writer derives the same id without asking anyone.
 pub fn session_id(tenant: &str, callid: &str) -> u64 {
@@ -64,6 +79,8 @@ fn config(replicas: usize) -> async_nats::jetstream::kv::Config {
         max_age: MAX_AGE,
         storage: async_nats::jetstream::stream::StorageType::File,
         num_replicas: replicas.max(1),
+        // Per-message TTLs, so removal markers expire instead of piling up.
+        limit_markers: Some(MARKER_TTL),
         ..Default::default()
     }
 }

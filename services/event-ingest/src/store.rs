@@ -4,7 +4,7 @@
 //! list at start and then periodically, and writes what the book says.
 //!
 //! Writes are plain NATS publishes on the bucket's subjects (`$KV.callapi_calls.<key>`; a
-//! delete carries `KV-Operation: DEL`), in order on one connection and without waiting for
+//! removal is a purge whose marker expires after a minute, `kit::calls::removal_headers`), in order on one connection and without waiting for
 //! JetStream's acknowledgement, so the store keeps up with thousands of events a second. A
 //! write lost meanwhile (JetStream unavailable) is repaired by the next reconciliation, which
 //! compares the node with the book and then the store's keys with the book.
@@ -258,12 +258,10 @@ impl Task {
         let held = self.book.keys();
         let mut repaired = 0usize;
         for key in stored.difference(&held) {
-            let mut headers = async_nats::HeaderMap::new();
-            headers.insert("KV-Operation", "DEL");
             let subject = format!("$KV.{}.{key}", calls::BUCKET);
             if self
                 .nats
-                .publish_with_headers(subject, headers, bytes::Bytes::new())
+                .publish_with_headers(subject, calls::removal_headers(), bytes::Bytes::new())
                 .await
                 .is_ok()
             {
@@ -359,12 +357,10 @@ impl Task {
                 node_id,
                 callid,
             } => {
-                let mut headers = async_nats::HeaderMap::new();
-                headers.insert("KV-Operation", "DEL");
                 self.nats
                     .publish_with_headers(
                         subject(&tenant, &node_id, &callid),
-                        headers,
+                        calls::removal_headers(),
                         bytes::Bytes::new(),
                     )
                     .await
