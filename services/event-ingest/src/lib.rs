@@ -156,7 +156,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
                 .await
                 .map_err(|e| {
                     Error::Nats(format!(
-                        "{e} (the session store needs JetStream on nats-server 2.10 or later; sessions.enabled = false runs without it)"
+                        "{e} (the session store needs JetStream on nats-server 2.11 or later; sessions.enabled = false runs without it)"
                     ))
                 })?,
         )

@@ -186,7 +186,7 @@ pub async fn run(
                 .await
                 .map_err(|e| {
                     Error::Nats(format!(
-                        "{e} (the live view of calls needs JetStream on nats-server 2.10 or later; sessions_enabled = false runs without it)"
+                        "{e} (the live view of calls needs JetStream on nats-server 2.11 or later; sessions_enabled = false runs without it)"
                     ))
                 })?,
         )
