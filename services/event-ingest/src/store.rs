@@ -25,7 +25,7 @@ use prost::Message as _;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::calls::{Book, Listed, Outcome, Write, parse_listing};
+use crate::calls::{Book, Listed, Write, parse_listing};
 
 /// Events queued for the recorder of one node; past it they are counted and dropped (the next
 /// reconciliation repairs the view).
@@ -168,6 +168,10 @@ impl Task {
         reconcile.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let flush = tokio::time::sleep(FLUSH_AFTER);
         tokio::pin!(flush);
+        // Reconciliation asks the node and the store in a task of its own, so events keep
+        // flowing meanwhile; what it finds comes back here, in order.
+        let (found_tx, mut found) = mpsc::unbounded_channel::<Found>();
+        let mut reconciling = false;
         loop {
             let outcome = tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -188,7 +192,39 @@ impl Task {
                     }
                     continue;
                 }
-                _ = reconcile.tick() => self.reconcile(&mut pending).await,
+                _ = reconcile.tick() => {
+                    if !reconciling {
+                        reconciling = true;
+                        self.list_in_background(found_tx.clone());
+                    }
+                    continue;
+                }
+                Some(news) = found.recv() => match news {
+                    Found::Listing(Ok((listed, since))) => {
+                        let mut outcome = self.book.reconcile(&listed, since, now_ms());
+                        let suspects = std::mem::take(&mut outcome.suspects);
+                        self.check_in_background(suspects, found_tx.clone());
+                        outcome
+                    }
+                    Found::Listing(Err(reason)) => {
+                        tracing::debug!(node = %self.node_id, %reason, "cannot list the node's dialogs to reconcile");
+                        reconciling = false;
+                        continue;
+                    }
+                    Found::Suspect { callid, listed, asked } => {
+                        self.book.on_suspect(&callid, listed.as_ref(), asked)
+                    }
+                    Found::StoredKeys(stored) => {
+                        for write in pending.take() {
+                            self.write(write).await;
+                        }
+                        if let Some(stored) = stored {
+                            self.repair_store(stored, &mut pending).await;
+                        }
+                        reconciling = false;
+                        continue;
+                    }
+                },
             };
             for callid in outcome.ask_parties {
                 let due_tx = due_tx.clone();
@@ -212,49 +248,55 @@ impl Task {
         let _ = self.nats.flush().await;
     }
 
-    /// Compares the book with the node (its full list, then each record the list did not show)
-    /// and then the store with the book: keys of this node the book does not hold (a delete
-    /// lost while JetStream was away, or records of dialogs that ended while nobody listened)
-    /// are removed, records the store lacks are written again.
-    async fn reconcile(&mut self, pending: &mut Pending) -> Outcome {
-        let mut outcome = match self.list_node().await {
-            Ok((listed, since)) => self.book.reconcile(&listed, since, now_ms()),
-            Err(reason) => {
-                tracing::debug!(node = %self.node_id, %reason, "cannot list the node's dialogs to reconcile");
-                return Outcome::default();
-            }
-        };
-        for callid in std::mem::take(&mut outcome.suspects) {
-            let asked = now_ms();
-            // When the node cannot tell now, the record stays until it can.
-            if let Ok(listed) = self.dlg_list(serde_json::json!({ "callid": callid })).await {
-                let found = listed.iter().find(|l| l.callid == callid);
-                let gone = self.book.on_suspect(&callid, found, asked);
-                outcome.writes.extend(gone.writes);
-            }
-        }
-        for write in outcome.writes.drain(..) {
-            pending.add(write);
-        }
-        for write in pending.take() {
-            self.write(write).await;
-        }
-        self.repair_store(pending).await;
-        outcome
+    /// Lists the node's dialogs in a task of its own.
+    fn list_in_background(&self, found: mpsc::UnboundedSender<Found>) {
+        let (mi, node_id) = (self.mi.clone(), self.node_id.clone());
+        tokio::spawn(async move {
+            let _ = found.send(Found::Listing(list_node(&mi, &node_id).await));
+        });
     }
 
-    /// Makes the store hold exactly the book's records for this node.
-    async fn repair_store(&mut self, pending: &mut Pending) {
+    /// Asks the node about each suspect, then lists the store's keys for the node, in a task
+    /// of its own; the answers come back in that order.
+    fn check_in_background(&self, suspects: Vec<String>, found: mpsc::UnboundedSender<Found>) {
+        let (mi, node_id, kv) = (self.mi.clone(), self.node_id.clone(), self.kv.clone());
         let prefix = format!("{}.{}.", self.tenant, self.node_id);
-        let Ok(mut keys) = self.kv.keys().await else {
-            return;
-        };
-        let mut stored = HashSet::new();
-        while let Some(Ok(key)) = keys.next().await {
-            if key.starts_with(&prefix) {
-                stored.insert(key);
+        tokio::spawn(async move {
+            for callid in suspects {
+                let asked = now_ms();
+                // When the node cannot tell now, the record stays until it can.
+                if let Ok(listed) =
+                    dlg_list(&mi, &node_id, serde_json::json!({ "callid": callid })).await
+                {
+                    let listed = listed.into_iter().find(|l| l.callid == callid);
+                    let _ = found.send(Found::Suspect {
+                        callid,
+                        listed,
+                        asked,
+                    });
+                }
             }
-        }
+            let stored = match kv.keys().await {
+                Ok(mut keys) => {
+                    let mut stored = HashSet::new();
+                    while let Some(Ok(key)) = keys.next().await {
+                        if key.starts_with(&prefix) {
+                            stored.insert(key);
+                        }
+                    }
+                    Some(stored)
+                }
+                Err(err) => {
+                    tracing::debug!(%err, "cannot list the session store's keys");
+                    None
+                }
+            };
+            let _ = found.send(Found::StoredKeys(stored));
+        });
+    }
+
+    /// Makes the store (whose keys for this node are `stored`) hold exactly the book's records.
+    async fn repair_store(&mut self, stored: HashSet<String>, pending: &mut Pending) {
         let held = self.book.keys();
         let mut repaired = 0usize;
         for key in stored.difference(&held) {
@@ -311,26 +353,6 @@ impl Task {
         tracing::info!(node = %self.node_id, loaded, "session store loaded");
     }
 
-    /// Every dialog of the node, page by page, and when the listing began.
-    async fn list_node(&self) -> Result<(Vec<Listed>, u64), String> {
-        let since = now_ms();
-        let mut all = Vec::new();
-        loop {
-            let page = self
-                .dlg_list(serde_json::json!({"index": all.len(), "counter": PAGE}))
-                .await?;
-            let got = page.len();
-            all.extend(page);
-            if got < PAGE {
-                return Ok((all, since));
-            }
-        }
-    }
-
-    async fn dlg_list(&self, params: serde_json::Value) -> Result<Vec<Listed>, String> {
-        dlg_list(&self.mi, &self.node_id, params).await
-    }
-
     fn ask_parties(&self, callid: String, answers: mpsc::UnboundedSender<Listed>) {
         let mi = self.mi.clone();
         let node_id = self.node_id.clone();
@@ -368,6 +390,39 @@ impl Task {
         };
         if let Err(err) = result {
             tracing::debug!(%err, "could not write to the session store");
+        }
+    }
+}
+
+/// What reconciliation found, sent back to the recorder's loop.
+enum Found {
+    /// The node's full list and when it was asked for.
+    Listing(Result<(Vec<Listed>, u64), String>),
+    /// What the node said of one suspect (`None`: no such dialog), asked at `asked`.
+    Suspect {
+        callid: String,
+        listed: Option<Listed>,
+        asked: u64,
+    },
+    /// The store's keys for the node (`None`: they could not be listed); the last message.
+    StoredKeys(Option<HashSet<String>>),
+}
+
+/// Every dialog of the node, page by page, and when the listing began.
+async fn list_node(mi: &MiClient, node_id: &str) -> Result<(Vec<Listed>, u64), String> {
+    let since = now_ms();
+    let mut all = Vec::new();
+    loop {
+        let page = dlg_list(
+            mi,
+            node_id,
+            serde_json::json!({"index": all.len(), "counter": PAGE}),
+        )
+        .await?;
+        let got = page.len();
+        all.extend(page);
+        if got < PAGE {
+            return Ok((all, since));
         }
     }
 }
