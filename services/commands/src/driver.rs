@@ -48,6 +48,8 @@ pub struct Context {
     pub cmd_id: String,
     /// Gateway connection id.
     pub connection_id: String,
+    /// The request's submission number, echoed in notifications.
+    pub attempt: u64,
     /// Subject of the gateway holding the client.
     pub notify_subject: String,
     /// How MI requests in flight are watched (`None`: only by their timeout).
@@ -305,6 +307,7 @@ async fn publish(ctx: &Context, seq: u64, kind: notification::Kind) {
         cmd_id: ctx.cmd_id.clone(),
         connection_id: ctx.connection_id.clone(),
         seq,
+        attempt: ctx.attempt,
         kind: Some(kind),
     };
     if let Err(err) = bus::publish(&ctx.client, ctx.notify_subject.clone(), &notification).await {

@@ -233,6 +233,7 @@ fn accept(
         tenant: request.tenant.clone(),
         cmd_id: request.cmd_id.clone(),
         connection_id: request.connection_id.clone(),
+        attempt: request.attempt,
         notify_subject: request.notify_subject.clone(),
         liveness: config.mi.liveness(),
         disconnects: disconnects.clone(),

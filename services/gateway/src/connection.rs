@@ -41,9 +41,10 @@ pub(crate) enum Outgoing {
         cmd_id: String,
         reply: Option<String>,
     },
-    /// A notification of a command.
+    /// A notification of a command (of submission `attempt` of its `cmd_id`).
     Notification {
         cmd_id: String,
+        attempt: u64,
         kind: notification::Kind,
     },
     /// Ask a silent peer whether it is still there.
@@ -63,7 +64,7 @@ impl Outgoing {
             Outgoing::Started { cmd_id, reply, .. } | Outgoing::Refused { cmd_id, reply } => {
                 cmd_id.len() + reply.as_ref().map_or(0, String::len)
             }
-            Outgoing::Notification { cmd_id, kind } => cmd_id.len() + kind.encoded_len(),
+            Outgoing::Notification { cmd_id, kind, .. } => cmd_id.len() + kind.encoded_len(),
             Outgoing::Ping => 0,
             Outgoing::Close(frame) => frame.as_ref().map_or(0, |f| f.reason.len()),
         };
@@ -371,18 +372,24 @@ fn start_command(client: &Client<'_>, call: CommandCall) -> Option<String> {
         .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
     let reply_id = call.id.clone().unwrap_or_else(RpcId::null);
     let admission = lock(client.tracker).admit(&cmd_id);
-    let refusal = match admission {
-        Admission::Admitted => None,
-        Admission::Duplicate => Some((
-            code::DUPLICATE_CMD_ID,
-            format!("cmd_id {cmd_id:?} is already used by a running command"),
-        )),
-        Admission::Full { limit } => Some((
-            code::TOO_MANY_COMMANDS,
-            format!(
-                "too many commands in flight on this connection (limit {limit}); wait for one to end"
-            ),
-        )),
+    let (attempt, refusal) = match admission {
+        Admission::Admitted { attempt } => (attempt, None),
+        Admission::Duplicate => (
+            0,
+            Some((
+                code::DUPLICATE_CMD_ID,
+                format!("cmd_id {cmd_id:?} is already used by a running command"),
+            )),
+        ),
+        Admission::Full { limit } => (
+            0,
+            Some((
+                code::TOO_MANY_COMMANDS,
+                format!(
+                    "too many commands in flight on this connection (limit {limit}); wait for one to end"
+                ),
+            )),
+        ),
     };
     if let Some((code, message)) = refusal {
         return call
@@ -396,7 +403,7 @@ fn start_command(client: &Client<'_>, call: CommandCall) -> Option<String> {
     let answer = call.id.is_some();
     tokio::spawn(async move {
         let outcome = commands
-            .submit(&origin, &cmd_id, call.kind, call.command)
+            .submit(&origin, &cmd_id, attempt, call.kind, call.command)
             .await;
         let outgoing = match outcome {
             Ok(ends_within) => Outgoing::Started {
@@ -424,8 +431,12 @@ fn start_command(client: &Client<'_>, call: CommandCall) -> Option<String> {
 /// A connection's notifications go into its outbox, which never blocks: a client that cannot
 /// keep up is dropped by the outbox itself.
 impl NotificationSink for Outbox {
-    fn deliver(&self, cmd_id: String, kind: notification::Kind) {
-        let _ = self.push(Outgoing::Notification { cmd_id, kind });
+    fn deliver(&self, cmd_id: String, attempt: u64, kind: notification::Kind) {
+        let _ = self.push(Outgoing::Notification {
+            cmd_id,
+            attempt,
+            kind,
+        });
     }
 }
 
@@ -540,10 +551,15 @@ async fn write_loop(
                 frames.extend(reply.map(|text| Message::Text(text.into())));
                 lock(&tracker).refused(&cmd_id);
             }
-            Outgoing::Notification { cmd_id, kind } => {
+            Outgoing::Notification {
+                cmd_id,
+                attempt,
+                kind,
+            } => {
                 let ends = matches!(kind, notification::Kind::Ended(_));
                 // A held notification keeps its bytes counted until it is written.
-                let delivery = lock(&tracker).notification(&cmd_id, (kind, charge.take()), ends);
+                let delivery =
+                    lock(&tracker).notification(&cmd_id, attempt, (kind, charge.take()), ends);
                 match delivery {
                     Delivery::Held => continue,
                     Delivery::Deliver((kind, own_charge)) => {

@@ -16,9 +16,9 @@ use prost::Message as _;
 
 /// Where the notifications of one client's commands go.
 pub trait NotificationSink: Send + Sync {
-    /// Hands over one notification of command `cmd_id`; never waits (a sink that cannot keep
-    /// up deals with it itself, e.g. by dropping its client).
-    fn deliver(&self, cmd_id: String, kind: notification::Kind);
+    /// Hands over one notification of submission `attempt` of command `cmd_id`; never waits (a
+    /// sink that cannot keep up deals with it itself, e.g. by dropping its client).
+    fn deliver(&self, cmd_id: String, attempt: u64, kind: notification::Kind);
 }
 
 /// Who a command is for: the tenant, and the attachment its notifications go to. Made only by
@@ -127,6 +127,7 @@ impl CommandClient {
         &self,
         origin: &Origin,
         cmd_id: &str,
+        attempt: u64,
         kind: CommandKind,
         command: command_request::Command,
     ) -> Result<Duration, SubmitError> {
@@ -135,6 +136,7 @@ impl CommandClient {
             cmd_id: cmd_id.to_owned(),
             notify_subject: subjects::notify(&origin.tenant, &self.gateway_id),
             connection_id: origin.route.clone(),
+            attempt,
             command: Some(command),
         };
         let subject = subjects::command(&origin.tenant, kind);
@@ -193,7 +195,7 @@ impl CommandClient {
                 Err(_) => None,
             };
             if let (Some(sink), Some(kind)) = (sink, notification.kind) {
-                sink.deliver(notification.cmd_id, kind);
+                sink.deliver(notification.cmd_id, notification.attempt, kind);
             }
         }
     }

@@ -156,7 +156,7 @@ struct Waiters {
 }
 
 impl NotificationSink for Waiters {
-    fn deliver(&self, cmd_id: String, kind: notification::Kind) {
+    fn deliver(&self, cmd_id: String, _attempt: u64, kind: notification::Kind) {
         let ended = matches!(kind, notification::Kind::Ended(_));
         if let Some(waiter) = lock(&self.waiting).get(&cmd_id) {
             let _ = waiter.send(kind);
@@ -300,7 +300,7 @@ impl Rest {
         first: &mut mpsc::UnboundedReceiver<notification::Kind>,
     ) -> Result<(), Problem> {
         self.commands
-            .submit(self.attachment.origin(), cmd_id, kind, command)
+            .submit(self.attachment.origin(), cmd_id, 0, kind, command)
             .await
             .map_err(|err| match err {
                 SubmitError::Unavailable(reason) => {
@@ -804,6 +804,7 @@ async fn create(
         .submit(
             rest.attachment.origin(),
             &cmd_id,
+            0,
             CommandKind::CallStart,
             command,
         )

@@ -16,8 +16,12 @@ pub const OVERDUE_MARGIN: Duration = Duration::from_secs(3);
 /// Whether a command may start.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Admission {
-    /// Registered as pending.
-    Admitted,
+    /// Registered as pending, as this submission of the connection (sent with the command and
+    /// echoed in its notifications).
+    Admitted {
+        /// The submission's number.
+        attempt: u64,
+    },
     /// A running command already has this id.
     Duplicate,
     /// The client has as many commands in flight as it may.
@@ -40,8 +44,16 @@ pub enum Delivery<N> {
 
 #[derive(Debug)]
 enum State<N> {
-    Pending { held: Vec<(N, bool)> },
-    Live { overdue_at: Instant },
+    Pending { attempt: u64, held: Vec<(N, bool)> },
+    Live { attempt: u64, overdue_at: Instant },
+}
+
+impl<N> State<N> {
+    fn attempt(&self) -> u64 {
+        match self {
+            State::Pending { attempt, .. } | State::Live { attempt, .. } => *attempt,
+        }
+    }
 }
 
 /// The commands of one client. `N` is a notification as the caller keeps it.
@@ -49,6 +61,8 @@ enum State<N> {
 pub struct CommandTracker<N> {
     commands: HashMap<String, State<N>>,
     limit: usize,
+    /// The last submission number given.
+    attempts: u64,
 }
 
 impl<N> CommandTracker<N> {
@@ -57,6 +71,7 @@ impl<N> CommandTracker<N> {
         Self {
             commands: HashMap::new(),
             limit,
+            attempts: 0,
         }
     }
 
@@ -78,9 +93,16 @@ impl<N> CommandTracker<N> {
         if self.commands.len() >= self.limit {
             return Admission::Full { limit: self.limit };
         }
-        self.commands
-            .insert(cmd_id.to_owned(), State::Pending { held: Vec::new() });
-        Admission::Admitted
+        self.attempts += 1;
+        let attempt = self.attempts;
+        self.commands.insert(
+            cmd_id.to_owned(),
+            State::Pending {
+                attempt,
+                held: Vec::new(),
+            },
+        );
+        Admission::Admitted { attempt }
     }
 
     /// A replica took the command at `now` and ends it within `ends_within`: returns what was
@@ -94,8 +116,15 @@ impl<N> CommandTracker<N> {
         let Some(state) = self.commands.get_mut(cmd_id) else {
             return Vec::new();
         };
-        let held = match std::mem::replace(state, State::Live { overdue_at }) {
-            State::Pending { held } => held,
+        let attempt = state.attempt();
+        let held = match std::mem::replace(
+            state,
+            State::Live {
+                attempt,
+                overdue_at,
+            },
+        ) {
+            State::Pending { held, .. } => held,
             State::Live { .. } => Vec::new(),
         };
         if held.iter().any(|(_, ends)| *ends) {
@@ -109,12 +138,14 @@ impl<N> CommandTracker<N> {
         self.commands.remove(cmd_id);
     }
 
-    /// A notification of `cmd_id`; `ends` when it is the command's `Ended`.
-    pub fn notification(&mut self, cmd_id: &str, note: N, ends: bool) -> Delivery<N> {
+    /// A notification of submission `attempt` of `cmd_id`; `ends` when it is the command's
+    /// `Ended`. One of an earlier submission of a reused `cmd_id` is unknown.
+    pub fn notification(&mut self, cmd_id: &str, attempt: u64, note: N, ends: bool) -> Delivery<N> {
         match self.commands.entry(cmd_id.to_owned()) {
             Entry::Vacant(_) => Delivery::Unknown(note),
+            Entry::Occupied(entry) if entry.get().attempt() != attempt => Delivery::Unknown(note),
             Entry::Occupied(mut entry) => match entry.get_mut() {
-                State::Pending { held } => {
+                State::Pending { held, .. } => {
                     held.push((note, ends));
                     Delivery::Held
                 }
@@ -133,7 +164,7 @@ impl<N> CommandTracker<N> {
         self.commands
             .values()
             .filter_map(|state| match state {
-                State::Live { overdue_at } => Some(*overdue_at),
+                State::Live { overdue_at, .. } => Some(*overdue_at),
                 State::Pending { .. } => None,
             })
             .min()
@@ -144,7 +175,9 @@ impl<N> CommandTracker<N> {
         let overdue: Vec<String> = self
             .commands
             .iter()
-            .filter(|(_, state)| matches!(state, State::Live { overdue_at } if *overdue_at <= now))
+            .filter(
+                |(_, state)| matches!(state, State::Live { overdue_at, .. } if *overdue_at <= now),
+            )
             .map(|(cmd_id, _)| cmd_id.clone())
             .collect();
         for cmd_id in &overdue {
@@ -160,25 +193,33 @@ mod tests {
 
     const SECOND: Duration = Duration::from_secs(1);
 
+    /// Admits `cmd_id`, returning its submission number.
+    fn admit<N>(t: &mut CommandTracker<N>, cmd_id: &str) -> u64 {
+        match t.admit(cmd_id) {
+            Admission::Admitted { attempt } => attempt,
+            other => panic!("{cmd_id} not admitted: {other:?}"),
+        }
+    }
+
     #[test]
     fn notifications_before_started_are_held_and_released_in_order() {
         let now = Instant::now();
         let mut t = CommandTracker::new(4);
-        assert_eq!(t.admit("c1"), Admission::Admitted);
-        assert_eq!(t.notification("c1", "event 1", false), Delivery::Held);
-        assert_eq!(t.notification("c1", "event 2", false), Delivery::Held);
+        let n = admit(&mut t, "c1");
+        assert_eq!(t.notification("c1", n, "event 1", false), Delivery::Held);
+        assert_eq!(t.notification("c1", n, "event 2", false), Delivery::Held);
         assert_eq!(t.started("c1", now, SECOND), ["event 1", "event 2"]);
         assert_eq!(
-            t.notification("c1", "event 3", false),
+            t.notification("c1", n, "event 3", false),
             Delivery::Deliver("event 3")
         );
         assert_eq!(
-            t.notification("c1", "ended", true),
+            t.notification("c1", n, "ended", true),
             Delivery::Deliver("ended")
         );
         assert!(t.is_empty());
         assert_eq!(
-            t.notification("c1", "late", false),
+            t.notification("c1", n, "late", false),
             Delivery::Unknown("late")
         );
     }
@@ -186,9 +227,9 @@ mod tests {
     #[test]
     fn an_end_held_back_ends_the_command_when_it_starts() {
         let mut t = CommandTracker::new(4);
-        t.admit("c1");
-        t.notification("c1", "error", false);
-        t.notification("c1", "ended", true);
+        let n = admit(&mut t, "c1");
+        t.notification("c1", n, "error", false);
+        t.notification("c1", n, "ended", true);
         assert_eq!(t.started("c1", Instant::now(), SECOND), ["error", "ended"]);
         assert!(t.is_empty());
         assert_eq!(t.next_overdue_at(), None);
@@ -197,23 +238,23 @@ mod tests {
     #[test]
     fn ids_in_use_and_the_limit_are_refused_and_freed_when_commands_end() {
         let mut t = CommandTracker::<&str>::new(2);
-        assert_eq!(t.admit("a"), Admission::Admitted);
+        admit(&mut t, "a");
         assert_eq!(t.admit("a"), Admission::Duplicate);
-        assert_eq!(t.admit("b"), Admission::Admitted);
+        let b = admit(&mut t, "b");
         assert_eq!(t.admit("c"), Admission::Full { limit: 2 });
         t.refused("a");
-        assert_eq!(t.admit("a"), Admission::Admitted);
+        admit(&mut t, "a");
         t.started("b", Instant::now(), SECOND);
-        t.notification("b", "ended", true);
-        assert_eq!(t.admit("c"), Admission::Admitted);
+        t.notification("b", b, "ended", true);
+        admit(&mut t, "c");
         assert_eq!(t.len(), 2);
     }
 
     #[test]
     fn a_refused_command_drops_what_was_held() {
         let mut t = CommandTracker::new(2);
-        t.admit("a");
-        t.notification("a", "event", false);
+        let n = admit(&mut t, "a");
+        t.notification("a", n, "event", false);
         t.refused("a");
         assert!(t.is_empty());
         assert_eq!(t.started("a", Instant::now(), SECOND), Vec::<&str>::new());
@@ -224,9 +265,9 @@ mod tests {
     fn live_commands_become_overdue_after_their_deadline_and_margin() {
         let now = Instant::now();
         let mut t = CommandTracker::<&str>::new(4);
-        t.admit("pending");
-        t.admit("short");
-        t.admit("long");
+        admit(&mut t, "pending");
+        admit(&mut t, "short");
+        admit(&mut t, "long");
         t.started("short", now, SECOND);
         t.started("long", now, 10 * SECOND);
         assert_eq!(t.next_overdue_at(), Some(now + SECOND + OVERDUE_MARGIN));
@@ -246,12 +287,43 @@ mod tests {
     fn a_reused_id_gets_a_fresh_deadline() {
         let now = Instant::now();
         let mut t = CommandTracker::<&str>::new(4);
-        t.admit("a");
+        let first = admit(&mut t, "a");
         t.started("a", now, SECOND);
-        t.notification("a", "ended", true);
-        t.admit("a");
+        t.notification("a", first, "ended", true);
+        admit(&mut t, "a");
         t.started("a", now + 5 * SECOND, SECOND);
         assert!(t.take_overdue(now + SECOND + OVERDUE_MARGIN).is_empty());
         assert_eq!(t.take_overdue(now + 6 * SECOND + OVERDUE_MARGIN), ["a"]);
+    }
+
+    #[test]
+    fn late_notifications_of_a_lost_command_do_not_reach_its_reused_id() {
+        let now = Instant::now();
+        let mut t = CommandTracker::<&str>::new(4);
+        let lost = admit(&mut t, "a");
+        t.started("a", now, SECOND);
+        assert_eq!(t.take_overdue(now + 10 * SECOND), ["a"]);
+        let again = admit(&mut t, "a");
+        assert_ne!(lost, again);
+        t.started("a", now + 10 * SECOND, SECOND);
+        // The lost command's replica was alive after all: its end must not end the new one.
+        assert_eq!(
+            t.notification("a", lost, "ended", true),
+            Delivery::Unknown("ended")
+        );
+        assert_eq!(t.len(), 1);
+        assert_eq!(
+            t.notification("a", again, "ended", true),
+            Delivery::Deliver("ended")
+        );
+        assert!(t.is_empty());
+    }
+
+    #[test]
+    fn an_absurd_deadline_does_not_overflow() {
+        let mut t = CommandTracker::<&str>::new(4);
+        admit(&mut t, "a");
+        t.started("a", Instant::now(), Duration::MAX);
+        assert!(t.next_overdue_at().is_some());
     }
 }

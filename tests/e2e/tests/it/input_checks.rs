@@ -128,6 +128,7 @@ async fn uris_with_headers_maddr_passwords_or_lists_never_reach_opensips() {
                 cmd_id: format!("bad-{n}"),
                 notify_subject: "callapi.v1.notify.default.test".into(),
                 connection_id: "conn".into(),
+                attempt: 1,
                 command: Some(command),
             };
             let reply = nats

@@ -18,6 +18,7 @@ fn request(tenant: &str, command: Command) -> CommandRequest {
         cmd_id: "c1".into(),
         notify_subject: "callapi.v1.notify.default.test".into(),
         connection_id: "conn".into(),
+        attempt: 1,
         command: Some(command),
     }
 }
