@@ -66,6 +66,11 @@ pub fn key(tenant: &str, node_id: &str, callid: &str) -> String {
     format!("{tenant}.{node_id}.{}", callid_token(callid))
 }
 
+/// The subject a record's writes are published on (`$KV.<bucket>.<key>`).
+pub fn subject(key: &str) -> String {
+    format!("$KV.{BUCKET}.{key}")
+}
+
 /// The keys of one node's records, as a watch filter.
 pub fn node_keys(tenant: &str, node_id: &str) -> String {
     format!("{tenant}.{node_id}.*")

@@ -300,7 +300,7 @@ impl Task {
         let held = self.book.keys();
         let mut repaired = 0usize;
         for key in stored.difference(&held) {
-            let subject = format!("$KV.{}.{key}", calls::BUCKET);
+            let subject = calls::subject(key);
             if self
                 .nats
                 .publish_with_headers(subject, calls::removal_headers(), bytes::Bytes::new())
@@ -428,11 +428,7 @@ async fn list_node(mi: &MiClient, node_id: &str) -> Result<(Vec<Listed>, u64), S
 }
 
 fn subject(tenant: &str, node_id: &str, callid: &str) -> String {
-    format!(
-        "$KV.{}.{}",
-        calls::BUCKET,
-        calls::key(tenant, node_id, callid)
-    )
+    calls::subject(&calls::key(tenant, node_id, callid))
 }
 
 async fn dlg_list(

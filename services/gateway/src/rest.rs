@@ -74,6 +74,19 @@ impl Problem {
     }
 }
 
+impl From<SubmitError> for Problem {
+    fn from(err: SubmitError) -> Self {
+        match err {
+            SubmitError::Unavailable(reason) => {
+                Problem::new(StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE", reason)
+            }
+            SubmitError::Refused(reason) => {
+                Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "REFUSED", reason)
+            }
+        }
+    }
+}
+
 impl IntoResponse for Problem {
     fn into_response(self) -> Response {
         let title = self.status.canonical_reason().unwrap_or("Error");
@@ -302,14 +315,7 @@ impl Rest {
         self.commands
             .submit(self.attachment.origin(), cmd_id, 0, kind, command)
             .await
-            .map_err(|err| match err {
-                SubmitError::Unavailable(reason) => {
-                    Problem::new(StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE", reason)
-                }
-                SubmitError::Refused(reason) => {
-                    Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "REFUSED", reason)
-                }
-            })?;
+            .map_err(Problem::from)?;
         match tokio::time::timeout(self.outcome_wait, first.recv()).await {
             Ok(Some(notification::Kind::Error(error))) => Err(Problem::of_command(&error)),
             _ => Ok(()),
@@ -725,8 +731,6 @@ async fn create(
     body: Result<Json<CreateBody>, JsonRejection>,
 ) -> Result<Json<Created>, Problem> {
     let Json(body) = body.map_err(json_problem)?;
-    bounded("caller", &Some(body.caller.clone()), 1, 256)?;
-    bounded("callee", &Some(body.callee.clone()), 1, 256)?;
     bounded("caller_display_name", &body.caller_display_name, 0, 1024)?;
     bounded("trunk", &body.trunk, 1, 64)?;
     bounded("rewrite_from", &body.rewrite_from, 1, 16)?;
@@ -812,14 +816,7 @@ async fn create(
         .inspect_err(|_| {
             lock(&rest.waiters.provisional).remove(id);
         })
-        .map_err(|err| match err {
-            SubmitError::Unavailable(reason) => {
-                Problem::new(StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE", reason)
-            }
-            SubmitError::Refused(reason) => {
-                Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "REFUSED", reason)
-            }
-        })?;
+        .map_err(Problem::from)?;
     Ok(Json(Created { id: id.to_string() }))
 }
 
@@ -1003,7 +1000,6 @@ async fn refer(
 ) -> Result<StatusCode, Problem> {
     let Json(body) = body.map_err(json_problem)?;
     extension("extension_number", &body.extension_number)?;
-    bounded("refer_to", &Some(body.refer_to.clone()), 1, 256)?;
     let destination = rest.uri_of("refer_to", &body.refer_to)?;
     let session = rest.session(&id)?;
     let (call, transferor) = party_of(&session, &body.extension_number)?;

@@ -215,7 +215,7 @@ async fn the_list_is_right_after_every_service_restarted_mid_call() {
     };
     let key = callapi_kit::calls::key("default", "opensips1", "stray@nowhere");
     nats.publish(
-        format!("$KV.{}.{key}", callapi_kit::calls::BUCKET),
+        callapi_kit::calls::subject(&key),
         prost::Message::encode_to_vec(&stray).into(),
     )
     .await
