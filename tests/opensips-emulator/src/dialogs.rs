@@ -182,6 +182,8 @@ pub struct Dialog {
     pub hangs_up_on_refer: bool,
     /// When it reached state 5.
     pub ended_at: Option<Instant>,
+    /// Dialog values (`dlg_push_var`, `$dlg_val`).
+    pub vals: std::collections::BTreeMap<String, String>,
 }
 
 impl Dialog {
@@ -505,6 +507,7 @@ mod tests {
             phones: Phones::Pyua,
             hangs_up_on_refer: false,
             ended_at: None,
+            vals: Default::default(),
         }
     }
 

@@ -10,6 +10,7 @@ pub mod events;
 pub mod mi;
 pub mod node;
 pub mod phones;
+pub mod script;
 pub mod shm;
 pub mod sip;
 pub mod transport;
@@ -59,6 +60,10 @@ pub struct EmulatorConfig {
     /// INVITEs ringing) the node holds at once; past it MI requests and BYEs fail as on an
     /// OpenSIPS out of shm (see [`shm`]). 0: unlimited.
     pub shm_budget: usize,
+    /// Trunk gateways that answer (`host:port`, as a trunk's `$du` names them); an INVITE
+    /// routed to any other trunk address times out (408 after `dead_timeout`): a trunk that
+    /// is down.
+    pub trunk_gateways: Vec<String>,
 }
 
 impl Default for EmulatorConfig {
@@ -74,6 +79,7 @@ impl Default for EmulatorConfig {
             extra_phones: Vec::new(),
             mi_http_poll: Duration::from_millis(500),
             shm_budget: 0,
+            trunk_gateways: Vec::new(),
         }
     }
 }

@@ -45,6 +45,10 @@ struct Args {
     /// once; past it MI requests get `500 Internal error` and BYEs fail (0: unlimited).
     #[arg(long, default_value_t = 0)]
     shm_budget: usize,
+    /// Trunk gateways that answer (`host:port`, comma separated); calls routed to any other
+    /// trunk address time out: a trunk that is down.
+    #[arg(long, value_delimiter = ',')]
+    trunk_gateways: Vec<String>,
 }
 
 fn listener(text: Option<&str>) -> Result<Option<SocketAddr>, String> {
@@ -97,6 +101,7 @@ async fn main() -> ExitCode {
         extra_phones: args.extra_phones,
         mi_http_poll: Duration::from_millis(args.mi_http_poll_ms),
         shm_budget: args.shm_budget,
+        trunk_gateways: args.trunk_gateways,
     };
     let emulator = match opensips_emulator::start(config).await {
         Ok(emulator) => emulator,

@@ -294,6 +294,8 @@ pub enum Command {
     EndDlg,
     /// `dlg_list`, `dlg_list_ctx` / `dialog:list`, `dialog:list_ctx`.
     DlgList,
+    /// `dlg_push_var` / `dialog:push_var`.
+    PushVar,
 }
 
 impl Command {
@@ -316,7 +318,7 @@ impl Command {
             | Command::SubscribersList => "core",
             Command::UacDlg => "tm",
             Command::Transfer | Command::Hold | Command::Unhold => "callops",
-            Command::EndDlg | Command::DlgList => "dialog",
+            Command::EndDlg | Command::DlgList | Command::PushVar => "dialog",
         }
     }
 }
@@ -335,6 +337,7 @@ fn plain(name: &str) -> Option<Command> {
         "call_unhold" => Command::Unhold,
         "dlg_end_dlg" => Command::EndDlg,
         "dlg_list" | "dlg_list_ctx" => Command::DlgList,
+        "dlg_push_var" => Command::PushVar,
         _ => return None,
     })
 }
@@ -354,6 +357,7 @@ fn namespaced(name: &str) -> Option<Command> {
         "callops:unhold" => Command::Unhold,
         "dialog:end_dlg" => Command::EndDlg,
         "dialog:list" | "dialog:list_ctx" => Command::DlgList,
+        "dialog:push_var" => Command::PushVar,
         _ => return None,
     })
 }

@@ -14,6 +14,7 @@ use crate::dialogs::{Dialog, DialogTable, HoldLegs, Leg, Party, TransferRefused}
 use crate::events::{Events, SubscribeError};
 use crate::mi::{self, Command, MiError, MiResult, match_params, text};
 use crate::phones::{self, Behaviour, Phones};
+use crate::script::{self, CalleeInstructions, SentRequest, SipLog};
 use crate::shm::{Shm, Slot, Stats};
 use crate::sip::{self, UacReply, UacRequest};
 use crate::{EmulatorConfig, Version};
@@ -46,6 +47,8 @@ pub struct Node {
     shm: Arc<Shm>,
     /// The shm slot of each INVITE the proxy relays while it rings (by Call-ID).
     ringing: Mutex<HashMap<String, Slot>>,
+    /// The SIP requests sent, for tests (`GET /emulator/sip`).
+    sent: Mutex<SipLog>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -65,6 +68,7 @@ impl Node {
             counter: AtomicU64::new(1),
             shm: Shm::new(config.shm_budget),
             ringing: Mutex::new(HashMap::new()),
+            sent: Mutex::new(SipLog::default()),
             config,
         })
     }
@@ -171,6 +175,7 @@ impl Node {
             // a_callstart: baresip hangs the click-to-dial call up once transferred; pyua not.
             hangs_up_on_refer: uac && phones == Phones::Baresip,
             ended_at: None,
+            vals: Default::default(),
         }
     }
 
@@ -234,6 +239,11 @@ impl Node {
         }
     }
 
+    /// The SIP requests sent for `callid` (all when `None`), oldest first.
+    pub fn sent(&self, callid: Option<&str>) -> Vec<SentRequest> {
+        lock(&self.sent).of(callid)
+    }
+
     /// Runs one MI command (already past the envelope checks).
     pub async fn call(self: &Arc<Self>, method: &str, params: &Value) -> Answer {
         let command = match mi::resolve(self.config.version, method) {
@@ -295,6 +305,7 @@ impl Node {
             Command::Unhold => self.hold(params, false),
             Command::EndDlg => self.end(params),
             Command::DlgList => self.list(params),
+            Command::PushVar => self.push_var(params),
             // Asynchronous: run by `call` itself, never here.
             Command::UacDlg => Err(MiError::no_method()),
         }
@@ -355,6 +366,14 @@ impl Node {
                 .unwrap_or_else(|| "1".to_owned()),
             from,
         };
+        lock(&self.sent).push(SentRequest {
+            callid: request.callid.clone(),
+            method: method.clone(),
+            ruri: ruri.clone(),
+            destination: text(&p, "next_hop"),
+            headers: script::header_lines(&headers),
+            body: text(&p, "body"),
+        });
         let user = phones::user_of(&ruri).to_owned();
         if method != "INVITE" {
             return Ok(self.uac_other(&request, &user));
@@ -460,6 +479,29 @@ impl Node {
         let contact = self.contact(&Party::Phone(user.to_owned()));
         let message = reply(&format!("User-Agent: pyua/{user}"));
         json!({"Status": "200 OK", "RURI": contact, "Next-hop": contact, "Message": message})
+    }
+
+    /// `dlg_push_var {dlg_val_name, dlg_val_value, DID: [Call-ID or dialog id, …]}`: sets a
+    /// dialog value; unknown dialogs are skipped, the answer is "OK" all the same.
+    fn push_var(&self, params: &Value) -> MiResult {
+        let p = match_params(params, &[&["dlg_val_name", "dlg_val_value", "DID"]])?;
+        let name = text(&p, "dlg_val_name").ok_or_else(MiError::bad_value)?;
+        let value = text(&p, "dlg_val_value").ok_or_else(MiError::bad_value)?;
+        let Some(Value::Array(ids)) = p.get("DID") else {
+            return Err(MiError::invalid_params("Bad type for parameter 'DID'"));
+        };
+        let mut dialogs = lock(&self.dialogs);
+        for id in ids {
+            let Some(id) = id.as_str() else {
+                return Err(MiError::invalid_params(
+                    "Bad type for array item in parameter 'DID'",
+                ));
+            };
+            dialogs.update(id, |d| {
+                d.vals.insert(name.clone(), value.clone());
+            });
+        }
+        Ok(json!("OK"))
     }
 
     fn transfer(self: &Arc<Self>, params: &Value) -> MiResult {
@@ -581,7 +623,39 @@ impl Node {
         };
         let target = phones::user_of(&destination).to_owned();
         let new_callid = dialog.new_callid(&transferee);
-        let behaviour = self.behaviour(&target);
+        let mut behaviour = self.behaviour(&target);
+        // The phone's INVITE, as our shipped script relays it toward the callee.
+        let mut invite = SentRequest {
+            callid: new_callid.clone(),
+            method: "INVITE".to_owned(),
+            ruri: destination.clone(),
+            destination: None,
+            headers: vec![
+                format!("From: <sip:{transferee}@127.0.0.1>;tag={}", sip::hex(10)),
+                format!("To: <{destination}>"),
+                format!("Call-ID: {new_callid}"),
+                "CSeq: 1 INVITE".to_owned(),
+                format!("Referred-By: <sip:{transferee}@127.0.0.1>"),
+                "Content-Type: application/sdp".to_owned(),
+            ],
+            body: Some(sip::sdp(&Party::Phone(transferee.clone()))),
+        };
+        if let Some(instructions) = dialog
+            .vals
+            .get(script::CALLEE_VALUE)
+            .and_then(|v| CalleeInstructions::parse(v))
+        {
+            instructions.apply(&mut invite);
+            if let (Some(_), Some(du)) = (&instructions.trunk, &instructions.du) {
+                let gateway = script::host_of(du);
+                behaviour = if self.config.trunk_gateways.contains(&gateway) {
+                    Behaviour::Answers
+                } else {
+                    Behaviour::Dead
+                };
+            }
+        }
+        lock(&self.sent).push(invite);
         let mut new_dialog = self.new_dialog(
             new_callid.clone(),
             format!("sip:{transferee}@127.0.0.1"),

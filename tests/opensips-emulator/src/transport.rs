@@ -10,6 +10,7 @@
 //! (`mi_json_wait_async_reply` in `modules/mi_http/mi_http.c`), so that reply goes out at the
 //! first step after the command completed and everything behind it waits that long too.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -175,6 +176,7 @@ pub async fn serve_http(listener: TcpListener, node: Arc<Node>, stop: Cancellati
         .route("/emulator/call", post(http_place_call))
         .route("/emulator/hangup", post(http_hang_up))
         .route("/emulator/stats", get(http_stats))
+        .route("/emulator/sip", get(http_sent))
         .with_state(Http {
             node,
             httpd: Arc::new(tokio::sync::Mutex::new(())),
@@ -274,6 +276,14 @@ async fn http_mi(State(http): State<Http>, body: Bytes) -> Response {
 
 async fn http_stats(State(http): State<Http>) -> Response {
     axum::Json(http.node.stats()).into_response()
+}
+
+/// `GET /emulator/sip[?callid=CALL-ID]`: the SIP requests the node sent, oldest first.
+async fn http_sent(
+    State(http): State<Http>,
+    axum::extract::Query(query): axum::extract::Query<HashMap<String, String>>,
+) -> Response {
+    axum::Json(http.node.sent(query.get("callid").map(String::as_str))).into_response()
 }
 
 fn bad_request(text: &'static str) -> Response {

@@ -455,3 +455,147 @@ async fn t_uac_dlg_goes_on_when_its_http_client_goes_away() {
     .expect("reply");
     assert_eq!(listed["result"]["Dialog"]["state"], 4, "{listed}");
 }
+
+/// The SIP requests the emulator sent for `callid` (all when empty).
+async fn sent(emulator: &Emulator, callid: &str) -> Vec<Value> {
+    let addr = emulator.mi_http_addr().expect("mi_http");
+    let path = if callid.is_empty() {
+        "/emulator/sip".to_owned()
+    } else {
+        format!("/emulator/sip?callid={callid}")
+    };
+    let (status, body) = common::http(addr, "GET", &path, "", Duration::from_secs(2))
+        .await
+        .expect("GET /emulator/sip");
+    assert_eq!(status, 200, "{body}");
+    serde_json::from_str::<Vec<Value>>(&body).expect("a list")
+}
+
+fn header<'a>(request: &'a Value, name: &str) -> Option<&'a str> {
+    request["headers"].as_array()?.iter().find_map(|line| {
+        let (key, value) = line.as_str()?.split_once(':')?;
+        key.eq_ignore_ascii_case(name).then_some(value.trim())
+    })
+}
+
+/// A click-to-dial first leg to alice, with the shipped script's instructions for the INVITE
+/// its transfer makes pushed on it; returns (first Call-ID, E_CALL_TRANSFER states seen).
+async fn click_to_dial_with(
+    emulator: &Emulator,
+    callee: &str,
+    instructions: &str,
+) -> (String, Vec<String>) {
+    let subscriber = Subscriber::new(emulator, &["E_CALL_TRANSFER"]).await;
+    let callid = format!("x-{}", uuid::Uuid::new_v4());
+    let headers = format!(
+        "From: \"Desk\" <sip:1001@127.0.0.1>\r\nTo: <{callee}>\r\nCall-Id: {callid}\r\nCSeq: 1 INVITE\r\nAnswer-Mode: Auto\r\n"
+    );
+    let reply = mi_udp(
+        emulator,
+        json!({"jsonrpc": "2.0", "id": 1, "method": "t_uac_dlg",
+            "params": {"method": "INVITE", "ruri": "sip:alice@127.0.0.1", "headers": headers}}),
+    )
+    .await
+    .expect("t_uac_dlg answer");
+    assert!(
+        reply["result"]["Status"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("200"),
+        "{reply}"
+    );
+    let reply = mi_udp(
+        emulator,
+        json!({"jsonrpc": "2.0", "id": 2, "method": "dlg_push_var",
+            "params": {"dlg_val_name": "callapi_callee", "dlg_val_value": instructions, "DID": [callid]}}),
+    )
+    .await
+    .expect("dlg_push_var answer");
+    assert_eq!(reply["result"], "OK", "{reply}");
+    let reply = mi_udp(
+        emulator,
+        json!({"jsonrpc": "2.0", "id": 3, "method": "call_transfer",
+            "params": {"callid": callid, "leg": "callee", "destination": callee}}),
+    )
+    .await
+    .expect("call_transfer answer");
+    assert_eq!(reply["result"], "Accepted", "{reply}");
+    let states = subscriber
+        .collect(Duration::from_millis(600))
+        .await
+        .iter()
+        .filter(|e| e["params"]["callid"] == callid.as_str())
+        .filter_map(|e| e["params"]["state"].as_str().map(str::to_owned))
+        .collect();
+    (callid, states)
+}
+
+#[tokio::test]
+async fn the_shipped_script_shapes_the_invite_a_refer_makes_and_routes_trunks() {
+    let emulator = opensips_emulator::start(EmulatorConfig {
+        answer_delay: Duration::from_millis(5),
+        dead_timeout: Duration::from_millis(200),
+        trunk_gateways: vec!["127.0.0.1:5090".to_owned()],
+        ..EmulatorConfig::default()
+    })
+    .await
+    .expect("emulator");
+
+    // The first INVITE goes out as t_uac_dlg was told: no body (late offer), our headers.
+    let instructions = r#"{"hdrs":"Alert-Info: info=intercom\r\n","from_display":"Sales","pai_user":"4930","du":"sip:127.0.0.1:5090","trunk":"carrier"}"#;
+    let (x, states) = click_to_dial_with(&emulator, "sip:+4930123@127.0.0.1", instructions).await;
+    assert_eq!(states, ["start", "notify", "ok", "notify"]);
+    let first = sent(&emulator, &x).await;
+    assert_eq!(first.len(), 1, "{first:?}");
+    assert_eq!(first[0]["method"], "INVITE");
+    assert_eq!(first[0]["body"], Value::Null);
+    assert_eq!(header(&first[0], "Answer-Mode"), Some("Auto"));
+    assert_eq!(
+        header(&first[0], "From"),
+        Some("\"Desk\" <sip:1001@127.0.0.1>")
+    );
+
+    // The phone's INVITE toward the callee, after the script: through the trunk, reshaped.
+    let all = sent(&emulator, "").await;
+    let second = all
+        .iter()
+        .find(|r| r["callid"] != x.as_str() && r["ruri"] == "sip:+4930123@127.0.0.1")
+        .expect("the INVITE the REFER made");
+    assert_eq!(second["destination"], "sip:127.0.0.1:5090");
+    assert_eq!(header(second, "Alert-Info"), Some("info=intercom"));
+    assert_eq!(
+        header(second, "P-Asserted-Identity"),
+        Some("<sip:4930@127.0.0.1>")
+    );
+    assert!(
+        header(second, "From").is_some_and(|f| f.starts_with("\"Sales\" <sip:alice@127.0.0.1>"))
+    );
+    assert!(
+        second["body"]
+            .as_str()
+            .is_some_and(|b| b.starts_with("v=0"))
+    );
+
+    // A trunk nobody answers at: the transfer fails as a dead destination does.
+    let down = r#"{"du":"sip:127.0.0.1:5999","trunk":"broken"}"#;
+    let (_, states) = click_to_dial_with(&emulator, "sip:+4930124@127.0.0.1", down).await;
+    assert_eq!(states, ["start", "fail"]);
+
+    // Bad DID shapes are refused as OpenSIPS does; an unknown dialog is no error.
+    let reply = mi_udp(
+        &emulator,
+        json!({"jsonrpc": "2.0", "id": 4, "method": "dlg_push_var",
+            "params": {"dlg_val_name": "a", "dlg_val_value": "b", "DID": "not-an-array"}}),
+    )
+    .await
+    .expect("answer");
+    assert_eq!(reply["error"]["code"], -32602, "{reply}");
+    let reply = mi_udp(
+        &emulator,
+        json!({"jsonrpc": "2.0", "id": 5, "method": "dlg_push_var",
+            "params": {"dlg_val_name": "a", "dlg_val_value": "b", "DID": ["nope"]}}),
+    )
+    .await
+    .expect("answer");
+    assert_eq!(reply["result"], "OK", "{reply}");
+}
