@@ -119,6 +119,41 @@ pub async fn open(
         .map_err(|e| format!("key-value bucket {BUCKET}: {e}"))
 }
 
+/// The bucket of what clients said about the sessions they created (`SessionMeta`).
+pub const META_BUCKET: &str = "callapi_session_meta";
+
+/// The key of a session's `SessionMeta`.
+pub fn meta_key(tenant: &str, session_id: u64) -> String {
+    format!("{tenant}.{session_id}")
+}
+
+/// Opens the metadata bucket, creating it if needed (a gateway writes it, every gateway
+/// reads it; records live [`MAX_AGE`], as the calls' safety net).
+pub async fn open_meta(
+    jetstream: &async_nats::jetstream::Context,
+) -> Result<async_nats::jetstream::kv::Store, String> {
+    let config = async_nats::jetstream::kv::Config {
+        bucket: META_BUCKET.to_owned(),
+        description:
+            "callapi: what clients said about the sessions they created (callapi.v1.SessionMeta)"
+                .to_owned(),
+        history: 1,
+        max_age: MAX_AGE,
+        storage: async_nats::jetstream::stream::StorageType::File,
+        ..Default::default()
+    };
+    if let Ok(kv) = jetstream.get_key_value(META_BUCKET).await {
+        return Ok(kv);
+    }
+    match jetstream.create_key_value(config).await {
+        Ok(kv) => Ok(kv),
+        Err(_) => jetstream
+            .get_key_value(META_BUCKET)
+            .await
+            .map_err(|e| format!("key-value bucket {META_BUCKET}: {e}")),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -32,9 +32,135 @@ pub fn callid(callid: &str) -> Result<(), &'static str> {
     Ok(())
 }
 
+/// Checks a CallStart's options (PortSIP's limits and what SIP headers can carry): the
+/// reason starts with the field's name.
+pub fn call_options(options: &callapi_proto::v1::CallOptions) -> Result<(), String> {
+    let text = |field: &str, value: &str, max: usize| {
+        if value.chars().count() > max {
+            return Some(format!("{field} must be at most {max} characters"));
+        }
+        value
+            .chars()
+            .any(char::is_control)
+            .then(|| format!("{field} must not contain control characters"))
+    };
+    let user = |field: &str, value: &str| {
+        (!value.is_empty()
+            && (value.len() > 16
+                || !value
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"+*#._-".contains(&b))))
+        .then(|| format!("{field} must be 1 to 16 of 0-9 A-Z a-z + * # . _ -"))
+    };
+    let token = |field: &str, value: &str| {
+        (!value.is_empty()
+            && (value.len() > 128
+                || !value
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b":._-".contains(&b))))
+        .then(|| format!("{field} must be at most 128 of 0-9 A-Z a-z : . _ -"))
+    };
+    let uri = |field: &str, value: &str| {
+        (!value.is_empty() && sip_uri(value).is_err()).then(|| format!("{field} must be a SIP URI"))
+    };
+    let no_trunk = options.trunk.is_none();
+    let rewrite_without_trunk = [
+        ("rewrite_from", &options.rewrite_from),
+        ("rewrite_pai", &options.rewrite_pai),
+        ("rewrite_rpi", &options.rewrite_rpi),
+    ]
+    .into_iter()
+    .find(|(_, v)| no_trunk && !v.is_empty())
+    .map(|(field, _)| format!("{field} applies only to a call through a trunk"));
+    let refused = text("caller_display_name", &options.caller_display_name, 1024)
+        .or_else(|| text("user_data", &options.user_data, 128))
+        .or_else(|| user("rewrite_from", &options.rewrite_from))
+        .or_else(|| user("rewrite_pai", &options.rewrite_pai))
+        .or_else(|| user("rewrite_rpi", &options.rewrite_rpi))
+        .or(rewrite_without_trunk)
+        .or_else(|| token("target_instance_id", &options.target_instance_id))
+        .or_else(|| uri("target", &options.target))
+        .or_else(|| {
+            options
+                .trunk
+                .as_ref()
+                .and_then(|t| uri("trunk", &t.uri).or_else(|| text("trunk", &t.name, 64)))
+        })
+        .or_else(|| {
+            (options.trunk.is_some() && !options.target.is_empty())
+                .then(|| "target cannot be combined with trunk".to_owned())
+        });
+    refused.map_or(Ok(()), Err)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use callapi_proto::v1 as pb;
+
+    #[test]
+    fn call_options_checks_name_the_field() {
+        let bad = |options: pb::CallOptions, field: &str| {
+            let why = call_options(&options).expect_err("refused");
+            assert!(why.starts_with(field), "{why}");
+        };
+        assert_eq!(call_options(&pb::CallOptions::default()), Ok(()));
+        bad(
+            pb::CallOptions {
+                user_data: "a\r\nVia: x".into(),
+                ..Default::default()
+            },
+            "user_data",
+        );
+        bad(
+            pb::CallOptions {
+                caller_display_name: "x".repeat(1025),
+                ..Default::default()
+            },
+            "caller_display_name",
+        );
+        bad(
+            pb::CallOptions {
+                rewrite_pai: "4930".into(),
+                ..Default::default()
+            },
+            "rewrite_pai",
+        );
+        let trunk = Some(pb::Trunk {
+            name: "t".into(),
+            uri: "sip:10.0.0.5".into(),
+        });
+        bad(
+            pb::CallOptions {
+                rewrite_from: "49 30".into(),
+                trunk: trunk.clone(),
+                ..Default::default()
+            },
+            "rewrite_from",
+        );
+        bad(
+            pb::CallOptions {
+                target: "not a uri".into(),
+                ..Default::default()
+            },
+            "target",
+        );
+        bad(
+            pb::CallOptions {
+                target_instance_id: "<urn:uuid:1>".into(),
+                ..Default::default()
+            },
+            "target_instance_id",
+        );
+        bad(
+            pb::CallOptions {
+                target: "sip:1002@10.1.2.3".into(),
+                trunk,
+                ..Default::default()
+            },
+            "target",
+        );
+    }
 
     #[test]
     fn uris_that_could_break_a_header_are_refused() {

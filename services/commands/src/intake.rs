@@ -46,11 +46,14 @@ pub fn flow_for(
                 callid("callid", &c.callid)?;
                 c.callid.clone()
             };
+            let options = c.options.as_deref().cloned().unwrap_or_default();
+            validate::call_options(&options)?;
             (
                 Flow::Start(StartFlow::new(
                     c.caller.clone(),
                     c.callee.clone(),
                     callid,
+                    &options,
                     timings,
                 )),
                 deadlines.call_start_ms,

@@ -68,6 +68,18 @@ pub struct Config {
     /// How long a REST control request waits for its command's first notification (so a
     /// failure known at once is its answer), milliseconds.
     pub rest_outcome_wait_ms: u64,
+    /// Trunks a created call may go out through (`POST /api/sessions` `trunk`).
+    pub trunks: Vec<TrunkConfig>,
+}
+
+/// A trunk: a name clients use and where OpenSIPS sends the calls that go through it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrunkConfig {
+    /// Name (1 to 64 characters, unique).
+    pub name: String,
+    /// Where its calls are sent: a SIP URI of the trunk's gateway, e.g. `sip:203.0.113.7:5060`.
+    pub uri: String,
 }
 
 impl Default for Config {
@@ -89,6 +101,7 @@ impl Default for Config {
             sessions_enabled: true,
             sip_domain: "127.0.0.1".to_owned(),
             rest_outcome_wait_ms: 2_000,
+            trunks: Vec::new(),
         }
     }
 }
@@ -107,10 +120,27 @@ impl Config {
             ("handshake_timeout_ms", self.handshake_timeout_ms == 0),
             ("pong_timeout_ms", self.pong_timeout_ms == 0),
         ];
-        match zero.iter().find(|(_, is_zero)| *is_zero) {
-            Some((key, _)) => Err(Error::Config(format!("{key} must be greater than 0"))),
-            None => Ok(()),
+        if let Some((key, _)) = zero.iter().find(|(_, is_zero)| *is_zero) {
+            return Err(Error::Config(format!("{key} must be greater than 0")));
         }
+        for (n, trunk) in self.trunks.iter().enumerate() {
+            if !(1..=64).contains(&trunk.name.chars().count())
+                || trunk.name.chars().any(char::is_control)
+            {
+                return Err(Error::Config(format!(
+                    "trunks[{n}].name must be 1 to 64 characters"
+                )));
+            }
+            if self.trunks[..n].iter().any(|t| t.name == trunk.name) {
+                return Err(Error::Config(format!(
+                    "trunks[{n}]: a second trunk called {:?}",
+                    trunk.name
+                )));
+            }
+            callapi_kit::validate::sip_uri(&trunk.uri)
+                .map_err(|why| Error::Config(format!("trunks[{n}].uri {why}")))?;
+        }
+        Ok(())
     }
 }
 
@@ -211,6 +241,7 @@ pub async fn run(
         &shared.config.tenant,
         &shared.config.sip_domain,
         Duration::from_millis(shared.config.rest_outcome_wait_ms),
+        shared.config.trunks.clone(),
     ));
     let app = Router::new()
         .route("/call-api", get(upgrade))

@@ -237,6 +237,7 @@ pub fn command(kind: CommandKind, params: Map<String, Value>) -> Result<Command,
                 caller: p.caller.0,
                 callee: p.callee.0,
                 callid: String::new(),
+                options: None,
             })
         }
         CommandKind::BlindTransfer => {
@@ -378,6 +379,7 @@ mod tests {
                 caller: "sip:alice@127.0.0.1".into(),
                 callee: "sip:bob@127.0.0.1".into(),
                 callid: String::new(),
+                options: None,
             }))
         );
         let attended = command(

@@ -224,6 +224,7 @@ pub struct Rest {
     sessions: Option<SessionView>,
     sip_domain: String,
     outcome_wait: Duration,
+    trunks: Vec<crate::TrunkConfig>,
 }
 
 impl Rest {
@@ -234,6 +235,7 @@ impl Rest {
         tenant: &str,
         sip_domain: &str,
         outcome_wait: Duration,
+        trunks: Vec<crate::TrunkConfig>,
     ) -> Self {
         let waiters = Arc::new(Waiters::default());
         let attachment = commands.attach(tenant, waiters.clone());
@@ -244,6 +246,7 @@ impl Rest {
             sessions,
             sip_domain: sip_domain.to_owned(),
             outcome_wait,
+            trunks,
         }
     }
 
@@ -320,6 +323,24 @@ impl Rest {
             Ok(Some(notification::Kind::Error(error))) => Err(Problem::of_command(&error)),
             _ => Ok(()),
         }
+    }
+
+    /// The configured trunk called `name`.
+    fn trunk(&self, name: &str) -> Result<pb::Trunk, Problem> {
+        let trunk = self
+            .trunks
+            .iter()
+            .find(|t| t.name == name)
+            .ok_or_else(|| Problem {
+                status: StatusCode::UNPROCESSABLE_ENTITY,
+                code: "UNKNOWN_TRUNK",
+                detail: format!("no trunk called {name:?} is configured"),
+                field: Some("trunk".to_owned()),
+            })?;
+        Ok(pb::Trunk {
+            name: trunk.name.clone(),
+            uri: trunk.uri.clone(),
+        })
     }
 
     /// A number (an extension or a PSTN number: digits, an optional leading `+`) as a SIP URI
@@ -584,60 +605,54 @@ struct CreateBody {
     /// Called number: an extension or a PSTN number.
     #[schema(min_length = 1, max_length = 256, pattern = r"^\+?[0-9]{1,64}$")]
     callee: String,
-    /// Whether the INVITE carries an SDP offer (only `true` is supported yet).
-    send_sdp: SendSdp,
-    /// Display name for the caller (not supported yet).
-    #[schema(ignore)]
+    /// Whether the caller's INVITE carries an SDP offer (`false`: late offer, the phone
+    /// offers in its answer).
+    send_sdp: bool,
+    /// From display name of both INVITEs; shown as `caller_display_name` by GET.
+    #[schema(max_length = 1024)]
     caller_display_name: Option<String>,
-    /// Trunk to route through (not supported yet).
-    #[schema(ignore)]
+    /// A configured trunk the callee's INVITE goes out through (unknown: 422 UNKNOWN_TRUNK).
+    #[schema(min_length = 1, max_length = 64)]
     trunk: Option<String>,
-    /// User part of From toward the trunk (not supported yet).
-    #[schema(ignore)]
+    /// User part of From of the callee's INVITE (with `trunk` only).
+    #[schema(
+        min_length = 1,
+        max_length = 16,
+        pattern = r"^[0-9A-Za-z+*#._-]{1,16}$"
+    )]
     rewrite_from: Option<String>,
-    /// User part of P-Asserted-Identity toward the trunk (not supported yet).
-    #[schema(ignore)]
+    /// User part of P-Asserted-Identity of the callee's INVITE (with `trunk` only).
+    #[schema(
+        min_length = 1,
+        max_length = 16,
+        pattern = r"^[0-9A-Za-z+*#._-]{1,16}$"
+    )]
     rewrite_pai: Option<String>,
-    /// User part of Remote-Party-ID toward the trunk (not supported yet).
-    #[schema(ignore)]
+    /// User part of Remote-Party-ID of the callee's INVITE (with `trunk` only).
+    #[schema(
+        min_length = 1,
+        max_length = 16,
+        pattern = r"^[0-9A-Za-z+*#._-]{1,16}$"
+    )]
     rewrite_rpi: Option<String>,
-    /// Caller's context (not supported yet).
-    #[schema(ignore)]
+    /// Caller's context: stored with the session (GET shows it) and sent in both INVITEs as
+    /// `X-Callapi-User-Data`.
+    #[schema(max_length = 128)]
     user_data: Option<String>,
-    /// Target address (not supported yet).
-    #[schema(ignore)]
+    /// The callee contact to ring (a SIP URI), instead of where routing sends the call.
+    #[schema(max_length = 128)]
     target: Option<String>,
-    /// Target instance id (not supported yet).
-    #[schema(ignore)]
+    /// The callee registration to ring, by its instance id (sent as a GRUU `gr` parameter).
+    #[schema(max_length = 128, pattern = r"^[0-9A-Za-z:._-]{0,128}$")]
     target_instance_id: Option<String>,
     /// Target extension number (not supported yet).
     #[schema(ignore)]
     target_extension_number: Option<String>,
-    /// RFC 5373 header to add to the INVITE (not supported yet).
-    #[schema(ignore)]
+    /// RFC 5373 auto-answer header to add to the INVITE(s) `header_direction` names.
     additional_header: Option<AdditionalHeader>,
-    /// Which INVITE(s) get `additional_header`; ignored without it.
+    /// Which INVITE(s) get `additional_header` (default `CALLER`); ignored without it.
     header_direction: Option<HeaderDirection>,
 }
-
-/// `send_sdp`: a boolean; only `true` (an SDP offer in the INVITE) is supported yet.
-#[derive(Debug, Clone, Copy, Deserialize)]
-#[serde(transparent)]
-struct SendSdp(bool);
-
-impl utoipa::PartialSchema for SendSdp {
-    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
-        utoipa::openapi::ObjectBuilder::new()
-            .schema_type(utoipa::openapi::schema::Type::Boolean)
-            .enum_values(Some([true]))
-            .description(Some(
-                "Whether the INVITE carries an SDP offer; only true is supported yet",
-            ))
-            .into()
-    }
-}
-
-impl utoipa::ToSchema for SendSdp {}
 
 #[derive(Debug, Clone, Copy, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
@@ -649,12 +664,34 @@ enum AdditionalHeader {
     AlertInfoIntercom,
 }
 
+impl AdditionalHeader {
+    fn to_proto(self) -> pb::AutoAnswer {
+        match self {
+            Self::AnswerMode => pb::AutoAnswer::AnswerMode,
+            Self::CallInfo => pb::AutoAnswer::CallInfo,
+            Self::AlertInfoAutoAnswerDelay0 => pb::AutoAnswer::AlertInfoDelay0,
+            Self::AlertInfoAutoAnswer => pb::AutoAnswer::AlertInfo,
+            Self::AlertInfoIntercom => pb::AutoAnswer::AlertInfoIntercom,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 enum HeaderDirection {
     Caller,
     Callee,
     All,
+}
+
+impl HeaderDirection {
+    fn to_proto(self) -> pb::HeaderDirection {
+        match self {
+            Self::Caller => pb::HeaderDirection::Caller,
+            Self::Callee => pb::HeaderDirection::Callee,
+            Self::All => pb::HeaderDirection::All,
+        }
+    }
 }
 
 fn json_problem(rejection: JsonRejection) -> Problem {
@@ -747,37 +784,73 @@ async fn create(
     )?;
     let caller = rest.uri_of("caller", &body.caller)?;
     let callee = rest.uri_of("callee", &body.callee)?;
-    // Fields whose SIP effect needs what this version does not have yet are refused, not
-    // silently ignored.
-    let not_yet = [
-        ("trunk", body.trunk.is_some()),
-        ("rewrite_from", body.rewrite_from.is_some()),
-        ("rewrite_pai", body.rewrite_pai.is_some()),
-        ("rewrite_rpi", body.rewrite_rpi.is_some()),
-        ("user_data", body.user_data.is_some()),
-        ("target", body.target.is_some()),
-        ("target_instance_id", body.target_instance_id.is_some()),
-        (
-            "target_extension_number",
-            body.target_extension_number.is_some(),
-        ),
-        ("additional_header", body.additional_header.is_some()),
-        ("caller_display_name", body.caller_display_name.is_some()),
-        ("send_sdp", !body.send_sdp.0),
-    ];
-    // header_direction only says where additional_header goes: ignored without it (PortSIP).
-    let _ = body.header_direction;
-    if let Some((field, _)) = not_yet.iter().find(|(_, given)| *given) {
+    if body.target_extension_number.is_some() {
         return Err(Problem {
             status: StatusCode::UNPROCESSABLE_ENTITY,
             code: "NOT_SUPPORTED",
-            detail: format!("{field} is not supported by this version yet"),
-            field: Some((*field).to_owned()),
+            detail: "target_extension_number is not supported by this version yet".to_owned(),
+            field: Some("target_extension_number".to_owned()),
         });
     }
+    let trunk = body
+        .trunk
+        .as_deref()
+        .map(|name| rest.trunk(name))
+        .transpose()?;
+    let text = |value: &Option<String>| value.clone().unwrap_or_default();
+    let options = pb::CallOptions {
+        caller_display_name: text(&body.caller_display_name),
+        late_offer: !body.send_sdp,
+        trunk,
+        rewrite_from: text(&body.rewrite_from),
+        rewrite_pai: text(&body.rewrite_pai),
+        rewrite_rpi: text(&body.rewrite_rpi),
+        user_data: text(&body.user_data),
+        // header_direction only says where additional_header goes: ignored without it.
+        auto_answer: body
+            .additional_header
+            .map_or(pb::AutoAnswer::Unspecified, AdditionalHeader::to_proto)
+            as i32,
+        header_direction: body
+            .header_direction
+            .filter(|_| body.additional_header.is_some())
+            .map_or(pb::HeaderDirection::Unspecified, HeaderDirection::to_proto)
+            as i32,
+        target: text(&body.target),
+        target_instance_id: text(&body.target_instance_id),
+    };
+    validate::call_options(&options).map_err(|why| match why.split_once(' ') {
+        Some((field, reason)) => Problem::field(field, reason),
+        None => Problem::field("body", why.clone()),
+    })?;
     let callid = uuid::Uuid::new_v4().to_string();
     let id = callapi_kit::calls::session_id(rest.tenant(), &callid);
     let cmd_id = uuid::Uuid::new_v4().to_string();
+    let meta = pb::SessionMeta {
+        tenant: rest.tenant().to_owned(),
+        session_id: id,
+        first_callid: callid.clone(),
+        caller_display_name: options.caller_display_name.clone(),
+        trunk: options
+            .trunk
+            .as_ref()
+            .map(|t| t.name.clone())
+            .unwrap_or_default(),
+        user_data: options.user_data.clone(),
+    };
+    let remembered = !(meta.caller_display_name.is_empty()
+        && meta.trunk.is_empty()
+        && meta.user_data.is_empty());
+    if remembered && let Some(view) = &rest.sessions {
+        view.remember(meta.clone()).await.map_err(|err| {
+            tracing::warn!(%err, "cannot store a session's metadata");
+            Problem::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "UNAVAILABLE",
+                "the session store cannot take this session's data now; try again",
+            )
+        })?;
+    }
     let first_call = pb::CallRecord {
         tenant: rest.tenant().to_owned(),
         session_id: id,
@@ -794,6 +867,7 @@ async fn create(
             session: Session {
                 id,
                 calls: vec![first_call],
+                meta: remembered.then_some(meta),
             },
             cmd_id: cmd_id.clone(),
             until: std::time::Instant::now() + PROVISIONAL_TTL,
@@ -803,6 +877,7 @@ async fn create(
         caller,
         callee,
         callid,
+        options: Some(Box::new(options)),
     });
     rest.commands
         .submit(

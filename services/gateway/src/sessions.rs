@@ -7,8 +7,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use async_nats::jetstream::kv;
 use callapi_kit::calls;
-use callapi_proto::v1::{CallRecord, DialogState};
+use callapi_proto::v1::{CallRecord, DialogState, SessionMeta};
 use futures::StreamExt as _;
 use prost::Message as _;
 use serde_json::Value;
@@ -20,96 +21,144 @@ pub struct Session {
     pub id: u64,
     /// Its dialogs, oldest first.
     pub calls: Vec<CallRecord>,
+    /// What its creator said about it (REST-created sessions only).
+    pub meta: Option<SessionMeta>,
 }
+
+type Entries<T> = Arc<RwLock<HashMap<String, T>>>;
 
 /// The live view. Cheap to clone.
 #[derive(Clone, Default)]
 pub struct SessionView {
-    /// Records by key.
-    records: Arc<RwLock<HashMap<String, CallRecord>>>,
+    /// Call records by key.
+    records: Entries<CallRecord>,
+    /// Session metadata by key.
+    meta: Entries<SessionMeta>,
+    /// The metadata bucket, for [`SessionView::remember`].
+    meta_kv: Option<kv::Store>,
 }
 
-/// Longest wait at start for the store's current content.
+/// Longest wait at start for a bucket's current content.
 const CATCH_UP: Duration = Duration::from_secs(5);
 
+/// Copies bucket `kv` into `entries` and keeps it up to date until `shutdown` (watching again
+/// from scratch if the watch ends); returns once the current content is in (or [`CATCH_UP`]).
+async fn follow<T: prost::Message + Default + Send + Sync + 'static>(
+    kv: kv::Store,
+    name: &'static str,
+    entries: Entries<T>,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> Result<(), String> {
+    let pending = kv
+        .status()
+        .await
+        .map_err(|e| format!("key-value bucket {name}: {e}"))?
+        .values();
+    let mut watch = kv
+        .watch_with_history(">")
+        .await
+        .map_err(|e| format!("cannot watch key-value bucket {name}: {e}"))?;
+    let (caught_up, caught_up_rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        let mut caught_up = (pending > 0).then_some(caught_up);
+        loop {
+            let entry = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                entry = watch.next() => entry,
+            };
+            match entry {
+                Some(Ok(entry)) => {
+                    apply(&entries, &entry);
+                    if entry.delta == 0
+                        && let Some(done) = caught_up.take()
+                    {
+                        let _ = done.send(());
+                    }
+                }
+                Some(Err(err)) => tracing::warn!(%err, bucket = name, "key-value watch error"),
+                None => {
+                    tracing::warn!(bucket = name, "key-value watch ended; following it again");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    match kv.watch_with_history(">").await {
+                        Ok(again) => {
+                            if let Ok(mut map) = entries.write() {
+                                map.clear();
+                            }
+                            watch = again;
+                        }
+                        Err(err) => tracing::warn!(%err, bucket = name, "cannot watch"),
+                    }
+                }
+            }
+        }
+    });
+    if pending > 0 {
+        let _ = tokio::time::timeout(CATCH_UP, caught_up_rx).await;
+    }
+    Ok(())
+}
+
+fn apply<T: prost::Message + Default>(entries: &Entries<T>, entry: &kv::Entry) {
+    let Ok(mut map) = entries.write() else {
+        return;
+    };
+    match entry.operation {
+        kv::Operation::Put => match T::decode(entry.value.as_ref()) {
+            Ok(value) => {
+                map.insert(entry.key.clone(), value);
+            }
+            Err(err) => tracing::warn!(%err, key = %entry.key, "undecodable record"),
+        },
+        kv::Operation::Delete | kv::Operation::Purge => {
+            map.remove(&entry.key);
+        }
+    }
+}
+
 impl SessionView {
-    /// Opens the bucket (creating it if no event-ingest did yet), loads what it holds, and
-    /// follows it until `shutdown`.
+    /// Opens the buckets (creating them if no one did yet), loads what they hold, and
+    /// follows them until `shutdown`.
     pub async fn start(
         jetstream: &async_nats::jetstream::Context,
         shutdown: tokio_util::sync::CancellationToken,
     ) -> Result<Self, String> {
-        let kv = calls::open_existing(jetstream).await?;
-        let pending = kv
-            .status()
-            .await
-            .map_err(|e| format!("key-value bucket {}: {e}", calls::BUCKET))?
-            .values();
-        let mut watch = kv
-            .watch_with_history(">")
-            .await
-            .map_err(|e| format!("cannot watch key-value bucket {}: {e}", calls::BUCKET))?;
-        let view = Self::default();
-        let (caught_up, caught_up_rx) = tokio::sync::oneshot::channel::<()>();
-        let follower = view.clone();
-        tokio::spawn(async move {
-            let mut caught_up = (pending > 0).then_some(caught_up);
-            loop {
-                let entry = tokio::select! {
-                    _ = shutdown.cancelled() => break,
-                    entry = watch.next() => entry,
-                };
-                match entry {
-                    Some(Ok(entry)) => {
-                        follower.apply(&entry);
-                        if entry.delta == 0
-                            && let Some(done) = caught_up.take()
-                        {
-                            let _ = done.send(());
-                        }
-                    }
-                    Some(Err(err)) => tracing::warn!(%err, "session store watch error"),
-                    None => {
-                        // Start over from the store's current content.
-                        tracing::warn!("session store watch ended; following it again");
-                        tokio::time::sleep(Duration::from_secs(1)).await;
-                        match kv.watch_with_history(">").await {
-                            Ok(again) => {
-                                if let Ok(mut records) = follower.records.write() {
-                                    records.clear();
-                                }
-                                watch = again;
-                            }
-                            Err(err) => tracing::warn!(%err, "cannot watch the session store"),
-                        }
-                    }
-                }
-            }
-        });
-        if pending > 0 {
-            let _ = tokio::time::timeout(CATCH_UP, caught_up_rx).await;
-        }
+        let calls_kv = calls::open_existing(jetstream).await?;
+        let meta_kv = calls::open_meta(jetstream).await?;
+        let view = Self {
+            meta_kv: Some(meta_kv.clone()),
+            ..Self::default()
+        };
+        follow(
+            calls_kv,
+            calls::BUCKET,
+            view.records.clone(),
+            shutdown.clone(),
+        )
+        .await?;
+        follow(meta_kv, calls::META_BUCKET, view.meta.clone(), shutdown).await?;
         Ok(view)
     }
 
-    fn apply(&self, entry: &async_nats::jetstream::kv::Entry) {
-        let Ok(mut records) = self.records.write() else {
-            return;
-        };
-        match entry.operation {
-            async_nats::jetstream::kv::Operation::Put => {
-                match CallRecord::decode(entry.value.as_ref()) {
-                    Ok(record) => {
-                        records.insert(entry.key.clone(), record);
-                    }
-                    Err(err) => tracing::warn!(%err, key = %entry.key, "undecodable call record"),
-                }
-            }
-            async_nats::jetstream::kv::Operation::Delete
-            | async_nats::jetstream::kv::Operation::Purge => {
-                records.remove(&entry.key);
-            }
+    /// Stores what a client said about a session it creates, for every gateway to show.
+    pub async fn remember(&self, meta: SessionMeta) -> Result<(), String> {
+        let key = calls::meta_key(&meta.tenant, meta.session_id);
+        if let Some(kv) = &self.meta_kv {
+            kv.put(&key, meta.encode_to_vec().into())
+                .await
+                .map_err(|e| format!("key-value bucket {}: {e}", calls::META_BUCKET))?;
         }
+        if let Ok(mut map) = self.meta.write() {
+            map.insert(key, meta);
+        }
+        Ok(())
+    }
+
+    /// The metadata of session `id` of `tenant`.
+    pub fn meta_of(&self, tenant: &str, id: u64) -> Option<SessionMeta> {
+        let map = self.meta.read().ok()?;
+        map.get(&calls::meta_key(tenant, id))
+            .filter(|m| m.tenant == tenant)
+            .cloned()
     }
 
     /// Every session of `tenant`, newest first.
@@ -131,7 +180,11 @@ impl SessionView {
             .into_iter()
             .map(|(id, mut calls)| {
                 calls.sort_by_key(|c| (c.started_at_ms, c.callid.clone()));
-                Session { id, calls }
+                Session {
+                    id,
+                    calls,
+                    meta: self.meta_of(tenant, id),
+                }
             })
             .collect();
         sessions.sort_by_key(|s| std::cmp::Reverse(s.calls.first().map_or(0, |c| c.started_at_ms)));
@@ -228,6 +281,8 @@ pub struct SessionItem {
     pub id: String,
     /// The OpenSIPS node.
     pub node: Option<String>,
+    /// The `user_data` it was created with (null: none).
+    pub user_data: Option<String>,
     /// Its calls, oldest first.
     pub calls: Vec<CallItem>,
 }
@@ -247,14 +302,18 @@ fn text(text: &str) -> Option<String> {
 
 /// A session as clients get it (the same for WebSocket `CallList`/`CallGet` and REST).
 pub fn item(session: &Session, now_ms: u64) -> SessionItem {
+    let meta = session.meta.as_ref();
     let calls = session
         .calls
         .iter()
         .map(|call| CallItem {
             caller: text(user_part(&call.caller_uri)),
-            caller_display_name: None,
+            caller_display_name: meta.and_then(|m| text(&m.caller_display_name)),
             callee: text(user_part(&call.callee_uri)),
-            trunk: None,
+            // The callee's call went through the trunk, not the caller's first one.
+            trunk: meta
+                .filter(|m| m.first_callid != call.callid)
+                .and_then(|m| text(&m.trunk)),
             started_at: time(call.started_at_ms),
             talking_time: match call.answered_at_ms {
                 0 => 0,
@@ -273,6 +332,7 @@ pub fn item(session: &Session, now_ms: u64) -> SessionItem {
     SessionItem {
         id: session.id.to_string(),
         node: session.calls.first().map(|c| c.node_id.clone()),
+        user_data: meta.and_then(|m| text(&m.user_data)),
         calls,
     }
 }
@@ -333,6 +393,7 @@ mod tests {
         let session = Session {
             id: 884_757_570_370_146_304,
             calls: vec![record("acme", 1, "X", 1_764_583_200_000)],
+            meta: None,
         };
         let json = to_json(&session, 1_764_583_212_000);
         assert_eq!(json["id"], "884757570370146304");
@@ -345,5 +406,28 @@ mod tests {
         assert_eq!(call["talking_time"], 10);
         assert_eq!(call["state"], "answered");
         assert_eq!(call["transferred_to"], Value::Null);
+        assert_eq!(json["user_data"], Value::Null);
+    }
+
+    #[test]
+    fn what_the_creator_said_shows_on_its_calls() {
+        let session = Session {
+            id: 7,
+            calls: vec![record("acme", 7, "X", 1_000), record("acme", 7, "Y", 2_000)],
+            meta: Some(SessionMeta {
+                tenant: "acme".into(),
+                session_id: 7,
+                first_callid: "X".into(),
+                caller_display_name: "Sales".into(),
+                trunk: "carrier".into(),
+                user_data: "crm-42".into(),
+            }),
+        };
+        let json = to_json(&session, 3_000);
+        assert_eq!(json["user_data"], "crm-42");
+        assert_eq!(json["calls"][0]["caller_display_name"], "Sales");
+        assert_eq!(json["calls"][1]["caller_display_name"], "Sales");
+        assert_eq!(json["calls"][0]["trunk"], Value::Null);
+        assert_eq!(json["calls"][1]["trunk"], "carrier");
     }
 }

@@ -80,7 +80,7 @@ pub fn header_lines(text: &str) -> Vec<String> {
 pub struct CalleeInstructions {
     /// Header lines to append, CRLF-joined and CRLF-terminated.
     pub hdrs: Option<String>,
-    /// From display name.
+    /// From display name, as it goes into the header (a quoted-string).
     pub from_display: Option<String>,
     /// From user part.
     pub from_user: Option<String>,
@@ -148,7 +148,7 @@ fn replace_from(from: &str, instructions: &CalleeInstructions) -> String {
         .map(|open| from[..open].trim().to_owned())
         .unwrap_or_default();
     let display = match &instructions.from_display {
-        Some(name) => format!("\"{}\" ", name.replace('\\', "\\\\").replace('"', "\\\"")),
+        Some(name) => format!("{name} "),
         None if display.is_empty() => String::new(),
         None => format!("{display} "),
     };
@@ -217,7 +217,7 @@ mod tests {
     #[test]
     fn instructions_change_the_invite_as_the_script_does() {
         let instructions = CalleeInstructions::parse(
-            r#"{"hdrs":"Answer-Mode: Auto\r\nX-Callapi-User-Data: crm 7\r\n","from_display":"Sales \"A\"","from_user":"555","pai_user":"777","rpi_user":"888","du":"sip:10.0.0.5:5060","trunk":"carrier"}"#,
+            r#"{"hdrs":"Answer-Mode: Auto\r\nX-Callapi-User-Data: crm 7\r\n","from_display":"\"Sales \\\"A\\\"\"","from_user":"555","pai_user":"777","rpi_user":"888","du":"sip:10.0.0.5:5060","trunk":"carrier"}"#,
         )
         .unwrap();
         let mut request = invite();
@@ -260,7 +260,7 @@ mod tests {
     fn display_name_alone_keeps_the_uri() {
         let mut request = invite();
         CalleeInstructions {
-            from_display: Some("Desk".into()),
+            from_display: Some("\"Desk\"".into()),
             ..Default::default()
         }
         .apply(&mut request);

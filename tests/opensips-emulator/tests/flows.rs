@@ -542,7 +542,7 @@ async fn the_shipped_script_shapes_the_invite_a_refer_makes_and_routes_trunks() 
     .expect("emulator");
 
     // The first INVITE goes out as t_uac_dlg was told: no body (late offer), our headers.
-    let instructions = r#"{"hdrs":"Alert-Info: info=intercom\r\n","from_display":"Sales","pai_user":"4930","du":"sip:127.0.0.1:5090","trunk":"carrier"}"#;
+    let instructions = r#"{"hdrs":"Alert-Info: info=intercom\r\n","from_display":"\"Sales\"","pai_user":"4930","du":"sip:127.0.0.1:5090","trunk":"carrier"}"#;
     let (x, states) = click_to_dial_with(&emulator, "sip:+4930123@127.0.0.1", instructions).await;
     assert_eq!(states, ["start", "notify", "ok", "notify"]);
     let first = sent(&emulator, &x).await;

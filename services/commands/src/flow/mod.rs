@@ -7,6 +7,7 @@
 
 mod end;
 mod hold;
+pub mod shape;
 mod start;
 mod transfer;
 
@@ -52,6 +53,8 @@ impl Leg {
 pub enum Step {
     /// `t_uac_dlg` INVITE of CallStart.
     Invite,
+    /// `dlg_push_var` of CallStart: how OpenSIPS's script shapes the callee's INVITE.
+    Prepare,
     /// `call_transfer`.
     Transfer,
     /// `call_hold` / `call_unhold`.

@@ -20,6 +20,7 @@
 use callapi_proto::v1 as pb;
 use serde_json::json;
 
+use super::shape::{self, Shaped};
 use super::{
     Action, CallEvent, ErrorCode, ErrorNote, Input, MiResult, Step, StepNote, Timer, Timings,
     TransferStage, generic_mi_error, status_code, transfer_stage,
@@ -43,6 +44,8 @@ pub struct StartFlow {
     caller: String,
     callee: String,
     callid: String,
+    /// Its SIP, from the options.
+    shaped: Shaped,
     phase: Phase,
     accepted: bool,
     new_callid: Option<String>,
@@ -58,9 +61,17 @@ pub struct StartFlow {
 }
 
 impl StartFlow {
-    /// A CallStart from `caller` to `callee`; `callid` is the fresh Call-ID of the first leg.
-    pub fn new(caller: String, callee: String, callid: String, timings: Timings) -> Self {
+    /// A CallStart from `caller` to `callee` shaped by `options` (already checked); `callid`
+    /// is the fresh Call-ID of the first leg.
+    pub fn new(
+        caller: String,
+        callee: String,
+        callid: String,
+        options: &pb::CallOptions,
+        timings: Timings,
+    ) -> Self {
         Self {
+            shaped: shape::shape(&caller, &callee, options),
             caller,
             callee,
             callid,
@@ -77,23 +88,33 @@ impl StartFlow {
 
     /// First actions: watch X, INVITE the caller.
     pub fn start(&mut self) -> Vec<Action> {
+        let content_type = if self.shaped.offer {
+            "Content-Type: application/sdp\r\n"
+        } else {
+            ""
+        };
         let headers = format!(
-            "From: <{caller}>\r\nTo: <{callee}>\r\nContact: <{caller}>\r\nContent-Type: application/sdp\r\nCSeq: 1 INVITE\r\nCall-Id: {callid}\r\n",
+            "From: {from}\r\nTo: <{callee}>\r\nContact: <{caller}>\r\n{content_type}CSeq: 1 INVITE\r\nCall-Id: {callid}\r\n{extra}",
+            from = self.shaped.from,
             caller = self.caller,
             callee = self.callee,
-            callid = self.callid
+            callid = self.callid,
+            extra = self.shaped.caller_headers,
         );
+        let mut params = json!({
+            "method": "INVITE",
+            "ruri": self.caller,
+            "headers": headers,
+        });
+        if self.shaped.offer {
+            params["body"] = json!(OFFER);
+        }
         vec![
             Action::Watch(self.callid.clone()),
             Action::Mi {
                 step: Step::Invite,
                 method: "t_uac_dlg",
-                params: json!({
-                    "method": "INVITE",
-                    "ruri": self.caller,
-                    "headers": headers,
-                    "body": OFFER,
-                }),
+                params,
             },
         ]
     }
@@ -113,6 +134,16 @@ impl StartFlow {
                 vec![self.probe()]
             }
             Input::Mi(Step::Invite, result) => self.on_invite(result),
+            Input::Mi(Step::Prepare, MiResult::Ok(_)) if self.phase == Phase::Transferring => {
+                vec![self.refer()]
+            }
+            Input::Mi(Step::Prepare, result) if self.phase == Phase::Transferring => {
+                let error = generic_mi_error(
+                    &result,
+                    "setting up how OpenSIPS sends the call to the callee (dlg_push_var)",
+                );
+                self.fail_and_clean(error)
+            }
             Input::Mi(Step::Probe, result) if self.phase == Phase::Probing => self.on_probe(result),
             Input::Timer(Timer::Reprobe) if self.phase == Phase::Probing => vec![self.probe()],
             Input::Deadline if self.phase == Phase::Probing => self.lost("its state is unknown"),
@@ -256,6 +287,18 @@ impl StartFlow {
                 let code = status_code(&status);
                 if (200..300).contains(&code) {
                     self.phase = Phase::Transferring;
+                    let next = match &self.shaped.callee_instructions {
+                        Some(value) => Action::Mi {
+                            step: Step::Prepare,
+                            method: "dlg_push_var",
+                            params: json!({
+                                "dlg_val_name": shape::CALLEE_VALUE,
+                                "dlg_val_value": value,
+                                "DID": [self.callid],
+                            }),
+                        },
+                        None => self.refer(),
+                    };
                     vec![
                         Action::Notify(StepNote {
                             step: pb::CommandStep::CallAnswer,
@@ -264,15 +307,7 @@ impl StartFlow {
                             sip_status: status,
                             destination: self.caller.clone(),
                         }),
-                        Action::Mi {
-                            step: Step::Transfer,
-                            method: "call_transfer",
-                            params: json!({
-                                "callid": self.callid,
-                                "leg": "callee",
-                                "destination": self.callee,
-                            }),
-                        },
+                        next,
                     ]
                 } else {
                     self.phase = Phase::Done;
@@ -302,6 +337,19 @@ impl StartFlow {
                     Action::Finish,
                 ]
             }
+        }
+    }
+
+    /// The REFER that makes the caller's phone call the callee.
+    fn refer(&self) -> Action {
+        Action::Mi {
+            step: Step::Transfer,
+            method: "call_transfer",
+            params: json!({
+                "callid": self.callid,
+                "leg": "callee",
+                "destination": self.shaped.destination,
+            }),
         }
     }
 
@@ -429,8 +477,69 @@ mod tests {
             "sip:alice@127.0.0.1".into(),
             "sip:bob@127.0.0.1".into(),
             "X".into(),
+            &pb::CallOptions::default(),
             Timings::default(),
         )
+    }
+
+    /// A CallStart whose callee's INVITE goes through a trunk, with a late offer.
+    fn shaped_flow() -> StartFlow {
+        StartFlow::new(
+            "sip:1001@pbx.example.com".into(),
+            "sip:+4930123@pbx.example.com".into(),
+            "X".into(),
+            &pb::CallOptions {
+                late_offer: true,
+                caller_display_name: "Desk".into(),
+                trunk: Some(pb::Trunk {
+                    name: "carrier".into(),
+                    uri: "sip:10.0.0.5".into(),
+                }),
+                ..Default::default()
+            },
+            Timings::default(),
+        )
+    }
+
+    #[test]
+    fn options_shape_the_invite_and_push_the_callee_s_before_the_refer() {
+        let mut f = shaped_flow();
+        let actions = f.start();
+        let Action::Mi { params, .. } = &actions[1] else {
+            panic!()
+        };
+        let headers = params["headers"].as_str().unwrap();
+        assert!(headers.contains("From: \"Desk\" <sip:1001@pbx.example.com>\r\n"));
+        assert!(!headers.contains("Content-Type"));
+        assert!(params.get("body").is_none());
+        let actions = f.handle(answered());
+        assert_eq!(names(&actions), ["notify CALL_ANSWER", "mi dlg_push_var"]);
+        let Action::Mi { params, .. } = &actions[1] else {
+            panic!()
+        };
+        assert_eq!(params["DID"], json!(["X"]));
+        assert_eq!(params["dlg_val_name"], "callapi_callee");
+        let pushed: serde_json::Value =
+            serde_json::from_str(params["dlg_val_value"].as_str().unwrap()).unwrap();
+        assert_eq!(pushed["du"], "sip:10.0.0.5");
+        let actions = f.handle(mi_ok(Step::Prepare, json!("OK")));
+        assert_eq!(names(&actions), ["mi call_transfer"]);
+        let Action::Mi { params, .. } = &actions[0] else {
+            panic!()
+        };
+        assert_eq!(params["destination"], "sip:+4930123@pbx.example.com");
+    }
+
+    #[test]
+    fn a_refused_push_fails_the_call_and_ends_the_first_leg() {
+        let mut f = shaped_flow();
+        f.start();
+        f.handle(answered());
+        let actions = f.handle(mi_err(Step::Prepare, 403, "Dialog operation error"));
+        assert_eq!(
+            names(&actions),
+            ["fail OPENSIPS_ERROR", "detached dlg_end_dlg", "finish"]
+        );
     }
 
     fn answered() -> Input {

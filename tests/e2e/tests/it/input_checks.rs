@@ -60,6 +60,7 @@ fn nats_commands(uri: &str) -> Vec<(&'static str, Command, &'static str)> {
                 caller: uri.into(),
                 callee: "sip:bob@127.0.0.1".into(),
                 callid: String::new(),
+                options: None,
             }),
             "caller",
         ),
@@ -69,8 +70,22 @@ fn nats_commands(uri: &str) -> Vec<(&'static str, Command, &'static str)> {
                 caller: "sip:alice@127.0.0.1".into(),
                 callee: uri.into(),
                 callid: String::new(),
+                options: None,
             }),
             "callee",
+        ),
+        (
+            "call_start",
+            Command::CallStart(pb::CallStart {
+                caller: "sip:alice@127.0.0.1".into(),
+                callee: "sip:bob@127.0.0.1".into(),
+                callid: String::new(),
+                options: Some(Box::new(pb::CallOptions {
+                    target: uri.into(),
+                    ..Default::default()
+                })),
+            }),
+            "target",
         ),
         (
             "blind_transfer",

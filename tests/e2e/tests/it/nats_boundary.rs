@@ -31,6 +31,7 @@ async fn bad_command_messages_are_refused_with_a_reason() {
         caller: "sip:alice@127.0.0.1".into(),
         callee: "sip:bob@127.0.0.1".into(),
         callid: String::new(),
+        options: None,
     });
     let cases = [
         (
@@ -56,6 +57,7 @@ async fn bad_command_messages_are_refused_with_a_reason() {
                     caller: "sip:alice@127.0.0.1\r\nX-Injected: 1".into(),
                     callee: "sip:bob@127.0.0.1".into(),
                     callid: String::new(),
+                    options: None,
                 }),
             )
             .encode_to_vec(),

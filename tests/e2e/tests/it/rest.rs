@@ -213,8 +213,36 @@ async fn every_limit_and_bad_input_is_a_problem_naming_its_field() {
     )
     .await;
     assert_problem(&bad_enum, 400, "INVALID_BODY", None);
-    let not_yet = post(&stack, "/api/sessions", with("trunk", json!("carrier1"))).await;
-    assert_problem(&not_yet, 422, "NOT_SUPPORTED", Some("trunk"));
+    for (body, field) in [
+        (with("rewrite_pai", json!("4930")), "rewrite_pai"),
+        (with("user_data", json!("crm\r\nVia: x")), "user_data"),
+        (
+            with("caller_display_name", json!("a\u{7}b")),
+            "caller_display_name",
+        ),
+        (with("target", json!("not a uri")), "target"),
+        (
+            with("target_instance_id", json!("<urn:uuid:1>")),
+            "target_instance_id",
+        ),
+    ] {
+        let response = post(&stack, "/api/sessions", body.clone()).await;
+        assert_problem(&response, 400, "INVALID_FIELD", Some(field));
+    }
+    let unknown_trunk = post(&stack, "/api/sessions", with("trunk", json!("carrier1"))).await;
+    assert_problem(&unknown_trunk, 422, "UNKNOWN_TRUNK", Some("trunk"));
+    let not_yet = post(
+        &stack,
+        "/api/sessions",
+        with("target_extension_number", json!("1003")),
+    )
+    .await;
+    assert_problem(
+        &not_yet,
+        422,
+        "NOT_SUPPORTED",
+        Some("target_extension_number"),
+    );
     let no_json = request(&stack.http_addr(), "POST", "/api/sessions", None).await;
     assert_eq!(no_json.status, 415, "{no_json:?}");
     let huge = format!("{{\"caller\":\"{}\"}}", "1".repeat(100_000));
@@ -395,5 +423,187 @@ async fn rest_and_websocket_control_the_same_sessions() {
     while get(&stack, &format!("/api/sessions/{id}")).await.status != 404 {
         assert!(Instant::now() < until, "session {id} still there");
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A stack with extensions, two trunks (one whose gateway answers, one down) and the SIP the
+/// emulator sent readable.
+fn with_trunks() -> StackOptions {
+    StackOptions {
+        emulator_args: vec![
+            "--extra-phones=1001,1002,1003".into(),
+            "--trunk-gateways=127.0.0.1:5090".into(),
+        ],
+        gateway_toml: "[[trunks]]\nname = \"carrier\"\nuri = \"sip:127.0.0.1:5090\"\n[[trunks]]\nname = \"down\"\nuri = \"sip:127.0.0.1:5999\"\n".into(),
+        ..Default::default()
+    }
+}
+
+/// The SIP requests the emulator sent, oldest first.
+async fn sent_sip(stack: &Stack) -> Vec<Value> {
+    let got = request(&stack.emulator_mi_http, "GET", "/emulator/sip", None).await;
+    assert_eq!(got.status, 200, "{got:?}");
+    got.json.as_array().cloned().unwrap_or_default()
+}
+
+fn header<'a>(request: &'a Value, name: &str) -> Option<&'a str> {
+    request["headers"].as_array()?.iter().find_map(|line| {
+        let (key, value) = line.as_str()?.split_once(':')?;
+        key.eq_ignore_ascii_case(name).then_some(value.trim())
+    })
+}
+
+/// The first INVITE sent whose R-URI starts with `ruri`.
+async fn invite_to(stack: &Stack, ruri: &str) -> Value {
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        let found = sent_sip(stack).await.into_iter().find(|r| {
+            r["method"] == "INVITE" && r["ruri"].as_str().is_some_and(|u| u.starts_with(ruri))
+        });
+        if let Some(found) = found {
+            return found;
+        }
+        assert!(Instant::now() < until, "no INVITE to {ruri} was sent");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn every_create_field_has_its_sip_effect() {
+    let stack = Stack::with(with_trunks()).await;
+
+    // Display name, late offer, user data, an auto-answer header to both sides, one
+    // registration of the callee.
+    let instance = "urn:uuid:f81d4fae-7dec-11d0-a765-00a0c91e6bf6";
+    let created = post(
+        &stack,
+        "/api/sessions",
+        json!({"caller": "1001", "callee": "1002", "send_sdp": false,
+            "caller_display_name": "Sales \"East\"", "user_data": "crm-42",
+            "additional_header": "ANSWER_MODE", "header_direction": "ALL",
+            "target_instance_id": instance}),
+    )
+    .await;
+    assert_eq!(created.status, 200, "{created:?}");
+    let id = created.json["id"].as_str().expect("id").to_owned();
+    wait_session(&stack, &id, |s| {
+        s["calls"].as_array().is_some_and(|calls| {
+            calls.len() == 1 && calls[0]["callee"] == "1002" && calls[0]["state"] == "answered"
+        })
+    })
+    .await;
+    let caller_invite = invite_to(&stack, "sip:1001@127.0.0.1").await;
+    assert_eq!(
+        header(&caller_invite, "From"),
+        Some(r#""Sales \"East\"" <sip:1001@127.0.0.1>"#)
+    );
+    assert_eq!(
+        caller_invite["body"],
+        Value::Null,
+        "late offer: {caller_invite}"
+    );
+    assert_eq!(header(&caller_invite, "Content-Type"), None);
+    assert_eq!(header(&caller_invite, "Answer-Mode"), Some("Auto"));
+    assert_eq!(
+        header(&caller_invite, "X-Callapi-User-Data"),
+        Some("crm-42")
+    );
+    let callee_invite = invite_to(&stack, "sip:1002@127.0.0.1").await;
+    assert_eq!(
+        callee_invite["ruri"],
+        format!("sip:1002@127.0.0.1;gr={instance}")
+    );
+    assert!(
+        header(&callee_invite, "From").is_some_and(|f| f.starts_with(r#""Sales \"East\"" <"#)),
+        "{callee_invite}"
+    );
+    assert_eq!(header(&callee_invite, "Answer-Mode"), Some("Auto"));
+    assert_eq!(
+        header(&callee_invite, "X-Callapi-User-Data"),
+        Some("crm-42")
+    );
+    assert_eq!(callee_invite["destination"], Value::Null);
+    let session = get(&stack, &format!("/api/sessions/{id}")).await;
+    assert_eq!(session.json["user_data"], "crm-42", "{session:?}");
+    assert_eq!(
+        session.json["calls"][0]["caller_display_name"],
+        "Sales \"East\""
+    );
+    // The WebSocket API shows the same.
+    let mut client = stack.client().await;
+    let asked = client.request("CallGet", json!({"session_id": id})).await;
+    assert_eq!(client.reply(&asked).await["result"]["user_data"], "crm-42");
+
+    // Through a trunk: the callee's INVITE goes to the trunk's gateway, its identities
+    // rewritten; the auto-answer header only toward the callee.
+    let created = post(
+        &stack,
+        "/api/sessions",
+        json!({"caller": "1003", "callee": "+4930123", "send_sdp": true, "trunk": "carrier",
+            "rewrite_from": "4930", "rewrite_pai": "4931", "rewrite_rpi": "4932",
+            "additional_header": "ALERT_INFO_INTERCOM", "header_direction": "CALLEE",
+            "target": "sip:ignored@127.0.0.1"}),
+    )
+    .await;
+    assert_problem(&created, 400, "INVALID_FIELD", Some("target"));
+    let created = post(
+        &stack,
+        "/api/sessions",
+        json!({"caller": "1003", "callee": "+4930123", "send_sdp": true, "trunk": "carrier",
+            "rewrite_from": "4930", "rewrite_pai": "4931", "rewrite_rpi": "4932",
+            "additional_header": "ALERT_INFO_INTERCOM", "header_direction": "CALLEE"}),
+    )
+    .await;
+    assert_eq!(created.status, 200, "{created:?}");
+    let id = created.json["id"].as_str().expect("id").to_owned();
+    wait_session(&stack, &id, |s| {
+        s["calls"].as_array().is_some_and(|calls| {
+            calls.len() == 1 && calls[0]["callee"] == "+4930123" && calls[0]["state"] == "answered"
+        })
+    })
+    .await;
+    let session = get(&stack, &format!("/api/sessions/{id}")).await;
+    assert_eq!(session.json["calls"][0]["trunk"], "carrier", "{session:?}");
+    let caller_invite = invite_to(&stack, "sip:1003@127.0.0.1").await;
+    assert_eq!(header(&caller_invite, "Alert-Info"), None);
+    assert!(
+        caller_invite["body"]
+            .as_str()
+            .is_some_and(|b| b.starts_with("v=0"))
+    );
+    let trunk_invite = invite_to(&stack, "sip:+4930123@127.0.0.1").await;
+    assert_eq!(trunk_invite["destination"], "sip:127.0.0.1:5090");
+    assert!(
+        header(&trunk_invite, "From").is_some_and(|f| f.starts_with("<sip:4930@127.0.0.1>")),
+        "{trunk_invite}"
+    );
+    assert_eq!(
+        header(&trunk_invite, "P-Asserted-Identity"),
+        Some("<sip:4931@127.0.0.1>")
+    );
+    assert_eq!(
+        header(&trunk_invite, "Remote-Party-ID"),
+        Some("<sip:4932@127.0.0.1>;party=calling;screen=yes;privacy=off")
+    );
+    assert_eq!(header(&trunk_invite, "Alert-Info"), Some("info=intercom"));
+
+    // A trunk that is down: the call fails and its session goes.
+    let created = post(
+        &stack,
+        "/api/sessions",
+        json!({"caller": "1001", "callee": "+4930999", "send_sdp": true, "trunk": "down"}),
+    )
+    .await;
+    assert_eq!(created.status, 200, "{created:?}");
+    let id = created.json["id"].as_str().expect("id").to_owned();
+    let down_invite = invite_to(&stack, "sip:+4930999@127.0.0.1").await;
+    assert_eq!(down_invite["destination"], "sip:127.0.0.1:5999");
+    let until = Instant::now() + Duration::from_secs(15);
+    while get(&stack, &format!("/api/sessions/{id}")).await.status != 404 {
+        assert!(
+            Instant::now() < until,
+            "the call through a dead trunk is still there"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
