@@ -103,7 +103,7 @@ impl CalleeInstructions {
     /// Applies them to `invite` as the script does.
     pub fn apply(&self, invite: &mut SentRequest) {
         let from = invite.header("From").unwrap_or_default().to_owned();
-        let host = host_of(&from);
+        let host = domain_of(&from);
         if let Some(user) = &self.pai_user {
             invite.remove("P-Asserted-Identity");
             invite
@@ -140,7 +140,7 @@ fn replace_from(from: &str, instructions: &CalleeInstructions) -> String {
         }
     };
     let uri = match &instructions.from_user {
-        Some(user) => format!("sip:{user}@{}", host_of(uri)),
+        Some(user) => format!("sip:{user}@{}", domain_of(uri)),
         None => uri.to_owned(),
     };
     let display = from
@@ -168,6 +168,15 @@ pub fn host_of(value: &str) -> String {
         .unwrap_or(after);
     let end = after.find([';', '>', '?']).unwrap_or(after.len());
     after[..end].to_owned()
+}
+
+/// The domain of a From header value, as the script's `$fd` gives it (no port).
+fn domain_of(value: &str) -> String {
+    let host = host_of(value);
+    match host.rsplit_once(':') {
+        Some((domain, port)) if port.bytes().all(|b| b.is_ascii_digit()) => domain.to_owned(),
+        _ => host,
+    }
 }
 
 /// The SIP requests the node sent, newest last.
@@ -277,6 +286,7 @@ mod tests {
             "example.com:5070"
         );
         assert_eq!(host_of("sip:10.0.0.5"), "10.0.0.5");
+        assert_eq!(domain_of("<sip:1001@example.com:5070>;tag=a"), "example.com");
     }
 
     #[test]
