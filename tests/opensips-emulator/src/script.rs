@@ -286,7 +286,10 @@ mod tests {
             "example.com:5070"
         );
         assert_eq!(host_of("sip:10.0.0.5"), "10.0.0.5");
-        assert_eq!(domain_of("<sip:1001@example.com:5070>;tag=a"), "example.com");
+        assert_eq!(
+            domain_of("<sip:1001@example.com:5070>;tag=a"),
+            "example.com"
+        );
     }
 
     #[test]
