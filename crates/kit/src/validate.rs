@@ -63,21 +63,11 @@ pub fn call_options(options: &callapi_proto::v1::CallOptions) -> Result<(), Stri
     let uri = |field: &str, value: &str| {
         (!value.is_empty() && sip_uri(value).is_err()).then(|| format!("{field} must be a SIP URI"))
     };
-    let no_trunk = options.trunk.is_none();
-    let rewrite_without_trunk = [
-        ("rewrite_from", &options.rewrite_from),
-        ("rewrite_pai", &options.rewrite_pai),
-        ("rewrite_rpi", &options.rewrite_rpi),
-    ]
-    .into_iter()
-    .find(|(_, v)| no_trunk && !v.is_empty())
-    .map(|(field, _)| format!("{field} applies only to a call through a trunk"));
     let refused = text("caller_display_name", &options.caller_display_name, 1024)
         .or_else(|| text("user_data", &options.user_data, 128))
         .or_else(|| user("rewrite_from", &options.rewrite_from))
         .or_else(|| user("rewrite_pai", &options.rewrite_pai))
         .or_else(|| user("rewrite_rpi", &options.rewrite_rpi))
-        .or(rewrite_without_trunk)
         .or_else(|| token("target_instance_id", &options.target_instance_id))
         .or_else(|| uri("target", &options.target))
         .or_else(|| {
@@ -85,10 +75,6 @@ pub fn call_options(options: &callapi_proto::v1::CallOptions) -> Result<(), Stri
                 .trunk
                 .as_ref()
                 .and_then(|t| uri("trunk", &t.uri).or_else(|| text("trunk", &t.name, 64)))
-        })
-        .or_else(|| {
-            (options.trunk.is_some() && !options.target.is_empty())
-                .then(|| "target cannot be combined with trunk".to_owned())
         });
     refused.map_or(Ok(()), Err)
 }
@@ -119,13 +105,6 @@ mod tests {
             },
             "caller_display_name",
         );
-        bad(
-            pb::CallOptions {
-                rewrite_pai: "4930".into(),
-                ..Default::default()
-            },
-            "rewrite_pai",
-        );
         let trunk = Some(pb::Trunk {
             name: "t".into(),
             uri: "sip:10.0.0.5".into(),
@@ -133,7 +112,7 @@ mod tests {
         bad(
             pb::CallOptions {
                 rewrite_from: "49 30".into(),
-                trunk: trunk.clone(),
+                trunk,
                 ..Default::default()
             },
             "rewrite_from",
@@ -151,14 +130,6 @@ mod tests {
                 ..Default::default()
             },
             "target_instance_id",
-        );
-        bad(
-            pb::CallOptions {
-                target: "sip:1002@10.1.2.3".into(),
-                trunk,
-                ..Default::default()
-            },
-            "target",
         );
     }
 

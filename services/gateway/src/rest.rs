@@ -17,7 +17,7 @@ use callapi_kit::subjects::CommandKind;
 use callapi_kit::validate;
 use callapi_proto::v1::{self as pb, command_request::Command, notification};
 use serde::Deserialize;
-use serde_json::json;
+use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
 use crate::core::{Attachment, CommandClient, NotificationSink, SubmitError};
@@ -609,26 +609,27 @@ struct CreateBody {
     /// offers in its answer).
     send_sdp: bool,
     /// From display name of both INVITEs; shown as `caller_display_name` by GET.
-    #[schema(max_length = 1024)]
+    #[schema(max_length = 1024, pattern = r"^[^\x00-\x1F\x7F-\x9F]*$")]
     caller_display_name: Option<String>,
-    /// A configured trunk the callee's INVITE goes out through (unknown: 422 UNKNOWN_TRUNK).
+    /// A configured trunk the callee's INVITE goes out through (unknown: 422 UNKNOWN_TRUNK;
+    /// the served document lists the configured ones).
     #[schema(min_length = 1, max_length = 64)]
     trunk: Option<String>,
-    /// User part of From of the callee's INVITE (with `trunk` only).
+    /// User part of From of the callee's INVITE (ignored without `trunk`).
     #[schema(
         min_length = 1,
         max_length = 16,
         pattern = r"^[0-9A-Za-z+*#._-]{1,16}$"
     )]
     rewrite_from: Option<String>,
-    /// User part of P-Asserted-Identity of the callee's INVITE (with `trunk` only).
+    /// User part of P-Asserted-Identity of the callee's INVITE (ignored without `trunk`).
     #[schema(
         min_length = 1,
         max_length = 16,
         pattern = r"^[0-9A-Za-z+*#._-]{1,16}$"
     )]
     rewrite_pai: Option<String>,
-    /// User part of Remote-Party-ID of the callee's INVITE (with `trunk` only).
+    /// User part of Remote-Party-ID of the callee's INVITE (ignored without `trunk`).
     #[schema(
         min_length = 1,
         max_length = 16,
@@ -637,10 +638,16 @@ struct CreateBody {
     rewrite_rpi: Option<String>,
     /// Caller's context: stored with the session (GET shows it) and sent in both INVITEs as
     /// `X-Callapi-User-Data`.
-    #[schema(max_length = 128)]
+    #[schema(max_length = 128, pattern = r"^[^\x00-\x1F\x7F-\x9F]*$")]
     user_data: Option<String>,
-    /// The callee contact to ring (a SIP URI), instead of where routing sends the call.
-    #[schema(max_length = 128)]
+    /// The callee contact to ring (a SIP URI), instead of where routing sends the call
+    /// (ignored with `trunk`). The pattern is what the document promises to take (user and
+    /// host of letters and digits or an IPv4 address, an optional port); any SIP URI of
+    /// docs/protocol.md is taken.
+    #[schema(
+        max_length = 128,
+        pattern = r"^sips?:([A-Za-z0-9]+@)?(([a-z][a-z0-9]*\.)*[a-z][a-z0-9]*|((25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])\.){3}(25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9]))(:[1-9][0-9]{0,3})?$"
+    )]
     target: Option<String>,
     /// The callee registration to ring, by its instance id (sent as a GRUU `gr` parameter).
     #[schema(max_length = 128, pattern = r"^[0-9A-Za-z:._-]{0,128}$")]
@@ -1210,13 +1217,28 @@ async fn attended_refer(
 )]
 pub struct ApiDoc;
 
-/// `GET /api/openapi.json`.
-async fn openapi() -> Response {
+/// The OpenAPI document, with `trunk` listing the configured trunks (absent if there are none).
+fn document(trunks: &[crate::TrunkConfig]) -> Value {
     use utoipa::OpenApi as _;
-    let mut response = ApiDoc::openapi()
-        .to_json()
-        .unwrap_or_default()
-        .into_response();
+    let mut doc = serde_json::to_value(ApiDoc::openapi()).unwrap_or(Value::Null);
+    if let Some(properties) = doc
+        .pointer_mut("/components/schemas/CreateBody/properties")
+        .and_then(Value::as_object_mut)
+    {
+        if trunks.is_empty() {
+            properties.remove("trunk");
+        } else if let Some(Value::Object(trunk)) = properties.get_mut("trunk") {
+            let mut names: Vec<Value> = trunks.iter().map(|t| json!(t.name)).collect();
+            names.push(Value::Null);
+            trunk.insert("enum".to_owned(), Value::Array(names));
+        }
+    }
+    doc
+}
+
+/// `GET /api/openapi.json`.
+async fn openapi(State(rest): State<Arc<Rest>>) -> Response {
+    let mut response = document(&rest.trunks).to_string().into_response();
     response.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
@@ -1246,7 +1268,7 @@ const REDOC_PAGE: &str = r#"<!DOCTYPE html>
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::Value;
+
     use utoipa::OpenApi as _;
 
     #[test]
@@ -1276,5 +1298,18 @@ mod tests {
             .filter_map(Value::as_str)
             .collect();
         assert_eq!(required, ["caller", "callee", "send_sdp"]);
+    }
+
+    #[test]
+    fn the_served_document_lists_the_configured_trunks() {
+        let trunk =
+            |doc: &Value| doc["components"]["schemas"]["CreateBody"]["properties"]["trunk"].clone();
+        assert_eq!(trunk(&document(&[])), Value::Null);
+        let doc = document(&[crate::TrunkConfig {
+            name: "carrier".into(),
+            uri: "sip:203.0.113.7".into(),
+        }]);
+        assert_eq!(trunk(&doc)["enum"], serde_json::json!(["carrier", null]));
+        assert_eq!(trunk(&doc)["maxLength"], 64);
     }
 }

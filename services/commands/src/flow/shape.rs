@@ -240,6 +240,25 @@ mod tests {
     }
 
     #[test]
+    fn rewrites_need_a_trunk_and_a_trunk_beats_a_target() {
+        let options = pb::CallOptions {
+            rewrite_pai: "4931".into(),
+            ..Default::default()
+        };
+        assert_eq!(shape(CALLER, CALLEE, &options).callee_instructions, None);
+        let options = pb::CallOptions {
+            target: "sip:1002@10.1.2.3".into(),
+            trunk: Some(pb::Trunk {
+                name: "carrier".into(),
+                uri: "sip:10.0.0.5".into(),
+            }),
+            ..Default::default()
+        };
+        let shaped = shape(CALLER, CALLEE, &options);
+        assert_eq!(instructions(&shaped)["du"], "sip:10.0.0.5");
+    }
+
+    #[test]
     fn targets() {
         let options = pb::CallOptions {
             target: "sip:1002@10.1.2.3:5062".into(),

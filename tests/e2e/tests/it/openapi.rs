@@ -32,7 +32,11 @@ async fn schemathesis_finds_nothing_wrong() {
         "SCHEMATHESIS_BIN must name schemathesis's `st` (make test sets it: deploy/local/schemathesis.sh)",
     );
     let stack = Stack::with(StackOptions {
-        emulator_args: vec!["--extra-phones=1001,1002,1003".into()],
+        emulator_args: vec![
+            "--extra-phones=1001,1002,1003".into(),
+            "--trunk-gateways=127.0.0.1:5090".into(),
+        ],
+        gateway_toml: "[[trunks]]\nname = \"carrier\"\nuri = \"sip:127.0.0.1:5090\"\n".into(),
         ..Default::default()
     })
     .await;
