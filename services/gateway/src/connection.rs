@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket, close_code};
 use bytes::Bytes;
+use callapi_proto::v1::command_request::Command;
 use callapi_proto::v1::notification;
 use futures::stream::{SplitSink, SplitStream};
 use futures::{SinkExt as _, StreamExt as _};
@@ -20,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use crate::Shared;
 use crate::core::{NotificationSink, Origin, SubmitError};
 use crate::outbox::{self, Charge, Inbox, Outbox};
-use crate::params::SessionKey;
+use crate::params::{self, SessionKey};
 use crate::rpc::{self, CommandCall, Query, QueryCall, Request, RpcId, code};
 use crate::sessions;
 use crate::tracker::{Admission, CommandTracker, Delivery};
@@ -317,7 +318,13 @@ fn handle_text(client: &Client<'_>, text: &str) -> Option<String> {
         ));
     }
     match rpc::parse(text) {
-        Ok(Request::Command(call)) => start_command(client, call),
+        Ok(Request::Command(mut call)) => {
+            if let Err(error) = params::resolve_trunk(&mut call.command, &shared.config.trunks) {
+                let id = call.id?;
+                return Some(rpc::params_error(&id, &error));
+            }
+            start_command(client, call)
+        }
         Ok(Request::Query(query)) => answer_query(client, query),
         Err(error) if error.silent => None,
         Err(error) => Some(error.to_json()),
@@ -401,10 +408,17 @@ fn start_command(client: &Client<'_>, call: CommandCall) -> Option<String> {
     let origin = client.origin.clone();
     let outbox = client.outbox.clone();
     let answer = call.id.is_some();
+    let sessions = client.shared.sessions.clone();
+    let mut command = call.command;
     tokio::spawn(async move {
-        let outcome = commands
-            .submit(&origin, &cmd_id, attempt, call.kind, call.command)
-            .await;
+        let outcome = match remember(sessions.as_ref(), origin.tenant(), &mut command).await {
+            Ok(()) => {
+                commands
+                    .submit(&origin, &cmd_id, attempt, call.kind, command)
+                    .await
+            }
+            Err(err) => Err(err),
+        };
         let outgoing = match outcome {
             Ok(ends_within) => Outgoing::Started {
                 reply: answer.then(|| rpc::started(&reply_id, &cmd_id)),
@@ -426,6 +440,31 @@ fn start_command(client: &Client<'_>, call: CommandCall) -> Option<String> {
         let _ = outbox.push(outgoing);
     });
     None
+}
+
+/// Stores what a CallStart's options say that SIP does not tell back (so `CallGet` and REST
+/// show it), choosing its first leg's Call-ID for that; other commands need nothing.
+async fn remember(
+    view: Option<&sessions::SessionView>,
+    tenant: &str,
+    command: &mut Command,
+) -> Result<(), SubmitError> {
+    let (Some(view), Command::CallStart(start)) = (view, command) else {
+        return Ok(());
+    };
+    let Some(options) = start.options.as_deref() else {
+        return Ok(());
+    };
+    if start.callid.is_empty() {
+        start.callid = uuid::Uuid::new_v4().to_string();
+    }
+    let Some(meta) = sessions::meta_of_start(tenant, &start.callid, options) else {
+        return Ok(());
+    };
+    view.remember(meta).await.map_err(|err| {
+        tracing::warn!(%err, "cannot store a session's metadata");
+        SubmitError::Unavailable("the session store cannot take this session's data now".into())
+    })
 }
 
 /// A connection's notifications go into its outbox, which never blocks: a client that cannot

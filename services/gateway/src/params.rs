@@ -99,7 +99,8 @@ fn hold_leg(leg: Option<HoldLeg>) -> pb::Leg {
     }
 }
 
-/// `CallStart`: a call from `caller` to `callee` (click-to-dial).
+/// `CallStart`: a call from `caller` to `callee` (click-to-dial), with PortSIP's optional
+/// create fields (the same as REST `POST /api/sessions` takes, docs/rest.md).
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CallStartParams {
@@ -107,6 +108,165 @@ pub struct CallStartParams {
     pub caller: SipUri,
     /// Called once the caller answered.
     pub callee: SipUri,
+    /// Whether the caller's INVITE carries an SDP offer (default true).
+    pub send_sdp: Option<bool>,
+    /// From display name of both INVITEs.
+    pub caller_display_name: Option<String>,
+    /// A configured trunk the callee's INVITE goes out through.
+    pub trunk: Option<String>,
+    /// User part of From toward the trunk.
+    pub rewrite_from: Option<String>,
+    /// User part of P-Asserted-Identity toward the trunk.
+    pub rewrite_pai: Option<String>,
+    /// User part of Remote-Party-ID toward the trunk.
+    pub rewrite_rpi: Option<String>,
+    /// The client's context, stored with the session and sent in both INVITEs.
+    pub user_data: Option<String>,
+    /// The callee contact to ring.
+    pub target: Option<String>,
+    /// The callee registration to ring, by instance id.
+    pub target_instance_id: Option<String>,
+    /// An RFC 5373 auto-answer header.
+    pub additional_header: Option<AdditionalHeader>,
+    /// Which INVITE(s) get `additional_header`.
+    pub header_direction: Option<HeaderDirection>,
+}
+
+/// The header `additional_header` names (PortSIP's enum).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum AdditionalHeader {
+    /// `Answer-Mode: Auto`.
+    AnswerMode,
+    /// `Call-Info: <sip:DOMAIN>;answer-after=0`.
+    CallInfo,
+    /// `Alert-Info: <sip:DOMAIN>;info=alert-autoanswer;delay=0`.
+    AlertInfoAutoAnswerDelay0,
+    /// `Alert-Info: info=Auto Answer`.
+    AlertInfoAutoAnswer,
+    /// `Alert-Info: info=intercom`.
+    AlertInfoIntercom,
+}
+
+impl From<AdditionalHeader> for pb::AutoAnswer {
+    fn from(header: AdditionalHeader) -> Self {
+        match header {
+            AdditionalHeader::AnswerMode => Self::AnswerMode,
+            AdditionalHeader::CallInfo => Self::CallInfo,
+            AdditionalHeader::AlertInfoAutoAnswerDelay0 => Self::AlertInfoDelay0,
+            AdditionalHeader::AlertInfoAutoAnswer => Self::AlertInfo,
+            AdditionalHeader::AlertInfoIntercom => Self::AlertInfoIntercom,
+        }
+    }
+}
+
+/// Which INVITE(s) of a click-to-dial get `additional_header` (PortSIP's enum).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum HeaderDirection {
+    /// The caller's (the default).
+    Caller,
+    /// The callee's.
+    Callee,
+    /// Both.
+    All,
+}
+
+impl From<HeaderDirection> for pb::HeaderDirection {
+    fn from(direction: HeaderDirection) -> Self {
+        match direction {
+            HeaderDirection::Caller => Self::Caller,
+            HeaderDirection::Callee => Self::Callee,
+            HeaderDirection::All => Self::All,
+        }
+    }
+}
+
+/// PortSIP's optional create fields, as REST and WebSocket take them.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct StartOptions {
+    /// `send_sdp` (absent: true).
+    pub send_sdp: Option<bool>,
+    /// `caller_display_name`.
+    pub caller_display_name: Option<String>,
+    /// `rewrite_from`.
+    pub rewrite_from: Option<String>,
+    /// `rewrite_pai`.
+    pub rewrite_pai: Option<String>,
+    /// `rewrite_rpi`.
+    pub rewrite_rpi: Option<String>,
+    /// `user_data`.
+    pub user_data: Option<String>,
+    /// `target`.
+    pub target: Option<String>,
+    /// `target_instance_id`.
+    pub target_instance_id: Option<String>,
+    /// `additional_header`.
+    pub additional_header: Option<AdditionalHeader>,
+    /// `header_direction`.
+    pub header_direction: Option<HeaderDirection>,
+}
+
+impl StartOptions {
+    /// The options as commands take them, through `trunk` (already looked up); the error
+    /// names the field.
+    pub fn to_proto(&self, trunk: Option<pb::Trunk>) -> Result<pb::CallOptions, ParamsError> {
+        let text = |value: &Option<String>| value.clone().unwrap_or_default();
+        let options = pb::CallOptions {
+            caller_display_name: text(&self.caller_display_name),
+            late_offer: self.send_sdp == Some(false),
+            trunk,
+            rewrite_from: text(&self.rewrite_from),
+            rewrite_pai: text(&self.rewrite_pai),
+            rewrite_rpi: text(&self.rewrite_rpi),
+            user_data: text(&self.user_data),
+            auto_answer: self
+                .additional_header
+                .map_or(pb::AutoAnswer::Unspecified, pb::AutoAnswer::from)
+                as i32,
+            // Only says where additional_header goes: ignored without it.
+            header_direction: self
+                .header_direction
+                .filter(|_| self.additional_header.is_some())
+                .map_or(pb::HeaderDirection::Unspecified, pb::HeaderDirection::from)
+                as i32,
+            target: text(&self.target),
+            target_instance_id: text(&self.target_instance_id),
+        };
+        validate::call_options(&options).map_err(|why| match why.split_once(' ') {
+            Some((field, reason)) => error(field, reason.to_owned()),
+            None => error("params", why),
+        })?;
+        Ok(options)
+    }
+}
+
+/// The trunk called `name` among `trunks`.
+pub fn find_trunk(trunks: &[crate::TrunkConfig], name: &str) -> Option<pb::Trunk> {
+    trunks.iter().find(|t| t.name == name).map(|t| pb::Trunk {
+        name: t.name.clone(),
+        uri: t.uri.clone(),
+    })
+}
+
+/// A CallStart's trunk, named by the client, as configured; the error names the field.
+pub fn resolve_trunk(
+    command: &mut Command,
+    trunks: &[crate::TrunkConfig],
+) -> Result<(), ParamsError> {
+    let Command::CallStart(start) = command else {
+        return Ok(());
+    };
+    let Some(trunk) = start.options.as_mut().and_then(|o| o.trunk.as_mut()) else {
+        return Ok(());
+    };
+    match find_trunk(trunks, &trunk.name) {
+        Some(found) => {
+            *trunk = found;
+            Ok(())
+        }
+        None => Err(error("trunk", "names no configured trunk".to_owned())),
+    }
 }
 
 /// `CallBlindTransfer`: send one party of a call to `destination`.
@@ -233,11 +393,32 @@ pub fn command(kind: CommandKind, params: Map<String, Value>) -> Result<Command,
     Ok(match kind {
         CommandKind::CallStart => {
             let p: CallStartParams = typed(params, &[])?;
+            let options = StartOptions {
+                send_sdp: p.send_sdp,
+                caller_display_name: p.caller_display_name,
+                rewrite_from: p.rewrite_from,
+                rewrite_pai: p.rewrite_pai,
+                rewrite_rpi: p.rewrite_rpi,
+                user_data: p.user_data,
+                target: p.target,
+                target_instance_id: p.target_instance_id,
+                additional_header: p.additional_header,
+                header_direction: p.header_direction,
+            };
+            // The trunk's address is filled in by [`resolve_trunk`].
+            let trunk = p.trunk.map(|name| pb::Trunk {
+                name,
+                uri: String::new(),
+            });
+            let options = (options != StartOptions::default() || trunk.is_some())
+                .then(|| options.to_proto(trunk))
+                .transpose()?
+                .map(Box::new);
             Command::CallStart(pb::CallStart {
                 caller: p.caller.0,
                 callee: p.callee.0,
                 callid: String::new(),
-                options: None,
+                options,
             })
         }
         CommandKind::BlindTransfer => {
@@ -365,6 +546,55 @@ mod tests {
 
     fn refused(kind: CommandKind, value: Value) -> ParamsError {
         command(kind, params(value)).expect_err("refused")
+    }
+
+    #[test]
+    fn call_start_takes_portsips_create_fields() {
+        let start = command(
+            CommandKind::CallStart,
+            params(
+                json!({"caller": "sip:a@h", "callee": "sip:b@h", "send_sdp": false,
+                "user_data": "crm-1", "trunk": "carrier", "rewrite_pai": "4930",
+                "additional_header": "ANSWER_MODE", "header_direction": "CALLEE"}),
+            ),
+        );
+        let Ok(Command::CallStart(start)) = start else {
+            panic!("{start:?}")
+        };
+        let options = start.options.expect("options");
+        assert!(options.late_offer);
+        assert_eq!(options.user_data, "crm-1");
+        assert_eq!(options.rewrite_pai, "4930");
+        assert_eq!(options.auto_answer(), pb::AutoAnswer::AnswerMode);
+        assert_eq!(options.header_direction(), pb::HeaderDirection::Callee);
+        let mut start_command = Command::CallStart(pb::CallStart {
+            options: Some(options),
+            ..Default::default()
+        });
+        let trunks = [crate::TrunkConfig {
+            name: "carrier".into(),
+            uri: "sip:203.0.113.7".into(),
+        }];
+        assert_eq!(resolve_trunk(&mut start_command, &trunks), Ok(()));
+        let Command::CallStart(resolved) = &start_command else {
+            panic!()
+        };
+        assert_eq!(
+            resolved.options.as_ref().and_then(|o| o.trunk.clone()),
+            Some(pb::Trunk {
+                name: "carrier".into(),
+                uri: "sip:203.0.113.7".into()
+            })
+        );
+        assert_eq!(
+            resolve_trunk(&mut start_command, &[]).map_err(|e| e.field),
+            Err("trunk".to_owned())
+        );
+        let bad = command(
+            CommandKind::CallStart,
+            params(json!({"caller": "sip:a@h", "callee": "sip:b@h", "user_data": "a\r\nb"})),
+        );
+        assert_eq!(bad.map_err(|e| e.field), Err("user_data".to_owned()));
     }
 
     #[test]

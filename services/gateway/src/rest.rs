@@ -21,6 +21,7 @@ use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
 use crate::core::{Attachment, CommandClient, NotificationSink, SubmitError};
+use crate::params::{self, AdditionalHeader, HeaderDirection, StartOptions};
 use crate::sessions::{self, Session, SessionView};
 
 /// An RFC 9457 problem: status, a stable code, and what went wrong.
@@ -327,19 +328,11 @@ impl Rest {
 
     /// The configured trunk called `name`.
     fn trunk(&self, name: &str) -> Result<pb::Trunk, Problem> {
-        let trunk = self
-            .trunks
-            .iter()
-            .find(|t| t.name == name)
-            .ok_or_else(|| Problem {
-                status: StatusCode::UNPROCESSABLE_ENTITY,
-                code: "UNKNOWN_TRUNK",
-                detail: format!("no trunk called {name:?} is configured"),
-                field: Some("trunk".to_owned()),
-            })?;
-        Ok(pb::Trunk {
-            name: trunk.name.clone(),
-            uri: trunk.uri.clone(),
+        params::find_trunk(&self.trunks, name).ok_or_else(|| Problem {
+            status: StatusCode::UNPROCESSABLE_ENTITY,
+            code: "UNKNOWN_TRUNK",
+            detail: format!("no trunk called {name:?} is configured"),
+            field: Some("trunk".to_owned()),
         })
     }
 
@@ -661,46 +654,6 @@ struct CreateBody {
     header_direction: Option<HeaderDirection>,
 }
 
-#[derive(Debug, Clone, Copy, Deserialize, utoipa::ToSchema)]
-#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
-enum AdditionalHeader {
-    AnswerMode,
-    CallInfo,
-    AlertInfoAutoAnswerDelay0,
-    AlertInfoAutoAnswer,
-    AlertInfoIntercom,
-}
-
-impl AdditionalHeader {
-    fn to_proto(self) -> pb::AutoAnswer {
-        match self {
-            Self::AnswerMode => pb::AutoAnswer::AnswerMode,
-            Self::CallInfo => pb::AutoAnswer::CallInfo,
-            Self::AlertInfoAutoAnswerDelay0 => pb::AutoAnswer::AlertInfoDelay0,
-            Self::AlertInfoAutoAnswer => pb::AutoAnswer::AlertInfo,
-            Self::AlertInfoIntercom => pb::AutoAnswer::AlertInfoIntercom,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, Deserialize, utoipa::ToSchema)]
-#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
-enum HeaderDirection {
-    Caller,
-    Callee,
-    All,
-}
-
-impl HeaderDirection {
-    fn to_proto(self) -> pb::HeaderDirection {
-        match self {
-            Self::Caller => pb::HeaderDirection::Caller,
-            Self::Callee => pb::HeaderDirection::Callee,
-            Self::All => pb::HeaderDirection::All,
-        }
-    }
-}
-
 fn json_problem(rejection: JsonRejection) -> Problem {
     if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
         return Problem::new(
@@ -804,51 +757,25 @@ async fn create(
         .as_deref()
         .map(|name| rest.trunk(name))
         .transpose()?;
-    let text = |value: &Option<String>| value.clone().unwrap_or_default();
-    let options = pb::CallOptions {
-        caller_display_name: text(&body.caller_display_name),
-        late_offer: !body.send_sdp,
-        trunk,
-        rewrite_from: text(&body.rewrite_from),
-        rewrite_pai: text(&body.rewrite_pai),
-        rewrite_rpi: text(&body.rewrite_rpi),
-        user_data: text(&body.user_data),
-        // header_direction only says where additional_header goes: ignored without it.
-        auto_answer: body
-            .additional_header
-            .map_or(pb::AutoAnswer::Unspecified, AdditionalHeader::to_proto)
-            as i32,
-        header_direction: body
-            .header_direction
-            .filter(|_| body.additional_header.is_some())
-            .map_or(pb::HeaderDirection::Unspecified, HeaderDirection::to_proto)
-            as i32,
-        target: text(&body.target),
-        target_instance_id: text(&body.target_instance_id),
-    };
-    validate::call_options(&options).map_err(|why| match why.split_once(' ') {
-        Some((field, reason)) => Problem::field(field, reason),
-        None => Problem::field("body", why.clone()),
-    })?;
+    let options = StartOptions {
+        send_sdp: Some(body.send_sdp),
+        caller_display_name: body.caller_display_name,
+        rewrite_from: body.rewrite_from,
+        rewrite_pai: body.rewrite_pai,
+        rewrite_rpi: body.rewrite_rpi,
+        user_data: body.user_data,
+        target: body.target,
+        target_instance_id: body.target_instance_id,
+        additional_header: body.additional_header,
+        header_direction: body.header_direction,
+    }
+    .to_proto(trunk)
+    .map_err(|e| Problem::field(&e.field, e.reason))?;
     let callid = uuid::Uuid::new_v4().to_string();
     let id = callapi_kit::calls::session_id(rest.tenant(), &callid);
     let cmd_id = uuid::Uuid::new_v4().to_string();
-    let meta = pb::SessionMeta {
-        tenant: rest.tenant().to_owned(),
-        session_id: id,
-        first_callid: callid.clone(),
-        caller_display_name: options.caller_display_name.clone(),
-        trunk: options
-            .trunk
-            .as_ref()
-            .map(|t| t.name.clone())
-            .unwrap_or_default(),
-        user_data: options.user_data.clone(),
-    };
-    let remembered = !(meta.caller_display_name.is_empty()
-        && meta.trunk.is_empty()
-        && meta.user_data.is_empty());
-    if remembered && let Some(view) = &rest.sessions {
+    let meta = sessions::meta_of_start(rest.tenant(), &callid, &options);
+    if let (Some(meta), Some(view)) = (&meta, &rest.sessions) {
         view.remember(meta.clone()).await.map_err(|err| {
             tracing::warn!(%err, "cannot store a session's metadata");
             Problem::new(
@@ -874,7 +801,7 @@ async fn create(
             session: Session {
                 id,
                 calls: vec![first_call],
-                meta: remembered.then_some(meta),
+                meta,
             },
             cmd_id: cmd_id.clone(),
             until: std::time::Instant::now() + PROVISIONAL_TTL,

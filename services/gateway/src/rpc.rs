@@ -199,6 +199,11 @@ pub fn started(id: &RpcId, cmd_id: &str) -> String {
     )
 }
 
+/// The -32602 answer naming the field at fault.
+pub fn params_error(id: &RpcId, error: &crate::params::ParamsError) -> String {
+    RpcError::field(id, &error.field, error.reason.clone()).to_json()
+}
+
 /// An error reply.
 pub fn error(id: &RpcId, code: i64, message: &str) -> String {
     RpcError::new(id, code, message).to_json()

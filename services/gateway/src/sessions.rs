@@ -204,6 +204,31 @@ impl SessionView {
     }
 }
 
+/// What to remember of a CallStart whose first leg is `first_callid` (the options SIP does not
+/// tell back), if there is anything.
+pub fn meta_of_start(
+    tenant: &str,
+    first_callid: &str,
+    options: &callapi_proto::v1::CallOptions,
+) -> Option<SessionMeta> {
+    let trunk = options
+        .trunk
+        .as_ref()
+        .map(|t| t.name.clone())
+        .unwrap_or_default();
+    if options.caller_display_name.is_empty() && trunk.is_empty() && options.user_data.is_empty() {
+        return None;
+    }
+    Some(SessionMeta {
+        tenant: tenant.to_owned(),
+        session_id: calls::session_id(tenant, first_callid),
+        first_callid: first_callid.to_owned(),
+        caller_display_name: options.caller_display_name.clone(),
+        trunk,
+        user_data: options.user_data.clone(),
+    })
+}
+
 /// RFC 3339 UTC, to the second (`2026-12-01T10:00:00Z`), or none for 0.
 fn time(ms: u64) -> Option<String> {
     if ms == 0 {

@@ -597,3 +597,92 @@ async fn every_create_field_has_its_sip_effect() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// WebSocket `CallStart` takes the same optional fields as `POST /api/sessions`, with the same
+/// SIP effects and checks.
+#[tokio::test]
+async fn websocket_call_start_takes_the_create_fields() {
+    let stack = Stack::with(with_trunks()).await;
+    let mut client = stack.client().await;
+    let notes = client
+        .run(
+            "CallStart",
+            json!({"caller": "sip:1001@127.0.0.1", "callee": "sip:1002@127.0.0.1",
+                "send_sdp": false, "user_data": "ws-7", "additional_header": "CALL_INFO"}),
+        )
+        .await;
+    assert_eq!(
+        callapi_e2e::client::shape(&notes)
+            .last()
+            .map(String::as_str),
+        Some("Ended"),
+        "{notes:?}"
+    );
+    assert!(
+        !callapi_e2e::client::shape(&notes)
+            .iter()
+            .any(|n| n.starts_with("Error")),
+        "{notes:?}"
+    );
+    let caller_invite = invite_to(&stack, "sip:1001@127.0.0.1").await;
+    assert_eq!(caller_invite["body"], Value::Null);
+    assert_eq!(header(&caller_invite, "X-Callapi-User-Data"), Some("ws-7"));
+    // Remembered with the session, as for REST.
+    let callid = notes
+        .iter()
+        .find(|n| n["params"]["data"] == "CALL_START")
+        .and_then(|n| n["params"]["callid"].as_str())
+        .expect("CALL_START names the new call")
+        .to_owned();
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        let asked = client.request("CallGet", json!({"callid": callid})).await;
+        let got = client.reply(&asked).await;
+        if got["result"]["user_data"] == "ws-7" {
+            break;
+        }
+        assert!(Instant::now() < until, "no user_data in {got}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        header(&caller_invite, "Call-Info"),
+        Some("<sip:127.0.0.1>;answer-after=0")
+    );
+
+    // Through a trunk that is down: the call fails, reported to the client.
+    let notes = client
+        .run(
+            "CallStart",
+            json!({"caller": "sip:1003@127.0.0.1", "callee": "sip:+4930999@127.0.0.1",
+                "trunk": "down"}),
+        )
+        .await;
+    assert_eq!(
+        callapi_e2e::client::shape(&notes)
+            .iter()
+            .filter(|n| n.starts_with("Error") || *n == "Ended")
+            .collect::<Vec<_>>(),
+        ["Error:CALL_FAILED", "Ended"],
+        "{notes:?}"
+    );
+    assert_eq!(
+        invite_to(&stack, "sip:+4930999@127.0.0.1").await["destination"],
+        "sip:127.0.0.1:5999"
+    );
+
+    // The same refusals as REST, as -32602 naming the field.
+    for (params, field) in [
+        (json!({"trunk": "nowhere"}), "trunk"),
+        (json!({"user_data": "a\nb"}), "user_data"),
+        (json!({"target_instance_id": "<x>"}), "target_instance_id"),
+        (json!({"additional_header": "LOUD"}), "additional_header"),
+    ] {
+        let mut params = params;
+        params["caller"] = json!("sip:1001@127.0.0.1");
+        params["callee"] = json!("sip:1002@127.0.0.1");
+        let id = client.request("CallStart", params).await;
+        let reply = client.reply(&id).await;
+        assert_eq!(reply["error"]["code"], -32602, "{reply}");
+        assert_eq!(reply["error"]["data"]["field"], field, "{reply}");
+    }
+}
