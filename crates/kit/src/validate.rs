@@ -69,6 +69,12 @@ pub fn call_options(options: &callapi_proto::v1::CallOptions) -> Result<(), Stri
         .or_else(|| user("rewrite_pai", &options.rewrite_pai))
         .or_else(|| user("rewrite_rpi", &options.rewrite_rpi))
         .or_else(|| token("target_instance_id", &options.target_instance_id))
+        .or_else(|| {
+            let number = &options.target_extension_number;
+            (!number.is_empty()
+                && (number.len() > 128 || !number.bytes().all(|b| b.is_ascii_digit())))
+            .then(|| "target_extension_number must be 1 to 128 digits".to_owned())
+        })
         .or_else(|| uri("target", &options.target))
         .or_else(|| {
             options
@@ -130,6 +136,13 @@ mod tests {
                 ..Default::default()
             },
             "target_instance_id",
+        );
+        bad(
+            pb::CallOptions {
+                target_extension_number: "10 3".into(),
+                ..Default::default()
+            },
+            "target_extension_number",
         );
     }
 

@@ -126,6 +126,8 @@ pub struct CallStartParams {
     pub target: Option<String>,
     /// The callee registration to ring, by instance id.
     pub target_instance_id: Option<String>,
+    /// The extension whose phone rings for the callee.
+    pub target_extension_number: Option<String>,
     /// An RFC 5373 auto-answer header.
     pub additional_header: Option<AdditionalHeader>,
     /// Which INVITE(s) get `additional_header`.
@@ -201,6 +203,8 @@ pub struct StartOptions {
     pub target: Option<String>,
     /// `target_instance_id`.
     pub target_instance_id: Option<String>,
+    /// `target_extension_number`.
+    pub target_extension_number: Option<String>,
     /// `additional_header`.
     pub additional_header: Option<AdditionalHeader>,
     /// `header_direction`.
@@ -232,6 +236,7 @@ impl StartOptions {
                 as i32,
             target: text(&self.target),
             target_instance_id: text(&self.target_instance_id),
+            target_extension_number: text(&self.target_extension_number),
         };
         validate::call_options(&options).map_err(|why| match why.split_once(' ') {
             Some((field, reason)) => error(field, reason.to_owned()),
@@ -402,6 +407,7 @@ pub fn command(kind: CommandKind, params: Map<String, Value>) -> Result<Command,
                 user_data: p.user_data,
                 target: p.target,
                 target_instance_id: p.target_instance_id,
+                target_extension_number: p.target_extension_number,
                 additional_header: p.additional_header,
                 header_direction: p.header_direction,
             };

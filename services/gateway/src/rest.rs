@@ -645,8 +645,9 @@ struct CreateBody {
     /// The callee registration to ring, by its instance id (sent as a GRUU `gr` parameter).
     #[schema(max_length = 128, pattern = r"^[0-9A-Za-z:._-]{0,128}$")]
     target_instance_id: Option<String>,
-    /// Target extension number (not supported yet).
-    #[schema(ignore)]
+    /// The extension whose phone rings for the callee (e.g. one member of the group `callee`
+    /// names): the Request-URI of the callee's INVITE; its To stays `callee`.
+    #[schema(max_length = 128, pattern = r"^[0-9]{1,128}$")]
     target_extension_number: Option<String>,
     /// RFC 5373 auto-answer header to add to the INVITE(s) `header_direction` names.
     additional_header: Option<AdditionalHeader>,
@@ -744,14 +745,6 @@ async fn create(
     )?;
     let caller = rest.uri_of("caller", &body.caller)?;
     let callee = rest.uri_of("callee", &body.callee)?;
-    if body.target_extension_number.is_some() {
-        return Err(Problem {
-            status: StatusCode::UNPROCESSABLE_ENTITY,
-            code: "NOT_SUPPORTED",
-            detail: "target_extension_number is not supported by this version yet".to_owned(),
-            field: Some("target_extension_number".to_owned()),
-        });
-    }
     let trunk = body
         .trunk
         .as_deref()
@@ -766,6 +759,7 @@ async fn create(
         user_data: body.user_data,
         target: body.target,
         target_instance_id: body.target_instance_id,
+        target_extension_number: body.target_extension_number,
         additional_header: body.additional_header,
         header_direction: body.header_direction,
     }

@@ -621,9 +621,7 @@ impl Node {
             // OpenSIPS itself rejects the REFER: no event at all (quirk 2).
             return;
         };
-        let target = phones::user_of(&destination).to_owned();
         let new_callid = dialog.new_callid(&transferee);
-        let mut behaviour = self.behaviour(&target);
         // The phone's INVITE, as our shipped script relays it toward the callee.
         let mut invite = SentRequest {
             callid: new_callid.clone(),
@@ -640,6 +638,7 @@ impl Node {
             ],
             body: Some(sip::sdp(&Party::Phone(transferee.clone()))),
         };
+        let mut trunk_behaviour = None;
         if let Some(instructions) = dialog
             .vals
             .get(script::CALLEE_VALUE)
@@ -648,13 +647,16 @@ impl Node {
             instructions.apply(&mut invite);
             if let (Some(_), Some(du)) = (&instructions.trunk, &instructions.du) {
                 let gateway = script::host_of(du);
-                behaviour = if self.config.trunk_gateways.contains(&gateway) {
+                trunk_behaviour = Some(if self.config.trunk_gateways.contains(&gateway) {
                     Behaviour::Answers
                 } else {
                     Behaviour::Dead
-                };
+                });
             }
         }
+        // Whose phone rings: the Request-URI's user once the script is done.
+        let target = phones::user_of(&invite.ruri).to_owned();
+        let behaviour = trunk_behaviour.unwrap_or_else(|| self.behaviour(&target));
         lock(&self.sent).push(invite);
         let mut new_dialog = self.new_dialog(
             new_callid.clone(),

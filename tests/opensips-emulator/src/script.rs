@@ -90,6 +90,8 @@ pub struct CalleeInstructions {
     pub rpi_user: Option<String>,
     /// Where to send the INVITE (`$du`).
     pub du: Option<String>,
+    /// The Request-URI's user (`$rU`): whose phone rings.
+    pub ruri_user: Option<String>,
     /// The trunk's name (only logged by the script).
     pub trunk: Option<String>,
 }
@@ -125,6 +127,9 @@ impl CalleeInstructions {
         if let Some(du) = &self.du {
             invite.destination = Some(du.clone());
         }
+        if let Some(user) = &self.ruri_user {
+            invite.ruri = with_user(&invite.ruri, user);
+        }
     }
 }
 
@@ -153,6 +158,13 @@ fn replace_from(from: &str, instructions: &CalleeInstructions) -> String {
         None => format!("{display} "),
     };
     format!("{display}<{uri}>{tail}")
+}
+
+/// `uri` with its user part replaced by `user`.
+fn with_user(uri: &str, user: &str) -> String {
+    let (scheme, rest) = uri.split_once(':').unwrap_or(("sip", uri));
+    let host = rest.split_once('@').map_or(rest, |(_, host)| host);
+    format!("{scheme}:{user}@{host}")
 }
 
 /// The host (and port) of the URI in a header value or of a bare URI.
@@ -276,6 +288,22 @@ mod tests {
         assert_eq!(
             request.header("From"),
             Some(r#""Desk" <sip:1001@example.com>;tag=abc"#)
+        );
+    }
+
+    #[test]
+    fn the_request_uri_user_can_change() {
+        let mut request = invite();
+        CalleeInstructions {
+            ruri_user: Some("1003".into()),
+            ..Default::default()
+        }
+        .apply(&mut request);
+        assert_eq!(request.ruri, "sip:1003@example.com");
+        assert_eq!(request.header("To"), Some("<sip:1002@example.com>"));
+        assert_eq!(
+            with_user("sip:example.com;gr=x", "7"),
+            "sip:7@example.com;gr=x"
         );
     }
 

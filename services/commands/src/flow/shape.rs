@@ -118,6 +118,11 @@ pub fn shape(caller: &str, callee: &str, options: &pb::CallOptions) -> Shaped {
     } else {
         set(&mut instructions, "du", &options.target);
     }
+    set(
+        &mut instructions,
+        "ruri_user",
+        &options.target_extension_number,
+    );
     let destination = if options.target_instance_id.is_empty() {
         callee.to_owned()
     } else {
@@ -274,5 +279,12 @@ mod tests {
             instructions(&shaped),
             json!({"du": "sip:1002@10.1.2.3:5062"})
         );
+        let options = pb::CallOptions {
+            target_extension_number: "1003".into(),
+            ..Default::default()
+        };
+        let shaped = shape(CALLER, CALLEE, &options);
+        assert_eq!(shaped.destination, CALLEE);
+        assert_eq!(instructions(&shaped), json!({"ruri_user": "1003"}));
     }
 }

@@ -230,16 +230,16 @@ async fn every_limit_and_bad_input_is_a_problem_naming_its_field() {
     }
     let unknown_trunk = post(&stack, "/api/sessions", with("trunk", json!("carrier1"))).await;
     assert_problem(&unknown_trunk, 422, "UNKNOWN_TRUNK", Some("trunk"));
-    let not_yet = post(
+    let not_digits = post(
         &stack,
         "/api/sessions",
-        with("target_extension_number", json!("1003")),
+        with("target_extension_number", json!("10x3")),
     )
     .await;
     assert_problem(
-        &not_yet,
-        422,
-        "NOT_SUPPORTED",
+        &not_digits,
+        400,
+        "INVALID_FIELD",
         Some("target_extension_number"),
     );
     let no_json = request(&stack.http_addr(), "POST", "/api/sessions", None).await;
@@ -576,6 +576,29 @@ async fn every_create_field_has_its_sip_effect() {
         Some("<sip:4932@127.0.0.1>;party=calling;screen=yes;privacy=off")
     );
     assert_eq!(header(&trunk_invite, "Alert-Info"), Some("info=intercom"));
+
+    // Another extension's phone rings for the callee: the R-URI changes, To stays.
+    let created = post(
+        &stack,
+        "/api/sessions",
+        json!({"caller": "1002", "callee": "1001", "send_sdp": true,
+            "target_extension_number": "1003"}),
+    )
+    .await;
+    assert_eq!(created.status, 200, "{created:?}");
+    let id = created.json["id"].as_str().expect("id").to_owned();
+    wait_session(&stack, &id, |s| {
+        s["calls"].as_array().is_some_and(|calls| {
+            calls.len() == 1 && calls[0]["callee"] == "1001" && calls[0]["state"] == "answered"
+        })
+    })
+    .await;
+    let rung = sent_sip(&stack)
+        .await
+        .into_iter()
+        .find(|r| r["ruri"] == "sip:1003@127.0.0.1" && header(r, "Referred-By").is_some())
+        .expect("the referred INVITE to extension 1003");
+    assert_eq!(header(&rung, "To"), Some("<sip:1001@127.0.0.1>"));
 
     // A trunk that is down: the call fails and its session goes.
     let created = post(
