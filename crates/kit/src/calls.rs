@@ -128,7 +128,7 @@ pub fn meta_key(tenant: &str, session_id: u64) -> String {
 }
 
 /// Opens the metadata bucket, creating it if needed (a gateway writes it, every gateway
-/// reads it; records live [`MAX_AGE`], as the calls' safety net).
+/// reads it; records live at most [`MAX_AGE`], and their expiry leaves a marker watchers see).
 pub async fn open_meta(
     jetstream: &async_nats::jetstream::Context,
 ) -> Result<async_nats::jetstream::kv::Store, String> {
@@ -140,6 +140,7 @@ pub async fn open_meta(
         history: 1,
         max_age: MAX_AGE,
         storage: async_nats::jetstream::stream::StorageType::File,
+        limit_markers: Some(MARKER_TTL),
         ..Default::default()
     };
     if let Ok(kv) = jetstream.get_key_value(META_BUCKET).await {

@@ -49,8 +49,8 @@ pub fn call_options(options: &callapi_proto::v1::CallOptions) -> Result<(), Stri
             && (value.len() > 16
                 || !value
                     .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"+*#._-".contains(&b))))
-        .then(|| format!("{field} must be 1 to 16 of 0-9 A-Z a-z + * # . _ -"))
+                    .all(|b| b.is_ascii_alphanumeric() || b"+*._-".contains(&b))))
+        .then(|| format!("{field} must be 1 to 16 of 0-9 A-Z a-z + * . _ -"))
     };
     let token = |field: &str, value: &str| {
         (!value.is_empty()
@@ -60,8 +60,13 @@ pub fn call_options(options: &callapi_proto::v1::CallOptions) -> Result<(), Stri
                     .all(|b| b.is_ascii_alphanumeric() || b":._-".contains(&b))))
         .then(|| format!("{field} must be at most 128 of 0-9 A-Z a-z : . _ -"))
     };
+    // Where OpenSIPS sends a request (`$du`): a sip: or sips: URI, at most 128 characters.
     let uri = |field: &str, value: &str| {
-        (!value.is_empty() && sip_uri(value).is_err()).then(|| format!("{field} must be a SIP URI"))
+        (!value.is_empty()
+            && (value.len() > 128
+                || !(value.starts_with("sip:") || value.starts_with("sips:"))
+                || sip_uri(value).is_err()))
+        .then(|| format!("{field} must be a sip: or sips: URI of at most 128 characters"))
     };
     let refused = text("caller_display_name", &options.caller_display_name, 1024)
         .or_else(|| text("user_data", &options.user_data, 128))
@@ -143,6 +148,27 @@ mod tests {
                 ..Default::default()
             },
             "target_extension_number",
+        );
+        bad(
+            pb::CallOptions {
+                target: "tel:+4930123".into(),
+                ..Default::default()
+            },
+            "target",
+        );
+        bad(
+            pb::CallOptions {
+                rewrite_from: "#31".into(),
+                ..Default::default()
+            },
+            "rewrite_from",
+        );
+        bad(
+            pb::CallOptions {
+                target: format!("sip:{}@h", "1".repeat(124)),
+                ..Default::default()
+            },
+            "target",
         );
     }
 

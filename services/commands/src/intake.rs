@@ -48,6 +48,13 @@ pub fn flow_for(
             };
             let options = c.options.as_deref().cloned().unwrap_or_default();
             validate::call_options(&options)?;
+            if options.trunk.as_ref().is_some_and(|t| t.uri.is_empty()) {
+                return Err("trunk must have a uri".to_owned());
+            }
+            let sip_callee = c.callee.starts_with("sip:") || c.callee.starts_with("sips:");
+            if !options.target_instance_id.is_empty() && !sip_callee {
+                return Err("target_instance_id needs a sip: or sips: callee".to_owned());
+            }
             (
                 Flow::Start(StartFlow::new(
                     c.caller.clone(),

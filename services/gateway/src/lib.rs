@@ -137,6 +137,11 @@ impl Config {
                     trunk.name
                 )));
             }
+            if !(trunk.uri.starts_with("sip:") || trunk.uri.starts_with("sips:")) {
+                return Err(Error::Config(format!(
+                    "trunks[{n}].uri must be a sip: or sips: URI"
+                )));
+            }
             callapi_kit::validate::sip_uri(&trunk.uri)
                 .map_err(|why| Error::Config(format!("trunks[{n}].uri {why}")))?;
         }

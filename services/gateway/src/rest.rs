@@ -609,25 +609,13 @@ struct CreateBody {
     #[schema(min_length = 1, max_length = 64)]
     trunk: Option<String>,
     /// User part of From of the callee's INVITE (ignored without `trunk`).
-    #[schema(
-        min_length = 1,
-        max_length = 16,
-        pattern = r"^[0-9A-Za-z+*#._-]{1,16}$"
-    )]
+    #[schema(min_length = 1, max_length = 16, pattern = r"^[0-9A-Za-z+*._-]{1,16}$")]
     rewrite_from: Option<String>,
     /// User part of P-Asserted-Identity of the callee's INVITE (ignored without `trunk`).
-    #[schema(
-        min_length = 1,
-        max_length = 16,
-        pattern = r"^[0-9A-Za-z+*#._-]{1,16}$"
-    )]
+    #[schema(min_length = 1, max_length = 16, pattern = r"^[0-9A-Za-z+*._-]{1,16}$")]
     rewrite_pai: Option<String>,
     /// User part of Remote-Party-ID of the callee's INVITE (ignored without `trunk`).
-    #[schema(
-        min_length = 1,
-        max_length = 16,
-        pattern = r"^[0-9A-Za-z+*#._-]{1,16}$"
-    )]
+    #[schema(min_length = 1, max_length = 16, pattern = r"^[0-9A-Za-z+*._-]{1,16}$")]
     rewrite_rpi: Option<String>,
     /// Caller's context: stored with the session (GET shows it) and sent in both INVITEs as
     /// `X-Callapi-User-Data`.

@@ -36,7 +36,16 @@ pub struct SessionView {
     meta: Entries<SessionMeta>,
     /// The metadata bucket, for [`SessionView::remember`].
     meta_kv: Option<kv::Store>,
+    /// Keys of the metadata this gateway wrote (it removes them once their session is over).
+    own: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
 }
+
+/// How long a session's metadata is kept once the session has no call left (or before its
+/// first call shows up).
+const META_GRACE_MS: u64 = 60_000;
+
+/// How often metadata of sessions that are over is looked for.
+const PRUNE_EVERY: Duration = Duration::from_secs(10);
 
 /// Longest wait at start for a bucket's current content.
 const CATCH_UP: Duration = Duration::from_secs(5);
@@ -135,8 +144,69 @@ impl SessionView {
             shutdown.clone(),
         )
         .await?;
-        follow(meta_kv, calls::META_BUCKET, view.meta.clone(), shutdown).await?;
+        follow(
+            meta_kv,
+            calls::META_BUCKET,
+            view.meta.clone(),
+            shutdown.clone(),
+        )
+        .await?;
+        let pruner = view.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(PRUNE_EVERY);
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = every.tick() => pruner.prune(callapi_kit::unix_ms()).await,
+                }
+            }
+        });
         Ok(view)
+    }
+
+    /// Forgets the metadata of sessions that have had no call for [`META_GRACE_MS`]; what this
+    /// gateway wrote is removed from the bucket too.
+    async fn prune(&self, now_ms: u64) {
+        let gone = self.over(now_ms);
+        if gone.is_empty() {
+            return;
+        }
+        if let Ok(mut map) = self.meta.write() {
+            for key in &gone {
+                map.remove(key);
+            }
+        }
+        let own: Vec<String> = match self.own.lock() {
+            Ok(mut own) => gone.into_iter().filter(|key| own.remove(key)).collect(),
+            Err(_) => Vec::new(),
+        };
+        if let Some(kv) = &self.meta_kv {
+            for key in own {
+                if let Err(err) = kv.purge(&key).await {
+                    tracing::debug!(%err, %key, "cannot remove a session's metadata");
+                }
+            }
+        }
+    }
+
+    /// Keys of metadata whose session is over: no call of it in the store, and written more
+    /// than [`META_GRACE_MS`] ago.
+    fn over(&self, now_ms: u64) -> Vec<String> {
+        let live: std::collections::HashSet<(String, u64)> = match self.records.read() {
+            Ok(records) => records
+                .values()
+                .map(|r| (r.tenant.clone(), r.session_id))
+                .collect(),
+            Err(_) => return Vec::new(),
+        };
+        let Ok(meta) = self.meta.read() else {
+            return Vec::new();
+        };
+        meta.iter()
+            .filter(|(_, m)| now_ms.saturating_sub(m.created_at_ms) > META_GRACE_MS)
+            .filter(|(_, m)| !live.contains(&(m.tenant.clone(), m.session_id)))
+            .map(|(key, _)| key.clone())
+            .collect()
     }
 
     /// Stores what a client said about a session it creates, for every gateway to show.
@@ -146,6 +216,9 @@ impl SessionView {
             kv.put(&key, meta.encode_to_vec().into())
                 .await
                 .map_err(|e| format!("key-value bucket {}: {e}", calls::META_BUCKET))?;
+            if let Ok(mut own) = self.own.lock() {
+                own.insert(key.clone());
+            }
         }
         if let Ok(mut map) = self.meta.write() {
             map.insert(key, meta);
@@ -226,6 +299,7 @@ pub fn meta_of_start(
         caller_display_name: options.caller_display_name.clone(),
         trunk,
         user_data: options.user_data.clone(),
+        created_at_ms: callapi_kit::unix_ms(),
     })
 }
 
@@ -413,6 +487,33 @@ mod tests {
         assert_eq!(v.get("other", 7).map(|s| s.calls.len()), Some(1));
     }
 
+    #[tokio::test]
+    async fn metadata_of_sessions_that_are_over_is_forgotten() {
+        let v = view(vec![record("acme", 7, "X", 1_000)]);
+        let meta = |id: u64, created_at_ms: u64| SessionMeta {
+            tenant: "acme".into(),
+            session_id: id,
+            user_data: "u".into(),
+            created_at_ms,
+            ..Default::default()
+        };
+        for m in [meta(7, 0), meta(8, 0), meta(9, 100_000)] {
+            v.remember(m).await.unwrap();
+        }
+        // 8 has no call and is old; 7 still has one; 9 is recent.
+        v.prune(120_000).await;
+        assert!(v.meta_of("acme", 7).is_some());
+        assert!(v.meta_of("acme", 8).is_none());
+        assert!(v.meta_of("acme", 9).is_some());
+        if let Ok(mut records) = v.records.write() {
+            records.clear();
+        }
+        v.prune(120_000).await;
+        assert!(v.meta_of("acme", 7).is_none());
+        v.prune(161_000).await;
+        assert!(v.meta_of("acme", 9).is_none());
+    }
+
     #[test]
     fn the_json_has_portsips_fields_and_ours() {
         let session = Session {
@@ -446,6 +547,7 @@ mod tests {
                 caller_display_name: "Sales".into(),
                 trunk: "carrier".into(),
                 user_data: "crm-42".into(),
+                created_at_ms: 0,
             }),
         };
         let json = to_json(&session, 3_000);

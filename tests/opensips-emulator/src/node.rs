@@ -111,6 +111,17 @@ impl Node {
         lock(&self.events).raise(event, params);
     }
 
+    /// The user whose phone listens at `contact` (`sip:[user@]127.0.0.1:PORT`), if any.
+    fn phone_at(&self, contact: &str) -> Option<String> {
+        let host = script::host_of(contact);
+        let port: u16 = host.strip_prefix("127.0.0.1:")?.parse().ok()?;
+        ["alice", "bob", "cindy", "dave", "busy", "noanswer", "dead"]
+            .into_iter()
+            .map(str::to_owned)
+            .chain(self.config.extra_phones.iter().cloned())
+            .find(|user| phones::port(user, &self.config.extra_phones) == port)
+    }
+
     fn behaviour(&self, user: &str) -> Behaviour {
         phones::behaviour(user, &self.config.extra_phones)
     }
@@ -654,9 +665,19 @@ impl Node {
                 });
             }
         }
-        // Whose phone rings: the Request-URI's user once the script is done.
-        let target = phones::user_of(&invite.ruri).to_owned();
-        let behaviour = trunk_behaviour.unwrap_or_else(|| self.behaviour(&target));
+        // Whose phone rings: the one at the contact the script sent it to, else the
+        // Request-URI's user once the script is done.
+        let target = match (&trunk_behaviour, &invite.destination) {
+            (None, Some(contact)) => self.phone_at(contact),
+            _ => Some(phones::user_of(&invite.ruri).to_owned()),
+        };
+        let behaviour = match (trunk_behaviour, &target) {
+            (Some(behaviour), _) => behaviour,
+            (None, Some(user)) => self.behaviour(user),
+            // Nothing listens at that contact.
+            (None, None) => Behaviour::Dead,
+        };
+        let target = target.unwrap_or_else(|| phones::user_of(&invite.ruri).to_owned());
         lock(&self.sent).push(invite);
         let mut new_dialog = self.new_dialog(
             new_callid.clone(),

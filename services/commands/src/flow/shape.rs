@@ -68,7 +68,15 @@ fn set(map: &mut Map<String, Value>, key: &str, value: &str) {
 
 /// Shapes the SIP of a CallStart from `caller` to `callee` with `options` (already checked).
 pub fn shape(caller: &str, callee: &str, options: &pb::CallOptions) -> Shaped {
-    let domain = host_of(caller);
+    let is_sip = |uri: &str| uri.starts_with("sip:") || uri.starts_with("sips:");
+    // The domain in Call-Info / Alert-Info URIs: the caller's, else the callee's.
+    let domain = if is_sip(caller) {
+        host_of(caller)
+    } else if is_sip(callee) {
+        host_of(callee)
+    } else {
+        "localhost"
+    };
     let from = if options.caller_display_name.is_empty() {
         format!("<{caller}>")
     } else {

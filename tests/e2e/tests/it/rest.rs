@@ -200,6 +200,16 @@ async fn every_limit_and_bad_input_is_a_problem_naming_its_field() {
         (with("rewrite_from", json!("1".repeat(17))), "rewrite_from"),
         (with("user_data", json!("u".repeat(129))), "user_data"),
         (with("target", json!("t".repeat(129))), "target"),
+        (with("rewrite_pai", json!("1".repeat(17))), "rewrite_pai"),
+        (with("rewrite_rpi", json!("1".repeat(17))), "rewrite_rpi"),
+        (
+            with("target_instance_id", json!("u".repeat(129))),
+            "target_instance_id",
+        ),
+        (
+            with("target_extension_number", json!("1".repeat(129))),
+            "target_extension_number",
+        ),
         (with("extra", json!(1)), "extra"),
         (with("callee", json!("bob@evil?x")), "callee"),
     ] {
@@ -452,6 +462,24 @@ fn header<'a>(request: &'a Value, name: &str) -> Option<&'a str> {
     })
 }
 
+/// The first INVITE sent after the `skip` first requests whose R-URI starts with `ruri`: the
+/// one a REFER made (`referred`, it carries Referred-By) or callapi's own.
+async fn invite_after(stack: &Stack, skip: usize, ruri: &str, referred: bool) -> Value {
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        let found = sent_sip(stack).await.into_iter().skip(skip).find(|r| {
+            r["method"] == "INVITE"
+                && r["ruri"].as_str().is_some_and(|u| u.starts_with(ruri))
+                && header(r, "Referred-By").is_some() == referred
+        });
+        if let Some(found) = found {
+            return found;
+        }
+        assert!(Instant::now() < until, "no INVITE to {ruri} was sent");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// The first INVITE sent whose R-URI starts with `ruri`.
 async fn invite_to(stack: &Stack, ruri: &str) -> Value {
     let until = Instant::now() + Duration::from_secs(10);
@@ -467,31 +495,52 @@ async fn invite_to(stack: &Stack, ruri: &str) -> Value {
     }
 }
 
+/// Creates a call and waits until its session holds only the answered call the REFER made
+/// (whose INVITE's R-URI starts with `referred_ruri`); returns the session's JSON, callapi's
+/// INVITE to the caller and the referred INVITE.
+async fn create_answered(
+    stack: &Stack,
+    body: Value,
+    caller_ruri: &str,
+    referred_ruri: &str,
+) -> (Value, Value, Value) {
+    let before = sent_sip(stack).await.len();
+    let created = post(stack, "/api/sessions", body).await;
+    assert_eq!(created.status, 200, "{created:?}");
+    let id = created.json["id"].as_str().expect("id").to_owned();
+    let referred = invite_after(stack, before, referred_ruri, true).await;
+    let callid = referred["callid"].clone();
+    wait_session(stack, &id, |s| {
+        s["calls"].as_array().is_some_and(|calls| {
+            calls.len() == 1
+                && calls[0]["callid"] == callid
+                && calls[0]["state"] == "answered"
+                && calls[0]["callee_uri"].is_string()
+        })
+    })
+    .await;
+    let session = get(stack, &format!("/api/sessions/{id}")).await.json;
+    let caller = invite_after(stack, before, caller_ruri, false).await;
+    (session, caller, referred)
+}
+
 #[tokio::test]
 async fn every_create_field_has_its_sip_effect() {
     let stack = Stack::with(with_trunks()).await;
 
     // Display name, late offer, user data, an auto-answer header to both sides, one
-    // registration of the callee.
+    // registration of the callee; rewrites without a trunk do nothing.
     let instance = "urn:uuid:f81d4fae-7dec-11d0-a765-00a0c91e6bf6";
-    let created = post(
+    let (session, caller_invite, callee_invite) = create_answered(
         &stack,
-        "/api/sessions",
         json!({"caller": "1001", "callee": "1002", "send_sdp": false,
             "caller_display_name": "Sales \"East\"", "user_data": "crm-42",
             "additional_header": "ANSWER_MODE", "header_direction": "ALL",
-            "target_instance_id": instance}),
+            "target_instance_id": instance, "rewrite_pai": "999"}),
+        "sip:1001@127.0.0.1",
+        "sip:1002@127.0.0.1",
     )
     .await;
-    assert_eq!(created.status, 200, "{created:?}");
-    let id = created.json["id"].as_str().expect("id").to_owned();
-    wait_session(&stack, &id, |s| {
-        s["calls"].as_array().is_some_and(|calls| {
-            calls.len() == 1 && calls[0]["callee"] == "1002" && calls[0]["state"] == "answered"
-        })
-    })
-    .await;
-    let caller_invite = invite_to(&stack, "sip:1001@127.0.0.1").await;
     assert_eq!(
         header(&caller_invite, "From"),
         Some(r#""Sales \"East\"" <sip:1001@127.0.0.1>"#)
@@ -507,7 +556,6 @@ async fn every_create_field_has_its_sip_effect() {
         header(&caller_invite, "X-Callapi-User-Data"),
         Some("crm-42")
     );
-    let callee_invite = invite_to(&stack, "sip:1002@127.0.0.1").await;
     assert_eq!(
         callee_invite["ruri"],
         format!("sip:1002@127.0.0.1;gr={instance}")
@@ -521,47 +569,38 @@ async fn every_create_field_has_its_sip_effect() {
         header(&callee_invite, "X-Callapi-User-Data"),
         Some("crm-42")
     );
+    assert_eq!(header(&callee_invite, "P-Asserted-Identity"), None);
     assert_eq!(callee_invite["destination"], Value::Null);
-    let session = get(&stack, &format!("/api/sessions/{id}")).await;
-    assert_eq!(session.json["user_data"], "crm-42", "{session:?}");
-    assert_eq!(
-        session.json["calls"][0]["caller_display_name"],
-        "Sales \"East\""
-    );
+    assert_eq!(session["user_data"], "crm-42", "{session}");
+    assert_eq!(session["calls"][0]["caller_display_name"], "Sales \"East\"");
+    assert_eq!(session["calls"][0]["trunk"], Value::Null);
     // The WebSocket API shows the same.
     let mut client = stack.client().await;
-    let asked = client.request("CallGet", json!({"session_id": id})).await;
+    let asked = client
+        .request("CallGet", json!({"session_id": session["id"]}))
+        .await;
     assert_eq!(client.reply(&asked).await["result"]["user_data"], "crm-42");
 
     // Through a trunk: the callee's INVITE goes to the trunk's gateway (not to `target`), its
     // identities rewritten; the auto-answer header only toward the callee.
-    let created = post(
+    let (session, caller_invite, trunk_invite) = create_answered(
         &stack,
-        "/api/sessions",
         json!({"caller": "1003", "callee": "+4930123", "send_sdp": true, "trunk": "carrier",
             "rewrite_from": "4930", "rewrite_pai": "4931", "rewrite_rpi": "4932",
             "additional_header": "ALERT_INFO_INTERCOM", "header_direction": "CALLEE",
             "target": "sip:ignored@127.0.0.1"}),
+        "sip:1003@127.0.0.1",
+        "sip:+4930123@127.0.0.1",
     )
     .await;
-    assert_eq!(created.status, 200, "{created:?}");
-    let id = created.json["id"].as_str().expect("id").to_owned();
-    wait_session(&stack, &id, |s| {
-        s["calls"].as_array().is_some_and(|calls| {
-            calls.len() == 1 && calls[0]["callee"] == "+4930123" && calls[0]["state"] == "answered"
-        })
-    })
-    .await;
-    let session = get(&stack, &format!("/api/sessions/{id}")).await;
-    assert_eq!(session.json["calls"][0]["trunk"], "carrier", "{session:?}");
-    let caller_invite = invite_to(&stack, "sip:1003@127.0.0.1").await;
+    assert_eq!(session["calls"][0]["trunk"], "carrier", "{session}");
+    assert_eq!(session["calls"][0]["callee"], "+4930123", "{session}");
     assert_eq!(header(&caller_invite, "Alert-Info"), None);
     assert!(
         caller_invite["body"]
             .as_str()
             .is_some_and(|b| b.starts_with("v=0"))
     );
-    let trunk_invite = invite_to(&stack, "sip:+4930123@127.0.0.1").await;
     assert_eq!(trunk_invite["destination"], "sip:127.0.0.1:5090");
     assert!(
         header(&trunk_invite, "From").is_some_and(|f| f.starts_with("<sip:4930@127.0.0.1>")),
@@ -577,28 +616,31 @@ async fn every_create_field_has_its_sip_effect() {
     );
     assert_eq!(header(&trunk_invite, "Alert-Info"), Some("info=intercom"));
 
-    // Another extension's phone rings for the callee: the R-URI changes, To stays.
-    let created = post(
+    // Another extension's phone rings for the callee: the R-URI changes, To stays; the
+    // auto-answer header goes to the caller only when no direction is given.
+    let (session, caller_invite, rung) = create_answered(
         &stack,
-        "/api/sessions",
         json!({"caller": "1002", "callee": "1001", "send_sdp": true,
-            "target_extension_number": "1003"}),
+            "target_extension_number": "1003", "additional_header": "ANSWER_MODE"}),
+        "sip:1002@127.0.0.1",
+        "sip:1003@127.0.0.1",
     )
     .await;
-    assert_eq!(created.status, 200, "{created:?}");
-    let id = created.json["id"].as_str().expect("id").to_owned();
-    wait_session(&stack, &id, |s| {
-        s["calls"].as_array().is_some_and(|calls| {
-            calls.len() == 1 && calls[0]["callee"] == "1001" && calls[0]["state"] == "answered"
-        })
-    })
-    .await;
-    let rung = sent_sip(&stack)
-        .await
-        .into_iter()
-        .find(|r| r["ruri"] == "sip:1003@127.0.0.1" && header(r, "Referred-By").is_some())
-        .expect("the referred INVITE to extension 1003");
+    assert_eq!(session["calls"][0]["callee"], "1001", "{session}");
     assert_eq!(header(&rung, "To"), Some("<sip:1001@127.0.0.1>"));
+    assert_eq!(header(&caller_invite, "Answer-Mode"), Some("Auto"));
+    assert_eq!(header(&rung, "Answer-Mode"), None);
+
+    // One contact of the callee: the INVITE goes there, and the phone there answers.
+    let contact = "sip:1003@127.0.0.1:5082";
+    let (_, _, sent_to_contact) = create_answered(
+        &stack,
+        json!({"caller": "1002", "callee": "1003", "send_sdp": true, "target": contact}),
+        "sip:1002@127.0.0.1",
+        "sip:1003@127.0.0.1",
+    )
+    .await;
+    assert_eq!(sent_to_contact["destination"], contact);
 
     // A trunk that is down: the call fails and its session goes.
     let created = post(
