@@ -59,6 +59,8 @@ pub struct LoneTcpIngest {
     pub addr: std::net::SocketAddr,
     /// Subscribed to `callapi.v1.event.acme.node-7.>`.
     pub events: async_nats::Subscriber,
+    /// The connection `events` is on.
+    pub nats: async_nats::Client,
 }
 
 /// Starts a [`LoneTcpIngest`]; `top` goes before `[nats]`, `node` into `[[nodes]]`.
@@ -101,6 +103,7 @@ pub async fn lone_tcp_ingest(top: &str, node: &str) -> LoneTcpIngest {
         ingest,
         addr,
         events,
+        nats,
     }
 }
 
@@ -112,6 +115,7 @@ async fn event_stream_over_tcp_is_read_back_to_back() {
         ingest,
         addr,
         mut events,
+        nats,
     } = lone_tcp_ingest("", "").await;
     // As OpenSIPS's event_stream does: connect and write notifications with no delimiter,
     // here split at an awkward place.
@@ -129,10 +133,22 @@ async fn event_stream_over_tcp_is_read_back_to_back() {
         .unwrap();
     let mut names = Vec::new();
     for _ in 0..2 {
-        let message = tokio::time::timeout(Duration::from_secs(10), events.next())
-            .await
-            .expect("event in time")
-            .expect("subscription open");
+        let Ok(message) = tokio::time::timeout(Duration::from_secs(10), events.next()).await else {
+            // Flaked twice under load (issue 10's session): say which side lost it.
+            let probe = "callapi.v1.event.acme.node-7.probe";
+            let _ = nats.publish(probe, "x".into()).await;
+            let got = tokio::time::timeout(Duration::from_secs(2), events.next()).await;
+            panic!(
+                "no event within 10 s (got so far: {names:?}); a probe published by the test itself {}; the test's NATS connection: {:?}",
+                if got.is_ok() {
+                    "arrived"
+                } else {
+                    "did not arrive either"
+                },
+                nats.connection_state()
+            );
+        };
+        let message = message.expect("subscription open");
         let event = OpensipsEvent::decode(message.payload.as_ref()).unwrap();
         assert_eq!(event.callid, "55254bf3893eb48e");
         names.push(event.name);

@@ -182,6 +182,7 @@ async fn event_stream_connections_from_other_addresses_are_closed() {
         ingest,
         addr,
         mut events,
+        nats: _nats,
     } = lone_tcp_ingest(
         "drop_report_interval_ms = 300",
         "senders = [\"127.0.0.1/32\"]",
