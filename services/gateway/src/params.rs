@@ -99,8 +99,8 @@ fn hold_leg(leg: Option<HoldLeg>) -> pb::Leg {
     }
 }
 
-/// `CallStart`: a call from `caller` to `callee` (click-to-dial), with PortSIP's optional
-/// create fields (the same as REST `POST /api/sessions` takes, docs/rest.md).
+/// `CallStart`: a call from `caller` to `callee` (click-to-dial); its other params are
+/// [`StartOptions`].
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CallStartParams {
@@ -108,30 +108,6 @@ pub struct CallStartParams {
     pub caller: SipUri,
     /// Called once the caller answered.
     pub callee: SipUri,
-    /// Whether the caller's INVITE carries an SDP offer (default true).
-    pub send_sdp: Option<bool>,
-    /// From display name of both INVITEs.
-    pub caller_display_name: Option<String>,
-    /// A configured trunk the callee's INVITE goes out through.
-    pub trunk: Option<String>,
-    /// User part of From toward the trunk.
-    pub rewrite_from: Option<String>,
-    /// User part of P-Asserted-Identity toward the trunk.
-    pub rewrite_pai: Option<String>,
-    /// User part of Remote-Party-ID toward the trunk.
-    pub rewrite_rpi: Option<String>,
-    /// The client's context, stored with the session and sent in both INVITEs.
-    pub user_data: Option<String>,
-    /// The callee contact to ring.
-    pub target: Option<String>,
-    /// The callee registration to ring, by instance id.
-    pub target_instance_id: Option<String>,
-    /// The extension whose phone rings for the callee.
-    pub target_extension_number: Option<String>,
-    /// An RFC 5373 auto-answer header.
-    pub additional_header: Option<AdditionalHeader>,
-    /// Which INVITE(s) get `additional_header`.
-    pub header_direction: Option<HeaderDirection>,
 }
 
 /// The header `additional_header` names (PortSIP's enum).
@@ -184,13 +160,17 @@ impl From<HeaderDirection> for pb::HeaderDirection {
     }
 }
 
-/// PortSIP's optional create fields, as REST and WebSocket take them.
-#[derive(Debug, Clone, Default, PartialEq)]
+/// PortSIP's optional create fields (docs/rest.md, "What each field does"), as REST
+/// `POST /api/sessions` and WebSocket `CallStart` take them.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct StartOptions {
     /// `send_sdp` (absent: true).
     pub send_sdp: Option<bool>,
     /// `caller_display_name`.
     pub caller_display_name: Option<String>,
+    /// `trunk`: the name of a configured trunk.
+    pub trunk: Option<String>,
     /// `rewrite_from`.
     pub rewrite_from: Option<String>,
     /// `rewrite_pai`.
@@ -397,26 +377,17 @@ const MAX_REASON: usize = 160;
 pub fn command(kind: CommandKind, params: Map<String, Value>) -> Result<Command, ParamsError> {
     Ok(match kind {
         CommandKind::CallStart => {
-            let p: CallStartParams = typed(params, &[])?;
-            let options = StartOptions {
-                send_sdp: p.send_sdp,
-                caller_display_name: p.caller_display_name,
-                rewrite_from: p.rewrite_from,
-                rewrite_pai: p.rewrite_pai,
-                rewrite_rpi: p.rewrite_rpi,
-                user_data: p.user_data,
-                target: p.target,
-                target_instance_id: p.target_instance_id,
-                target_extension_number: p.target_extension_number,
-                additional_header: p.additional_header,
-                header_direction: p.header_direction,
-            };
+            let (parties, rest): (Map<String, Value>, Map<String, Value>) = params
+                .into_iter()
+                .partition(|(key, _)| key == "caller" || key == "callee");
+            let p: CallStartParams = typed(parties, &[])?;
+            let options: StartOptions = typed(rest, &[])?;
             // The trunk's address is filled in by [`resolve_trunk`].
-            let trunk = p.trunk.map(|name| pb::Trunk {
+            let trunk = options.trunk.clone().map(|name| pb::Trunk {
                 name,
                 uri: String::new(),
             });
-            let options = (options != StartOptions::default() || trunk.is_some())
+            let options = (options != StartOptions::default())
                 .then(|| options.to_proto(trunk))
                 .transpose()?
                 .map(Box::new);

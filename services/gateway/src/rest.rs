@@ -741,6 +741,7 @@ async fn create(
     let options = StartOptions {
         send_sdp: Some(body.send_sdp),
         caller_display_name: body.caller_display_name,
+        trunk: body.trunk,
         rewrite_from: body.rewrite_from,
         rewrite_pai: body.rewrite_pai,
         rewrite_rpi: body.rewrite_rpi,
