@@ -357,7 +357,9 @@ fn answer_query(client: &Client<'_>, call: QueryCall) -> Option<String> {
         }
         Query::Get(key) => {
             let found = match &key {
-                SessionKey::Id(session_id) => view.get(tenant, *session_id),
+                SessionKey::Id(session_id) => view
+                    .get(tenant, *session_id)
+                    .or_else(|| view.ended(tenant, *session_id)),
                 SessionKey::Callid(callid) => view.by_callid(tenant, callid),
             };
             match found {
@@ -458,7 +460,7 @@ async fn remember(
     if start.callid.is_empty() {
         start.callid = uuid::Uuid::new_v4().to_string();
     }
-    let Some(meta) = sessions::meta_of_start(tenant, &start.callid, options) else {
+    let Some(meta) = sessions::meta_of_start(tenant, &start.callid, options, false) else {
         return Ok(());
     };
     view.remember(meta).await.map_err(|err| {

@@ -167,11 +167,29 @@ impl Provisionals {
 struct Waiters {
     waiting: Mutex<HashMap<String, mpsc::UnboundedSender<notification::Kind>>>,
     provisional: Mutex<Provisionals>,
+    /// The creates in flight, by command: where a failure is recorded.
+    starts: Mutex<HashMap<String, pb::SessionMeta>>,
+    /// The live view, to record failures in.
+    view: Option<SessionView>,
 }
 
 impl NotificationSink for Waiters {
     fn deliver(&self, cmd_id: String, _attempt: u64, kind: notification::Kind) {
         let ended = matches!(kind, notification::Kind::Ended(_));
+        if let notification::Kind::Error(error) = &kind
+            && let Some(meta) = lock(&self.starts).remove(&cmd_id)
+            && let Some(view) = self.view.clone()
+        {
+            let error = error.clone();
+            tokio::spawn(async move {
+                if let Err(err) = view.record_failure(meta, &error).await {
+                    tracing::warn!(%err, "cannot record why a session ended");
+                }
+            });
+        }
+        if ended {
+            lock(&self.starts).remove(&cmd_id);
+        }
         if let Some(waiter) = lock(&self.waiting).get(&cmd_id) {
             let _ = waiter.send(kind);
         }
@@ -238,7 +256,10 @@ impl Rest {
         outcome_wait: Duration,
         trunks: Vec<crate::TrunkConfig>,
     ) -> Self {
-        let waiters = Arc::new(Waiters::default());
+        let waiters = Arc::new(Waiters {
+            view: sessions.clone(),
+            ..Waiters::default()
+        });
         let attachment = commands.attach(tenant, waiters.clone());
         Self {
             commands,
@@ -527,7 +548,13 @@ async fn list(
     }
     let view = rest.view()?;
     let mut found: Vec<Session> = view.list(rest.tenant());
-    found.extend(rest.waiters.provisional(view, rest.tenant()));
+    // Only active sessions are listed (GET by id shows an ended one for a while).
+    found.extend(
+        rest.waiters
+            .provisional(view, rest.tenant())
+            .into_iter()
+            .filter(|s| !sessions::is_over(s)),
+    );
     found.sort_by_key(|s| std::cmp::Reverse(s.calls.first().map_or(0, |c| c.started_at_ms)));
     if let Some(filter) = query.filter.as_deref().filter(|f| !f.is_empty()) {
         found.retain(|s| {
@@ -569,7 +596,13 @@ async fn get_one(
     State(rest): State<Arc<Rest>>,
     Path(id): Path<String>,
 ) -> Result<Json<sessions::SessionItem>, Problem> {
-    let session = rest.session(&id)?;
+    let session = match rest.session(&id) {
+        Ok(session) if !sessions::is_over(&session) => session,
+        // Over, but created through callapi a short while ago: how it ended.
+        found => session_id(&id)
+            .and_then(|id| rest.sessions.as_ref()?.ended(rest.tenant(), id))
+            .map_or(found, Ok)?,
+    };
     Ok(Json(sessions::item(&session, now_ms())))
 }
 
@@ -757,7 +790,8 @@ async fn create(
     let callid = uuid::Uuid::new_v4().to_string();
     let id = callapi_kit::calls::session_id(rest.tenant(), &callid);
     let cmd_id = uuid::Uuid::new_v4().to_string();
-    let meta = sessions::meta_of_start(rest.tenant(), &callid, &options);
+    // Always remembered, so GET can show how the session ended once its calls are gone.
+    let meta = sessions::meta_of_start(rest.tenant(), &callid, &options, true);
     if let (Some(meta), Some(view)) = (&meta, &rest.sessions) {
         view.remember(meta.clone()).await.map_err(|err| {
             tracing::warn!(%err, "cannot store a session's metadata");
@@ -778,6 +812,12 @@ async fn create(
         started_at_ms: now_ms(),
         ..Default::default()
     };
+    if let Some(meta) = &meta {
+        let mut starts = lock(&rest.waiters.starts);
+        if starts.len() < MAX_PROVISIONAL {
+            starts.insert(cmd_id.clone(), meta.clone());
+        }
+    }
     lock(&rest.waiters.provisional).insert(
         id,
         Provisional {
@@ -807,6 +847,7 @@ async fn create(
         .await
         .inspect_err(|_| {
             lock(&rest.waiters.provisional).remove(id);
+            lock(&rest.waiters.starts).remove(&cmd_id);
         })
         .map_err(Problem::from)?;
     Ok(Json(Created { id: id.to_string() }))

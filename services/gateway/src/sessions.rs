@@ -226,6 +226,31 @@ impl SessionView {
         Ok(())
     }
 
+    /// Session `id` of `tenant` once it is over (no call left), while its metadata is kept: a
+    /// session with no calls.
+    pub fn ended(&self, tenant: &str, id: u64) -> Option<Session> {
+        if self.get(tenant, id).is_some() {
+            return None;
+        }
+        self.meta_of(tenant, id).map(|meta| Session {
+            id,
+            calls: Vec::new(),
+            meta: Some(meta),
+        })
+    }
+
+    /// Stores that the CallStart of a session failed, and why.
+    pub async fn record_failure(
+        &self,
+        mut meta: SessionMeta,
+        error: &callapi_proto::v1::CommandError,
+    ) -> Result<(), String> {
+        meta.end_code = error.code().protocol_name().to_owned();
+        meta.end_message = error.message.clone();
+        meta.end_sip_code = error.sip_code;
+        self.remember(meta).await
+    }
+
     /// The metadata of session `id` of `tenant`.
     pub fn meta_of(&self, tenant: &str, id: u64) -> Option<SessionMeta> {
         let map = self.meta.read().ok()?;
@@ -278,18 +303,23 @@ impl SessionView {
 }
 
 /// What to remember of a CallStart whose first leg is `first_callid` (the options SIP does not
-/// tell back), if there is anything.
+/// tell back), if there is anything (`always`: even if not, so its end can be shown).
 pub fn meta_of_start(
     tenant: &str,
     first_callid: &str,
     options: &callapi_proto::v1::CallOptions,
+    always: bool,
 ) -> Option<SessionMeta> {
     let trunk = options
         .trunk
         .as_ref()
         .map(|t| t.name.clone())
         .unwrap_or_default();
-    if options.caller_display_name.is_empty() && trunk.is_empty() && options.user_data.is_empty() {
+    if !always
+        && options.caller_display_name.is_empty()
+        && trunk.is_empty()
+        && options.user_data.is_empty()
+    {
         return None;
     }
     Some(SessionMeta {
@@ -300,6 +330,7 @@ pub fn meta_of_start(
         trunk,
         user_data: options.user_data.clone(),
         created_at_ms: callapi_kit::unix_ms(),
+        ..Default::default()
     })
 }
 
@@ -382,8 +413,24 @@ pub struct SessionItem {
     pub node: Option<String>,
     /// The `user_data` it was created with (null: none).
     pub user_data: Option<String>,
+    /// `active`, or `ended` for a session created through callapi shown for a minute after its
+    /// last call went.
+    pub state: &'static str,
+    /// Why it ended, if its CallStart failed (null otherwise).
+    pub end_cause: Option<EndCause>,
     /// Its calls, oldest first.
     pub calls: Vec<CallItem>,
+}
+
+/// Why a session's CallStart failed.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, utoipa::ToSchema)]
+pub struct EndCause {
+    /// The command error code (`CALL_FAILED`, `TIMEOUT`…, docs/protocol.md).
+    pub code: String,
+    /// What happened.
+    pub message: String,
+    /// The SIP status behind it (0: none).
+    pub sip_code: i32,
 }
 
 /// `GET /sessions`: PortSIP's `{count, items}`.
@@ -397,6 +444,14 @@ pub struct SessionList {
 
 fn text(text: &str) -> Option<String> {
     (!text.is_empty()).then(|| text.to_owned())
+}
+
+/// Whether none of the session's calls is left.
+pub fn is_over(session: &Session) -> bool {
+    session
+        .calls
+        .iter()
+        .all(|c| c.state() == DialogState::Deleted)
 }
 
 /// A session as clients get it (the same for WebSocket `CallList`/`CallGet` and REST).
@@ -432,6 +487,12 @@ pub fn item(session: &Session, now_ms: u64) -> SessionItem {
         id: session.id.to_string(),
         node: session.calls.first().map(|c| c.node_id.clone()),
         user_data: meta.and_then(|m| text(&m.user_data)),
+        state: if is_over(session) { "ended" } else { "active" },
+        end_cause: meta.filter(|m| !m.end_code.is_empty()).map(|m| EndCause {
+            code: m.end_code.clone(),
+            message: m.end_message.clone(),
+            sip_code: m.end_sip_code,
+        }),
         calls,
     }
 }
@@ -547,7 +608,7 @@ mod tests {
                 caller_display_name: "Sales".into(),
                 trunk: "carrier".into(),
                 user_data: "crm-42".into(),
-                created_at_ms: 0,
+                ..Default::default()
             }),
         };
         let json = to_json(&session, 3_000);

@@ -128,17 +128,15 @@ async fn create_list_get_and_destroy_follow_portsip() {
         (200, ""),
         "{destroyed:?}"
     );
-    let until = Instant::now() + Duration::from_secs(10);
-    while get(&stack, &format!("/api/sessions/{id}")).await.status != 404 {
-        assert!(Instant::now() < until, "session {id} still there");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert_problem(
-        &get(&stack, &format!("/api/sessions/{id}")).await,
-        404,
-        "NOT_FOUND",
-        None,
+    // Over: GET says so for a minute (no cause: it was hung up), the list no longer has it.
+    let ended = wait_session(&stack, &id, |s| s["state"] == "ended").await;
+    let ended = get(&stack, &format!("/api/sessions/{ended}")).await.json;
+    assert_eq!(
+        (ended["calls"].clone(), ended["end_cause"].clone()),
+        (json!([]), Value::Null),
+        "{ended}"
     );
+    assert_eq!(get(&stack, "/api/sessions").await.json["count"], 0);
     let again = post(&stack, &format!("/api/sessions/{id}/destroy"), json!({})).await;
     assert_problem(&again, 404, "NOT_FOUND", None);
 }
@@ -572,6 +570,8 @@ async fn every_create_field_has_its_sip_effect() {
     assert_eq!(header(&callee_invite, "P-Asserted-Identity"), None);
     assert_eq!(callee_invite["destination"], Value::Null);
     assert_eq!(session["user_data"], "crm-42", "{session}");
+    assert_eq!(session["state"], "active", "{session}");
+    assert_eq!(session["end_cause"], Value::Null, "{session}");
     assert_eq!(session["calls"][0]["caller_display_name"], "Sales \"East\"");
     assert_eq!(session["calls"][0]["trunk"], Value::Null);
     // The WebSocket API shows the same.
@@ -642,7 +642,8 @@ async fn every_create_field_has_its_sip_effect() {
     .await;
     assert_eq!(sent_to_contact["destination"], contact);
 
-    // A trunk that is down: the call fails and its session goes.
+    // A trunk that is down: the call fails, its calls go, and GET says how it ended (the list
+    // holds only active sessions).
     let created = post(
         &stack,
         "/api/sessions",
@@ -653,14 +654,21 @@ async fn every_create_field_has_its_sip_effect() {
     let id = created.json["id"].as_str().expect("id").to_owned();
     let down_invite = invite_to(&stack, "sip:+4930999@127.0.0.1").await;
     assert_eq!(down_invite["destination"], "sip:127.0.0.1:5999");
-    let until = Instant::now() + Duration::from_secs(15);
-    while get(&stack, &format!("/api/sessions/{id}")).await.status != 404 {
-        assert!(
-            Instant::now() < until,
-            "the call through a dead trunk is still there"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_session(&stack, &id, |s| {
+        s["state"] == "ended" && s["end_cause"].is_object()
+    })
+    .await;
+    let ended = get(&stack, &format!("/api/sessions/{id}")).await.json;
+    assert_eq!(ended["calls"], json!([]), "{ended}");
+    assert_eq!(ended["end_cause"]["code"], "CALL_FAILED", "{ended}");
+    assert_eq!(ended["end_cause"]["sip_code"], 408, "{ended}");
+    let listed = get(&stack, "/api/sessions").await.json;
+    assert!(
+        listed["items"]
+            .as_array()
+            .is_some_and(|items| items.iter().all(|i| i["id"] != json!(id))),
+        "{listed}"
+    );
 }
 
 /// WebSocket `CallStart` takes the same optional fields as `POST /api/sessions`, with the same
