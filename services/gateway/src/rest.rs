@@ -114,6 +114,9 @@ impl IntoResponse for Problem {
 /// has not reported its first call yet (or after its command ended without one).
 const PROVISIONAL_TTL: Duration = Duration::from_secs(10);
 
+/// How long a create's failure can still be recorded: longer than any CallStart's deadline.
+const START_KEPT: Duration = Duration::from_secs(600);
+
 /// A session created here that the store does not show yet.
 struct Provisional {
     session: Session,
@@ -167,8 +170,9 @@ impl Provisionals {
 struct Waiters {
     waiting: Mutex<HashMap<String, mpsc::UnboundedSender<notification::Kind>>>,
     provisional: Mutex<Provisionals>,
-    /// The creates in flight, by command: where a failure is recorded.
-    starts: Mutex<HashMap<String, pb::SessionMeta>>,
+    /// The creates in flight, by command: where a failure is recorded (dropped after
+    /// [`START_KEPT`] if no end ever came).
+    starts: Mutex<HashMap<String, (pb::SessionMeta, std::time::Instant)>>,
     /// The live view, to record failures in.
     view: Option<SessionView>,
 }
@@ -177,7 +181,7 @@ impl NotificationSink for Waiters {
     fn deliver(&self, cmd_id: String, _attempt: u64, kind: notification::Kind) {
         let ended = matches!(kind, notification::Kind::Ended(_));
         if let notification::Kind::Error(error) = &kind
-            && let Some(meta) = lock(&self.starts).remove(&cmd_id)
+            && let Some((meta, _)) = lock(&self.starts).remove(&cmd_id)
             && let Some(view) = self.view.clone()
         {
             let error = error.clone();
@@ -813,9 +817,11 @@ async fn create(
         ..Default::default()
     };
     if let Some(meta) = &meta {
+        let now = std::time::Instant::now();
         let mut starts = lock(&rest.waiters.starts);
+        starts.retain(|_, (_, since)| now.duration_since(*since) < START_KEPT);
         if starts.len() < MAX_PROVISIONAL {
-            starts.insert(cmd_id.clone(), meta.clone());
+            starts.insert(cmd_id.clone(), (meta.clone(), now));
         }
     }
     lock(&rest.waiters.provisional).insert(
@@ -836,7 +842,8 @@ async fn create(
         callid,
         options: Some(Box::new(options)),
     });
-    rest.commands
+    let submitted = rest
+        .commands
         .submit(
             rest.attachment.origin(),
             &cmd_id,
@@ -849,7 +856,13 @@ async fn create(
             lock(&rest.waiters.provisional).remove(id);
             lock(&rest.waiters.starts).remove(&cmd_id);
         })
-        .map_err(Problem::from)?;
+        .map_err(Problem::from);
+    if let Err(problem) = submitted {
+        if let Some(view) = &rest.sessions {
+            view.forget(rest.tenant(), id).await;
+        }
+        return Err(problem);
+    }
     Ok(Json(Created { id: id.to_string() }))
 }
 

@@ -38,6 +38,9 @@ pub struct SessionView {
     meta_kv: Option<kv::Store>,
     /// Keys of the metadata this gateway wrote (it removes them once their session is over).
     own: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
+    /// When a call of each session with metadata was last written to the store, by metadata
+    /// key: such a session has been placed, so once its calls are gone it is over.
+    seen: Entries<u64>,
 }
 
 /// How long a session's metadata is kept once the session has no call left (or before its
@@ -56,6 +59,7 @@ async fn follow<T: prost::Message + Default + Send + Sync + 'static>(
     kv: kv::Store,
     name: &'static str,
     entries: Entries<T>,
+    on_put: OnPut<T>,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> Result<(), String> {
     let pending = kv
@@ -77,7 +81,7 @@ async fn follow<T: prost::Message + Default + Send + Sync + 'static>(
             };
             match entry {
                 Some(Ok(entry)) => {
-                    apply(&entries, &entry);
+                    apply(&entries, &entry, on_put.as_ref());
                     if entry.delta == 0
                         && let Some(done) = caught_up.take()
                     {
@@ -107,13 +111,21 @@ async fn follow<T: prost::Message + Default + Send + Sync + 'static>(
     Ok(())
 }
 
-fn apply<T: prost::Message + Default>(entries: &Entries<T>, entry: &kv::Entry) {
+/// What to do with each value put in a followed bucket, besides keeping it.
+type OnPut<T> = Arc<dyn Fn(&T) + Send + Sync>;
+
+fn apply<T: prost::Message + Default>(
+    entries: &Entries<T>,
+    entry: &kv::Entry,
+    on_put: &(dyn Fn(&T) + Send + Sync),
+) {
     let Ok(mut map) = entries.write() else {
         return;
     };
     match entry.operation {
         kv::Operation::Put => match T::decode(entry.value.as_ref()) {
             Ok(value) => {
+                on_put(&value);
                 map.insert(entry.key.clone(), value);
             }
             Err(err) => tracing::warn!(%err, key = %entry.key, "undecodable record"),
@@ -137,10 +149,19 @@ impl SessionView {
             meta_kv: Some(meta_kv.clone()),
             ..Self::default()
         };
+        let (meta, seen) = (view.meta.clone(), view.seen.clone());
+        let on_call: OnPut<CallRecord> = Arc::new(move |record: &CallRecord| {
+            let key = calls::meta_key(&record.tenant, record.session_id);
+            let has_meta = meta.read().is_ok_and(|m| m.contains_key(&key));
+            if has_meta && let Ok(mut seen) = seen.write() {
+                seen.insert(key, callapi_kit::unix_ms());
+            }
+        });
         follow(
             calls_kv,
             calls::BUCKET,
             view.records.clone(),
+            on_call,
             shutdown.clone(),
         )
         .await?;
@@ -148,6 +169,7 @@ impl SessionView {
             meta_kv,
             calls::META_BUCKET,
             view.meta.clone(),
+            Arc::new(|_: &SessionMeta| {}),
             shutdown.clone(),
         )
         .await?;
@@ -164,17 +186,28 @@ impl SessionView {
         Ok(view)
     }
 
-    /// Forgets the metadata of sessions that have had no call for [`META_GRACE_MS`]; what this
-    /// gateway wrote is removed from the bucket too.
+    /// Forgets the metadata of sessions over for [`META_GRACE_MS`] (no call in the store, and
+    /// none written for that long, or never one since the metadata was written that long ago);
+    /// what this gateway wrote is removed from the bucket too.
     async fn prune(&self, now_ms: u64) {
-        let gone = self.over(now_ms);
-        if gone.is_empty() {
-            return;
-        }
-        if let Ok(mut map) = self.meta.write() {
-            for key in &gone {
-                map.remove(key);
-            }
+        let live: std::collections::HashSet<String> = match self.records.read() {
+            Ok(records) => records
+                .values()
+                .map(|r| calls::meta_key(&r.tenant, r.session_id))
+                .collect(),
+            Err(_) => return,
+        };
+        let mut gone = Vec::new();
+        if let (Ok(mut meta), Ok(mut seen)) = (self.meta.write(), self.seen.write()) {
+            meta.retain(|key, m| {
+                let last = seen.get(key).copied().unwrap_or(0).max(m.created_at_ms);
+                let keep = live.contains(key) || now_ms.saturating_sub(last) <= META_GRACE_MS;
+                if !keep {
+                    gone.push(key.clone());
+                }
+                keep
+            });
+            seen.retain(|key, _| meta.contains_key(key));
         }
         let own: Vec<String> = match self.own.lock() {
             Ok(mut own) => gone.into_iter().filter(|key| own.remove(key)).collect(),
@@ -189,39 +222,33 @@ impl SessionView {
         }
     }
 
-    /// Keys of metadata whose session is over: no call of it in the store, and written more
-    /// than [`META_GRACE_MS`] ago.
-    fn over(&self, now_ms: u64) -> Vec<String> {
-        let live: std::collections::HashSet<(String, u64)> = match self.records.read() {
-            Ok(records) => records
-                .values()
-                .map(|r| (r.tenant.clone(), r.session_id))
-                .collect(),
-            Err(_) => return Vec::new(),
-        };
-        let Ok(meta) = self.meta.read() else {
-            return Vec::new();
-        };
-        meta.iter()
-            .filter(|(_, m)| now_ms.saturating_sub(m.created_at_ms) > META_GRACE_MS)
-            .filter(|(_, m)| !live.contains(&(m.tenant.clone(), m.session_id)))
-            .map(|(key, _)| key.clone())
-            .collect()
+    /// Forgets a session's metadata at once (its create failed), here and in the bucket.
+    pub async fn forget(&self, tenant: &str, id: u64) {
+        let key = calls::meta_key(tenant, id);
+        if let Ok(mut meta) = self.meta.write() {
+            meta.remove(&key);
+        }
+        let own = self.own.lock().is_ok_and(|mut own| own.remove(&key));
+        if own && let Some(kv) = &self.meta_kv {
+            let _ = kv.purge(&key).await;
+        }
     }
 
     /// Stores what a client said about a session it creates, for every gateway to show.
     pub async fn remember(&self, meta: SessionMeta) -> Result<(), String> {
         let key = calls::meta_key(&meta.tenant, meta.session_id);
+        let bytes = meta.encode_to_vec();
+        // Here first: this gateway shows it at once, whatever the bucket's echo does.
+        if let Ok(mut map) = self.meta.write() {
+            map.insert(key.clone(), meta);
+        }
         if let Some(kv) = &self.meta_kv {
-            kv.put(&key, meta.encode_to_vec().into())
-                .await
-                .map_err(|e| format!("key-value bucket {}: {e}", calls::META_BUCKET))?;
             if let Ok(mut own) = self.own.lock() {
                 own.insert(key.clone());
             }
-        }
-        if let Ok(mut map) = self.meta.write() {
-            map.insert(key, meta);
+            kv.put(&key, bytes.into())
+                .await
+                .map_err(|e| format!("key-value bucket {}: {e}", calls::META_BUCKET))?;
         }
         Ok(())
     }
@@ -229,10 +256,19 @@ impl SessionView {
     /// Session `id` of `tenant` once it is over (no call left), while its metadata is kept: a
     /// session with no calls.
     pub fn ended(&self, tenant: &str, id: u64) -> Option<Session> {
-        if self.get(tenant, id).is_some() {
+        let meta = self.meta_of(tenant, id)?;
+        let key = calls::meta_key(tenant, id);
+        // Placed (a call of it was seen) or failed: not merely not reported yet.
+        let placed = self.seen.read().is_ok_and(|seen| seen.contains_key(&key));
+        if !placed && meta.end_code.is_empty() {
             return None;
         }
-        self.meta_of(tenant, id).map(|meta| Session {
+        let live = self.records.read().ok().is_some_and(|records| {
+            records
+                .values()
+                .any(|r| r.tenant == tenant && r.session_id == id)
+        });
+        (!live).then(|| Session {
             id,
             calls: Vec::new(),
             meta: Some(meta),
@@ -248,6 +284,8 @@ impl SessionView {
         meta.end_code = error.code().protocol_name().to_owned();
         meta.end_message = error.message.clone();
         meta.end_sip_code = error.sip_code;
+        // The minute it is shown for counts from now.
+        meta.created_at_ms = callapi_kit::unix_ms();
         self.remember(meta).await
     }
 
@@ -488,11 +526,13 @@ pub fn item(session: &Session, now_ms: u64) -> SessionItem {
         node: session.calls.first().map(|c| c.node_id.clone()),
         user_data: meta.and_then(|m| text(&m.user_data)),
         state: if is_over(session) { "ended" } else { "active" },
-        end_cause: meta.filter(|m| !m.end_code.is_empty()).map(|m| EndCause {
-            code: m.end_code.clone(),
-            message: m.end_message.clone(),
-            sip_code: m.end_sip_code,
-        }),
+        end_cause: meta
+            .filter(|m| !m.end_code.is_empty() && is_over(session))
+            .map(|m| EndCause {
+                code: m.end_code.clone(),
+                message: m.end_message.clone(),
+                sip_code: m.end_sip_code,
+            }),
         calls,
     }
 }
@@ -573,6 +613,41 @@ mod tests {
         assert!(v.meta_of("acme", 7).is_none());
         v.prune(161_000).await;
         assert!(v.meta_of("acme", 9).is_none());
+    }
+
+    #[tokio::test]
+    async fn a_session_reads_as_ended_only_once_placed_or_failed() {
+        let v = view(vec![]);
+        let meta = SessionMeta {
+            tenant: "acme".into(),
+            session_id: 7,
+            created_at_ms: callapi_kit::unix_ms(),
+            ..Default::default()
+        };
+        v.remember(meta.clone()).await.unwrap();
+        // Not reported yet: not ended, and another tenant never sees it.
+        assert_eq!(v.ended("acme", 7), None);
+        let failure = callapi_proto::v1::CommandError {
+            code: callapi_proto::v1::ErrorCode::CallFailed as i32,
+            message: "the callee did not answer: 408 Request Timeout".into(),
+            sip_code: 408,
+        };
+        v.record_failure(meta, &failure).await.unwrap();
+        let ended = v.ended("acme", 7).expect("ended");
+        let json = to_json(&ended, 0);
+        assert_eq!(json["state"], "ended");
+        assert_eq!(json["calls"], serde_json::json!([]));
+        assert_eq!(json["end_cause"]["code"], "CALL_FAILED");
+        assert_eq!(json["end_cause"]["sip_code"], 408);
+        assert_eq!(v.ended("other", 7), None);
+        // A call of it in the store: active, and no cause shown.
+        if let Ok(mut map) = v.records.write() {
+            let r = record("acme", 7, "X", 1_000);
+            map.insert(calls::key(&r.tenant, &r.node_id, &r.callid), r);
+        }
+        assert_eq!(v.ended("acme", 7), None);
+        let live = v.get("acme", 7).expect("live");
+        assert_eq!(to_json(&live, 2_000)["end_cause"], Value::Null);
     }
 
     #[test]
