@@ -432,3 +432,41 @@ pub fn mi_udp(addr: &str, method: &str, params: Value) -> Value {
     let len = socket.recv(&mut buf).expect("MI reply");
     serde_json::from_slice(&buf[..len]).unwrap_or(Value::Null)
 }
+
+/// Subscribes to `subject` and returns once nats-server has the subscription in place.
+///
+/// async-nats's `flush` only writes the SUB to the socket: a message another connection
+/// publishes right after can still be routed before the server has read it (seen on this
+/// loaded machine). A probe published on this connection after the SUB (on `probe`, which
+/// `subject` must match) comes back only once the server has it. Call it before anything is
+/// published on `subject`: what arrives before the probe is dropped.
+pub async fn subscribe_ready(
+    client: &async_nats::Client,
+    subject: &str,
+    probe: &str,
+) -> async_nats::Subscriber {
+    use futures::StreamExt as _;
+    let mut subscriber = client
+        .subscribe(subject.to_owned())
+        .await
+        .expect("subscribe");
+    client
+        .publish(probe.to_owned(), "probe".into())
+        .await
+        .expect("publish the probe");
+    let arrived = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(message) = subscriber.next().await {
+            if message.subject.as_str() == probe {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    assert_eq!(
+        arrived,
+        Ok(true),
+        "the probe on {probe} never came back on {subject}"
+    );
+    subscriber
+}

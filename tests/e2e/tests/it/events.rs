@@ -16,8 +16,12 @@ use crate::commands::call;
 async fn every_dialog_event_is_published_under_its_callid() {
     let stack = Stack::start().await;
     let nats = async_nats::connect(stack.nats.url.as_str()).await.unwrap();
-    let mut all = nats.subscribe("callapi.v1.event.default.>").await.unwrap();
-    nats.flush().await.unwrap();
+    let mut all = callapi_e2e::subscribe_ready(
+        &nats,
+        "callapi.v1.event.default.>",
+        "callapi.v1.event.default.probe",
+    )
+    .await;
     let mut client = stack.client().await;
     let callid = call(&mut client, "alice", "bob").await;
     let notes = client.run("CallEnd", json!({"callid": callid})).await;
@@ -92,11 +96,12 @@ pub async fn lone_tcp_ingest(top: &str, node: &str) -> LoneTcpIngest {
         .parse()
         .unwrap();
     let nats = async_nats::connect(nats_server.url.as_str()).await.unwrap();
-    let events = nats
-        .subscribe("callapi.v1.event.acme.node-7.>")
-        .await
-        .unwrap();
-    nats.flush().await.unwrap();
+    let events = callapi_e2e::subscribe_ready(
+        &nats,
+        "callapi.v1.event.acme.node-7.>",
+        "callapi.v1.event.acme.node-7.probe",
+    )
+    .await;
     LoneTcpIngest {
         dir,
         nats_server,
@@ -134,7 +139,7 @@ async fn event_stream_over_tcp_is_read_back_to_back() {
     let mut names = Vec::new();
     for _ in 0..2 {
         let Ok(message) = tokio::time::timeout(Duration::from_secs(10), events.next()).await else {
-            // Flaked twice under load (issue 10's session): say which side lost it.
+            // Say which side lost it (the subscription is known to be in place).
             let probe = "callapi.v1.event.acme.node-7.probe";
             let _ = nats.publish(probe, "x".into()).await;
             let got = tokio::time::timeout(Duration::from_secs(2), events.next()).await;

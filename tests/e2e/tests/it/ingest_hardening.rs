@@ -131,8 +131,8 @@ async fn forged_datagrams_from_other_addresses_are_dropped_and_counted() {
     })
     .await;
     let nats = async_nats::connect(stack.nats.url.as_str()).await.unwrap();
-    let mut events = nats.subscribe("callapi.v1.event.>").await.unwrap();
-    nats.flush().await.unwrap();
+    let mut events =
+        callapi_e2e::subscribe_ready(&nats, "callapi.v1.event.>", "callapi.v1.event.probe").await;
     let to = event_addr(&stack);
     let forged_callid = format!("forged-{}@127.0.0.1", uuid::Uuid::new_v4().simple());
     let stranger = socket_on("127.0.0.2");
@@ -233,11 +233,13 @@ async fn a_long_callid_is_published_under_a_hash_without_breaking_the_nats_conne
         uuid::Uuid::new_v4().simple(),
         "c".repeat(3_100 - 32)
     );
-    let mut watcher = nats
-        .subscribe(subjects::events_for_callid("default", &long_callid))
-        .await
-        .unwrap();
-    nats.flush().await.unwrap();
+    let probe = subjects::event("default", "probe", "E_PROBE", &long_callid).unwrap();
+    let mut watcher = callapi_e2e::subscribe_ready(
+        &nats,
+        &subjects::events_for_callid("default", &long_callid),
+        &probe,
+    )
+    .await;
     let connection_events = |logs: &str| logs.matches("NATS connection event").count();
     let before = connection_events(&stack.ingest.logs());
 
@@ -311,8 +313,8 @@ async fn bad_event_names_and_garbage_from_the_allowed_sender_are_refused_and_cou
     })
     .await;
     let nats = async_nats::connect(stack.nats.url.as_str()).await.unwrap();
-    let mut events = nats.subscribe("callapi.v1.event.>").await.unwrap();
-    nats.flush().await.unwrap();
+    let mut events =
+        callapi_e2e::subscribe_ready(&nats, "callapi.v1.event.>", "callapi.v1.event.probe").await;
     let opensips = socket_on("127.0.0.1");
     let to = event_addr(&stack);
     let callid = format!("named-{}@127.0.0.1", uuid::Uuid::new_v4().simple());

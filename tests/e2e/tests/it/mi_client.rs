@@ -39,8 +39,8 @@ fn progress() -> Vec<u8> {
 /// and a second, stray answer after the first; `"refused"`, `"garbled"` and `"unknown"` the
 /// connector's failures of those kinds.
 async fn stand_in_connector(nats: async_nats::Client) {
-    let mut requests = nats.subscribe("callapi.v1.mi.n1").await.unwrap();
-    nats.flush().await.unwrap();
+    let mut requests =
+        callapi_e2e::subscribe_ready(&nats, "callapi.v1.mi.n1", "callapi.v1.mi.n1").await;
     tokio::spawn(async move {
         while let Some(message) = requests.next().await {
             let nats = nats.clone();
