@@ -18,6 +18,11 @@ pub fn sip_uri(uri: &str) -> Result<(), &'static str> {
         .map_err(crate::sip_uri::UriError::reason)
 }
 
+/// Whether `uri` is a `sip:` or `sips:` URI (not `tel:`): one OpenSIPS can send a request to.
+pub fn is_sip_scheme(uri: &str) -> bool {
+    uri.starts_with("sip:") || uri.starts_with("sips:")
+}
+
 /// Checks a SIP Call-ID, returning why it is refused.
 pub fn callid(callid: &str) -> Result<(), &'static str> {
     if callid.is_empty() {
@@ -63,9 +68,7 @@ pub fn call_options(options: &callapi_proto::v1::CallOptions) -> Result<(), Stri
     // Where OpenSIPS sends a request (`$du`): a sip: or sips: URI, at most 128 characters.
     let uri = |field: &str, value: &str| {
         (!value.is_empty()
-            && (value.len() > 128
-                || !(value.starts_with("sip:") || value.starts_with("sips:"))
-                || sip_uri(value).is_err()))
+            && (value.len() > 128 || !is_sip_scheme(value) || sip_uri(value).is_err()))
         .then(|| format!("{field} must be a sip: or sips: URI of at most 128 characters"))
     };
     let refused = text("caller_display_name", &options.caller_display_name, 1024)

@@ -51,8 +51,7 @@ pub fn flow_for(
             if options.trunk.as_ref().is_some_and(|t| t.uri.is_empty()) {
                 return Err("trunk must have a uri".to_owned());
             }
-            let sip_callee = c.callee.starts_with("sip:") || c.callee.starts_with("sips:");
-            if !options.target_instance_id.is_empty() && !sip_callee {
+            if !options.target_instance_id.is_empty() && !validate::is_sip_scheme(&c.callee) {
                 return Err("target_instance_id needs a sip: or sips: callee".to_owned());
             }
             (

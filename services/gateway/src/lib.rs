@@ -137,7 +137,7 @@ impl Config {
                     trunk.name
                 )));
             }
-            if !(trunk.uri.starts_with("sip:") || trunk.uri.starts_with("sips:")) {
+            if !callapi_kit::validate::is_sip_scheme(&trunk.uri) {
                 return Err(Error::Config(format!(
                     "trunks[{n}].uri must be a sip: or sips: URI"
                 )));

@@ -7,6 +7,7 @@
 //! add, From display name and user, P-Asserted-Identity and Remote-Party-ID users, and where
 //! to send it (`$du`: a trunk, or one contact of the callee).
 
+use callapi_kit::validate;
 use callapi_proto::v1 as pb;
 use serde_json::{Map, Value, json};
 
@@ -68,11 +69,10 @@ fn set(map: &mut Map<String, Value>, key: &str, value: &str) {
 
 /// Shapes the SIP of a CallStart from `caller` to `callee` with `options` (already checked).
 pub fn shape(caller: &str, callee: &str, options: &pb::CallOptions) -> Shaped {
-    let is_sip = |uri: &str| uri.starts_with("sip:") || uri.starts_with("sips:");
     // The domain in Call-Info / Alert-Info URIs: the caller's, else the callee's.
-    let domain = if is_sip(caller) {
+    let domain = if validate::is_sip_scheme(caller) {
         host_of(caller)
-    } else if is_sip(callee) {
+    } else if validate::is_sip_scheme(callee) {
         host_of(callee)
     } else {
         "localhost"
