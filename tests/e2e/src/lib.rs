@@ -419,17 +419,28 @@ async fn start_emulator(
 }
 
 /// One MI request over UDP to `addr`, waiting up to 10 s for the reply.
+///
+/// A socket with a receive timeout is never restarted after a signal (signal(7), even with
+/// SA_RESTART), and the test process gets SIGCHLD from the services it runs: an interrupted
+/// receive is retried until the deadline.
 pub fn mi_udp(addr: &str, method: &str, params: Value) -> Value {
     let socket = UdpSocket::bind("127.0.0.1:0").expect("bind");
-    socket
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("timeout");
     let request = json!({"jsonrpc": "2.0", "id": 1, "method": method, "params": params});
     socket
         .send_to(request.to_string().as_bytes(), addr)
         .expect("send MI");
+    let deadline = Instant::now() + Duration::from_secs(10);
     let mut buf = vec![0u8; 65_535];
-    let len = socket.recv(&mut buf).expect("MI reply");
+    let len = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        assert!(!left.is_zero(), "no MI reply to {method} within 10 s");
+        socket.set_read_timeout(Some(left)).expect("timeout");
+        match socket.recv(&mut buf) {
+            Ok(len) => break len,
+            Err(error) if error.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(error) => panic!("MI reply to {method}: {error}"),
+        }
+    };
     serde_json::from_slice(&buf[..len]).unwrap_or(Value::Null)
 }
 
