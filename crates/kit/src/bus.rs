@@ -48,6 +48,31 @@ pub async fn publish(
         .map_err(|e| BusError::Nats(e.to_string()))
 }
 
+/// Publishes a message encoded already (one encoded once and sent many times).
+pub async fn publish_encoded(
+    client: &async_nats::Client,
+    subject: impl async_nats::subject::ToSubject,
+    payload: bytes::Bytes,
+) -> Result<(), BusError> {
+    client
+        .publish(subject, payload)
+        .await
+        .map_err(|e| BusError::Nats(e.to_string()))
+}
+
+/// Publishes `payload` with `headers` (e.g. a key-value bucket's removal marker).
+pub async fn publish_with_headers(
+    client: &async_nats::Client,
+    subject: impl async_nats::subject::ToSubject,
+    headers: async_nats::HeaderMap,
+    payload: bytes::Bytes,
+) -> Result<(), BusError> {
+    client
+        .publish_with_headers(subject, headers, payload)
+        .await
+        .map_err(|e| BusError::Nats(e.to_string()))
+}
+
 /// Sends `message` as a request on `subject` and decodes the single reply as `R`.
 pub async fn request<R: Message + Default>(
     client: &async_nats::Client,

@@ -25,7 +25,7 @@
 use std::net::{Ipv4Addr, Ipv6Addr};
 
 /// Longest URI accepted, in bytes.
-pub const MAX_URI_LEN: usize = 256;
+pub const MAX_URI_LEN: usize = 512;
 
 /// Why a URI is refused. [`UriError::reason`] reads as the rest of a sentence after the field
 /// name ("callee must not carry headers …").
@@ -85,7 +85,7 @@ impl UriError {
     pub fn reason(self) -> &'static str {
         match self {
             Self::Scheme => "must be a SIP URI starting with sip:, sips: or tel:",
-            Self::TooLong => "is too long (at most 256 characters)",
+            Self::TooLong => "is too long (at most 512 characters)",
             Self::Empty => "has nothing after the scheme",
             Self::NotPrintable => "may hold only printable ASCII without spaces",
             Self::Headers => "must not carry URI headers (a ?… part)",
@@ -581,7 +581,7 @@ mod tests {
         for uri in VALID {
             assert!(parse(uri).is_ok(), "{uri}: {:?}", parse(uri));
         }
-        assert!(parse(&format!("sip:{}@h", "a".repeat(250))).is_ok());
+        assert!(parse(&format!("sip:{}@h", "a".repeat(500))).is_ok());
     }
 
     #[test]
@@ -635,7 +635,7 @@ mod tests {
             assert_eq!(parse(uri), Err(*why), "{uri}");
         }
         assert_eq!(
-            parse(&format!("sip:{}@h", "a".repeat(300))),
+            parse(&format!("sip:{}@h", "a".repeat(600))),
             Err(UriError::TooLong)
         );
         assert_eq!(

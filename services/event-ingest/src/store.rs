@@ -17,8 +17,8 @@
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use callapi_kit::calls;
 use callapi_kit::mi::{MiAnswer, MiCall, MiClient};
+use callapi_kit::{bus, calls};
 use callapi_proto::v1::{CallRecord, OpensipsEvent};
 use futures::StreamExt as _;
 use prost::Message as _;
@@ -301,11 +301,14 @@ impl Task {
         let mut repaired = 0usize;
         for key in stored.difference(&held) {
             let subject = calls::subject(key);
-            if self
-                .nats
-                .publish_with_headers(subject, calls::removal_headers(), bytes::Bytes::new())
-                .await
-                .is_ok()
+            if bus::publish_with_headers(
+                &self.nats,
+                subject,
+                calls::removal_headers(),
+                bytes::Bytes::new(),
+            )
+            .await
+            .is_ok()
             {
                 repaired += 1;
             }
@@ -370,22 +373,20 @@ impl Task {
         let result = match write {
             Write::Put(record) => {
                 let subject = subject(&record.tenant, &record.node_id, &record.callid);
-                self.nats
-                    .publish(subject, record.encode_to_vec().into())
-                    .await
+                bus::publish(&self.nats, subject, &record).await
             }
             Write::Delete {
                 tenant,
                 node_id,
                 callid,
             } => {
-                self.nats
-                    .publish_with_headers(
-                        subject(&tenant, &node_id, &callid),
-                        calls::removal_headers(),
-                        bytes::Bytes::new(),
-                    )
-                    .await
+                bus::publish_with_headers(
+                    &self.nats,
+                    subject(&tenant, &node_id, &callid),
+                    calls::removal_headers(),
+                    bytes::Bytes::new(),
+                )
+                .await
             }
         };
         if let Err(err) = result {

@@ -20,58 +20,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::Shared;
 use crate::core::{NotificationSink, Origin, SubmitError};
-use crate::outbox::{self, Charge, Inbox, Outbox};
+use crate::outbox::{self, Charge, Inbox, Outbox, Outgoing};
 use crate::params::{self, SessionKey};
 use crate::rpc::{self, CommandCall, Query, QueryCall, Request, RpcId, code};
 use crate::sessions;
 use crate::tracker::{Admission, CommandTracker, Delivery};
-
-/// What the writer task sends.
-pub(crate) enum Outgoing {
-    /// A reply not tied to a running command.
-    Reply(String),
-    /// The command was taken: write the reply, then what was held back. If it has not ended
-    /// after `ends_within`, its commands replica is presumed lost.
-    Started {
-        cmd_id: String,
-        reply: Option<String>,
-        ends_within: Duration,
-    },
-    /// The command was not taken: write the error, drop what was held back.
-    Refused {
-        cmd_id: String,
-        reply: Option<String>,
-    },
-    /// A notification of a command (of submission `attempt` of its `cmd_id`).
-    Notification {
-        cmd_id: String,
-        attempt: u64,
-        kind: notification::Kind,
-    },
-    /// Ask a silent peer whether it is still there.
-    Ping,
-    /// Write what is queued before this, then close (with this close frame, if any) and stop.
-    Close(Option<CloseFrame>),
-}
-
-/// Bytes counted per queued message on top of its text: the JSON envelope and bookkeeping.
-const MESSAGE_OVERHEAD: usize = 64;
-
-impl Outgoing {
-    /// About how many bytes this message holds until it is written.
-    pub(crate) fn weight(&self) -> usize {
-        let text = match self {
-            Outgoing::Reply(text) => text.len(),
-            Outgoing::Started { cmd_id, reply, .. } | Outgoing::Refused { cmd_id, reply } => {
-                cmd_id.len() + reply.as_ref().map_or(0, String::len)
-            }
-            Outgoing::Notification { cmd_id, kind, .. } => cmd_id.len() + kind.encoded_len(),
-            Outgoing::Ping => 0,
-            Outgoing::Close(frame) => frame.as_ref().map_or(0, |f| f.reason.len()),
-        };
-        text + MESSAGE_OVERHEAD
-    }
-}
 
 /// How the reader ended, and so what the writer does last.
 enum Ending {
@@ -344,16 +297,11 @@ fn answer_query(client: &Client<'_>, call: QueryCall) -> Option<String> {
     let tenant = client.origin.tenant();
     let now = now_ms();
     Some(match call.query {
-        Query::List => {
-            let sessions: Vec<serde_json::Value> = view
-                .list(tenant)
-                .iter()
-                .map(|s| sessions::to_json(s, now))
-                .collect();
-            rpc::result(
-                &id,
-                &serde_json::json!({"count": sessions.len(), "items": sessions}),
-            )
+        Query::List(selection) => {
+            let (count, page) = sessions::select(view.list(tenant), &selection);
+            let items: Vec<serde_json::Value> =
+                page.iter().map(|s| sessions::to_json(s, now)).collect();
+            rpc::result(&id, &serde_json::json!({"count": count, "items": items}))
         }
         Query::Get(key) => {
             let found = match &key {

@@ -11,7 +11,57 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::connection::Outgoing;
+use std::time::Duration;
+
+use axum::extract::ws::CloseFrame;
+use callapi_proto::v1::notification;
+
+/// What the writer task sends.
+pub(crate) enum Outgoing {
+    /// A reply not tied to a running command.
+    Reply(String),
+    /// The command was taken: write the reply, then what was held back. If it has not ended
+    /// after `ends_within`, its commands replica is presumed lost.
+    Started {
+        cmd_id: String,
+        reply: Option<String>,
+        ends_within: Duration,
+    },
+    /// The command was not taken: write the error, drop what was held back.
+    Refused {
+        cmd_id: String,
+        reply: Option<String>,
+    },
+    /// A notification of a command (of submission `attempt` of its `cmd_id`).
+    Notification {
+        cmd_id: String,
+        attempt: u64,
+        kind: notification::Kind,
+    },
+    /// Ask a silent peer whether it is still there.
+    Ping,
+    /// Write what is queued before this, then close (with this close frame, if any) and stop.
+    Close(Option<CloseFrame>),
+}
+
+/// Bytes counted per queued message on top of its text: the JSON envelope and bookkeeping.
+const MESSAGE_OVERHEAD: usize = 64;
+
+impl Outgoing {
+    /// About how many bytes this message holds until it is written.
+    pub(crate) fn weight(&self) -> usize {
+        let text = match self {
+            Outgoing::Reply(text) => text.len(),
+            Outgoing::Started { cmd_id, reply, .. } | Outgoing::Refused { cmd_id, reply } => {
+                cmd_id.len() + reply.as_ref().map_or(0, String::len)
+            }
+            Outgoing::Notification { cmd_id, kind, .. } => cmd_id.len() + kind.encoded_len(),
+            Outgoing::Ping => 0,
+            Outgoing::Close(frame) => frame.as_ref().map_or(0, |f| f.reason.len()),
+        };
+        text + MESSAGE_OVERHEAD
+    }
+}
 
 /// Why a message could not be queued: the connection is going away (or was just killed).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]

@@ -318,10 +318,83 @@ pub struct GetParams {
     pub callid: Option<CallId>,
 }
 
-/// `CallList` takes no params.
+/// `CallList`: PortSIP v22's list parameters, as `GET /api/sessions` takes them.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct ListParams {}
+pub struct ListParams {
+    /// Text a session's caller or callee URI contains, or one of its Call-IDs.
+    #[serde(default)]
+    pub filter: Option<String>,
+    /// `started_at` (ascending, the default), `started_at asc` or `started_at desc`.
+    #[serde(default)]
+    pub orderby: Option<String>,
+    /// Sessions to skip (0 to 2147483647).
+    #[serde(default)]
+    pub skip: Option<u64>,
+    /// Sessions to return (1 to 100).
+    #[serde(default)]
+    pub top: Option<u64>,
+}
+
+/// Which sessions a list returns, in which order, which page: the same for WebSocket
+/// `CallList` and REST `GET /api/sessions`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListSelection {
+    /// Only sessions a caller or callee URI of which contains this, or with this Call-ID.
+    pub filter: Option<String>,
+    /// Newest first.
+    pub descending: bool,
+    /// Sessions skipped.
+    pub skip: usize,
+    /// Most sessions returned.
+    pub top: usize,
+}
+
+/// Longest list `filter`, in bytes.
+pub const MAX_FILTER_LEN: usize = 256;
+
+/// Most sessions a list returns (and `top`'s default).
+pub const MAX_TOP: u64 = 100;
+
+impl ListParams {
+    /// The selection these params make, or the field at fault.
+    pub fn selection(self) -> Result<ListSelection, ParamsError> {
+        let top = self.top.unwrap_or(MAX_TOP);
+        if !(1..=MAX_TOP).contains(&top) {
+            return Err(error("top", "must be an integer from 1 to 100".to_owned()));
+        }
+        let skip = self.skip.unwrap_or(0);
+        if skip > i32::MAX as u64 {
+            return Err(error(
+                "skip",
+                "must be an integer from 0 to 2147483647".to_owned(),
+            ));
+        }
+        let descending = match self.orderby.as_deref().map(str::trim) {
+            None | Some("started_at") | Some("started_at asc") => false,
+            Some("started_at desc") => true,
+            Some(_) => {
+                return Err(error(
+                    "orderby",
+                    "must be \"started_at\", \"started_at asc\" or \"started_at desc\"".to_owned(),
+                ));
+            }
+        };
+        if self
+            .filter
+            .as_ref()
+            .is_some_and(|f| f.len() > MAX_FILTER_LEN)
+        {
+            return Err(error("filter", "is longer than 256 characters".to_owned()));
+        }
+        Ok(ListSelection {
+            filter: self.filter.filter(|f| !f.is_empty()),
+            descending,
+            skip: skip as usize,
+            top: top as usize,
+        })
+    }
+}
 
 /// Which session a `CallGet` asks for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -356,9 +429,9 @@ pub fn session_key(params: Map<String, Value>) -> Result<SessionKey, ParamsError
     }
 }
 
-/// Checks `CallList` params (none).
-pub fn list(params: Map<String, Value>) -> Result<(), ParamsError> {
-    typed::<ListParams>(params, &[]).map(|_| ())
+/// The selection `CallList` params make.
+pub fn list(params: Map<String, Value>) -> Result<ListSelection, ParamsError> {
+    typed::<ListParams>(params, &[])?.selection()
 }
 
 /// Why params were refused: the field at fault (`params` for the whole object) and why.

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use axum::Json;
-use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -290,16 +290,26 @@ impl Rest {
         self.attachment.origin().tenant()
     }
 
+    /// The session the path's `id` names.
     fn session(&self, id: &str) -> Result<Session, Problem> {
-        self.session_and_whether_placed(id)
+        self.session_named("id", id)
+    }
+
+    /// The session a field (the path's `id`, a body's `session_1`…) names.
+    fn session_named(&self, field: &str, id: &str) -> Result<Session, Problem> {
+        self.session_and_whether_placed(field, id)
             .map(|(session, _)| session)
     }
 
     /// A session of the tenant, and whether OpenSIPS has reported it yet (not only provisional).
-    fn session_and_whether_placed(&self, id: &str) -> Result<(Session, bool), Problem> {
+    fn session_and_whether_placed(
+        &self,
+        field: &str,
+        id: &str,
+    ) -> Result<(Session, bool), Problem> {
         let id = session_id(id).ok_or_else(|| {
             Problem::field(
-                "id",
+                field,
                 "must be a session id: 1 to 19 digits, no leading zero",
             )
         })?;
@@ -361,14 +371,17 @@ impl Rest {
         })
     }
 
-    /// A number (an extension or a PSTN number: digits, an optional leading `+`) as a SIP URI
-    /// in the tenant's domain.
+    /// A number (an extension or a PSTN number: digits, an optional leading `+`; at most
+    /// [`MAX_NUMBER_LEN`] characters, PortSIP's limit) as a SIP URI in the tenant's domain.
     fn uri_of(&self, field: &str, number: &str) -> Result<String, Problem> {
         let digits = number.strip_prefix('+').unwrap_or(number);
-        if digits.is_empty() || digits.len() > 64 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        if digits.is_empty()
+            || number.len() > MAX_NUMBER_LEN
+            || !digits.bytes().all(|b| b.is_ascii_digit())
+        {
             return Err(Problem::field(
                 field,
-                "must be a number: 1 to 64 digits, optionally after a +",
+                "must be a number: 1 to 256 characters, digits optionally after a +",
             ));
         }
         let uri = format!("sip:{number}@{}", self.sip_domain);
@@ -376,6 +389,9 @@ impl Rest {
         Ok(uri)
     }
 }
+
+/// The longest party number PortSIP takes (`caller`, `callee`, `refer_to`…), in characters.
+const MAX_NUMBER_LEN: usize = 256;
 
 /// A session id as the path gives it: 1 to 19 digits, no leading zero (one past int64 is no
 /// session: 404, not a malformed id).
@@ -520,36 +536,23 @@ async fn list(
     query: Result<Query<ListQuery>, QueryRejection>,
 ) -> Result<Json<sessions::SessionList>, Problem> {
     let Query(query) = query.map_err(query_problem)?;
-    let top = match query.top.as_deref() {
-        None => 100,
-        Some(top) => top
-            .parse::<usize>()
-            .ok()
-            .filter(|t| (1..=100).contains(t))
-            .ok_or_else(|| Problem::field("top", "must be an integer from 1 to 100"))?,
+    // Numbers arrive as text: each its own problem, then the same checks as `CallList`'s.
+    let number = |field: &str, value: Option<&str>, range: &str| {
+        value
+            .map(|text| {
+                text.parse::<u64>()
+                    .map_err(|_| Problem::field(field, format!("must be an integer from {range}")))
+            })
+            .transpose()
     };
-    let skip = match query.skip.as_deref() {
-        None => 0,
-        Some(skip) => skip
-            .parse::<u32>()
-            .ok()
-            .filter(|s| i32::try_from(*s).is_ok())
-            .ok_or_else(|| Problem::field("skip", "must be an integer from 0 to 2147483647"))?
-            as usize,
-    };
-    let descending = match query.orderby.as_deref().map(str::trim) {
-        None | Some("started_at") | Some("started_at asc") => false,
-        Some("started_at desc") => true,
-        Some(_) => {
-            return Err(Problem::field(
-                "orderby",
-                "must be \"started_at\", \"started_at asc\" or \"started_at desc\"",
-            ));
-        }
-    };
-    if query.filter.as_ref().is_some_and(|f| f.len() > 256) {
-        return Err(Problem::field("filter", "is longer than 256 characters"));
+    let selection = params::ListParams {
+        filter: query.filter,
+        orderby: query.orderby,
+        skip: number("skip", query.skip.as_deref(), "0 to 2147483647")?,
+        top: number("top", query.top.as_deref(), "1 to 100")?,
     }
+    .selection()
+    .map_err(|err| Problem::field(&err.field, err.reason))?;
     let view = rest.view()?;
     let mut found: Vec<Session> = view.list(rest.tenant());
     // Only active sessions are listed (GET by id shows an ended one for a while).
@@ -559,29 +562,10 @@ async fn list(
             .into_iter()
             .filter(|s| !sessions::is_over(s)),
     );
-    found.sort_by_key(|s| std::cmp::Reverse(s.calls.first().map_or(0, |c| c.started_at_ms)));
-    if let Some(filter) = query.filter.as_deref().filter(|f| !f.is_empty()) {
-        found.retain(|s| {
-            s.calls.iter().any(|c| {
-                c.caller_uri.contains(filter) || c.callee_uri.contains(filter) || c.callid == filter
-            })
-        });
-    }
-    // The view lists newest first.
-    if !descending {
-        found.reverse();
-    }
+    let (count, page) = sessions::select(found, &selection);
     let now = now_ms();
-    let items = found
-        .iter()
-        .skip(skip)
-        .take(top)
-        .map(|s| sessions::item(s, now))
-        .collect();
-    Ok(Json(sessions::SessionList {
-        count: found.len(),
-        items,
-    }))
+    let items = page.iter().map(|s| sessions::item(s, now)).collect();
+    Ok(Json(sessions::SessionList { count, items }))
 }
 
 /// One session.
@@ -610,11 +594,32 @@ async fn get_one(
     Ok(Json(sessions::item(&session, now_ms())))
 }
 
+/// The query of `GET /sessions/directly` (PortSIP's), for the OpenAPI document only: the
+/// route answers 501 until extensions and their passwords exist.
+#[derive(utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[allow(dead_code)]
+struct DirectlyQuery {
+    /// The extension whose password authenticates the request.
+    extension_number: String,
+    /// The extension's password (never logged).
+    password: String,
+    /// The tenant's SIP domain.
+    domain: String,
+    /// Calling number.
+    caller: String,
+    /// Called number.
+    callee: String,
+    /// Whether the caller's INVITE carries an SDP offer.
+    send_sdp: bool,
+}
+
 /// PortSIP's call creation authenticated by an extension's password: not available yet.
 #[utoipa::path(
     get,
     path = "/api/sessions/directly",
     tag = "sessions",
+    params(DirectlyQuery),
     responses((status = 501, description = "Needs tenants and their extensions", body = ProblemDoc, content_type = "application/problem+json"))
 )]
 async fn directly() -> Problem {
@@ -630,10 +635,10 @@ async fn directly() -> Problem {
 #[serde(deny_unknown_fields)]
 struct CreateBody {
     /// Calling number: an extension or a PSTN number (digits, an optional leading `+`).
-    #[schema(min_length = 1, max_length = 256, pattern = r"^\+?[0-9]{1,64}$")]
+    #[schema(min_length = 1, max_length = 256, pattern = r"^\+?[0-9]{1,256}$")]
     caller: String,
     /// Called number: an extension or a PSTN number.
-    #[schema(min_length = 1, max_length = 256, pattern = r"^\+?[0-9]{1,64}$")]
+    #[schema(min_length = 1, max_length = 256, pattern = r"^\+?[0-9]{1,256}$")]
     callee: String,
     /// Whether the caller's INVITE carries an SDP offer (`false`: late offer, the phone
     /// offers in its answer).
@@ -680,38 +685,115 @@ struct CreateBody {
     header_direction: Option<HeaderDirection>,
 }
 
-fn json_problem(rejection: JsonRejection) -> Problem {
-    if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-        return Problem::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "BODY_TOO_LARGE",
-            "the body is larger than 64 KiB",
-        );
+/// A JSON request body whose every error is a problem naming its field: serde's path to the
+/// value at fault (`additional_header`, `send_sdp`…), a missing or unknown field by its name.
+struct Body<T>(T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned> axum::extract::FromRequest<S> for Body<T> {
+    type Rejection = Problem;
+
+    async fn from_request(request: axum::extract::Request, state: &S) -> Result<Self, Problem> {
+        let json = request
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|value| value.to_str().ok())
+            .map(|value| {
+                let essence = value.split(';').next().unwrap_or("").trim();
+                let essence = essence.to_ascii_lowercase();
+                essence == "application/json"
+                    || (essence.starts_with("application/") && essence.ends_with("+json"))
+            })
+            .unwrap_or(false);
+        if !json {
+            return Err(Problem::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "INVALID_BODY",
+                "the body must be JSON (Content-Type: application/json)",
+            ));
+        }
+        let bytes = axum::body::Bytes::from_request(request, state)
+            .await
+            .map_err(|rejection| {
+                if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                    Problem::new(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        "BODY_TOO_LARGE",
+                        "the body is larger than 64 KiB",
+                    )
+                } else {
+                    Problem::new(
+                        StatusCode::BAD_REQUEST,
+                        "INVALID_BODY",
+                        crate::rpc::clip_to(&rejection.body_text(), 200).into_owned(),
+                    )
+                }
+            })?;
+        // serde would take a struct from a JSON array too (its fields in order): not here.
+        if !bytes.trim_ascii_start().starts_with(b"{") {
+            return Err(Problem::new(
+                StatusCode::BAD_REQUEST,
+                "INVALID_BODY",
+                "the body must be a JSON object of this operation's fields",
+            ));
+        }
+        let mut deserializer = serde_json::Deserializer::from_slice(&bytes);
+        let parsed = serde_path_to_error::deserialize(&mut deserializer).map_err(body_problem)?;
+        deserializer.end().map_err(|err| {
+            Problem::new(
+                StatusCode::BAD_REQUEST,
+                "INVALID_BODY",
+                format!("the body is not one JSON document: {err}"),
+            )
+        })?;
+        Ok(Body(parsed))
     }
-    let text = rejection.body_text();
-    if matches!(rejection, JsonRejection::MissingJsonContentType(_)) {
+}
+
+/// The problem for a body serde could not take.
+fn body_problem(error: serde_path_to_error::Error<serde_json::Error>) -> Problem {
+    let inner = error.inner();
+    if !inner.is_data() {
         return Problem::new(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            StatusCode::BAD_REQUEST,
             "INVALID_BODY",
-            "the body must be JSON (Content-Type: application/json)",
+            format!(
+                "the body is not a JSON document: {}",
+                crate::rpc::clip_to(&inner.to_string(), 160)
+            ),
         );
     }
-    // serde's words name the field: "missing field `x`", "unknown field `x`", "... at line".
+    let message = inner.to_string();
+    // serde's words name these fields: "missing field `x`", "unknown field `x`".
     for (prefix, reason) in [
         ("missing field `", "is required"),
         ("unknown field `", "is not a field of this operation"),
     ] {
-        if let Some((field, _)) = text
+        if let Some((field, _)) = message
             .split_once(prefix)
             .and_then(|(_, rest)| rest.split_once('`'))
         {
             return Problem::field(field, reason);
         }
     }
-    Problem::new(
-        StatusCode::BAD_REQUEST,
-        "INVALID_BODY",
-        crate::rpc::clip_to(&text, 200).into_owned(),
+    let path = error.path().to_string();
+    if path == "." || path.is_empty() {
+        return Problem::new(
+            StatusCode::BAD_REQUEST,
+            "INVALID_BODY",
+            format!(
+                "the body must be a JSON object of this operation's fields: {}",
+                crate::rpc::clip_to(&message, 160)
+            ),
+        );
+    }
+    // "invalid type: string \"x\", expected a boolean at line 1 column 9": the position
+    // says nothing the field does not.
+    let reason = message
+        .rsplit_once(" at line ")
+        .map_or(message.as_str(), |(reason, _)| reason);
+    Problem::field(
+        &path,
+        format!("is invalid: {}", crate::rpc::clip_to(reason, 160)),
     )
 }
 
@@ -751,9 +833,8 @@ fn extension(field: &str, value: &str) -> Result<(), Problem> {
 )]
 async fn create(
     State(rest): State<Arc<Rest>>,
-    body: Result<Json<CreateBody>, JsonRejection>,
+    Body(body): Body<CreateBody>,
 ) -> Result<Json<Created>, Problem> {
-    let Json(body) = body.map_err(json_problem)?;
     bounded("caller_display_name", &body.caller_display_name, 0, 1024)?;
     bounded("trunk", &body.trunk, 1, 64)?;
     bounded("rewrite_from", &body.rewrite_from, 1, 16)?;
@@ -927,7 +1008,7 @@ async fn destroy(
     State(rest): State<Arc<Rest>>,
     Path(id): Path<String>,
 ) -> Result<StatusCode, Problem> {
-    let (session, placed) = rest.session_and_whether_placed(&id)?;
+    let (session, placed) = rest.session_and_whether_placed("id", &id)?;
     if !placed && !live_calls(&session).is_empty() {
         return Err(Problem::new(
             StatusCode::CONFLICT,
@@ -959,10 +1040,9 @@ async fn destroy(
 async fn hold_or_unhold(
     rest: &Rest,
     id: &str,
-    body: Result<Json<ExtensionBody>, JsonRejection>,
+    body: ExtensionBody,
     hold: bool,
 ) -> Result<StatusCode, Problem> {
-    let Json(body) = body.map_err(json_problem)?;
     extension("extension_number", &body.extension_number)?;
     let session = rest.session(id)?;
     let (call, holder) = party_of(&session, &body.extension_number)?;
@@ -995,7 +1075,7 @@ async fn hold_or_unhold(
 async fn hold(
     State(rest): State<Arc<Rest>>,
     Path(id): Path<String>,
-    body: Result<Json<ExtensionBody>, JsonRejection>,
+    Body(body): Body<ExtensionBody>,
 ) -> Result<StatusCode, Problem> {
     hold_or_unhold(&rest, &id, body, true).await
 }
@@ -1012,7 +1092,7 @@ async fn hold(
 async fn unhold(
     State(rest): State<Arc<Rest>>,
     Path(id): Path<String>,
-    body: Result<Json<ExtensionBody>, JsonRejection>,
+    Body(body): Body<ExtensionBody>,
 ) -> Result<StatusCode, Problem> {
     hold_or_unhold(&rest, &id, body, false).await
 }
@@ -1026,7 +1106,7 @@ struct ReferBody {
     #[schema(pattern = "^[0-9]{3,64}$")]
     extension_number: String,
     /// Where the other party goes: a number.
-    #[schema(min_length = 1, max_length = 256, pattern = r"^\+?[0-9]{1,64}$")]
+    #[schema(min_length = 1, max_length = 256, pattern = r"^\+?[0-9]{1,256}$")]
     refer_to: String,
 }
 
@@ -1042,9 +1122,8 @@ struct ReferBody {
 async fn refer(
     State(rest): State<Arc<Rest>>,
     Path(id): Path<String>,
-    body: Result<Json<ReferBody>, JsonRejection>,
+    Body(body): Body<ReferBody>,
 ) -> Result<StatusCode, Problem> {
-    let Json(body) = body.map_err(json_problem)?;
     extension("extension_number", &body.extension_number)?;
     let destination = rest.uri_of("refer_to", &body.refer_to)?;
     let session = rest.session(&id)?;
@@ -1066,13 +1145,13 @@ struct AttendedReferBody {
     #[schema(pattern = "^[0-9]{3,64}$")]
     extension_number: String,
     /// The first party (a number), talking with the extension in `session_1`.
-    #[schema(min_length = 1, max_length = 256, pattern = r"^\+?[0-9]{1,64}$")]
+    #[schema(min_length = 1, max_length = 256, pattern = r"^\+?[0-9]{1,256}$")]
     refer_to_1: String,
     /// Its session (default: the path's).
     #[schema(pattern = "^[1-9][0-9]{0,18}$")]
     session_1: Option<String>,
     /// The second party (a number), talking with the extension in `session_2`.
-    #[schema(min_length = 1, max_length = 256, pattern = r"^\+?[0-9]{1,64}$")]
+    #[schema(min_length = 1, max_length = 256, pattern = r"^\+?[0-9]{1,256}$")]
     refer_to_2: String,
     /// Its session (default: found among the tenant's).
     #[schema(pattern = "^[1-9][0-9]{0,18}$")]
@@ -1112,15 +1191,14 @@ fn counterpart<'a>(
 async fn attended_refer(
     State(rest): State<Arc<Rest>>,
     Path(id): Path<String>,
-    body: Result<Json<AttendedReferBody>, JsonRejection>,
+    Body(body): Body<AttendedReferBody>,
 ) -> Result<StatusCode, Problem> {
-    let Json(body) = body.map_err(json_problem)?;
     extension("extension_number", &body.extension_number)?;
     rest.uri_of("refer_to_1", &body.refer_to_1)?;
     rest.uri_of("refer_to_2", &body.refer_to_2)?;
-    let find = |number: &str, session: Option<&str>, field: &'static str| {
+    let find = |number: &str, session: Option<(&'static str, &str)>, field: &'static str| {
         let sessions: Vec<Session> = match session {
-            Some(id) => vec![rest.session(id)?],
+            Some((named_by, id)) => vec![rest.session_named(named_by, id)?],
             None => rest.view()?.list(rest.tenant()),
         };
         sessions
@@ -1139,9 +1217,13 @@ async fn attended_refer(
                 field: Some(field.to_owned()),
             })
     };
-    let session_1 = body.session_1.clone().unwrap_or(id);
-    let (callid_a, leg_a) = find(&body.refer_to_1, Some(&session_1), "refer_to_1")?;
-    let (callid_b, leg_b) = find(&body.refer_to_2, body.session_2.as_deref(), "refer_to_2")?;
+    let session_1 = match body.session_1.as_deref() {
+        Some(named) => ("session_1", named),
+        None => ("id", id.as_str()),
+    };
+    let session_2 = body.session_2.as_deref().map(|named| ("session_2", named));
+    let (callid_a, leg_a) = find(&body.refer_to_1, Some(session_1), "refer_to_1")?;
+    let (callid_b, leg_b) = find(&body.refer_to_2, session_2, "refer_to_2")?;
     let command = Command::AttendedTransfer(pb::CallAttendedTransfer {
         callid_a,
         leg_a: leg_a as i32,

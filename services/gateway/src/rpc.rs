@@ -153,8 +153,8 @@ pub struct CommandCall {
 /// A question about calls, answered at once (no `Started`, no notifications).
 #[derive(Debug, Clone, PartialEq)]
 pub enum Query {
-    /// `CallList`: every session of the tenant.
-    List,
+    /// `CallList`: the tenant's sessions a selection picks.
+    List(params::ListSelection),
     /// `CallGet`: one session.
     Get(params::SessionKey),
 }
@@ -328,7 +328,7 @@ pub fn parse(text: &str) -> Result<Request, RpcError> {
             }
         };
         let checked = if method == "CallList" {
-            params::list(params).map(|()| Query::List)
+            params::list(params).map(Query::List)
         } else {
             params::session_key(params).map(Query::Get)
         };
@@ -402,13 +402,39 @@ mod tests {
     #[test]
     fn queries_parse_and_check_their_params() {
         let q = parse(r#"{"jsonrpc":"2.0","method":"CallList","id":1}"#).unwrap();
-        assert!(matches!(
-            q,
-            Request::Query(QueryCall {
-                query: Query::List,
-                ..
-            })
-        ));
+        let Request::Query(QueryCall {
+            query: Query::List(selection),
+            ..
+        }) = q
+        else {
+            panic!("{q:?}")
+        };
+        assert_eq!(
+            selection,
+            params::ListSelection {
+                filter: None,
+                descending: false,
+                skip: 0,
+                top: 100
+            }
+        );
+        let q = parse(r#"{"jsonrpc":"2.0","method":"CallList","params":{"filter":"1001","orderby":"started_at desc","skip":2,"top":5},"id":1}"#).unwrap();
+        let Request::Query(QueryCall {
+            query: Query::List(selection),
+            ..
+        }) = q
+        else {
+            panic!("{q:?}")
+        };
+        assert_eq!(
+            selection,
+            params::ListSelection {
+                filter: Some("1001".into()),
+                descending: true,
+                skip: 2,
+                top: 5
+            }
+        );
         let q = parse(r#"{"jsonrpc":"2.0","method":"CallGet","params":{"session_id":"884757570370146304"},"id":1}"#).unwrap();
         assert!(matches!(
             q,
@@ -430,6 +456,18 @@ mod tests {
             (
                 r#"{"jsonrpc":"2.0","method":"CallList","params":{"x":1},"id":1}"#,
                 "x",
+            ),
+            (
+                r#"{"jsonrpc":"2.0","method":"CallList","params":{"top":101},"id":1}"#,
+                "top",
+            ),
+            (
+                r#"{"jsonrpc":"2.0","method":"CallList","params":{"skip":-1},"id":1}"#,
+                "skip",
+            ),
+            (
+                r#"{"jsonrpc":"2.0","method":"CallList","params":{"orderby":"callee"},"id":1}"#,
+                "orderby",
             ),
             (
                 r#"{"jsonrpc":"2.0","method":"CallGet","params":{},"id":1}"#,

@@ -50,6 +50,13 @@ pub(crate) async fn accept_loop(listener: TcpListener, app: Router, shared: &Arc
     }
 }
 
+/// The most a request's line and headers may take (a WebSocket upgrade, a REST request with its
+/// query): past it hyper answers 431 and closes.
+pub const REQUEST_HEAD_LIMIT: usize = 32 * 1024;
+
+/// The most header fields a request may have (431 past it).
+pub const MAX_REQUEST_HEADERS: usize = 100;
+
 /// Serves one TCP connection's HTTP exchange, bounded by the handshake timeout.
 async fn serve_http(stream: TcpStream, peer: SocketAddr, app: Router, shared: Arc<Shared>) {
     let _ = stream.set_nodelay(true);
@@ -57,6 +64,8 @@ async fn serve_http(stream: TcpStream, peer: SocketAddr, app: Router, shared: Ar
     let connection = hyper::server::conn::http1::Builder::new()
         .timer(hyper_util::rt::TokioTimer::new())
         .header_read_timeout(timeout)
+        .max_header_size(REQUEST_HEAD_LIMIT)
+        .max_headers(MAX_REQUEST_HEADERS)
         .serve_connection(TokioIo::new(stream), TowerToHyperService::new(app))
         .with_upgrades();
     tokio::pin!(connection);

@@ -492,6 +492,32 @@ pub fn is_over(session: &Session) -> bool {
         .all(|c| c.state() == DialogState::Deleted)
 }
 
+/// What a list selection picks (WebSocket `CallList`, REST `GET /api/sessions`): the number of
+/// sessions matching its filter, and the page asked for, ordered by the first call's start.
+pub fn select(
+    mut sessions: Vec<Session>,
+    selection: &crate::params::ListSelection,
+) -> (usize, Vec<Session>) {
+    if let Some(filter) = selection.filter.as_deref() {
+        sessions.retain(|s| {
+            s.calls.iter().any(|c| {
+                c.caller_uri.contains(filter) || c.callee_uri.contains(filter) || c.callid == filter
+            })
+        });
+    }
+    sessions.sort_by_key(|s| (s.calls.first().map_or(0, |c| c.started_at_ms), s.id));
+    if selection.descending {
+        sessions.reverse();
+    }
+    let count = sessions.len();
+    let page = sessions
+        .into_iter()
+        .skip(selection.skip)
+        .take(selection.top)
+        .collect();
+    (count, page)
+}
+
 /// A session as clients get it (the same for WebSocket `CallList`/`CallGet` and REST).
 pub fn item(session: &Session, now_ms: u64) -> SessionItem {
     let meta = session.meta.as_ref();

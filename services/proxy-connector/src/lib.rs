@@ -276,7 +276,9 @@ async fn with_progress(
         tokio::select! {
             reply = &mut work => return reply,
             _ = ticks.tick() => {
-                if let Err(err) = client.publish(reply_to.clone(), progress.clone().into()).await {
+                if let Err(err) =
+                    callapi_kit::bus::publish_encoded(client, reply_to.clone(), progress.clone().into()).await
+                {
                     tracing::debug!(%err, "could not publish MI progress");
                 }
             }

@@ -151,20 +151,27 @@ async fn every_limit_and_bad_input_is_a_problem_naming_its_field() {
         ("/api/sessions?skip=-1", "skip"),
         ("/api/sessions?orderby=caller", "orderby"),
         ("/api/sessions?page=2", "page"),
+        ("/api/sessions?skip=2147483648", "skip"),
         ("/api/sessions/abc", "id"),
         ("/api/sessions/0", "id"),
     ] {
         assert_problem(&get(&stack, path).await, 400, "INVALID_FIELD", Some(field));
     }
-    assert_eq!(
-        get(
-            &stack,
-            "/api/sessions?top=100&skip=0&orderby=started_at%20desc&filter=1001"
-        )
-        .await
-        .status,
-        200
+    let long_filter = format!("/api/sessions?filter={}", "f".repeat(257));
+    assert_problem(
+        &get(&stack, &long_filter).await,
+        400,
+        "INVALID_FIELD",
+        Some("filter"),
     );
+    for at_the_limit in [
+        "/api/sessions?top=100&skip=0&orderby=started_at%20desc&filter=1001".to_owned(),
+        "/api/sessions?top=1&skip=2147483647".to_owned(),
+        format!("/api/sessions?filter={}", "f".repeat(256)),
+    ] {
+        let listed = get(&stack, &at_the_limit).await;
+        assert_eq!(listed.status, 200, "{at_the_limit}: {listed:?}");
+    }
     assert_problem(
         &get(&stack, "/api/sessions/884757570370146304").await,
         404,
@@ -188,7 +195,22 @@ async fn every_limit_and_bad_input_is_a_problem_naming_its_field() {
         (without("caller"), "caller"),
         (without("send_sdp"), "send_sdp"),
         (with("caller", json!("1".repeat(257))), "caller"),
+        (
+            with("caller", json!(format!("+{}", "1".repeat(256)))),
+            "caller",
+        ),
         (with("callee", json!("")), "callee"),
+        (with("callee", json!("+")), "callee"),
+        (with("send_sdp", json!("yes")), "send_sdp"),
+        (with("caller", json!(1001)), "caller"),
+        (
+            with("additional_header", json!("LOUD")),
+            "additional_header",
+        ),
+        (with("header_direction", json!("BOTH")), "header_direction"),
+        (with("rewrite_from", json!("")), "rewrite_from"),
+        (with("rewrite_pai", json!("")), "rewrite_pai"),
+        (with("rewrite_rpi", json!("")), "rewrite_rpi"),
         (
             with("caller_display_name", json!("x".repeat(1025))),
             "caller_display_name",
@@ -214,13 +236,28 @@ async fn every_limit_and_bad_input_is_a_problem_naming_its_field() {
         let response = post(&stack, "/api/sessions", body.clone()).await;
         assert_problem(&response, 400, "INVALID_FIELD", Some(field));
     }
-    let bad_enum = post(
+    for not_an_object in [
+        "{\"caller\":",
+        "[\"1001\", \"1002\", true]",
+        "{\"caller\":\"1001\",\"callee\":\"1002\",\"send_sdp\":true} {}",
+    ] {
+        let response = request(
+            &stack.http_addr(),
+            "POST",
+            "/api/sessions",
+            Some(not_an_object),
+        )
+        .await;
+        assert_problem(&response, 400, "INVALID_BODY", None);
+    }
+    // PortSIP's longest numbers are taken: 256 characters.
+    let longest = post(
         &stack,
         "/api/sessions",
-        with("additional_header", json!("LOUD")),
+        json!({"caller": format!("+{}", "1".repeat(255)), "callee": "1".repeat(256), "send_sdp": true}),
     )
     .await;
-    assert_problem(&bad_enum, 400, "INVALID_BODY", None);
+    assert_eq!(longest.status, 200, "{longest:?}");
     for (body, field) in [
         (with("user_data", json!("crm\r\nVia: x")), "user_data"),
         (
@@ -278,6 +315,36 @@ async fn every_limit_and_bad_input_is_a_problem_naming_its_field() {
             "leg",
         ),
         ("refer", json!({"extension_number": "1001"}), "refer_to"),
+        (
+            "hold",
+            json!({"extension_number": "1".repeat(65)}),
+            "extension_number",
+        ),
+        (
+            "refer",
+            json!({"extension_number": "1001", "refer_to": "1".repeat(257)}),
+            "refer_to",
+        ),
+        (
+            "attended_refer",
+            json!({"extension_number": "1001", "refer_to_1": "1".repeat(257), "refer_to_2": "1003"}),
+            "refer_to_1",
+        ),
+        (
+            "attended_refer",
+            json!({"extension_number": "1001", "refer_to_1": "1002", "refer_to_2": ""}),
+            "refer_to_2",
+        ),
+        (
+            "attended_refer",
+            json!({"extension_number": "1001", "refer_to_1": "1002", "session_1": "abc", "refer_to_2": "1003"}),
+            "session_1",
+        ),
+        (
+            "attended_refer",
+            json!({"extension_number": "1001", "refer_to_1": "1002", "refer_to_2": "1003", "session_2": "0"}),
+            "session_2",
+        ),
     ] {
         let response = post(&stack, &format!("/api/sessions/{id}/{op}"), body).await;
         assert_problem(&response, 400, "INVALID_FIELD", Some(field));
@@ -758,4 +825,232 @@ async fn websocket_call_start_takes_the_create_fields() {
         assert_eq!(reply["error"]["code"], -32602, "{reply}");
         assert_eq!(reply["error"]["data"]["field"], field, "{reply}");
     }
+}
+
+fn ids(response: &Response) -> Vec<String> {
+    response.json["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|item| item["id"].as_str().unwrap_or_default().to_owned())
+        .collect()
+}
+
+/// The v22 list parameters select, order and page the sessions, over REST and WebSocket
+/// `CallList` alike.
+#[tokio::test]
+async fn list_parameters_filter_order_and_page() {
+    let stack = Stack::with(with_extensions("3.6")).await;
+    let first = established(&stack, "1001", "1002").await;
+    let second = established(&stack, "1003", "1002").await;
+
+    let all = get(&stack, "/api/sessions").await;
+    assert_eq!(all.json["count"], 2, "{all:?}");
+    assert_eq!(ids(&all), [first.clone(), second.clone()], "oldest first");
+    let newest_first = get(&stack, "/api/sessions?orderby=started_at%20desc").await;
+    assert_eq!(ids(&newest_first), [second.clone(), first.clone()]);
+    let top = get(&stack, "/api/sessions?top=1").await;
+    assert_eq!(
+        (top.json["count"].clone(), ids(&top)),
+        (json!(2), vec![first.clone()])
+    );
+    let page = get(&stack, "/api/sessions?top=1&skip=1").await;
+    assert_eq!(
+        (page.json["count"].clone(), ids(&page)),
+        (json!(2), vec![second.clone()])
+    );
+    let past = get(&stack, "/api/sessions?skip=2").await;
+    assert_eq!((past.json["count"].clone(), ids(&past)), (json!(2), vec![]));
+    let filtered = get(&stack, "/api/sessions?filter=1003").await;
+    assert_eq!(
+        (filtered.json["count"].clone(), ids(&filtered)),
+        (json!(1), vec![second.clone()])
+    );
+
+    // The WebSocket twin takes the same parameters and answers the same.
+    let mut client = stack.client().await;
+    let mut call_list = async |params: Value| {
+        let asked = client.request("CallList", params).await;
+        client.reply(&asked).await
+    };
+    let listed = call_list(json!({"orderby": "started_at desc", "top": 1})).await;
+    assert_eq!(listed["result"]["count"], 2, "{listed}");
+    assert_eq!(
+        listed["result"]["items"][0]["id"],
+        json!(second),
+        "{listed}"
+    );
+    let callid = all.json["items"][0]["calls"][0]["callid"].clone();
+    let listed = call_list(json!({"filter": callid})).await;
+    assert_eq!(listed["result"]["count"], 1, "{listed}");
+    assert_eq!(listed["result"]["items"][0]["id"], json!(first), "{listed}");
+    let listed = call_list(json!({"skip": 1})).await;
+    assert_eq!(
+        listed["result"]["items"][0]["id"],
+        json!(second),
+        "{listed}"
+    );
+    for (params, field) in [
+        (json!({"top": 0}), "top"),
+        (json!({"top": 101}), "top"),
+        (json!({"skip": 2_147_483_648_u64}), "skip"),
+        (json!({"orderby": "callee"}), "orderby"),
+        (json!({"filter": "f".repeat(257)}), "filter"),
+    ] {
+        let refused = call_list(params).await;
+        assert_eq!(refused["error"]["code"], -32602, "{refused}");
+        assert_eq!(refused["error"]["data"]["field"], field, "{refused}");
+    }
+}
+
+/// Failures known at once are the answer: a transfer already pending and a session OpenSIPS
+/// has not reported yet (409), no commands replica or no NATS (503).
+#[tokio::test]
+async fn conflicts_and_unavailability_are_answered_at_once() {
+    let mut stack = Stack::with(with_extensions("3.6")).await;
+    let id = established(&stack, "1001", "1002").await;
+    // 1999 has no phone: OpenSIPS takes the REFER and then says nothing, so the transfer is
+    // still pending when the next one is asked for.
+    let refer = |to: &'static str| {
+        let path = format!("/api/sessions/{id}/refer");
+        let stack = &stack;
+        async move {
+            post(
+                stack,
+                &path,
+                json!({"extension_number": "1001", "refer_to": to}),
+            )
+            .await
+        }
+    };
+    let first = refer("1999").await;
+    assert_eq!(first.status, 200, "{first:?}");
+    let second = refer("1003").await;
+    assert_problem(&second, 409, "TRANSFER_PENDING", None);
+
+    // With event-ingest down OpenSIPS's report of a new call never reaches the store.
+    stack.ingest.kill().await;
+    let body = json!({"caller": "1003", "callee": "1002", "send_sdp": true});
+    let created = post(&stack, "/api/sessions", body.clone()).await;
+    assert_eq!(created.status, 200, "{created:?}");
+    let new_id = created.json["id"].as_str().expect("id").to_owned();
+    let early = post(
+        &stack,
+        &format!("/api/sessions/{new_id}/destroy"),
+        json!({}),
+    )
+    .await;
+    assert_problem(&early, 409, "DIALOG_NOT_READY", None);
+
+    for commands in &mut stack.commands {
+        commands.kill().await;
+    }
+    let no_replica = post(&stack, "/api/sessions", body.clone()).await;
+    assert_problem(&no_replica, 503, "UNAVAILABLE", None);
+    let hold = post(
+        &stack,
+        &format!("/api/sessions/{id}/hold"),
+        json!({"extension_number": "1001"}),
+    )
+    .await;
+    assert_problem(&hold, 503, "UNAVAILABLE", None);
+
+    stack.nats.stop().await;
+    let no_nats = post(&stack, "/api/sessions", body).await;
+    assert_problem(&no_nats, 503, "UNAVAILABLE", None);
+}
+
+/// Every `additional_header` value reaches the INVITE `header_direction` names, and only it.
+#[tokio::test]
+async fn every_auto_answer_header_reaches_the_side_named() {
+    let stack = Stack::with(with_trunks()).await;
+    for (value, name, line) in [
+        ("ANSWER_MODE", "Answer-Mode", "Auto"),
+        ("CALL_INFO", "Call-Info", "<sip:127.0.0.1>;answer-after=0"),
+        (
+            "ALERT_INFO_AUTO_ANSWER_DELAY0",
+            "Alert-Info",
+            "<sip:127.0.0.1>;info=alert-autoanswer;delay=0",
+        ),
+        ("ALERT_INFO_AUTO_ANSWER", "Alert-Info", "info=Auto Answer"),
+        ("ALERT_INFO_INTERCOM", "Alert-Info", "info=intercom"),
+    ] {
+        for direction in ["CALLER", "CALLEE"] {
+            let (session, caller_invite, callee_invite) = create_answered(
+                &stack,
+                json!({"caller": "1001", "callee": "1002", "send_sdp": true,
+                    "additional_header": value, "header_direction": direction}),
+                "sip:1001@127.0.0.1",
+                "sip:1002@127.0.0.1",
+            )
+            .await;
+            let (with, without) = if direction == "CALLER" {
+                (&caller_invite, &callee_invite)
+            } else {
+                (&callee_invite, &caller_invite)
+            };
+            assert_eq!(
+                header(with, name),
+                Some(line),
+                "{value} {direction}: {with}"
+            );
+            assert_eq!(
+                header(without, name),
+                None,
+                "{value} {direction}: {without}"
+            );
+            let id = session["id"].as_str().expect("id");
+            let ended = post(&stack, &format!("/api/sessions/{id}/destroy"), json!({})).await;
+            assert_eq!(ended.status, 200, "{ended:?}");
+        }
+    }
+}
+
+/// Writes `raw` on a new connection and returns what comes back until the server closes it
+/// (or resets it: what arrived before counts).
+async fn raw_exchange(addr: &str, raw: &str) -> String {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    stream.write_all(raw.as_bytes()).await.expect("write");
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let until = Instant::now() + Duration::from_secs(10);
+    while let Ok(Ok(n)) = tokio::time::timeout_at(until, stream.read(&mut chunk)).await {
+        if n == 0 {
+            break;
+        }
+        got.extend_from_slice(&chunk[..n]);
+    }
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+/// A request's head is bounded: more than 100 header fields, or more than 32 KiB, is a 431.
+#[tokio::test]
+async fn oversized_request_heads_get_431() {
+    let stack = Stack::with(with_extensions("3.6")).await;
+    let many: String = (0..100).map(|i| format!("X-Extra-{i}: {i}\r\n")).collect();
+    let answer = raw_exchange(
+        &stack.http_addr(),
+        &format!("GET /api/sessions HTTP/1.1\r\nHost: x\r\n{many}Connection: close\r\n\r\n"),
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
+    let big = "b".repeat(40 * 1024);
+    let answer = raw_exchange(
+        &stack.http_addr(),
+        &format!(
+            "GET /api/sessions HTTP/1.1\r\nHost: x\r\nX-Big: {big}\r\nConnection: close\r\n\r\n"
+        ),
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
+    // Just under both bounds: answered.
+    let many: String = (0..90).map(|i| format!("X-Extra-{i}: {i}\r\n")).collect();
+    let fine = "f".repeat(20 * 1024);
+    let answer = raw_exchange(
+        &stack.http_addr(),
+        &format!("GET /api/sessions HTTP/1.1\r\nHost: x\r\nX-Fine: {fine}\r\n{many}Connection: close\r\n\r\n"),
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
 }

@@ -120,9 +120,23 @@ async fn a_call_made_directly_on_the_node_is_listed_until_it_ends() {
     let unknown = ask(&mut client, "CallGet", json!({"session_id": "12345"})).await;
     assert_eq!(unknown["error"]["code"], -32004, "{unknown}");
 
+    // REST lists it too, the same session.
+    let rest = callapi_e2e::http::request(
+        &stack.http_addr(),
+        "GET",
+        "/api/sessions?filter=direct-1@operator",
+        None,
+    )
+    .await;
+    assert_eq!(rest.json["count"], 1, "{rest:?}");
+    assert_eq!(rest.json["items"][0]["id"], json!(id), "{rest:?}");
+    assert_eq!(rest.json["items"][0]["calls"][0]["caller"], "cindy");
+
     let ended = stack.mi("dlg_end_dlg", json!({"dialog_id": "direct-1@operator"}));
     assert!(ended.get("result").is_some(), "{ended}");
     wait_gone(&mut client, "direct-1@operator").await;
+    let rest = callapi_e2e::http::request(&stack.http_addr(), "GET", "/api/sessions", None).await;
+    assert_eq!(rest.json["count"], 0, "{rest:?}");
 }
 
 #[tokio::test]
@@ -194,6 +208,8 @@ async fn the_list_is_right_after_every_service_restarted_mid_call() {
         json!({"dialog_id": "ended-while-down@operator"}),
     );
     assert!(ended.get("result").is_some(), "{ended}");
+    // And a call that begins while it is down is not missing once it is back.
+    call_on_the_node(&stack, "eve", "bob", "started-while-down@operator");
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(
         sessions(&mut client).await.iter().any(|s| calls_of(s)
@@ -227,4 +243,24 @@ async fn the_list_is_right_after_every_service_restarted_mid_call() {
     wait_gone(&mut client, "ended-while-down@operator").await;
     wait_gone(&mut client, "stray@nowhere").await;
     wait_for(&mut client, "kept@operator", |_| true).await;
+    let started = wait_for(&mut client, "started-while-down@operator", |_| true).await;
+    assert_eq!(
+        call_of(&started, "started-while-down@operator")["caller"],
+        "eve",
+        "{started}"
+    );
+    // REST shows the same list as the WebSocket.
+    let rest = callapi_e2e::http::request(&stack.http_addr(), "GET", "/api/sessions", None).await;
+    let callids: Vec<Value> = rest.json["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(calls_of)
+        .map(|c| c["callid"].clone())
+        .collect();
+    let mut expected = vec![json!("kept@operator"), json!("started-while-down@operator")];
+    let mut got = callids.clone();
+    got.sort_by_key(Value::to_string);
+    expected.sort_by_key(Value::to_string);
+    assert_eq!(got, expected, "{rest:?}");
 }
