@@ -31,6 +31,47 @@ pub fn announce_ready(details: &str) {
     let _ = out.flush();
 }
 
+/// The tokio runtime of a service: `TOKIO_WORKER_THREADS` worker threads when that is set
+/// (the operator's knob), else `default_workers`, else one per core (tokio's default).
+///
+/// commands, proxy-connector and event-ingest default to one worker: each uses a fraction of
+/// a core at thousands of calls a second, and fewer threads mean fewer cross-thread wake-ups
+/// per message (docs/performance.md); the gateway, which serves every client socket, keeps one
+/// per core.
+pub fn runtime(default_workers: Option<usize>) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.enable_all();
+    let from_env = std::env::var("TOKIO_WORKER_THREADS")
+        .ok()
+        .and_then(|value| value.trim().parse::<usize>().ok())
+        .filter(|workers| *workers > 0);
+    if let Some(workers) = from_env.or(default_workers) {
+        builder.worker_threads(workers);
+    }
+    builder.build()
+}
+
+/// [`service_main`] on the service's [`runtime`]: the whole of a service binary's `main`.
+pub fn start_service<C, F, Fut, E>(
+    service: &str,
+    default_workers: Option<usize>,
+    run: F,
+) -> std::process::ExitCode
+where
+    C: serde::de::DeserializeOwned,
+    F: FnOnce(C, tokio_util::sync::CancellationToken) -> Fut,
+    Fut: std::future::Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
+    match runtime(default_workers) {
+        Ok(runtime) => runtime.block_on(service_main(service, run)),
+        Err(err) => {
+            eprintln!("{service}: cannot start the async runtime: {err}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 /// The whole `main` of a service: tracing, configuration (defaults < `--config` file < env),
 /// then `run(config, shutdown)` until SIGTERM/SIGINT. Returns the process exit code.
 pub async fn service_main<C, F, Fut, E>(service: &str, run: F) -> std::process::ExitCode
@@ -55,5 +96,21 @@ where
             tracing::error!(%err, "{service} failed");
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_service_runtime_has_the_workers_asked_for() {
+        // TOKIO_WORKER_THREADS, when the environment sets it, wins over the service's default.
+        let expected = std::env::var("TOKIO_WORKER_THREADS")
+            .ok()
+            .and_then(|v| v.trim().parse::<usize>().ok())
+            .filter(|n| *n > 0)
+            .unwrap_or(1);
+        let runtime = super::runtime(Some(1)).expect("runtime");
+        assert_eq!(runtime.metrics().num_workers(), expected);
+        assert_eq!(runtime.block_on(async { 40 + 2 }), 42);
     }
 }

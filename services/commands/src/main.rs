@@ -1,6 +1,5 @@
 //! commands binary: loads configuration and runs the service until SIGTERM/SIGINT.
 
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
-    callapi_kit::service_main("commands", commands::run).await
+fn main() -> std::process::ExitCode {
+    callapi_kit::start_service("commands", Some(1), commands::run)
 }
