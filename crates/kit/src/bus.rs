@@ -42,10 +42,7 @@ pub async fn publish(
     subject: impl async_nats::subject::ToSubject,
     message: &impl Message,
 ) -> Result<(), BusError> {
-    client
-        .publish(subject, message.encode_to_vec().into())
-        .await
-        .map_err(|e| BusError::Nats(e.to_string()))
+    publish_encoded(client, subject, message.encode_to_vec().into()).await
 }
 
 /// Publishes a message encoded already (one encoded once and sent many times).
@@ -54,10 +51,7 @@ pub async fn publish_encoded(
     subject: impl async_nats::subject::ToSubject,
     payload: bytes::Bytes,
 ) -> Result<(), BusError> {
-    client
-        .publish(subject, payload)
-        .await
-        .map_err(|e| BusError::Nats(e.to_string()))
+    client.publish(subject, payload).await.map_err(nats_error)
 }
 
 /// Publishes `payload` with `headers` (e.g. a key-value bucket's removal marker).
@@ -70,7 +64,11 @@ pub async fn publish_with_headers(
     client
         .publish_with_headers(subject, headers, payload)
         .await
-        .map_err(|e| BusError::Nats(e.to_string()))
+        .map_err(nats_error)
+}
+
+fn nats_error(error: impl std::fmt::Display) -> BusError {
+    BusError::Nats(error.to_string())
 }
 
 /// Sends `message` as a request on `subject` and decodes the single reply as `R`.

@@ -401,16 +401,15 @@ mod tests {
 
     #[test]
     fn queries_parse_and_check_their_params() {
-        let q = parse(r#"{"jsonrpc":"2.0","method":"CallList","id":1}"#).unwrap();
-        let Request::Query(QueryCall {
-            query: Query::List(selection),
-            ..
-        }) = q
-        else {
-            panic!("{q:?}")
+        let selection = |text: &str| match parse(text).unwrap() {
+            Request::Query(QueryCall {
+                query: Query::List(selection),
+                ..
+            }) => selection,
+            other => panic!("{other:?}"),
         };
         assert_eq!(
-            selection,
+            selection(r#"{"jsonrpc":"2.0","method":"CallList","id":1}"#),
             params::ListSelection {
                 filter: None,
                 descending: false,
@@ -418,16 +417,10 @@ mod tests {
                 top: 100
             }
         );
-        let q = parse(r#"{"jsonrpc":"2.0","method":"CallList","params":{"filter":"1001","orderby":"started_at desc","skip":2,"top":5},"id":1}"#).unwrap();
-        let Request::Query(QueryCall {
-            query: Query::List(selection),
-            ..
-        }) = q
-        else {
-            panic!("{q:?}")
-        };
         assert_eq!(
-            selection,
+            selection(
+                r#"{"jsonrpc":"2.0","method":"CallList","params":{"filter":"1001","orderby":"started_at desc","skip":2,"top":5},"id":1}"#
+            ),
             params::ListSelection {
                 filter: Some("1001".into()),
                 descending: true,
