@@ -12,6 +12,7 @@ pub mod shutdown;
 pub mod sip_uri;
 pub mod subjects;
 pub mod telemetry;
+pub mod tenants;
 pub mod validate;
 
 /// Now, in Unix milliseconds (0 if the clock is before 1970).

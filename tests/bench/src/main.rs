@@ -102,7 +102,8 @@ struct Args {
     /// An extra line for proxy-connector's `[[nodes]]` entry (repeatable, e.g. `max_in_flight = 64`).
     #[arg(long)]
     connector_node_toml: Vec<String>,
-    /// An extra environment variable of the services, `NAME=VALUE` (repeatable).
+    /// An extra environment variable of the services, `NAME=VALUE`, or of one of them,
+    /// `SERVICE:NAME=VALUE` (e.g. `gateway:TOKIO_WORKER_THREADS=1`); repeatable.
     #[arg(long)]
     service_env: Vec<String>,
     /// RUST_LOG of the services.

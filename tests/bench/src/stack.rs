@@ -509,7 +509,16 @@ async fn service(config: &StackConfig, name: &str, toml: &str) -> Result<Proc> {
     let path = config.dir.join(format!("{name}.toml"));
     std::fs::write(&path, toml)?;
     let mut env = vec![("RUST_LOG".to_owned(), config.service_log.clone())];
-    env.extend(config.service_env.iter().cloned());
+    // `SERVICE:NAME` scopes a variable to one service (`gateway:TOKIO_WORKER_THREADS`).
+    env.extend(
+        config
+            .service_env
+            .iter()
+            .filter_map(|(key, value)| match key.split_once(':') {
+                Some((service, key)) => (service == name).then(|| (key.to_owned(), value.clone())),
+                None => Some((key.clone(), value.clone())),
+            }),
+    );
     spawn_ready(
         &config.dir,
         name,
