@@ -90,7 +90,14 @@ start proxy-connector "$bin/proxy-connector" --config "$connector_config"
 sed -E 's/\x1b\[[0-9;]*m//g' "$run_dir/logs/proxy-connector.log" | grep -o 'serving MI requests: .*' | sed -E 's/ node=.*//; s/^/==> /' | head -1 || true
 start event-ingest "$bin/event-ingest" --config "$root/deploy/local/event-ingest.toml"
 start commands "$bin/commands" --config "$root/deploy/local/commands.toml"
-start gateway "$bin/gateway" --config "$root/deploy/local/gateway.toml"
+# One host runs the whole stack: the gateway takes one worker thread, as the other services do
+# by default (docs/performance.md, section 8); CALLAPI_GATEWAY_WORKERS=0 gives it one per core.
+gateway_workers="${CALLAPI_GATEWAY_WORKERS:-1}"
+if [ "$gateway_workers" = 0 ]; then
+  start gateway "$bin/gateway" --config "$root/deploy/local/gateway.toml"
+else
+  start gateway env TOKIO_WORKER_THREADS="$gateway_workers" "$bin/gateway" --config "$root/deploy/local/gateway.toml"
+fi
 
 cat <<TXT
 

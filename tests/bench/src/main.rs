@@ -106,6 +106,11 @@ struct Args {
     /// `SERVICE:NAME=VALUE` (e.g. `gateway:TOKIO_WORKER_THREADS=1`); repeatable.
     #[arg(long)]
     service_env: Vec<String>,
+    /// The gateway's worker threads (its `TOKIO_WORKER_THREADS`): 1, as on any host that runs
+    /// the whole stack (`make run` too); 0 for the binary's own default, one per core.
+    /// `--service-env` naming the variable wins.
+    #[arg(long, default_value_t = 1)]
+    gateway_workers: usize,
     /// RUST_LOG of the services.
     #[arg(long, default_value = "info")]
     service_log: String,
@@ -197,17 +202,35 @@ async fn run(args: Args) -> Result<Report, BenchError> {
             args: args.emulator_arg.clone(),
         },
     };
-    let service_env = args
+    let mut service_env = args
         .service_env
         .iter()
         .map(|e| parse_env(e))
         .collect::<Result<Vec<_>, _>>()
         .map_err(BenchError::Usage)?;
+    let workers_given = service_env
+        .iter()
+        .any(|(name, _)| name == "TOKIO_WORKER_THREADS" || name == "gateway:TOKIO_WORKER_THREADS");
+    if args.gateway_workers > 0 && !workers_given {
+        service_env.push((
+            "gateway:TOKIO_WORKER_THREADS".to_owned(),
+            args.gateway_workers.to_string(),
+        ));
+    }
     let limit = system::raise_file_limit()?;
     let mut idle_connections = args.idle_connections;
     // The bench holds the client side of every connection, plus some for everything else.
     let room = usize::try_from(limit.soft.saturating_sub(1_000)).unwrap_or(usize::MAX);
     let mut notes = Vec::new();
+    notes.push(
+        match service_env
+            .iter()
+            .find(|(name, _)| name.ends_with("TOKIO_WORKER_THREADS"))
+        {
+            Some((name, value)) => format!("{name}={value}"),
+            None => "every service with its own default worker threads".to_owned(),
+        },
+    );
     if wants("idle") && idle_connections > room {
         notes.push(format!(
             "open-files limit {} (hard {}): idle connections cut from {idle_connections} to {room}",
