@@ -14,6 +14,7 @@ pub mod rest;
 pub mod rpc;
 mod serve;
 pub mod sessions;
+pub mod tokens;
 pub mod tracker;
 
 use std::sync::Arc;
