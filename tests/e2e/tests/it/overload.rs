@@ -175,3 +175,68 @@ async fn hold_and_end_stay_fast_while_fifty_call_starts_ring() {
         started.elapsed()
     );
 }
+
+/// Past the node's bounded queue a command fails at once, `NODE_OVERLOADED` then `Ended`,
+/// instead of waiting behind calls that ring; the node takes calls again once they are done.
+#[tokio::test]
+async fn past_the_nodes_queue_commands_fail_at_once_as_node_overloaded() {
+    let stack = Stack::with(StackOptions {
+        answer_delay_ms: 1_000,
+        connector_node_toml: "max_in_flight = 3\nmin_in_flight = 3\nmax_queued = 2\nmax_async_in_flight = 2\nmax_async_per_client = 2\n".into(),
+        ..StackOptions::default()
+    })
+    .await;
+    let mut client = stack.client().await;
+    let mut ids = Vec::new();
+    for _ in 0..12 {
+        ids.push(
+            client
+                .request(
+                    "CallStart",
+                    json!({"caller": "sip:alice@127.0.0.1", "callee": "sip:bob@127.0.0.1"}),
+                )
+                .await,
+        );
+    }
+    let mut tally: BTreeMap<String, usize> = BTreeMap::new();
+    for id in ids {
+        let reply = client.reply(&id).await;
+        let cmd_id = reply["result"]["cmd_id"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{reply}"))
+            .to_owned();
+        let notes = client.until_ended(&cmd_id).await;
+        let outcome = notes
+            .iter()
+            .find(|n| n["method"] == "Error")
+            .map_or("ok".to_owned(), |n| {
+                n["params"]["code"].as_str().unwrap_or("?").to_owned()
+            });
+        if outcome == "NODE_OVERLOADED" {
+            // The error, then Ended: nothing else was attempted.
+            assert_eq!(
+                shape(&notes),
+                ["Error:NODE_OVERLOADED", "Ended"],
+                "{notes:#?}"
+            );
+        }
+        *tally.entry(outcome).or_default() += 1;
+    }
+    // Two ring (a third slot stays free for short commands), two wait: the other eight are
+    // refused at once.
+    assert!(
+        tally.get("NODE_OVERLOADED").copied().unwrap_or(0) >= 6,
+        "{tally:?}"
+    );
+    assert!(tally.get("ok").copied().unwrap_or(0) >= 2, "{tally:?}");
+    assert_eq!(
+        tally
+            .keys()
+            .filter(|k| *k != "ok" && *k != "NODE_OVERLOADED")
+            .count(),
+        0,
+        "{tally:?}"
+    );
+    // Once they are done the node takes calls again.
+    call(&mut client, "alice", "bob").await;
+}
