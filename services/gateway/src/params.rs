@@ -525,23 +525,39 @@ fn typed<T: DeserializeOwned>(
     // An explicit null is the same as leaving a field out.
     params.retain(|_, value| !value.is_null());
     serde_path_to_error::deserialize(Value::Object(params)).map_err(|err| {
-        let inner = err.inner().to_string();
-        let at = err.path().to_string();
-        // serde reports these on the object, naming the field in its message.
-        for (prefix, reason) in [
-            ("missing field `", "is required"),
-            ("unknown field `", "is not a parameter of this method"),
-        ] {
-            if let Some((field, _)) = inner
-                .strip_prefix(prefix)
-                .and_then(|rest| rest.split_once('`'))
-            {
-                return error(field, reason.to_owned());
-            }
+        let mut refused = serde_error(&err, "is not a parameter of this method");
+        if refused.field == "." {
+            refused.field = "params".to_owned();
         }
-        let field = if at == "." { "params" } else { at.as_str() };
-        error(field, describe(&inner))
+        refused
     })
+}
+
+/// The field at fault and why, from serde's error reading one of our param or body structs
+/// (`.` for the value as a whole); `unknown` is what an unknown field is told. The JSON-RPC
+/// params and the REST bodies both read their errors here.
+pub fn serde_error<E: std::fmt::Display>(
+    err: &serde_path_to_error::Error<E>,
+    unknown: &str,
+) -> ParamsError {
+    let inner = err.inner().to_string();
+    // serde_json's position ("… at line 1 column 9") says nothing the field does not.
+    let inner = inner
+        .rsplit_once(" at line ")
+        .map_or(inner.as_str(), |(message, _)| message);
+    // serde reports these on the object, naming the field in its message.
+    for (prefix, reason) in [
+        ("missing field `", "is required"),
+        ("unknown field `", unknown),
+    ] {
+        if let Some((field, _)) = inner
+            .strip_prefix(prefix)
+            .and_then(|rest| rest.split_once('`'))
+        {
+            return error(field, reason.to_owned());
+        }
+    }
+    error(&err.path().to_string(), describe(inner))
 }
 
 fn error(field: &str, reason: String) -> ParamsError {

@@ -749,52 +749,31 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned> axum::extract::FromRequest<
     }
 }
 
-/// The problem for a body serde could not take.
+/// The problem for a body serde could not take: the field at fault, as the JSON-RPC params
+/// name theirs ([`params::serde_error`]), or the body as a whole.
 fn body_problem(error: serde_path_to_error::Error<serde_json::Error>) -> Problem {
-    let inner = error.inner();
-    if !inner.is_data() {
+    if !error.inner().is_data() {
         return Problem::new(
             StatusCode::BAD_REQUEST,
             "INVALID_BODY",
             format!(
                 "the body is not a JSON document: {}",
-                crate::rpc::clip_to(&inner.to_string(), 160)
+                crate::rpc::clip_to(&error.inner().to_string(), 160)
             ),
         );
     }
-    let message = inner.to_string();
-    // serde's words name these fields: "missing field `x`", "unknown field `x`".
-    for (prefix, reason) in [
-        ("missing field `", "is required"),
-        ("unknown field `", "is not a field of this operation"),
-    ] {
-        if let Some((field, _)) = message
-            .split_once(prefix)
-            .and_then(|(_, rest)| rest.split_once('`'))
-        {
-            return Problem::field(field, reason);
-        }
-    }
-    let path = error.path().to_string();
-    if path == "." || path.is_empty() {
+    let refused = params::serde_error(&error, "is not a field of this operation");
+    if refused.field == "." {
         return Problem::new(
             StatusCode::BAD_REQUEST,
             "INVALID_BODY",
             format!(
                 "the body must be a JSON object of this operation's fields: {}",
-                crate::rpc::clip_to(&message, 160)
+                refused.reason
             ),
         );
     }
-    // "invalid type: string \"x\", expected a boolean at line 1 column 9": the position
-    // says nothing the field does not.
-    let reason = message
-        .rsplit_once(" at line ")
-        .map_or(message.as_str(), |(reason, _)| reason);
-    Problem::field(
-        &path,
-        format!("is invalid: {}", crate::rpc::clip_to(reason, 160)),
-    )
+    Problem::field(&refused.field, refused.reason)
 }
 
 /// Checks a string field's length (in characters) against PortSIP's limits.
