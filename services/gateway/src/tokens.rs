@@ -159,7 +159,7 @@ impl Keys {
         scopes: &BTreeSet<Scope>,
         now: u64,
         ttl_secs: u64,
-    ) -> (String, Claims) {
+    ) -> Result<(String, Claims), jsonwebtoken::errors::Error> {
         let claims = Claims {
             iss: ISSUER.to_owned(),
             sub: subject.to_owned(),
@@ -175,12 +175,13 @@ impl Keys {
         };
         let mut header = Header::new(Algorithm::HS256);
         header.kid = Some(self.active.clone());
-        let token = self
+        // The active key is among the keys (`new` checked it).
+        let key = self
             .keys
             .get(&self.active)
-            .and_then(|key| jsonwebtoken::encode(&header, &claims, &key.encoding).ok())
-            .unwrap_or_default();
-        (token, claims)
+            .ok_or(jsonwebtoken::errors::ErrorKind::InvalidKeyFormat)?;
+        let token = jsonwebtoken::encode(&header, &claims, &key.encoding)?;
+        Ok((token, claims))
     }
 
     /// The claims of `token` if it is ours, untampered and not expired at `now`.
@@ -257,7 +258,7 @@ mod tests {
     #[test]
     fn a_token_verifies_until_it_expires() {
         let keys = keys();
-        let (token, claims) = keys.issue("acme", "crm", &both(), NOW, 600);
+        let (token, claims) = keys.issue("acme", "crm", &both(), NOW, 600).unwrap();
         assert_eq!(keys.verify(&token, NOW), Ok(claims.clone()));
         assert_eq!(keys.verify(&token, NOW + 599), Ok(claims.clone()));
         assert_eq!(keys.verify(&token, NOW + 600), Err(TokenError::Expired));
@@ -271,7 +272,7 @@ mod tests {
     #[test]
     fn tampered_forged_and_foreign_tokens_are_refused() {
         let keys = keys();
-        let (token, claims) = keys.issue("acme", "crm", &both(), NOW, 600);
+        let (token, claims) = keys.issue("acme", "crm", &both(), NOW, 600).unwrap();
         let parts: Vec<&str> = token.split('.').collect();
         // Another tenant written into the payload, the signature kept.
         let mut other = claims.clone();
@@ -289,7 +290,7 @@ mod tests {
             "2026-12",
         )
         .unwrap();
-        let (forged, _) = forger.issue("globex", "crm", &both(), NOW, 600);
+        let (forged, _) = forger.issue("globex", "crm", &both(), NOW, 600).unwrap();
         assert_eq!(keys.verify(&forged, NOW), Err(TokenError::Signature));
         // A kid nobody configured, none at all, another algorithm with the right secret.
         let stranger = Keys::new(
@@ -297,7 +298,7 @@ mod tests {
             "elsewhere",
         )
         .unwrap();
-        let (unknown, _) = stranger.issue("acme", "crm", &both(), NOW, 600);
+        let (unknown, _) = stranger.issue("acme", "crm", &both(), NOW, 600).unwrap();
         assert_eq!(keys.verify(&unknown, NOW), Err(TokenError::UnknownKey));
         let secret = b"the-current-secret-of-at-least-32-bytes";
         let no_kid = jsonwebtoken::encode(
@@ -337,11 +338,13 @@ mod tests {
             "2026-11",
         )
         .unwrap();
-        let (old_token, _) = before.issue("acme", "crm", &both(), NOW, 3600);
+        let (old_token, _) = before.issue("acme", "crm", &both(), NOW, 3600).unwrap();
         // The new key signs; the old one still verifies what it signed.
         let during = keys();
         assert!(during.verify(&old_token, NOW + 60).is_ok());
-        let (new_token, _) = during.issue("acme", "crm", &both(), NOW + 60, 3600);
+        let (new_token, _) = during
+            .issue("acme", "crm", &both(), NOW + 60, 3600)
+            .unwrap();
         assert_eq!(
             jsonwebtoken::decode_header(&new_token)
                 .unwrap()
