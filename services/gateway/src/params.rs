@@ -350,7 +350,7 @@ pub struct ListSelection {
     pub top: usize,
 }
 
-/// Longest list `filter`, in bytes.
+/// Longest list `filter`, in characters (as the OpenAPI document's `maxLength` counts).
 pub const MAX_FILTER_LEN: usize = 256;
 
 /// Most sessions a list returns (and `top`'s default).
@@ -383,7 +383,7 @@ impl ListParams {
         if self
             .filter
             .as_ref()
-            .is_some_and(|f| f.len() > MAX_FILTER_LEN)
+            .is_some_and(|f| f.chars().count() > MAX_FILTER_LEN)
         {
             return Err(error("filter", "is longer than 256 characters".to_owned()));
         }

@@ -666,10 +666,10 @@ struct CreateBody {
     /// The callee contact to ring (a SIP URI), instead of where routing sends the call
     /// (ignored with `trunk`). The pattern is what the document promises to take (user and
     /// host of letters and digits or an IPv4 address, an optional port); any SIP URI of
-    /// docs/protocol.md is taken.
+    /// docs/protocol.md is taken. Empty: none.
     #[schema(
         max_length = 128,
-        pattern = r"^sips?:([A-Za-z0-9]+@)?(([a-z][a-z0-9]*\.)*[a-z][a-z0-9]*|((25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])\.){3}(25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9]))(:[1-9][0-9]{0,3})?$"
+        pattern = r"^(sips?:([A-Za-z0-9]+@)?(([a-z][a-z0-9]*\.)*[a-z][a-z0-9]*|((25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])\.){3}(25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9]))(:[1-9][0-9]{0,3})?)?$"
     )]
     target: Option<String>,
     /// The callee registration to ring, by its instance id (sent as a GRUU `gr` parameter).
