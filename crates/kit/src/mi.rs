@@ -34,6 +34,34 @@ pub struct MiCall {
     pub tenant: String,
     /// Client within the tenant (fair sharing of the node's MI slots).
     pub client: String,
+    /// Not zero: the command's effect goes on holding OpenSIPS memory after its reply
+    /// (`call_transfer`'s REFERed INVITE rings on); the node's slot is kept for at most this
+    /// long after a result, until the [`SlotLease`] that [`MiClient::call_leased`] returns is
+    /// dropped.
+    pub hold_slot: Duration,
+}
+
+/// A node slot proxy-connector keeps after a reply (see [`MiCall::hold_slot`]); given back
+/// when dropped (or when its hold time ends, whichever comes first).
+#[derive(Debug)]
+pub struct SlotLease {
+    nats: async_nats::Client,
+    release_subject: String,
+}
+
+impl Drop for SlotLease {
+    fn drop(&mut self) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let nats = self.nats.clone();
+        let subject = std::mem::take(&mut self.release_subject);
+        runtime.spawn(async move {
+            if let Err(err) = nats.publish(subject, bytes::Bytes::new()).await {
+                tracing::debug!(%err, "could not give back a node slot; it ends with its hold time");
+            }
+        });
+    }
 }
 
 /// How a request in flight is watched for signs of life.
@@ -129,16 +157,38 @@ struct Inner {
     _stop: tokio_util::sync::DropGuard,
 }
 
-/// A request's place in the routing table, removed when the request is done.
+/// A request's place in the routing table, removed when the request is done; replies routed
+/// to it but never read give back the node slot they may keep.
 struct Route<'a> {
     inner: &'a Inner,
     id: u64,
+    replies: mpsc::UnboundedReceiver<async_nats::Message>,
 }
 
 impl Drop for Route<'_> {
     fn drop(&mut self) {
         lock(&self.inner.routes).remove(&self.id);
+        self.replies.close();
+        while let Ok(message) = self.replies.try_recv() {
+            release_unclaimed(&self.inner.nats, &message);
+        }
     }
+}
+
+/// A reply that no request will read (it finished, e.g. its flow ended on an event that came
+/// first, or gave up): if proxy-connector kept a node slot for it, gives the slot back now
+/// rather than at the end of its hold time.
+fn release_unclaimed(nats: &async_nats::Client, message: &async_nats::Message) {
+    let Ok(reply) = MiReply::decode(message.payload.as_ref()) else {
+        return;
+    };
+    if reply.release_subject.is_empty() {
+        return;
+    }
+    drop(SlotLease {
+        nats: nats.clone(),
+        release_subject: reply.release_subject,
+    });
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -181,9 +231,14 @@ impl MiClient {
                     .subject
                     .rsplit_once('.')
                     .and_then(|(_, id)| id.parse::<u64>().ok());
-                if let Some(route) = id.and_then(|id| lock(&inner.routes).get(&id).cloned()) {
-                    // A request that just finished has dropped its receiver: nothing to do.
-                    let _ = route.send(message);
+                match id.and_then(|id| lock(&inner.routes).get(&id).cloned()) {
+                    Some(route) => {
+                        // A request that just finished has dropped its receiver.
+                        if let Err(unsent) = route.send(message) {
+                            release_unclaimed(&inner.nats, &unsent.0);
+                        }
+                    }
+                    None => release_unclaimed(&inner.nats, &message),
                 }
             }
             // Requests still waiting see their replies end instead of waiting for a timeout.
@@ -206,6 +261,18 @@ impl MiClient {
         call: &MiCall,
         liveness: Option<Liveness>,
     ) -> Result<MiAnswer, MiCallError> {
+        self.call_leased(call, liveness)
+            .await
+            .map(|(answer, _lease)| answer)
+    }
+
+    /// As [`MiClient::call`], and with the node slot proxy-connector keeps after a result when
+    /// `call.hold_slot` is not zero: hold the lease while the command's effect lasts.
+    pub async fn call_leased(
+        &self,
+        call: &MiCall,
+        liveness: Option<Liveness>,
+    ) -> Result<(MiAnswer, Option<SlotLease>), MiCallError> {
         let inner = &*self.inner;
         if inner.nats.connection_state() != async_nats::connection::State::Connected {
             return Err(MiCallError::NatsDown);
@@ -223,11 +290,12 @@ impl MiClient {
             progress_interval_ms: liveness.map_or(0, |l| millis_u32(l.progress_interval).max(1)),
             tenant: call.tenant.clone(),
             client: call.client.clone(),
+            hold_slot_ms: millis_u32(call.hold_slot),
         };
         let id = inner.next_id.fetch_add(1, Ordering::Relaxed);
-        let (sender, mut replies) = mpsc::unbounded_channel();
+        let (sender, replies) = mpsc::unbounded_channel();
         lock(&inner.routes).insert(id, sender);
-        let _route = Route { inner, id };
+        let mut route = Route { inner, id, replies };
         inner
             .nats
             .publish_with_reply(
@@ -242,7 +310,7 @@ impl MiClient {
         loop {
             let silence_limit =
                 liveness.map_or(give_up, |l| (last_heard + l.lost_after).min(give_up));
-            let message = match tokio::time::timeout_at(silence_limit, replies.recv()).await {
+            let message = match tokio::time::timeout_at(silence_limit, route.replies.recv()).await {
                 Ok(Some(message)) => message,
                 Ok(None) => return Err(MiCallError::Transport("NATS subscription closed".into())),
                 Err(_) if silence_limit >= give_up => {
@@ -259,32 +327,44 @@ impl MiClient {
                 }
             };
             match outcome_of(&message, &call.node_id)? {
-                Some(answer) => return Ok(answer),
+                Some((answer, release_subject)) => {
+                    let lease = (!release_subject.is_empty()).then(|| SlotLease {
+                        nats: inner.nats.clone(),
+                        release_subject,
+                    });
+                    return Ok((answer, lease));
+                }
                 None => last_heard = Instant::now(),
             }
         }
     }
 }
 
-/// What one reply message says: the answer, or `None` for a progress message.
+/// What one reply message says: the answer and the subject releasing a kept slot ("" if
+/// none), or `None` for a progress message.
 fn outcome_of(
     message: &async_nats::Message,
     node_id: &str,
-) -> Result<Option<MiAnswer>, MiCallError> {
+) -> Result<Option<(MiAnswer, String)>, MiCallError> {
     if message.status == Some(async_nats::StatusCode::NO_RESPONDERS) {
         return Err(MiCallError::NoConnector(node_id.to_owned()));
     }
-    let outcome = MiReply::decode(message.payload.as_ref())
-        .map_err(|_| MiCallError::Transport("undecodable reply from proxy-connector".into()))?
-        .outcome;
-    match outcome {
+    let reply = MiReply::decode(message.payload.as_ref())
+        .map_err(|_| MiCallError::Transport("undecodable reply from proxy-connector".into()))?;
+    let release_subject = reply.release_subject;
+    match reply.outcome {
         Some(mi_reply::Outcome::Progress(_)) => Ok(None),
-        Some(mi_reply::Outcome::ResultJson(json)) => Ok(Some(MiAnswer::Result(json))),
-        Some(mi_reply::Outcome::Error(error)) => Ok(Some(MiAnswer::Error {
-            code: error.code,
-            message: error.message,
-            data_json: error.data_json,
-        })),
+        Some(mi_reply::Outcome::ResultJson(json)) => {
+            Ok(Some((MiAnswer::Result(json), release_subject)))
+        }
+        Some(mi_reply::Outcome::Error(error)) => Ok(Some((
+            MiAnswer::Error {
+                code: error.code,
+                message: error.message,
+                data_json: error.data_json,
+            },
+            release_subject,
+        ))),
         Some(mi_reply::Outcome::Failure(failure)) => {
             use callapi_proto::v1::mi_failure::Kind;
             let message = failure.message;

@@ -5,6 +5,7 @@
 //! | `callapi.v1.cmd.<tenant>.<kind>` | `CommandRequest` → `CommandAck` | gateway → commands (queue `commands`) |
 //! | `callapi.v1.notify.<tenant>.<gateway>` | `Notification` | commands → the gateway holding the client |
 //! | `callapi.v1.mi.<node>` | `MiRequest` → `MiReply` | commands, event-ingest → proxy-connector (queue `proxy-connector`) |
+//! | `callapi.v1.mi-release.<node>.<instance>.<lease>` | empty | commands → the proxy-connector instance keeping a slot |
 //! | `callapi.v1.event.<tenant>.<node>.<event>.<callid>` | `OpensipsEvent` | event-ingest → anyone |
 //!
 //! Tenant, gateway and node ids must be subject-safe tokens (see [`is_token`]); a SIP Call-ID is
@@ -194,6 +195,12 @@ pub fn notify_for_gateway(gateway_id: &str) -> String {
 /// Subject of MI requests for OpenSIPS node `node_id`.
 pub fn mi(node_id: &str) -> String {
     format!("callapi.v1.mi.{node_id}")
+}
+
+/// Subjects on which requesters give back the node slots one proxy-connector instance keeps
+/// after a reply (`MiRequest.hold_slot_ms`): `<this>.<lease>` releases one.
+pub fn mi_release(node_id: &str, instance: &str) -> String {
+    format!("callapi.v1.mi-release.{node_id}.{instance}")
 }
 
 /// Subject an OpenSIPS event is published on; refused unless every token is bounded and

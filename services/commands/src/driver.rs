@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use callapi_kit::bus;
-use callapi_kit::mi::{Liveness, MiAnswer, MiCall, MiCallError};
+use callapi_kit::mi::{Liveness, MiAnswer, MiCall, MiCallError, SlotLease};
 use callapi_kit::subjects;
 use callapi_proto::v1::{
     CommandEnded, CommandError, CommandEvent, Notification, OpensipsEvent, notification,
@@ -75,6 +75,8 @@ pub async fn drive(ctx: Context, mut flow: Flow, deadline: Duration) {
     let mut mi_calls = FuturesUnordered::new();
     let mut deadline_told = false;
     let mut timers: HashMap<Timer, Instant> = HashMap::new();
+    // Node slots kept for this flow's transfers; given back when it returns (dropped).
+    let mut leases: Vec<SlotLease> = Vec::new();
     let mut actions = flow.start();
     loop {
         for action in actions.drain(..) {
@@ -99,10 +101,16 @@ pub async fn drive(ctx: Context, mut flow: Flow, deadline: Duration) {
                     let params = params.to_string();
                     mi_calls.push(async move {
                         let budget = budget.max(Duration::from_millis(500));
-                        (
-                            step,
-                            mi_call(&ctx, method, params, budget, ctx.liveness).await,
-                        )
+                        // A REFER's INVITE rings on in OpenSIPS after the reply: the node's
+                        // slot stays taken until this flow ends (at most its deadline).
+                        let hold_slot = if holds_node_memory(method) {
+                            budget + GRACE
+                        } else {
+                            Duration::ZERO
+                        };
+                        let (result, lease) =
+                            mi_call(&ctx, method, params, budget, hold_slot, ctx.liveness).await;
+                        (step, result, lease)
                     });
                 }
                 Action::MiDetached { method, params } => {
@@ -112,8 +120,15 @@ pub async fn drive(ctx: Context, mut flow: Flow, deadline: Duration) {
                         // Clean-up matters most when OpenSIPS was out of reach: try again a
                         // few times while it still is (not when it answered, even an error).
                         for attempt in 1..=DETACHED_ATTEMPTS {
-                            let result =
-                                mi_call(&ctx, method, params.clone(), DETACHED_TIMEOUT, None).await;
+                            let (result, _) = mi_call(
+                                &ctx,
+                                method,
+                                params.clone(),
+                                DETACHED_TIMEOUT,
+                                Duration::ZERO,
+                                None,
+                            )
+                            .await;
                             match result {
                                 MiResult::Ok(_) => return,
                                 MiResult::Unreachable(_)
@@ -162,7 +177,10 @@ pub async fn drive(ctx: Context, mut flow: Flow, deadline: Duration) {
             // Answers and events before timers: an event and a timer ready together must not
             // be decided by chance.
             biased;
-            Some((step, result)) = mi_calls.next(), if !mi_calls.is_empty() => Input::Mi(step, result),
+            Some((step, result, lease)) = mi_calls.next(), if !mi_calls.is_empty() => {
+                leases.extend(lease);
+                Input::Mi(step, result)
+            }
             Some(message) = events.next(), if !events.is_empty() => {
                 match decode_event(&message.payload) {
                     Some(event) => Input::Event(event),
@@ -206,13 +224,20 @@ async fn fire(next: Option<(Timer, Instant)>) -> Option<Timer> {
     }
 }
 
+/// Whether an MI command's effect goes on holding the node's memory after its reply: a
+/// transfer's REFER makes an INVITE that rings on in OpenSIPS.
+fn holds_node_memory(method: &str) -> bool {
+    method == "call_transfer"
+}
+
 async fn mi_call(
     ctx: &Context,
     method: &str,
     params_json: String,
     budget: Duration,
+    hold_slot: Duration,
     liveness: Option<Liveness>,
-) -> MiResult {
+) -> (MiResult, Option<SlotLease>) {
     let call = MiCall {
         node_id: ctx.node_id.clone(),
         method: method.to_owned(),
@@ -220,8 +245,13 @@ async fn mi_call(
         timeout: budget,
         tenant: ctx.tenant.clone(),
         client: ctx.connection_id.clone(),
+        hold_slot,
     };
-    match ctx.mi.call(&call, liveness).await {
+    let (answer, lease) = match ctx.mi.call_leased(&call, liveness).await {
+        Ok((answer, lease)) => (Ok(answer), lease),
+        Err(err) => (Err(err), None),
+    };
+    let result = match answer {
         Ok(MiAnswer::Result(json)) => {
             MiResult::Ok(serde_json::from_str(&json).unwrap_or(serde_json::Value::String(json)))
         }
@@ -255,7 +285,8 @@ async fn mi_call(
             | MiCallError::UnknownNode(_)
             | MiCallError::Transport(_)),
         ) => MiResult::Unreachable(other.to_string()),
-    }
+    };
+    (result, lease)
 }
 
 fn decode_event(payload: &[u8]) -> Option<CallEvent> {

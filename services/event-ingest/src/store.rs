@@ -444,6 +444,7 @@ async fn dlg_list(
         timeout: MI_TIMEOUT,
         tenant: String::new(),
         client: "event-ingest".to_owned(),
+        hold_slot: Duration::ZERO,
     };
     match mi.call(&call, None).await {
         Ok(MiAnswer::Result(json)) => serde_json::from_str(&json)

@@ -120,6 +120,7 @@ async fn mi(
         timeout: Duration::from_secs(4),
         tenant: String::new(),
         client: "event-ingest".to_owned(),
+        hold_slot: Duration::ZERO,
     };
     match client.call(&call, None).await {
         Ok(MiAnswer::Result(json)) => {

@@ -109,8 +109,14 @@ pub struct Grant {
 #[derive(Debug)]
 pub struct Slots {
     limits: Limits,
+    /// Requests on the wire (granted, not answered): bounded by the limit.
     running: usize,
+    /// Long slots held: long requests running plus slots kept after their reply (bounded by
+    /// the long cap).
     long_running: usize,
+    /// Slots kept after a reply (see [`Slots::keep`]): memory held in the node, no request on
+    /// the wire.
+    kept: usize,
     clients: HashMap<String, ClientQueue>,
     /// Clients with short requests waiting, in round-robin order.
     short_turn: VecDeque<String>,
@@ -134,6 +140,7 @@ impl Slots {
             limits: limits.sane(),
             running: 0,
             long_running: 0,
+            kept: 0,
             clients: HashMap::new(),
             short_turn: VecDeque::new(),
             long_turn: VecDeque::new(),
@@ -233,6 +240,27 @@ impl Slots {
         }
         self.forget_if_idle(client);
         removed
+    }
+
+    /// Requests on the wire plus slots kept after a reply: how much of the node is in use.
+    pub fn in_use(&self) -> usize {
+        self.running + self.kept
+    }
+
+    /// A granted long request was answered but its effect goes on holding the node's memory
+    /// (a REFERed INVITE ringing): it leaves the wire (its place in the limit is free) and
+    /// keeps its long slot until [`Slots::release_kept`].
+    pub fn keep(&mut self) {
+        self.running = self.running.saturating_sub(1);
+        self.kept += 1;
+    }
+
+    /// A slot kept after its reply is given back.
+    pub fn release_kept(&mut self, client: &str) {
+        self.kept = self.kept.saturating_sub(1);
+        // As a long request's end, without the place in the limit it left already.
+        self.running += 1;
+        self.release(client, Class::Long);
     }
 
     /// A granted request finished.
@@ -368,11 +396,36 @@ pub struct Permit {
     limiter: FairLimiter,
     client: String,
     class: Class,
+    kept: bool,
+}
+
+impl Permit {
+    /// The request was answered but its effect still holds the node's memory: it leaves the
+    /// wire and keeps its long slot until dropped (see [`Slots::keep`]). Only a long permit is
+    /// kept; a short one is returned as it is.
+    pub fn keep(mut self) -> Self {
+        if self.class == Class::Long
+            && !self.kept
+            && let Some(mut shared) = self.limiter.lock()
+        {
+            shared.slots.keep();
+            FairLimiter::hand_out(&mut shared);
+            self.kept = true;
+        }
+        self
+    }
 }
 
 impl Drop for Permit {
     fn drop(&mut self) {
-        self.limiter.release(&self.client, self.class);
+        if self.kept {
+            if let Some(mut shared) = self.limiter.lock() {
+                shared.slots.release_kept(&self.client);
+                FairLimiter::hand_out(&mut shared);
+            }
+        } else {
+            self.limiter.release(&self.client, self.class);
+        }
     }
 }
 
@@ -424,7 +477,8 @@ impl FairLimiter {
         if let Some(mut shared) = self.lock() {
             let now = shared.origin.elapsed();
             let before = shared.slots.limits.total;
-            let total = shared.limit.observe(signal, now);
+            let in_use = shared.slots.in_use();
+            let total = shared.limit.observe(signal, now, in_use);
             if total < before {
                 // At most once per cooldown: a burst of overload signals is one line.
                 tracing::warn!(
@@ -455,6 +509,7 @@ impl FairLimiter {
             limiter: self.clone(),
             client: client.to_owned(),
             class,
+            kept: false,
         };
         let (tx, rx) = oneshot::channel();
         let id = {
@@ -637,12 +692,41 @@ mod tests {
         );
     }
 
+    #[test]
+    fn a_kept_slot_leaves_the_wire_but_holds_its_long_slot() {
+        let mut slots = Slots::new(limits(2, 1, 1));
+        let long = slots.enqueue("a", Class::Long).unwrap();
+        assert_eq!(ids(&slots.grants()), [long]);
+        slots.keep();
+        assert_eq!(slots.in_use(), 1);
+        // Its place on the wire is free: two short requests run at once ...
+        let shorts = [
+            slots.enqueue("b", Class::Short).unwrap(),
+            slots.enqueue("b", Class::Short).unwrap(),
+        ];
+        assert_eq!(ids(&slots.grants()), shorts);
+        assert_eq!(slots.in_use(), 3);
+        // ... but the long slot stays taken until the kept one is given back.
+        let next = slots.enqueue("a", Class::Long).unwrap();
+        slots.release("b", Class::Short);
+        slots.release("b", Class::Short);
+        assert!(slots.grants().is_empty(), "long cap");
+        slots.release_kept("a");
+        assert_eq!(ids(&slots.grants()), [next]);
+        assert_eq!(slots.in_use(), 1);
+    }
+
     #[tokio::test]
     async fn overload_signals_lower_the_limit_and_answers_raise_it() {
         let limiter = FairLimiter::new(limits(64, 48, 48), aimd(20, 64));
         assert_eq!(limiter.limit(), 20);
         limiter.observe(Signal::Overload);
         assert_eq!(limiter.limit(), 14);
+        // The limit grows only while in use.
+        let mut permits = Vec::new();
+        for _ in 0..14 {
+            permits.push(limiter.acquire("c", Class::Short).await.expect("slot"));
+        }
         for _ in 0..15 {
             limiter.observe(Signal::Answered {
                 short: true,

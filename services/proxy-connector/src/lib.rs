@@ -8,6 +8,7 @@
 pub mod adaptive;
 mod envelope;
 pub mod fair;
+mod lease;
 mod transport;
 
 use std::sync::Arc;
@@ -21,6 +22,8 @@ use callapi_proto::v1::{MiFailure, MiProgress, MiReply, MiRequest, mi_failure, m
 use futures::StreamExt as _;
 use prost::Message as _;
 use tokio_util::sync::CancellationToken;
+
+use crate::lease::Leases;
 
 pub use envelope::{MiOutcome, build_request};
 pub use transport::{MiEndpoint, MiRoutes, MiTransport, TransportError};
@@ -64,8 +67,9 @@ pub struct NodeConfig {
     pub max_queued: usize,
     /// A short MI command answered slower than this (milliseconds) counts as an overload signal.
     pub slow_ms: u64,
-    /// Most `t_uac_dlg` requests (which hold their slot while a phone rings) in flight at once,
-    /// so that short commands always find a slot.
+    /// Most long requests in flight at once (`t_uac_dlg`, which holds its slot while a phone
+    /// rings, and a `call_transfer` kept while the INVITE it made rings), so that short
+    /// commands always find a slot.
     pub max_async_in_flight: usize,
     /// Most `t_uac_dlg` requests in flight at once for one client (tenant + connection).
     pub max_async_per_client: usize,
@@ -83,7 +87,7 @@ impl Default for NodeConfig {
             min_in_flight: 4,
             max_queued: 4096,
             slow_ms: 500,
-            max_async_in_flight: 24,
+            max_async_in_flight: 48,
             max_async_per_client: 8,
             default_timeout_ms: 10_000,
         }
@@ -136,6 +140,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         .await
         .map_err(|e| Error::Nats(e.to_string()))?;
     let mut tasks = Vec::new();
+    // Names this instance in the subjects releasing the slots it keeps.
+    let instance = uuid::Uuid::new_v4().simple().to_string();
     for node in &config.nodes {
         if !subjects::is_token(&node.id) {
             return Err(Error::Node {
@@ -161,7 +167,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
                 adaptive::Aimd::new(
                     // Two at least: one for a t_uac_dlg, one for everything else.
                     node.min_in_flight.max(2),
-                    node.max_in_flight / 2,
+                    // Low, for slow start to find the node's capacity from below.
+                    node.min_in_flight.max(2) * 2,
                     node.max_in_flight,
                     Duration::from_millis(node.slow_ms),
                     ADAPTIVE_COOLDOWN,
@@ -180,6 +187,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
             )
             .await
             .map_err(|e| Error::Nats(e.to_string()))?;
+        let leases = Leases::new(&node.id, &instance);
+        let releases = client
+            .subscribe(leases.subscription())
+            .await
+            .map_err(|e| Error::Nats(e.to_string()))?;
         tracing::info!(
             node = %node.id,
             mi = %redact_url(&node.mi),
@@ -188,6 +200,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         tasks.push(tokio::spawn(serve_node(
             client.clone(),
             subscriber,
+            releases,
+            leases,
             transport,
             Duration::from_millis(node.default_timeout_ms),
             shutdown.clone(),
@@ -210,6 +224,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
 async fn serve_node(
     client: async_nats::Client,
     mut subscriber: async_nats::Subscriber,
+    mut releases: async_nats::Subscriber,
+    leases: Arc<Leases>,
     transport: Arc<MiTransport>,
     default_timeout: Duration,
     shutdown: CancellationToken,
@@ -218,10 +234,16 @@ async fn serve_node(
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
+            Some(release) = releases.next() => {
+                if !leases.release(release.subject.as_str()) {
+                    tracing::debug!(subject = %release.subject, "release of a slot no longer kept");
+                }
+            }
             message = subscriber.next() => {
                 let Some(message) = message else { break };
                 let client = client.clone();
                 let transport = transport.clone();
+                let leases = leases.clone();
                 in_flight.spawn(async move {
                     let Some(reply_to) = message.reply.clone() else {
                         tracing::warn!("MI request without a reply subject dropped");
@@ -229,7 +251,7 @@ async fn serve_node(
                     };
                     let reply = match MiRequest::decode(message.payload.as_ref()) {
                         Ok(request) => {
-                            let work = handle(&transport, &request, default_timeout);
+                            let work = handle(&transport, &leases, &request, default_timeout);
                             with_progress(&client, &reply_to, &request, work).await
                         }
                         Err(err) => failure(
@@ -264,6 +286,7 @@ async fn with_progress(
     }
     let progress = MiReply {
         outcome: Some(mi_reply::Outcome::Progress(MiProgress {})),
+        release_subject: String::new(),
     }
     .encode_to_vec();
     let period = Duration::from_millis(u64::from(
@@ -292,6 +315,7 @@ const MIN_PROGRESS_INTERVAL_MS: u32 = 100;
 /// Turns one `MiRequest` into its `MiReply`.
 async fn handle(
     transport: &MiTransport,
+    leases: &Arc<Leases>,
     request: &MiRequest,
     default_timeout: Duration,
 ) -> MiReply {
@@ -304,11 +328,12 @@ async fn handle(
         Err(reason) => return failure(mi_failure::Kind::BadRequest, reason),
     };
     let client = format!("{}/{}", request.tenant, request.client);
-    let outcome = match transport
-        .call(&request.method, params, timeout, &client)
+    let hold = Duration::from_millis(u64::from(request.hold_slot_ms)).min(MAX_TIMEOUT);
+    let (outcome, kept) = match transport
+        .call_keeping(&request.method, params, timeout, &client, !hold.is_zero())
         .await
     {
-        Ok(outcome) => outcome,
+        Ok(answered) => answered,
         Err(TransportError::BadMethod(reason)) => {
             return failure(mi_failure::Kind::BadRequest, reason);
         }
@@ -333,9 +358,11 @@ async fn handle(
         }
     }
     tracing::trace!(method = %request.method, ?outcome, "MI reply");
+    let release_subject = kept.map_or_else(String::new, |permit| leases.keep(permit, hold));
     match outcome {
         MiOutcome::Result(value) => MiReply {
             outcome: Some(mi_reply::Outcome::ResultJson(value.to_string())),
+            release_subject,
         },
         MiOutcome::Error {
             code,
@@ -347,6 +374,7 @@ async fn handle(
                 message,
                 data_json: data.map(|d| d.to_string()).unwrap_or_default(),
             })),
+            release_subject,
         },
     }
 }
@@ -357,6 +385,7 @@ fn failure(kind: mi_failure::Kind, message: String) -> MiReply {
             kind: kind as i32,
             message,
         })),
+        release_subject: String::new(),
     }
 }
 

@@ -18,7 +18,7 @@ use tokio::time::Instant;
 
 use crate::adaptive::{Aimd, Signal};
 use crate::envelope::{self, MiOutcome};
-use crate::fair::{Class, FairLimiter, Limits};
+use crate::fair::{Class, FairLimiter, Limits, Permit};
 
 /// Largest datagram OpenSIPS sends (mi_datagram caps replies at 65,457 bytes).
 const MAX_DATAGRAM: usize = 65_535;
@@ -417,6 +417,23 @@ impl MiTransport {
         timeout: Duration,
         client: &str,
     ) -> Result<MiOutcome, TransportError> {
+        self.call_keeping(method, params, timeout, client, false)
+            .await
+            .map(|(outcome, _)| outcome)
+    }
+
+    /// As [`MiTransport::call`]; with `keep`, the request takes a long slot and, when OpenSIPS
+    /// answers with a result, the slot is returned kept instead of freed ([`Permit::keep`]):
+    /// the command's effect goes on holding the node's memory (a REFERed INVITE ringing) until
+    /// the permit is dropped, while its place among the requests on the wire is free.
+    pub async fn call_keeping(
+        &self,
+        method: &str,
+        params: Option<Value>,
+        timeout: Duration,
+        client: &str,
+        keep: bool,
+    ) -> Result<(MiOutcome, Option<Permit>), TransportError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let body = envelope::build_request(id, method, params.as_ref())
             .map_err(TransportError::BadMethod)?;
@@ -425,12 +442,13 @@ impl MiTransport {
             Class::Short => &self.sync,
             Class::Long => &self.asynchronous,
         };
+        let slot_class = if keep { Class::Long } else { class };
         let work = async {
             let mut attempt = 0u32;
             loop {
                 let permit = self
                     .limit
-                    .acquire(client, class)
+                    .acquire(client, slot_class)
                     .await
                     .map_err(|full| TransportError::Overloaded(format!("{full}; not sent")))?;
                 let sent = Instant::now();
@@ -452,10 +470,15 @@ impl MiTransport {
                     Err(_) => Signal::Neutral,
                 };
                 self.limit.observe(signal);
-                drop(permit);
                 match outcome {
+                    Ok(outcome @ MiOutcome::Result(_)) if keep => {
+                        return Ok((outcome, Some(permit.keep())));
+                    }
                     // OpenSIPS did not carry it out (no memory for it): safe to send again,
                     // once the lowered limit and a pause have given the node room.
+                    // The slot stays taken during the pause: given back at once it would go
+                    // to the next waiting request, refused in turn, hundreds of times before
+                    // the lowered limit takes effect.
                     Err(TransportError::Refused(reason)) => {
                         attempt += 1;
                         if attempt > MAX_RETRIES {
@@ -464,8 +487,9 @@ impl MiTransport {
                             )));
                         }
                         tokio::time::sleep(retry_pause(attempt, id)).await;
+                        drop(permit);
                     }
-                    other => return other,
+                    other => return other.map(|outcome| (outcome, None)),
                 }
             }
         };

@@ -17,12 +17,14 @@ fn call(node: &str, method: &str, params_json: &str) -> MiCall {
         timeout: Duration::from_secs(5),
         tenant: "default".into(),
         client: "test".into(),
+        ..MiCall::default()
     }
 }
 
 fn result(json: &str) -> Vec<u8> {
     MiReply {
         outcome: Some(mi_reply::Outcome::ResultJson(json.into())),
+        ..MiReply::default()
     }
     .encode_to_vec()
 }
@@ -30,12 +32,14 @@ fn result(json: &str) -> Vec<u8> {
 fn progress() -> Vec<u8> {
     MiReply {
         outcome: Some(mi_reply::Outcome::Progress(MiProgress {})),
+        ..MiReply::default()
     }
     .encode_to_vec()
 }
 
 /// Answers each request on `callapi.v1.mi.n1` after the delay its params name (`{"ms": N}`),
-/// with its own params as the result; `"silent"` gets no answer, `"chatty"` progress first
+/// with its own params as the result; `"kept"` answers with a kept slot released on
+/// `test.release.<params.n>`; `"silent"` gets no answer, `"chatty"` progress first
 /// and a second, stray answer after the first; `"refused"`, `"garbled"` and `"unknown"` the
 /// connector's failures of those kinds.
 async fn stand_in_connector(nats: async_nats::Client) {
@@ -65,6 +69,7 @@ async fn stand_in_connector(nats: async_nats::Client) {
                                 kind: kind as i32,
                                 message: request.method.clone(),
                             })),
+                            ..MiReply::default()
                         };
                         nats.publish(reply, failure.encode_to_vec().into())
                             .await
@@ -79,6 +84,21 @@ async fn stand_in_connector(nats: async_nats::Client) {
                         let answer = result(&request.params_json);
                         nats.publish(reply.clone(), answer.into()).await.unwrap();
                         nats.publish(reply, result("\"stray\"").into())
+                            .await
+                            .unwrap();
+                    }
+                    "kept" => {
+                        // A slot kept for the requester, released on `test.release.<n>`.
+                        let n = serde_json::from_str::<serde_json::Value>(&request.params_json)
+                            .ok()
+                            .and_then(|p| p["n"].as_u64())
+                            .unwrap_or(0);
+                        let answer = MiReply {
+                            outcome: Some(mi_reply::Outcome::ResultJson("\"OK\"".into())),
+                            release_subject: format!("test.release.{n}"),
+                        };
+                        assert!(request.hold_slot_ms > 0, "{request:?}");
+                        nats.publish(reply, answer.encode_to_vec().into())
                             .await
                             .unwrap();
                     }
@@ -101,6 +121,54 @@ async fn server_connector_and_client() -> (NatsServer, MiClient) {
         .await
         .unwrap();
     (server, mi)
+}
+
+#[tokio::test]
+async fn a_kept_slot_is_given_back_when_its_lease_drops_or_nobody_reads_its_reply() {
+    let server = NatsServer::start(&tempdir()).await;
+    stand_in_connector(async_nats::connect(server.url.as_str()).await.unwrap()).await;
+    let watcher = async_nats::connect(server.url.as_str()).await.unwrap();
+    let mut releases =
+        callapi_e2e::subscribe_ready(&watcher, "test.release.*", "test.release.0").await;
+    let mi = MiClient::new(async_nats::connect(server.url.as_str()).await.unwrap())
+        .await
+        .unwrap();
+    let next_release = async |releases: &mut async_nats::Subscriber| {
+        tokio::time::timeout(Duration::from_secs(5), releases.next())
+            .await
+            .expect("a release within 5 s")
+            .expect("subscription open")
+            .subject
+            .to_string()
+    };
+
+    // The lease is held while the caller keeps it, released when it drops.
+    let kept = MiCall {
+        hold_slot: Duration::from_secs(30),
+        ..call("n1", "kept", "{\"n\":1}")
+    };
+    let (answer, lease) = mi.call_leased(&kept, None).await.unwrap();
+    assert_eq!(answer, MiAnswer::Result("\"OK\"".into()));
+    let lease = lease.expect("a lease");
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), releases.next())
+            .await
+            .is_err(),
+        "held"
+    );
+    drop(lease);
+    assert_eq!(next_release(&mut releases).await, "test.release.1");
+
+    // A request given up before its reply (its flow ended on an event that came first): the
+    // reply nobody reads still gives its slot back.
+    let late = MiCall {
+        hold_slot: Duration::from_secs(30),
+        ..call("n1", "kept", "{\"n\":2,\"ms\":300}")
+    };
+    let gave_up =
+        tokio::time::timeout(Duration::from_millis(50), mi.call_leased(&late, None)).await;
+    assert!(gave_up.is_err(), "gave up before the reply");
+    assert_eq!(next_release(&mut releases).await, "test.release.2");
 }
 
 #[tokio::test]

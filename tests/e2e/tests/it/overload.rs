@@ -1,8 +1,8 @@
 //! OpenSIPS under load (issue 9): CallStart never waits for mi_http's 500 ms poll step; a storm
-//! on a node with little shared memory ends every command with clear outcomes and leaves
-//! nothing holding the node's memory (that the node still refuses work on the way is issue 9's
-//! open part); past the node's queue a command fails at once; short commands stay fast while
-//! calls ring.
+//! on a node with little shared memory stays within it (a handful of refusals where the limit
+//! probes), ends every command with clear outcomes and leaves nothing holding the node's
+//! memory; past the node's queue a command fails at once; short commands stay fast while calls
+//! ring.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -121,14 +121,20 @@ async fn a_storm_of_call_starts_on_a_node_short_of_memory_ends_cleanly() {
             "{outcome}: {tally:?}"
         );
     }
-    // Refused requests wait and are sent again: most calls go through, only slower.
-    assert!(tally.get("ok").copied().unwrap_or(0) >= 50, "{tally:?}");
-    // Nothing is left holding the node's memory once every command ended. (How often the
-    // node refused work on the way is printed, not bounded: the emulator refuses past its
-    // budget by construction, and callapi does not yet keep a storm below it: issue 9.)
+    // The node is kept within its memory: the adaptive limit finds the budget from below (slow
+    // start), counts the REFERed INVITEs that ring on after call_transfer's reply (kept slots),
+    // and only probes above it now and then, one refusal at a time. Before both, this storm
+    // had over a thousand requests refused and 35-46 calls failed.
     let stats = emulator_stats(&stack).await;
     eprintln!("emulator: {stats}");
     assert_eq!(stats["budget"], budget, "{stats}");
+    let refused = stats["refused"].as_u64().unwrap_or(u64::MAX);
+    assert!(
+        refused <= 60,
+        "the node refused {refused} requests: {stats}"
+    );
+    assert!(tally.get("ok").copied().unwrap_or(0) >= 180, "{tally:?}");
+    // Nothing is left holding the node's memory once every command ended.
     assert_eq!(stats["in_flight"], 0, "{stats}");
     // The node recovers: a call works afterwards, and its end too.
     let mut client = stack.client().await;
