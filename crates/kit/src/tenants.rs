@@ -155,6 +155,47 @@ pub struct Tenant {
     pub limits: Limits,
 }
 
+impl Tenant {
+    /// The user with this name.
+    pub fn user(&self, username: &str) -> Option<&User> {
+        self.users.iter().find(|u| u.username == username)
+    }
+
+    /// The extension with this number.
+    pub fn extension(&self, number: &str) -> Option<&Extension> {
+        self.extensions.iter().find(|e| e.number == number)
+    }
+
+    /// The trunk with this name.
+    pub fn trunk(&self, name: &str) -> Option<&Trunk> {
+        self.trunks.iter().find(|t| t.name == name)
+    }
+
+    /// Whether a SIP host is one of its domains (compared in lower case).
+    pub fn owns_domain(&self, host: &str) -> bool {
+        self.domains.iter().any(|d| d.eq_ignore_ascii_case(host))
+    }
+}
+
+/// Whether `candidate` is the secret `hash` was made from (an Argon2 PHC string or a bcrypt
+/// hash, as the tenants file holds them). A malformed hash matches nothing.
+pub fn verify_secret(hash: &str, candidate: &str) -> bool {
+    if hash.starts_with("$argon2") {
+        use argon2::password_hash::{PasswordHash, PasswordVerifier as _};
+        PasswordHash::new(hash).is_ok_and(|parsed| {
+            argon2::Argon2::default()
+                .verify_password(candidate.as_bytes(), &parsed)
+                .is_ok()
+        })
+    } else {
+        bcrypt::verify(candidate, hash).unwrap_or(false)
+    }
+}
+
+/// An Argon2id hash nothing matches in practice, checked in place of an unknown user's so a
+/// sign-in takes as long whether the name exists or not.
+pub const DECOY_HASH: &str = "$argon2id$v=19$m=65536,t=3,p=4$ZGVjb3lkZWNveWRlY295$0TUb0i8oNz4D8IlkUHFwbX0Vv7pXwmJ3m1m1w2iE3ag";
+
 /// Why a tenants file was refused: where, and what is wrong.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TenantsError {
@@ -186,6 +227,9 @@ pub enum TenantsError {
 pub struct Tenants {
     by_id: BTreeMap<String, Arc<Tenant>>,
     by_domain: HashMap<String, String>,
+    /// API client id → its tenant's id (client ids are unique in the deployment: the
+    /// client-credentials grant names no tenant).
+    by_client: HashMap<String, String>,
 }
 
 #[derive(Deserialize)]
@@ -282,6 +326,12 @@ impl Tenants {
                         "must be 1 to 128 characters".to_owned(),
                     ));
                 }
+                if let Some(other) = checked.by_client.get(&client.client_id) {
+                    return Err(invalid(
+                        "api_clients.client_id",
+                        format!("{:?} is also tenant {other:?}'s", client.client_id),
+                    ));
+                }
                 check_hash(&client.secret_hash)
                     .map_err(|reason| invalid("api_clients.secret_hash", reason))?;
             }
@@ -319,6 +369,11 @@ impl Tenants {
             for domain in &tenant.domains {
                 checked.by_domain.insert(domain.clone(), tenant.id.clone());
             }
+            for client in &tenant.api_clients {
+                checked
+                    .by_client
+                    .insert(client.client_id.clone(), tenant.id.clone());
+            }
             checked.by_id.insert(tenant.id.clone(), Arc::new(tenant));
         }
         Ok(checked)
@@ -333,6 +388,16 @@ impl Tenants {
     pub fn by_domain(&self, host: &str) -> Option<&Arc<Tenant>> {
         let id = self.by_domain.get(&host.to_ascii_lowercase())?;
         self.by_id.get(id)
+    }
+
+    /// The API client with this id, and its tenant.
+    pub fn api_client(&self, client_id: &str) -> Option<(&Arc<Tenant>, &ApiClient)> {
+        let tenant = self.by_id.get(self.by_client.get(client_id)?)?;
+        let client = tenant
+            .api_clients
+            .iter()
+            .find(|c| c.client_id == client_id)?;
+        Some((tenant, client))
     }
 
     /// Every tenant, by id.
@@ -458,7 +523,11 @@ fn check_hash(hash: &str) -> Result<(), String> {
         .iter()
         .any(|prefix| hash.starts_with(prefix))
         && hash.len() == 60;
-    if argon2 || bcrypt {
+    if argon2 {
+        argon2::password_hash::PasswordHash::new(hash)
+            .map(|_| ())
+            .map_err(|e| format!("is not a well-formed Argon2 hash ({e})"))
+    } else if bcrypt {
         Ok(())
     } else {
         Err(
@@ -610,6 +679,41 @@ domains = ["globex.example.net"]
         let ids: Vec<&str> = tenants.iter().map(|t| t.id.as_str()).collect();
         assert_eq!(ids, ["acme", "globex"]);
         assert_eq!(tenants.by_domain("127.0.0.1").unwrap().id, "acme");
+        // The clear texts its comments give match its hashes, and nothing else does.
+        let (acme, crm) = tenants.api_client("crm").unwrap();
+        assert_eq!(acme.id, "acme");
+        assert!(verify_secret(&crm.secret_hash, "acme-crm-secret"));
+        assert!(!verify_secret(&crm.secret_hash, "globex-dialer-secret"));
+        let wallboard = acme.user("wallboard").unwrap();
+        assert!(verify_secret(
+            &wallboard.password_hash,
+            "acme-wallboard-password"
+        ));
+        let ext = acme.extension("1001").unwrap();
+        assert!(verify_secret(&ext.password_hash, "acme-1001-password"));
+        let (globex, dialer) = tenants.api_client("dialer").unwrap();
+        assert_eq!(globex.id, "globex");
+        assert!(verify_secret(&dialer.secret_hash, "globex-dialer-secret"));
+        assert!(!verify_secret(DECOY_HASH, ""));
+    }
+
+    #[test]
+    fn bcrypt_hashes_verify_too_and_malformed_ones_match_nothing() {
+        let hash = bcrypt::hash("s3cret", 4).unwrap();
+        assert!(verify_secret(&hash, "s3cret"));
+        assert!(!verify_secret(&hash, "s3cret "));
+        assert!(!verify_secret("$2b$not-a-hash", "s3cret"));
+        assert!(!verify_secret("$argon2id$garbage", "s3cret"));
+    }
+
+    #[test]
+    fn a_client_id_belongs_to_one_tenant_in_the_deployment() {
+        let text = format!(
+            "{}[[tenants.api_clients]]\nclient_id = \"crm\"\nsecret_hash = \"{HASH}\"\nscopes = []\n",
+            two_tenants()
+        );
+        let err = Tenants::from_toml(&text).unwrap_err().to_string();
+        assert!(err.contains("\"crm\" is also tenant \"acme\"'s"), "{err}");
     }
 
     #[test]
