@@ -32,6 +32,20 @@ impl Scope {
             Scope::CallsControl => "calls:control",
         }
     }
+
+    /// The scope a token names this way, if any.
+    pub fn parse(word: &str) -> Option<Self> {
+        match word {
+            "calls:read" => Some(Scope::CallsRead),
+            "calls:control" => Some(Scope::CallsControl),
+            _ => None,
+        }
+    }
+
+    /// The scopes of a space-separated list (unknown words give none).
+    pub fn parse_list(text: &str) -> BTreeSet<Self> {
+        text.split_whitespace().filter_map(Self::parse).collect()
+    }
 }
 
 /// How a tenant's new calls pick one of its OpenSIPS nodes.

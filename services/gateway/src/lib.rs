@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 
 mod connection;
+pub mod auth;
 pub mod core;
 mod outbox;
 pub mod params;

@@ -25,7 +25,7 @@ pub struct Session {
     pub meta: Option<SessionMeta>,
 }
 
-type Entries<T> = Arc<RwLock<HashMap<String, T>>>;
+pub(crate) type Entries<T> = Arc<RwLock<HashMap<String, T>>>;
 
 /// The live view. Cheap to clone.
 #[derive(Clone, Default)]
@@ -55,7 +55,7 @@ const CATCH_UP: Duration = Duration::from_secs(5);
 
 /// Copies bucket `kv` into `entries` and keeps it up to date until `shutdown` (watching again
 /// from scratch if the watch ends); returns once the current content is in (or [`CATCH_UP`]).
-async fn follow<T: prost::Message + Default + Send + Sync + 'static>(
+pub(crate) async fn follow<T: prost::Message + Default + Send + Sync + 'static>(
     kv: kv::Store,
     name: &'static str,
     entries: Entries<T>,
@@ -112,7 +112,7 @@ async fn follow<T: prost::Message + Default + Send + Sync + 'static>(
 }
 
 /// What to do with each value put in a followed bucket, besides keeping it.
-type OnPut<T> = Arc<dyn Fn(&T) + Send + Sync>;
+pub(crate) type OnPut<T> = Arc<dyn Fn(&T) + Send + Sync>;
 
 fn apply<T: prost::Message + Default>(
     entries: &Entries<T>,

@@ -3,7 +3,7 @@
 //! without a cut: sign with the new key, keep the old one configured until the tokens it signed
 //! have expired, then drop it. The algorithm is pinned (a token naming `none` or another
 //! algorithm is refused), and expiry is checked against the time passed in, so every rule is
-//! unit-tested without a clock. Not wired into the REST and WebSocket adapters yet.
+//! unit-tested without a clock. Sign-ins, refresh and revocation: [`crate::auth`].
 
 use std::collections::{BTreeSet, HashMap};
 
@@ -24,8 +24,22 @@ pub const MIN_SECRET_LEN: usize = 32;
 pub struct KeyConfig {
     /// Its id, written in the `kid` header of the tokens it signs.
     pub kid: String,
-    /// The HS256 secret (at least [`MIN_SECRET_LEN`] bytes).
+    /// The HS256 secret (at least [`MIN_SECRET_LEN`] bytes), or empty with `secret_env`.
+    #[serde(default)]
     pub secret: Secret,
+    /// The environment variable holding the secret instead (e.g. from a Kubernetes Secret).
+    #[serde(default)]
+    pub secret_env: Option<String>,
+}
+
+impl KeyConfig {
+    /// The secret: `secret`, or the value of `secret_env` ("" if neither gives one).
+    pub fn resolve(&self) -> Secret {
+        match (&self.secret_env, self.secret.is_empty()) {
+            (Some(name), true) => Secret::new(std::env::var(name).unwrap_or_default()),
+            _ => self.secret.clone(),
+        }
+    }
 }
 
 /// What a token says.
@@ -45,19 +59,14 @@ pub struct Claims {
     pub exp: u64,
     /// Unique id of this token.
     pub jti: String,
+    /// The sign-in (grant) it comes from: revoking the grant refuses its tokens.
+    pub sid: String,
 }
 
 impl Claims {
     /// The scopes the token grants (unknown words grant nothing).
     pub fn scopes(&self) -> BTreeSet<Scope> {
-        self.scope
-            .split_whitespace()
-            .filter_map(|word| match word {
-                "calls:read" => Some(Scope::CallsRead),
-                "calls:control" => Some(Scope::CallsControl),
-                _ => None,
-            })
-            .collect()
+        Scope::parse_list(&self.scope)
     }
 }
 
@@ -125,7 +134,8 @@ impl Keys {
     pub fn new(configs: &[KeyConfig], active: &str) -> Result<Self, KeysError> {
         let mut keys = HashMap::new();
         for config in configs {
-            let secret = config.secret.expose().as_bytes();
+            let resolved = config.resolve();
+            let secret = resolved.expose().as_bytes();
             if secret.len() < MIN_SECRET_LEN {
                 return Err(KeysError::ShortSecret(config.kid.clone()));
             }
@@ -151,12 +161,14 @@ impl Keys {
         })
     }
 
-    /// A token for `subject` of `tenant` with `scopes`, valid for `ttl_secs` from `now`.
+    /// A token for `subject` of `tenant` with `scopes`, from sign-in `grant`, valid for
+    /// `ttl_secs` from `now`.
     pub fn issue(
         &self,
         tenant: &str,
         subject: &str,
         scopes: &BTreeSet<Scope>,
+        grant: &str,
         now: u64,
         ttl_secs: u64,
     ) -> Result<(String, Claims), jsonwebtoken::errors::Error> {
@@ -172,6 +184,7 @@ impl Keys {
             iat: now,
             exp: now.saturating_add(ttl_secs),
             jti: uuid::Uuid::new_v4().simple().to_string(),
+            sid: grant.to_owned(),
         };
         let mut header = Header::new(Algorithm::HS256);
         header.kid = Some(self.active.clone());
@@ -233,6 +246,7 @@ mod tests {
         KeyConfig {
             kid: kid.into(),
             secret: Secret::new(secret),
+            secret_env: None,
         }
     }
 
@@ -258,7 +272,7 @@ mod tests {
     #[test]
     fn a_token_verifies_until_it_expires() {
         let keys = keys();
-        let (token, claims) = keys.issue("acme", "crm", &both(), NOW, 600).unwrap();
+        let (token, claims) = keys.issue("acme", "crm", &both(), "g1", NOW, 600).unwrap();
         assert_eq!(keys.verify(&token, NOW), Ok(claims.clone()));
         assert_eq!(keys.verify(&token, NOW + 599), Ok(claims.clone()));
         assert_eq!(keys.verify(&token, NOW + 600), Err(TokenError::Expired));
@@ -272,7 +286,7 @@ mod tests {
     #[test]
     fn tampered_forged_and_foreign_tokens_are_refused() {
         let keys = keys();
-        let (token, claims) = keys.issue("acme", "crm", &both(), NOW, 600).unwrap();
+        let (token, claims) = keys.issue("acme", "crm", &both(), "g1", NOW, 600).unwrap();
         let parts: Vec<&str> = token.split('.').collect();
         // Another tenant written into the payload, the signature kept.
         let mut other = claims.clone();
@@ -290,7 +304,7 @@ mod tests {
             "2026-12",
         )
         .unwrap();
-        let (forged, _) = forger.issue("globex", "crm", &both(), NOW, 600).unwrap();
+        let (forged, _) = forger.issue("globex", "crm", &both(), "g1", NOW, 600).unwrap();
         assert_eq!(keys.verify(&forged, NOW), Err(TokenError::Signature));
         // A kid nobody configured, none at all, another algorithm with the right secret.
         let stranger = Keys::new(
@@ -298,7 +312,7 @@ mod tests {
             "elsewhere",
         )
         .unwrap();
-        let (unknown, _) = stranger.issue("acme", "crm", &both(), NOW, 600).unwrap();
+        let (unknown, _) = stranger.issue("acme", "crm", &both(), "g1", NOW, 600).unwrap();
         assert_eq!(keys.verify(&unknown, NOW), Err(TokenError::UnknownKey));
         let secret = b"the-current-secret-of-at-least-32-bytes";
         let no_kid = jsonwebtoken::encode(
@@ -338,12 +352,12 @@ mod tests {
             "2026-11",
         )
         .unwrap();
-        let (old_token, _) = before.issue("acme", "crm", &both(), NOW, 3600).unwrap();
+        let (old_token, _) = before.issue("acme", "crm", &both(), "g1", NOW, 3600).unwrap();
         // The new key signs; the old one still verifies what it signed.
         let during = keys();
         assert!(during.verify(&old_token, NOW + 60).is_ok());
         let (new_token, _) = during
-            .issue("acme", "crm", &both(), NOW + 60, 3600)
+            .issue("acme", "crm", &both(), "g1", NOW + 60, 3600)
             .unwrap();
         assert_eq!(
             jsonwebtoken::decode_header(&new_token)
