@@ -419,8 +419,14 @@ impl Auth {
         let scopes = granted_scopes(form.scope.as_deref(), &allowed).ok_or_else(|| {
             OAuthError::new("invalid_scope", "a scope asked for is not the user's")
         })?;
-        self.grant(&tenant.id, &format!("user:{username}"), &scopes, true, now_ms)
-            .await
+        self.grant(
+            &tenant.id,
+            &format!("user:{username}"),
+            &scopes,
+            true,
+            now_ms,
+        )
+        .await
     }
 
     async fn client_grant(&self, form: TokenForm, now_ms: u64) -> Result<TokenReply, OAuthError> {
@@ -447,8 +453,14 @@ impl Auth {
         let scopes = granted_scopes(form.scope.as_deref(), &allowed).ok_or_else(|| {
             OAuthError::new("invalid_scope", "a scope asked for is not the client's")
         })?;
-        self.grant(&tenant, &format!("client:{client_id}"), &scopes, false, now_ms)
-            .await
+        self.grant(
+            &tenant,
+            &format!("client:{client_id}"),
+            &scopes,
+            false,
+            now_ms,
+        )
+        .await
     }
 
     async fn refresh_grant(&self, form: TokenForm, now_ms: u64) -> Result<TokenReply, OAuthError> {
@@ -517,7 +529,10 @@ impl Auth {
             tenant: tenant.to_owned(),
             subject: subject.to_owned(),
             scope: scope_text(scopes),
-            refresh_hash: refresh_secret.as_deref().map(sha256_hex).unwrap_or_default(),
+            refresh_hash: refresh_secret
+                .as_deref()
+                .map(sha256_hex)
+                .unwrap_or_default(),
             expires_at_ms: now_ms.saturating_add(self.refresh_ttl.saturating_mul(1000)),
         };
         self.grants
@@ -546,7 +561,14 @@ impl Auth {
     ) -> Result<TokenReply, OAuthError> {
         let (access_token, _) = self
             .keys
-            .issue(tenant, subject, scopes, grant, now_ms / 1000, self.access_ttl)
+            .issue(
+                tenant,
+                subject,
+                scopes,
+                grant,
+                now_ms / 1000,
+                self.access_ttl,
+            )
             .map_err(|e| OAuthError::new("server_error", format!("cannot sign a token: {e}")))?;
         Ok(TokenReply {
             access_token,
@@ -586,13 +608,9 @@ impl Auth {
             revoked_at_ms: now_ms,
         };
         if let Ok(mut revoked) = self.revoked.write() {
-            revoked.insert(id.to_owned(), record.clone());
+            revoked.insert(id.to_owned(), record);
         }
-        if let Err(err) = self
-            .revoked_kv
-            .put(id, record.encode_to_vec().into())
-            .await
-        {
+        if let Err(err) = self.revoked_kv.put(id, record.encode_to_vec().into()).await {
             tracing::warn!(%err, grant = id, "could not record a revocation for the other gateways");
         }
         if let Err(err) = self.grants.delete(id).await {
@@ -600,7 +618,6 @@ impl Auth {
         }
         tracing::info!(grant = id, "sign-in revoked");
     }
-
 }
 
 /// Checks `candidate` against `hash` on a blocking thread (Argon2 takes tens of
@@ -609,6 +626,69 @@ async fn verify(hash: String, candidate: String) -> bool {
     tokio::task::spawn_blocking(move || tenants::verify_secret(&hash, &candidate))
         .await
         .unwrap_or(false)
+}
+
+/// A request refused before reaching its handler: 401 (no valid token; with
+/// `WWW-Authenticate: Bearer`) or 403 (a scope or `Origin` not allowed), as problem+json.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    forbidden: bool,
+    detail: String,
+}
+
+impl Refusal {
+    /// 401: no valid access token.
+    pub fn unauthorized(detail: impl Into<String>) -> Self {
+        Self {
+            forbidden: false,
+            detail: detail.into(),
+        }
+    }
+
+    /// 403: authenticated, but not allowed this.
+    pub fn forbidden(detail: impl Into<String>) -> Self {
+        Self {
+            forbidden: true,
+            detail: detail.into(),
+        }
+    }
+}
+
+impl From<AuthError> for Refusal {
+    fn from(err: AuthError) -> Self {
+        Self::unauthorized(err.to_string())
+    }
+}
+
+impl axum::response::IntoResponse for Refusal {
+    fn into_response(self) -> axum::response::Response {
+        use axum::http::{HeaderValue, StatusCode, header};
+        let (status, code) = if self.forbidden {
+            (StatusCode::FORBIDDEN, "FORBIDDEN")
+        } else {
+            (StatusCode::UNAUTHORIZED, "UNAUTHORIZED")
+        };
+        let body = serde_json::json!({
+            "type": format!("urn:callapi:error:{code}"),
+            "title": status.canonical_reason().unwrap_or("Error"),
+            "status": status.as_u16(),
+            "code": code,
+            "detail": self.detail,
+        });
+        let mut response = (status, body.to_string()).into_response();
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        );
+        if !self.forbidden {
+            headers.insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"callapi\""),
+            );
+        }
+        response
+    }
 }
 
 /// `POST /api/login/oauth/token` and `POST /api/login/oauth/revoke`.
@@ -622,7 +702,10 @@ pub fn routes(auth: Arc<Auth>) -> axum::Router {
 
 /// The bearer token of an `Authorization` header, if it has one.
 pub fn bearer(headers: &axum::http::HeaderMap) -> Option<&str> {
-    let value = headers.get(axum::http::header::AUTHORIZATION)?.to_str().ok()?;
+    let value = headers
+        .get(axum::http::header::AUTHORIZATION)?
+        .to_str()
+        .ok()?;
     let (scheme, token) = value.split_once(' ')?;
     scheme
         .eq_ignore_ascii_case("bearer")
@@ -632,7 +715,10 @@ pub fn bearer(headers: &axum::http::HeaderMap) -> Option<&str> {
 
 /// The client id and secret of an `Authorization: Basic` header (RFC 6749 section 2.3.1).
 fn basic_credentials(headers: &axum::http::HeaderMap) -> Option<(String, String)> {
-    let value = headers.get(axum::http::header::AUTHORIZATION)?.to_str().ok()?;
+    let value = headers
+        .get(axum::http::header::AUTHORIZATION)?
+        .to_str()
+        .ok()?;
     let (scheme, encoded) = value.split_once(' ')?;
     if !scheme.eq_ignore_ascii_case("basic") {
         return None;
@@ -743,7 +829,10 @@ mod tests {
         let read = BTreeSet::from([Scope::CallsRead]);
         assert_eq!(granted_scopes(None, &both), Some(both.clone()));
         assert_eq!(granted_scopes(Some("all"), &read), Some(read.clone()));
-        assert_eq!(granted_scopes(Some(" calls:read "), &both), Some(read.clone()));
+        assert_eq!(
+            granted_scopes(Some(" calls:read "), &both),
+            Some(read.clone())
+        );
         assert_eq!(granted_scopes(Some("calls:control"), &read), None);
         assert_eq!(granted_scopes(Some("admin"), &both), None);
     }

@@ -25,6 +25,7 @@ use crate::params::{self, SessionKey};
 use crate::rpc::{self, CommandCall, Query, QueryCall, Request, RpcId, code};
 use crate::sessions;
 use crate::tracker::{Admission, CommandTracker, Delivery};
+use callapi_kit::tenants::Scope;
 
 /// How the reader ended, and so what the writer does last.
 enum Ending {
@@ -48,6 +49,75 @@ fn lock(tracker: &Tracker) -> MutexGuard<'_, CommandTracker<Held>> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+/// What a connection's client may do, decided at its upgrade.
+pub(crate) struct Access {
+    /// The tenant it acts for.
+    tenant: String,
+    /// What it may do (`None`: everything; no authentication is configured).
+    scopes: Option<std::collections::BTreeSet<Scope>>,
+    /// When its access token expires (Unix seconds; `None`: never).
+    expires_at: Option<u64>,
+    /// The trunks its calls may go out through.
+    trunks: Vec<crate::TrunkConfig>,
+}
+
+impl Access {
+    /// Everything, for the configured tenant: no `[auth]`.
+    pub(crate) fn open(config: &crate::Config) -> Self {
+        Self {
+            tenant: config.tenant.clone(),
+            scopes: None,
+            expires_at: None,
+            trunks: config.trunks.clone(),
+        }
+    }
+
+    /// What `identity`'s token allows, in `tenant`.
+    pub(crate) fn of(
+        identity: &crate::auth::Identity,
+        tenant: &callapi_kit::tenants::Tenant,
+    ) -> Self {
+        Self {
+            tenant: identity.tenant.clone(),
+            scopes: Some(identity.scopes.clone()),
+            expires_at: Some(identity.expires_at),
+            trunks: tenant
+                .trunks
+                .iter()
+                .map(|t| crate::TrunkConfig {
+                    name: t.name.clone(),
+                    uri: t.uri.clone(),
+                })
+                .collect(),
+        }
+    }
+
+    fn may(&self, scope: Scope) -> bool {
+        self.scopes.as_ref().is_none_or(|s| s.contains(&scope))
+    }
+
+    /// The moment its token expires, on the monotonic clock.
+    fn expiry(&self) -> Option<Instant> {
+        let at = self.expires_at?;
+        let left = at.saturating_sub(callapi_kit::unix_ms() / 1000);
+        Instant::now().checked_add(Duration::from_secs(left))
+    }
+
+    /// The refusal of a request that needs `scope`, if the client lacks it.
+    fn refuse(&self, id: &RpcId, scope: Scope) -> Option<String> {
+        (!self.may(scope)).then(|| {
+            rpc::error(
+                id,
+                code::FORBIDDEN,
+                &format!("Forbidden: this needs the {} scope", scope.as_str()),
+            )
+        })
+    }
+}
+
+/// Close code of a connection whose access token expired (private use range of RFC 6455).
+pub const CLOSE_TOKEN_EXPIRED: u16 = 4001;
+
 /// Per-connection limits, from the configuration.
 #[derive(Clone, Copy)]
 struct Limits {
@@ -57,7 +127,7 @@ struct Limits {
 }
 
 /// Serves one upgraded WebSocket until the client leaves, is dropped, or the gateway stops.
-pub(crate) async fn serve(socket: WebSocket, shared: Arc<Shared>) {
+pub(crate) async fn serve(socket: WebSocket, shared: Arc<Shared>, access: Access) {
     let connection_id = uuid::Uuid::new_v4().simple().to_string();
     let config = &shared.config;
     let limits = Limits {
@@ -79,7 +149,7 @@ pub(crate) async fn serve(socket: WebSocket, shared: Arc<Shared>) {
     )));
     let attachment = shared
         .commands
-        .attach(&config.tenant, Arc::new(outbox.clone()));
+        .attach(&access.tenant, Arc::new(outbox.clone()));
     tracing::debug!(%connection_id, "client connected");
     let (ping_written, ping_watch) = tokio::sync::watch::channel(None);
     let writer = tokio::spawn(write_loop(
@@ -103,6 +173,7 @@ pub(crate) async fn serve(socket: WebSocket, shared: Arc<Shared>) {
             outbox: &outbox,
             tracker: &tracker,
             kill: &kill,
+            access: &access,
         },
         limits,
     )
@@ -176,6 +247,7 @@ struct Client<'a> {
     outbox: &'a Outbox,
     tracker: &'a Tracker,
     kill: &'a CancellationToken,
+    access: &'a Access,
 }
 
 /// Reads requests until the client leaves, is killed, stays silent, or the gateway stops.
@@ -193,6 +265,7 @@ async fn read_loop(incoming: Incoming, client: &Client<'_>, limits: Limits) -> E
     } = incoming;
     let mut last_heard = Instant::now();
     let mut ping_sent: Option<Instant> = None;
+    let expiry = client.access.expiry();
     loop {
         let wake = match (limits.ping_interval, ping_sent) {
             (None, _) => None,
@@ -209,6 +282,13 @@ async fn read_loop(incoming: Incoming, client: &Client<'_>, limits: Limits) -> E
             Ok(()) = ping_written.changed(), if ping_sent.is_some() => continue,
             _ = shared.shutdown.cancelled() => {
                 return Ending::Close(close_frame(close_code::AWAY, "the gateway is shutting down"));
+            }
+            _ = sleep_until(expiry) => {
+                tracing::info!(%connection_id, "access token expired: closing the connection");
+                return Ending::Close(close_frame(
+                    CLOSE_TOKEN_EXPIRED,
+                    "access token expired: connect again with a new one",
+                ));
             }
             _ = sleep_until(wake) => {
                 if ping_sent.is_some() {
@@ -272,13 +352,21 @@ fn handle_text(client: &Client<'_>, text: &str) -> Option<String> {
     }
     match rpc::parse(text) {
         Ok(Request::Command(mut call)) => {
-            if let Err(error) = params::resolve_trunk(&mut call.command, &shared.config.trunks) {
+            if !client.access.may(Scope::CallsControl) {
+                return client.access.refuse(call.id.as_ref()?, Scope::CallsControl);
+            }
+            if let Err(error) = params::resolve_trunk(&mut call.command, &client.access.trunks) {
                 let id = call.id?;
                 return Some(rpc::params_error(&id, &error));
             }
             start_command(client, call)
         }
-        Ok(Request::Query(query)) => answer_query(client, query),
+        Ok(Request::Query(query)) => {
+            if !client.access.may(Scope::CallsRead) {
+                return client.access.refuse(query.id.as_ref()?, Scope::CallsRead);
+            }
+            answer_query(client, query)
+        }
         Err(error) if error.silent => None,
         Err(error) => Some(error.to_json()),
     }
@@ -359,8 +447,20 @@ fn start_command(client: &Client<'_>, call: CommandCall) -> Option<String> {
     let outbox = client.outbox.clone();
     let answer = call.id.is_some();
     let sessions = client.shared.sessions.clone();
+    let strict = client.shared.auth.is_some();
     let mut command = call.command;
     tokio::spawn(async move {
+        if strict
+            && let Some(callid) = foreign_callid(sessions.as_ref(), origin.tenant(), &command).await
+        {
+            tracing::info!(%cmd_id, tenant = origin.tenant(), "command on a Call-ID the tenant does not have refused");
+            let message = format!("no call with Call-ID {}", rpc::clip(&callid));
+            let _ = outbox.push(Outgoing::Refused {
+                reply: answer.then(|| rpc::error(&reply_id, code::NOT_FOUND, &message)),
+                cmd_id,
+            });
+            return;
+        }
         let outcome = match remember(sessions.as_ref(), origin.tenant(), &mut command).await {
             Ok(()) => {
                 commands
@@ -389,6 +489,42 @@ fn start_command(client: &Client<'_>, call: CommandCall) -> Option<String> {
         };
         let _ = outbox.push(outgoing);
     });
+    None
+}
+
+/// How long a command on a Call-ID the live view does not show yet waits for it (a call just
+/// placed reaches the store within milliseconds).
+const CALLID_WAIT: Duration = Duration::from_secs(1);
+
+/// With tenants, a command acts only on the tenant's own calls: the first Call-ID `command`
+/// names that the tenant's live view does not show (within [`CALLID_WAIT`]), if any. The
+/// answer is the same whether the call is another tenant's or does not exist: no existence
+/// leak. Without the live view nothing can be checked: every Call-ID is refused.
+async fn foreign_callid(
+    view: Option<&sessions::SessionView>,
+    tenant: &str,
+    command: &Command,
+) -> Option<String> {
+    let callids: Vec<&str> = match command {
+        Command::CallStart(_) => Vec::new(),
+        Command::BlindTransfer(t) => vec![&t.callid],
+        Command::AttendedTransfer(t) => vec![&t.callid_a, &t.callid_b],
+        Command::Hold(h) => vec![&h.callid],
+        Command::Unhold(h) => vec![&h.callid],
+        Command::End(e) => vec![&e.callid],
+    };
+    let give_up = Instant::now() + CALLID_WAIT;
+    for callid in callids {
+        loop {
+            if view.is_some_and(|v| v.by_callid(tenant, callid).is_some()) {
+                break;
+            }
+            if view.is_none() || Instant::now() >= give_up {
+                return Some(callid.to_owned());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
     None
 }
 

@@ -6,8 +6,8 @@
 //! Architecture invariant: only the gateway knows the client protocol.
 #![forbid(unsafe_code)]
 
-mod connection;
 pub mod auth;
+mod connection;
 pub mod core;
 mod outbox;
 pub mod params;
@@ -70,8 +70,12 @@ pub struct Config {
     /// How long a REST control request waits for its command's first notification (so a
     /// failure known at once is its answer), milliseconds.
     pub rest_outcome_wait_ms: u64,
-    /// Trunks a created call may go out through (`POST /api/sessions` `trunk`).
+    /// Trunks a created call may go out through (`POST /api/sessions` `trunk`), without
+    /// `[auth]` (with it, each tenant's come from the tenants file).
     pub trunks: Vec<TrunkConfig>,
+    /// Authentication: every client signs in and acts for its tenant. Without it every client
+    /// acts for `tenant`, unauthenticated: for development only.
+    pub auth: Option<auth::AuthConfig>,
 }
 
 /// A trunk: a name clients use and where OpenSIPS sends the calls that go through it.
@@ -104,6 +108,7 @@ impl Default for Config {
             sip_domain: "127.0.0.1".to_owned(),
             rest_outcome_wait_ms: 2_000,
             trunks: Vec::new(),
+            auth: None,
         }
     }
 }
@@ -173,6 +178,8 @@ pub(crate) struct Shared {
     pub commands: core::CommandClient,
     /// The live view of every active call (`None` when `sessions_enabled` is off).
     pub sessions: Option<sessions::SessionView>,
+    /// Sign-in and token checks (`None` without `[auth]`).
+    pub auth: Option<Arc<auth::Auth>>,
     /// Cancelled when the gateway stops.
     pub shutdown: CancellationToken,
     /// HTTP connections and WebSocket clients, waited for on shutdown.
@@ -230,6 +237,23 @@ pub async fn run(
     } else {
         None
     };
+    let auth = match &config.auth {
+        Some(auth_config) => {
+            let jetstream = async_nats::jetstream::new(client.clone());
+            Some(
+                auth::Auth::start(auth_config, &jetstream, shutdown.clone())
+                    .await
+                    .map_err(|e| Error::Config(format!("{e} (authentication needs JetStream)")))?,
+            )
+        }
+        None => {
+            tracing::warn!(
+                tenant = %config.tenant,
+                "no [auth] configured: every client acts for this tenant unauthenticated (development only)"
+            );
+            None
+        }
+    };
     let listener = match listener {
         Some(listener) => listener,
         None => TcpListener::bind(config.listen.as_str()).await?,
@@ -239,22 +263,38 @@ pub async fn run(
         config,
         commands,
         sessions,
+        auth,
         shutdown: shutdown.clone(),
         tasks: TaskTracker::new(),
     });
-    let rest = Arc::new(rest::Rest::new(
-        shared.commands.clone(),
-        shared.sessions.clone(),
-        &shared.config.tenant,
-        &shared.config.sip_domain,
-        Duration::from_millis(shared.config.rest_outcome_wait_ms),
-        shared.config.trunks.clone(),
-    ));
-    let app = Router::new()
+    let outcome_wait = Duration::from_millis(shared.config.rest_outcome_wait_ms);
+    let rest = Arc::new(match &shared.auth {
+        Some(auth) => rest::RestState::with_auth(
+            shared.commands.clone(),
+            shared.sessions.clone(),
+            outcome_wait,
+            auth.clone(),
+        ),
+        None => rest::RestState::open(rest::Rest::new(
+            shared.commands.clone(),
+            shared.sessions.clone(),
+            &shared.config.tenant,
+            &shared.config.sip_domain,
+            outcome_wait,
+            shared.config.trunks.clone(),
+        )),
+    });
+    let mut app = Router::new()
         .route("/call-api", get(upgrade))
         .route("/healthz", get(|| async { "ok" }))
         .with_state(shared.clone())
         .merge(rest::router(rest).layer(axum::extract::DefaultBodyLimit::max(REST_BODY_LIMIT)));
+    if let Some(auth) = &shared.auth {
+        app = app.merge(
+            auth::routes(auth.clone())
+                .layer(axum::extract::DefaultBodyLimit::max(LOGIN_BODY_LIMIT)),
+        );
+    }
     callapi_kit::announce_ready(&format!("listen={local} gateway_id={gateway_id}"));
     tracing::info!(%local, %gateway_id, "WebSocket JSON-RPC at ws://{local}/call-api");
     serve::accept_loop(listener, app, &shared).await;
@@ -275,13 +315,66 @@ pub async fn run(
 
 /// Largest REST request body accepted (413 past it).
 const REST_BODY_LIMIT: usize = 64 * 1024;
+/// Largest sign-in request body accepted.
+const LOGIN_BODY_LIMIT: usize = 8 * 1024;
 
 /// Initial WebSocket read buffer of each connection.
 const READ_BUFFER: usize = 2 * 1024;
 /// Frames are written to the socket once this many bytes wait, or at a flush.
 const WRITE_BUFFER: usize = 16 * 1024;
 
-async fn upgrade(ws: WebSocketUpgrade, State(shared): State<Arc<Shared>>) -> impl IntoResponse {
+/// The `access_token` query parameter (browsers cannot set headers on a WebSocket).
+#[derive(serde::Deserialize, Default)]
+struct UpgradeQuery {
+    #[serde(default)]
+    access_token: Option<String>,
+}
+
+/// Who a WebSocket client is, checked before the upgrade: a 401 (no or bad token) or a 403 (an
+/// `Origin` not allowed) answers the HTTP request instead.
+fn admit(
+    shared: &Shared,
+    headers: &axum::http::HeaderMap,
+    query: Option<&str>,
+) -> Result<connection::Access, auth::Refusal> {
+    let Some(auth) = &shared.auth else {
+        return Ok(connection::Access::open(&shared.config));
+    };
+    let origin = headers
+        .get(axum::http::header::ORIGIN)
+        .map(|o| o.to_str().unwrap_or("?"));
+    if !auth.origin_allowed(origin) {
+        tracing::info!(
+            origin = origin.unwrap_or(""),
+            "WebSocket from an origin not allowed refused"
+        );
+        return Err(auth::Refusal::forbidden(
+            "this Origin is not allowed (auth.allowed_origins)",
+        ));
+    }
+    let from_query = query
+        .and_then(|q| serde_urlencoded::from_str::<UpgradeQuery>(q).ok())
+        .and_then(|q| q.access_token);
+    let token = auth::bearer(headers)
+        .map(str::to_owned)
+        .or(from_query)
+        .ok_or(auth::AuthError::Missing)?;
+    let identity = auth.authenticate(&token, callapi_kit::unix_ms() / 1000)?;
+    let tenants = auth.tenants();
+    let tenant = tenants.get(&identity.tenant).ok_or(auth::AuthError::Gone)?;
+    Ok(connection::Access::of(&identity, tenant))
+}
+
+async fn upgrade(
+    ws: WebSocketUpgrade,
+    State(shared): State<Arc<Shared>>,
+    headers: axum::http::HeaderMap,
+    axum::extract::RawQuery(query): axum::extract::RawQuery,
+) -> axum::response::Response {
+    let access = match admit(&shared, &headers, query.as_deref()) {
+        Ok(access) => access,
+        Err(refused) => return refused.into_response(),
+    };
     let tracked = shared.tasks.token();
     // A small read buffer: most connections idle, requests are small, and it grows for a larger
     // message anyway. The write buffer is made at the first write; frames queued together
@@ -291,9 +384,10 @@ async fn upgrade(ws: WebSocketUpgrade, State(shared): State<Arc<Shared>>) -> imp
         .max_message_size(HARD_FRAME_LIMIT)
         .max_frame_size(HARD_FRAME_LIMIT)
         .on_upgrade(move |socket| async move {
-            connection::serve(socket, shared).await;
+            connection::serve(socket, shared, access).await;
             drop(tracked);
         })
+        .into_response()
 }
 
 #[cfg(test)]

@@ -239,6 +239,146 @@ impl Drop for WaiterGuard<'_> {
     }
 }
 
+/// Who may use the REST API, and the [`Rest`] of each tenant.
+pub struct RestState {
+    commands: CommandClient,
+    sessions: Option<SessionView>,
+    outcome_wait: Duration,
+    access: Access,
+}
+
+enum Access {
+    /// No `[auth]`: every request acts for the one configured tenant (development only).
+    Open(Arc<Rest>),
+    /// Every request needs an access token; its tenant's [`Rest`] is made on first use and
+    /// made again when the tenants file changes the tenant.
+    Tenants {
+        auth: Arc<crate::auth::Auth>,
+        rests: TenantRests,
+    },
+}
+
+/// Each tenant's [`Rest`], with the tenant's settings it was made from.
+type TenantRests = Mutex<HashMap<String, (Arc<callapi_kit::tenants::Tenant>, Arc<Rest>)>>;
+
+impl RestState {
+    /// REST without authentication, for clients of `tenant` (development only).
+    pub fn open(rest: Rest) -> Self {
+        Self {
+            commands: rest.commands.clone(),
+            sessions: rest.sessions.clone(),
+            outcome_wait: rest.outcome_wait,
+            access: Access::Open(Arc::new(rest)),
+        }
+    }
+
+    /// REST for the tenants `auth` knows, each request authenticated by its access token.
+    pub fn with_auth(
+        commands: CommandClient,
+        sessions: Option<SessionView>,
+        outcome_wait: Duration,
+        auth: Arc<crate::auth::Auth>,
+    ) -> Self {
+        Self {
+            commands,
+            sessions,
+            outcome_wait,
+            access: Access::Tenants {
+                auth,
+                rests: Mutex::new(HashMap::new()),
+            },
+        }
+    }
+
+    /// The [`Rest`] a request may use for `scope`: 401 without a valid token, 403 without the
+    /// scope.
+    fn authorize(
+        &self,
+        headers: &axum::http::HeaderMap,
+        scope: callapi_kit::tenants::Scope,
+    ) -> Result<Arc<Rest>, crate::auth::Refusal> {
+        use crate::auth::{AuthError, Refusal};
+        let (auth, rests) = match &self.access {
+            Access::Open(rest) => return Ok(rest.clone()),
+            Access::Tenants { auth, rests } => (auth, rests),
+        };
+        let token = crate::auth::bearer(headers).ok_or(AuthError::Missing)?;
+        let identity = auth.authenticate(token, now_ms() / 1000)?;
+        if !identity.may(scope) {
+            return Err(Refusal::forbidden(format!(
+                "this needs the {} scope",
+                scope.as_str()
+            )));
+        }
+        let tenants = auth.tenants();
+        let tenant = tenants.get(&identity.tenant).ok_or(AuthError::Gone)?;
+        let mut rests = lock(rests);
+        if let Some((known, rest)) = rests.get(&identity.tenant)
+            && **known == **tenant
+        {
+            return Ok(rest.clone());
+        }
+        let rest = Arc::new(Rest::new(
+            self.commands.clone(),
+            self.sessions.clone(),
+            &tenant.id,
+            tenant.domains.first().map_or("", String::as_str),
+            self.outcome_wait,
+            tenant
+                .trunks
+                .iter()
+                .map(|t| crate::TrunkConfig {
+                    name: t.name.clone(),
+                    uri: t.uri.clone(),
+                })
+                .collect(),
+        ));
+        rests.insert(identity.tenant.clone(), (tenant.clone(), rest.clone()));
+        Ok(rest)
+    }
+
+    /// The trunks the API document lists: the one tenant's, or `None` (each tenant has its
+    /// own).
+    fn documented_trunks(&self) -> Option<&[crate::TrunkConfig]> {
+        match &self.access {
+            Access::Open(rest) => Some(&rest.trunks),
+            Access::Tenants { .. } => None,
+        }
+    }
+}
+
+/// A REST request allowed to read calls (`calls:read`): the [`Rest`] of its tenant.
+pub struct Reader(Arc<Rest>);
+
+/// A REST request allowed to control calls (`calls:control`): the [`Rest`] of its tenant.
+pub struct Controller(Arc<Rest>);
+
+impl axum::extract::FromRequestParts<Arc<RestState>> for Reader {
+    type Rejection = crate::auth::Refusal;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &Arc<RestState>,
+    ) -> Result<Self, crate::auth::Refusal> {
+        state
+            .authorize(&parts.headers, callapi_kit::tenants::Scope::CallsRead)
+            .map(Reader)
+    }
+}
+
+impl axum::extract::FromRequestParts<Arc<RestState>> for Controller {
+    type Rejection = crate::auth::Refusal;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &Arc<RestState>,
+    ) -> Result<Self, crate::auth::Refusal> {
+        state
+            .authorize(&parts.headers, callapi_kit::tenants::Scope::CallsControl)
+            .map(Controller)
+    }
+}
+
 /// What the REST handlers share.
 pub struct Rest {
     commands: CommandClient,
@@ -404,7 +544,7 @@ fn session_id(text: &str) -> Option<u64> {
 }
 
 /// The routes under `/api`.
-pub fn router(rest: Arc<Rest>) -> axum::Router {
+pub fn router(rest: Arc<RestState>) -> axum::Router {
     axum::Router::new()
         .route("/api/openapi.json", get(openapi))
         .route("/api/docs", get(docs))
@@ -532,7 +672,7 @@ fn query_problem(rejection: QueryRejection) -> Problem {
     )
 )]
 async fn list(
-    State(rest): State<Arc<Rest>>,
+    Reader(rest): Reader,
     query: Result<Query<ListQuery>, QueryRejection>,
 ) -> Result<Json<sessions::SessionList>, Problem> {
     let Query(query) = query.map_err(query_problem)?;
@@ -581,7 +721,7 @@ async fn list(
     )
 )]
 async fn get_one(
-    State(rest): State<Arc<Rest>>,
+    Reader(rest): Reader,
     Path(id): Path<String>,
 ) -> Result<Json<sessions::SessionItem>, Problem> {
     let session = match rest.session(&id) {
@@ -811,7 +951,7 @@ fn extension(field: &str, value: &str) -> Result<(), Problem> {
     )
 )]
 async fn create(
-    State(rest): State<Arc<Rest>>,
+    Controller(rest): Controller,
     Body(body): Body<CreateBody>,
 ) -> Result<Json<Created>, Problem> {
     bounded("caller_display_name", &body.caller_display_name, 0, 1024)?;
@@ -984,7 +1124,7 @@ fn other(leg: pb::Leg) -> pb::Leg {
     responses(ControlResponses)
 )]
 async fn destroy(
-    State(rest): State<Arc<Rest>>,
+    Controller(rest): Controller,
     Path(id): Path<String>,
 ) -> Result<StatusCode, Problem> {
     let (session, placed) = rest.session_and_whether_placed("id", &id)?;
@@ -1052,7 +1192,7 @@ async fn hold_or_unhold(
     responses(ControlResponses)
 )]
 async fn hold(
-    State(rest): State<Arc<Rest>>,
+    Controller(rest): Controller,
     Path(id): Path<String>,
     Body(body): Body<ExtensionBody>,
 ) -> Result<StatusCode, Problem> {
@@ -1069,7 +1209,7 @@ async fn hold(
     responses(ControlResponses)
 )]
 async fn unhold(
-    State(rest): State<Arc<Rest>>,
+    Controller(rest): Controller,
     Path(id): Path<String>,
     Body(body): Body<ExtensionBody>,
 ) -> Result<StatusCode, Problem> {
@@ -1099,7 +1239,7 @@ struct ReferBody {
     responses(ControlResponses)
 )]
 async fn refer(
-    State(rest): State<Arc<Rest>>,
+    Controller(rest): Controller,
     Path(id): Path<String>,
     Body(body): Body<ReferBody>,
 ) -> Result<StatusCode, Problem> {
@@ -1168,7 +1308,7 @@ fn counterpart<'a>(
     responses(ControlResponses)
 )]
 async fn attended_refer(
-    State(rest): State<Arc<Rest>>,
+    Controller(rest): Controller,
     Path(id): Path<String>,
     Body(body): Body<AttendedReferBody>,
 ) -> Result<StatusCode, Problem> {
@@ -1243,9 +1383,12 @@ async fn attended_refer(
 pub struct ApiDoc;
 
 /// The OpenAPI document, with `trunk` listing the configured trunks (absent if there are none).
-fn document(trunks: &[crate::TrunkConfig]) -> Value {
+fn document(trunks: Option<&[crate::TrunkConfig]>) -> Value {
     use utoipa::OpenApi as _;
     let mut doc = serde_json::to_value(ApiDoc::openapi()).unwrap_or(Value::Null);
+    let Some(trunks) = trunks else {
+        return with_bearer_auth(doc);
+    };
     if let Some(properties) = doc
         .pointer_mut("/components/schemas/CreateBody/properties")
         .and_then(Value::as_object_mut)
@@ -1261,9 +1404,40 @@ fn document(trunks: &[crate::TrunkConfig]) -> Value {
     doc
 }
 
+/// The document of an API that needs an access token: the bearer scheme, required by every
+/// operation but `/directly` (which takes an extension's password).
+fn with_bearer_auth(mut doc: Value) -> Value {
+    if let Some(components) = doc.get_mut("components").and_then(Value::as_object_mut) {
+        components.insert(
+            "securitySchemes".to_owned(),
+            json!({"bearer": {
+                "type": "http",
+                "scheme": "bearer",
+                "bearerFormat": "JWT",
+                "description": "An access token from POST /api/login/oauth/token"
+            }}),
+        );
+    }
+    if let Some(paths) = doc.get_mut("paths").and_then(Value::as_object_mut) {
+        for (path, item) in paths.iter_mut() {
+            if path.ends_with("/directly") {
+                continue;
+            }
+            if let Some(item) = item.as_object_mut() {
+                for operation in item.values_mut().filter_map(Value::as_object_mut) {
+                    operation.insert("security".to_owned(), json!([{"bearer": []}]));
+                }
+            }
+        }
+    }
+    doc
+}
+
 /// `GET /api/openapi.json`.
-async fn openapi(State(rest): State<Arc<Rest>>) -> Response {
-    let mut response = document(&rest.trunks).to_string().into_response();
+async fn openapi(State(state): State<Arc<RestState>>) -> Response {
+    let mut response = document(state.documented_trunks())
+        .to_string()
+        .into_response();
     response.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
@@ -1329,12 +1503,33 @@ mod tests {
     fn the_served_document_lists_the_configured_trunks() {
         let trunk =
             |doc: &Value| doc["components"]["schemas"]["CreateBody"]["properties"]["trunk"].clone();
-        assert_eq!(trunk(&document(&[])), Value::Null);
-        let doc = document(&[crate::TrunkConfig {
+        assert_eq!(trunk(&document(Some(&[]))), Value::Null);
+        let doc = document(Some(&[crate::TrunkConfig {
             name: "carrier".into(),
             uri: "sip:203.0.113.7".into(),
-        }]);
+        }]));
         assert_eq!(trunk(&doc)["enum"], serde_json::json!(["carrier", null]));
         assert_eq!(trunk(&doc)["maxLength"], 64);
+    }
+
+    #[test]
+    fn with_authentication_every_operation_but_directly_needs_a_bearer_token() {
+        let doc = document(None);
+        assert_eq!(
+            doc["components"]["securitySchemes"]["bearer"]["scheme"],
+            "bearer"
+        );
+        assert_eq!(
+            doc["paths"]["/api/sessions"]["get"]["security"],
+            serde_json::json!([{"bearer": []}])
+        );
+        assert_eq!(
+            doc["paths"]["/api/sessions/{id}/destroy"]["post"]["security"],
+            serde_json::json!([{"bearer": []}])
+        );
+        assert_eq!(
+            doc["paths"]["/api/sessions/directly"]["get"]["security"],
+            Value::Null
+        );
     }
 }

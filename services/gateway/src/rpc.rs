@@ -31,6 +31,8 @@ pub mod code {
     pub const TOO_MANY_COMMANDS: i64 = -32003;
     /// No such session (`CallGet`).
     pub const NOT_FOUND: i64 = -32004;
+    /// The client's access token lacks the scope the method needs.
+    pub const FORBIDDEN: i64 = -32005;
 }
 
 /// Longest piece of client text (method name, member or param name) quoted in an error.

@@ -304,7 +304,9 @@ mod tests {
             "2026-12",
         )
         .unwrap();
-        let (forged, _) = forger.issue("globex", "crm", &both(), "g1", NOW, 600).unwrap();
+        let (forged, _) = forger
+            .issue("globex", "crm", &both(), "g1", NOW, 600)
+            .unwrap();
         assert_eq!(keys.verify(&forged, NOW), Err(TokenError::Signature));
         // A kid nobody configured, none at all, another algorithm with the right secret.
         let stranger = Keys::new(
@@ -312,7 +314,9 @@ mod tests {
             "elsewhere",
         )
         .unwrap();
-        let (unknown, _) = stranger.issue("acme", "crm", &both(), "g1", NOW, 600).unwrap();
+        let (unknown, _) = stranger
+            .issue("acme", "crm", &both(), "g1", NOW, 600)
+            .unwrap();
         assert_eq!(keys.verify(&unknown, NOW), Err(TokenError::UnknownKey));
         let secret = b"the-current-secret-of-at-least-32-bytes";
         let no_kid = jsonwebtoken::encode(
@@ -352,7 +356,9 @@ mod tests {
             "2026-11",
         )
         .unwrap();
-        let (old_token, _) = before.issue("acme", "crm", &both(), "g1", NOW, 3600).unwrap();
+        let (old_token, _) = before
+            .issue("acme", "crm", &both(), "g1", NOW, 3600)
+            .unwrap();
         // The new key signs; the old one still verifies what it signed.
         let during = keys();
         assert!(during.verify(&old_token, NOW + 60).is_ok());

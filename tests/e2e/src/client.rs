@@ -33,6 +33,46 @@ impl Client {
         }
     }
 
+    /// Connects with extra upgrade request `headers` (e.g. `Authorization`, `Origin`); the
+    /// HTTP status and body of a refused upgrade otherwise.
+    pub async fn try_connect(url: &str, headers: &[(&str, &str)]) -> Result<Self, (u16, String)> {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
+        let mut request = url.into_client_request().expect("a WebSocket URL");
+        for (name, value) in headers {
+            request.headers_mut().insert(
+                tokio_tungstenite::tungstenite::http::HeaderName::from_bytes(name.as_bytes())
+                    .expect("header name"),
+                tokio_tungstenite::tungstenite::http::HeaderValue::from_str(value)
+                    .expect("header value"),
+            );
+        }
+        match tokio_tungstenite::connect_async(request).await {
+            Ok((socket, _)) => Ok(Self {
+                socket,
+                backlog: VecDeque::new(),
+                next_id: 1,
+            }),
+            Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+                let status = response.status().as_u16();
+                let body = response
+                    .body()
+                    .as_ref()
+                    .map(|b| String::from_utf8_lossy(b).into_owned())
+                    .unwrap_or_default();
+                Err((status, body))
+            }
+            Err(err) => Err((0, err.to_string())),
+        }
+    }
+
+    /// Connects with an access token in the `Authorization` header.
+    pub async fn connect_with_token(url: &str, token: &str) -> Self {
+        let authorization = format!("Bearer {token}");
+        Self::try_connect(url, &[("Authorization", &authorization)])
+            .await
+            .unwrap_or_else(|(status, body)| panic!("upgrade refused: {status} {body}"))
+    }
+
     /// Sends raw text.
     pub async fn send_text(&mut self, text: &str) {
         self.socket
@@ -73,6 +113,21 @@ impl Client {
                 _ => continue,
             }
         }
+    }
+
+    /// Waits for the gateway's close frame, skipping other messages: its code and reason
+    /// (`(0, "")` if the connection ended without one).
+    pub async fn closed(&mut self) -> (u16, String) {
+        while let Some(message) = self.socket.next().await {
+            match message {
+                Ok(Message::Close(Some(frame))) => {
+                    return (u16::from(frame.code), frame.reason.to_string());
+                }
+                Ok(Message::Close(None)) | Err(_) => return (0, String::new()),
+                Ok(_) => continue,
+            }
+        }
+        (0, String::new())
     }
 
     /// The reply to request `id` (other messages stay in the backlog).

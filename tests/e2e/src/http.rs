@@ -15,19 +15,109 @@ pub struct Response {
     pub body: String,
     /// The body as JSON.
     pub json: Value,
+    /// Every header, names in lower case.
+    pub headers: Vec<(String, String)>,
+}
+
+impl Response {
+    /// The value of header `name` ("" if absent).
+    pub fn header(&self, name: &str) -> &str {
+        self.headers
+            .iter()
+            .find(|(key, _)| key.eq_ignore_ascii_case(name))
+            .map_or("", |(_, value)| value.as_str())
+    }
 }
 
 /// Sends `method path` to `host:port` with `body` (JSON when given) and reads the response.
 pub async fn request(addr: &str, method: &str, path: &str, body: Option<&str>) -> Response {
-    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    let body = body.unwrap_or("");
-    let content_type = if body.is_empty() {
-        String::new()
+    let content_type = if body.is_some_and(|b| !b.is_empty()) {
+        "application/json"
     } else {
-        "Content-Type: application/json\r\n".to_owned()
+        ""
     };
+    send(addr, method, path, &[], content_type, body.unwrap_or("")).await
+}
+
+/// As [`request`] with an `Authorization: Bearer` token.
+pub async fn authed(
+    addr: &str,
+    token: &str,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+) -> Response {
+    let authorization = format!("Bearer {token}");
+    let content_type = if body.is_some_and(|b| !b.is_empty()) {
+        "application/json"
+    } else {
+        ""
+    };
+    send(
+        addr,
+        method,
+        path,
+        &[("Authorization", &authorization)],
+        content_type,
+        body.unwrap_or(""),
+    )
+    .await
+}
+
+/// A form-encoded `POST` (OAuth's token and revoke endpoints), with extra `headers`.
+pub async fn post_form(
+    addr: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    form: &[(&str, &str)],
+) -> Response {
+    let body = form
+        .iter()
+        .map(|(k, v)| format!("{}={}", encode(k), encode(v)))
+        .collect::<Vec<_>>()
+        .join("&");
+    send(
+        addr,
+        "POST",
+        path,
+        headers,
+        "application/x-www-form-urlencoded",
+        &body,
+    )
+    .await
+}
+
+/// Percent-encodes a form value.
+fn encode(text: &str) -> String {
+    text.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// Sends one request with `headers` and a body of `content_type` ("" and "" for none).
+pub async fn send(
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    content_type: &str,
+    body: &str,
+) -> Response {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let mut extra = String::new();
+    if !content_type.is_empty() {
+        extra.push_str(&format!("Content-Type: {content_type}\r\n"));
+    }
+    for (name, value) in headers {
+        extra.push_str(&format!("{name}: {value}\r\n"));
+    }
     let request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n{content_type}Content-Length: {}\r\n\r\n{body}",
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n{extra}Content-Length: {}\r\n\r\n{body}",
         body.len()
     );
     stream.write_all(request.as_bytes()).await.expect("write");
@@ -54,11 +144,20 @@ pub async fn request(addr: &str, method: &str, path: &str, body: Option<&str>) -
     } else {
         rest.to_owned()
     };
+    let headers = head
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let (key, value) = line.split_once(':')?;
+            Some((key.trim().to_ascii_lowercase(), value.trim().to_owned()))
+        })
+        .collect();
     Response {
         status,
         content_type: header("Content-Type"),
         json: serde_json::from_str(&body).unwrap_or(Value::Null),
         body,
+        headers,
     }
 }
 

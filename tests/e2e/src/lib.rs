@@ -52,6 +52,8 @@ pub struct StackOptions {
     pub ingest_toml: String,
     /// Extra lines for event-ingest's `[[nodes]]` entry.
     pub ingest_node_toml: String,
+    /// The tenant event-ingest gives the node's calls.
+    pub node_tenant: &'static str,
     /// Extra top-level TOML lines for proxy-connector's config.
     pub connector_toml: String,
     /// Extra lines for proxy-connector's `[[nodes]]` entry.
@@ -85,6 +87,7 @@ impl Default for StackOptions {
             commands_deadlines_toml: String::new(),
             ingest_toml: String::new(),
             ingest_node_toml: String::new(),
+            node_tenant: "default",
             connector_toml: String::new(),
             connector_node_toml: String::new(),
             emulator_args: Vec::new(),
@@ -217,11 +220,12 @@ impl Stack {
             .service(
                 "event-ingest",
                 &format!(
-                    "expire_secs = {}\ncheck_interval_ms = {}\n{}\n[nats]\nurl = \"{}\"\n[[nodes]]\nid = \"opensips1\"\ntenant = \"default\"\nlisten = \"127.0.0.1:0\"\n{}\n",
+                    "expire_secs = {}\ncheck_interval_ms = {}\n{}\n[nats]\nurl = \"{}\"\n[[nodes]]\nid = \"opensips1\"\ntenant = \"{}\"\nlisten = \"127.0.0.1:0\"\n{}\n",
                     self.options.expire_secs,
                     self.options.check_interval_ms,
                     self.options.ingest_toml,
                     self.nats.url,
+                    self.options.node_tenant,
                     self.options.ingest_node_toml
                 ),
             )

@@ -16,3 +16,4 @@ mod protocol;
 mod resilience;
 mod rest;
 mod sessions;
+mod tenants;

@@ -1,0 +1,558 @@
+//! Tenants and authentication (issue 11), from the outside: sign-in as PortSIP does it, tokens
+//! on every REST request and WebSocket upgrade, scopes, and two tenants (`acme`, `globex`, from
+//! `deploy/local/tenants.toml`) on one node, neither able to see or touch the other's calls.
+//! The node's calls are acme's here (event-ingest gives the node one tenant until it resolves
+//! tenants by SIP domain).
+
+use std::time::Duration;
+
+use callapi_e2e::client::shape;
+use callapi_e2e::http::{authed, post_form, request};
+use callapi_e2e::{Client, Stack, StackOptions};
+use serde_json::{Value, json};
+
+use crate::commands::call;
+
+const TOKEN_PATH: &str = "/api/login/oauth/token";
+const REVOKE_PATH: &str = "/api/login/oauth/revoke";
+const ALLOWED_ORIGIN: &str = "https://desk.acme.example";
+
+/// A form's fields.
+type Form<'a> = &'a [(&'a str, &'a str)];
+
+/// The gateway's `[auth]`: the local tenants file, two keys (the second signs), tokens living
+/// `access_ttl` seconds.
+fn auth_toml(access_ttl: u64) -> String {
+    let tenants = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../deploy/local/tenants.toml")
+        .canonicalize()
+        .expect("deploy/local/tenants.toml");
+    format!(
+        r#"[auth]
+tenants_file = "{}"
+active_key = "k2"
+access_token_ttl_secs = {access_ttl}
+allowed_origins = ["{ALLOWED_ORIGIN}"]
+[[auth.signing_keys]]
+kid = "k1"
+secret = "an-older-test-secret-of-at-least-32-bytes"
+[[auth.signing_keys]]
+kid = "k2"
+secret_env = "CALLAPI_TEST_SIGNING_KEY"
+"#,
+        tenants.display()
+    )
+}
+
+async fn stack_with_auth(access_ttl: u64) -> Stack {
+    Stack::with(StackOptions {
+        gateway_toml: auth_toml(access_ttl),
+        node_tenant: "acme",
+        service_env: vec![(
+            "CALLAPI_TEST_SIGNING_KEY".into(),
+            "the-current-test-secret-of-at-least-32-bytes".into(),
+        )],
+        ..StackOptions::default()
+    })
+    .await
+}
+
+/// An API client's sign-in (client credentials); the whole answer.
+async fn client_token(stack: &Stack, id: &str, secret: &str) -> Value {
+    let reply = post_form(
+        &stack.http_addr(),
+        TOKEN_PATH,
+        &[],
+        &[
+            ("grant_type", "client_credentials"),
+            ("client_id", id),
+            ("client_secret", secret),
+        ],
+    )
+    .await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    reply.json
+}
+
+async fn access_token(stack: &Stack, id: &str, secret: &str) -> String {
+    client_token(stack, id, secret).await["access_token"]
+        .as_str()
+        .expect("access_token")
+        .to_owned()
+}
+
+fn ws_url(stack: &Stack) -> String {
+    stack.url().to_owned()
+}
+
+/// Sends a request over WebSocket and returns its reply.
+async fn ask(client: &mut Client, method: &str, params: Value) -> Value {
+    let id = client.request(method, params).await;
+    client.reply(&id).await
+}
+
+#[tokio::test]
+async fn sign_in_refresh_and_revoke_as_portsip_does() {
+    let stack = stack_with_auth(3600).await;
+    let addr = stack.http_addr();
+
+    // An API client: a token without a refresh token, never cached.
+    let reply = post_form(
+        &addr,
+        TOKEN_PATH,
+        &[],
+        &[
+            ("grant_type", "client_credentials"),
+            ("client_id", "crm"),
+            ("client_secret", "acme-crm-secret"),
+        ],
+    )
+    .await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert_eq!(reply.json["token_type"], "Bearer");
+    assert_eq!(reply.json["expires_in"], 3600);
+    assert_eq!(reply.json["scope"], "calls:read calls:control");
+    assert!(reply.json["refresh_token"].is_null(), "{}", reply.body);
+    assert_eq!(reply.header("cache-control"), "no-store");
+    // The same with HTTP Basic client authentication (RFC 6749 section 2.3.1).
+    let basic = post_form(
+        &addr,
+        TOKEN_PATH,
+        &[("Authorization", "Basic Y3JtOmFjbWUtY3JtLXNlY3JldA==")],
+        &[("grant_type", "client_credentials")],
+    )
+    .await;
+    assert_eq!(basic.status, 200, "{}", basic.body);
+
+    // A tenant's user, PortSIP's password grant: the tenant named by its SIP domain.
+    let form = [
+        ("grant_type", "password"),
+        ("username", "wallboard"),
+        ("password", "acme-wallboard-password"),
+        ("domain", "acme.localhost"),
+        ("scope", "all"),
+        ("client_id", "9d806019-75b2-4b3d-bb8b-f5a3a412cc0a"),
+    ];
+    let signed_in = post_form(&addr, TOKEN_PATH, &[], &form).await;
+    assert_eq!(signed_in.status, 200, "{}", signed_in.body);
+    assert_eq!(signed_in.json["scope"], "calls:read");
+    let access = signed_in.json["access_token"].as_str().unwrap().to_owned();
+    let refresh = signed_in.json["refresh_token"].as_str().unwrap().to_owned();
+    assert_eq!(
+        authed(&addr, &access, "GET", "/api/sessions", None)
+            .await
+            .status,
+        200
+    );
+
+    // Wrong credentials, missing fields, other grants: OAuth's errors.
+    let cases: [(Form, u16, &str); 6] = [
+        (
+            &[
+                ("grant_type", "password"),
+                ("username", "wallboard"),
+                ("password", "wrong"),
+                ("domain", "acme.localhost"),
+            ],
+            400,
+            "invalid_grant",
+        ),
+        (
+            &[
+                ("grant_type", "password"),
+                ("username", "wallboard"),
+                ("password", "acme-wallboard-password"),
+                ("domain", "globex.localhost"),
+            ],
+            400,
+            "invalid_grant",
+        ),
+        (
+            &[
+                ("grant_type", "password"),
+                ("username", "wallboard"),
+                ("password", "acme-wallboard-password"),
+            ],
+            400,
+            "invalid_request",
+        ),
+        (
+            &[
+                ("grant_type", "client_credentials"),
+                ("client_id", "crm"),
+                ("client_secret", "globex-dialer-secret"),
+            ],
+            401,
+            "invalid_client",
+        ),
+        (
+            &[("grant_type", "authorization_code"), ("code", "x")],
+            400,
+            "unsupported_grant_type",
+        ),
+        (
+            &[
+                ("grant_type", "password"),
+                ("username", "wallboard"),
+                ("password", "acme-wallboard-password"),
+                ("domain", "acme.localhost"),
+                ("scope", "calls:control"),
+            ],
+            400,
+            "invalid_scope",
+        ),
+    ];
+    for (form, status, error) in cases {
+        let reply = post_form(&addr, TOKEN_PATH, &[], form).await;
+        assert_eq!(reply.status, status, "{form:?}: {}", reply.body);
+        assert_eq!(reply.json["error"], error, "{form:?}: {}", reply.body);
+        assert!(
+            !reply.body.contains("acme-wallboard-password"),
+            "a password echoed back"
+        );
+    }
+    let json_body = callapi_e2e::http::send(
+        &addr,
+        "POST",
+        TOKEN_PATH,
+        &[],
+        "application/json",
+        r#"{"grant_type":"client_credentials"}"#,
+    )
+    .await;
+    assert_eq!(json_body.status, 400, "{}", json_body.body);
+    assert_eq!(json_body.json["error"], "invalid_request");
+
+    // Refresh: new tokens, the refresh token rotated.
+    let refreshed = post_form(
+        &addr,
+        TOKEN_PATH,
+        &[],
+        &[("grant_type", "refresh_token"), ("refresh_token", &refresh)],
+    )
+    .await;
+    assert_eq!(refreshed.status, 200, "{}", refreshed.body);
+    let access2 = refreshed.json["access_token"].as_str().unwrap().to_owned();
+    let refresh2 = refreshed.json["refresh_token"].as_str().unwrap().to_owned();
+    assert_ne!(refresh2, refresh);
+    assert_eq!(
+        authed(&addr, &access2, "GET", "/api/sessions", None)
+            .await
+            .status,
+        200
+    );
+    // The old refresh token again: replayed or stolen, so the whole sign-in ends.
+    let replayed = post_form(
+        &addr,
+        TOKEN_PATH,
+        &[],
+        &[("grant_type", "refresh_token"), ("refresh_token", &refresh)],
+    )
+    .await;
+    assert_eq!(replayed.status, 400, "{}", replayed.body);
+    assert_eq!(replayed.json["error"], "invalid_grant");
+    let after_replay = authed(&addr, &access2, "GET", "/api/sessions", None).await;
+    assert_eq!(after_replay.status, 401, "{}", after_replay.body);
+    let refresh_after = post_form(
+        &addr,
+        TOKEN_PATH,
+        &[],
+        &[
+            ("grant_type", "refresh_token"),
+            ("refresh_token", &refresh2),
+        ],
+    )
+    .await;
+    assert_eq!(refresh_after.json["error"], "invalid_grant");
+
+    // Revoke (PortSIP: the access token of the Authorization header): refused at once, over
+    // REST and at a WebSocket upgrade.
+    let token = access_token(&stack, "crm", "acme-crm-secret").await;
+    assert_eq!(
+        authed(&addr, &token, "GET", "/api/sessions", None)
+            .await
+            .status,
+        200
+    );
+    let bearer = format!("Bearer {token}");
+    let revoked = post_form(&addr, REVOKE_PATH, &[("Authorization", &bearer)], &[]).await;
+    assert_eq!(revoked.status, 200, "{}", revoked.body);
+    let refused = authed(&addr, &token, "GET", "/api/sessions", None).await;
+    assert_eq!(refused.status, 401, "{}", refused.body);
+    assert_eq!(refused.json["code"], "UNAUTHORIZED");
+    let upgrade = Client::try_connect(&ws_url(&stack), &[("Authorization", &bearer)]).await;
+    assert_eq!(upgrade.err().map(|(status, _)| status), Some(401));
+}
+
+#[tokio::test]
+async fn every_request_needs_a_valid_token_but_health_the_api_document_and_directly() {
+    let stack = stack_with_auth(3600).await;
+    let addr = stack.http_addr();
+    for (method, path) in [
+        ("GET", "/api/sessions"),
+        ("GET", "/api/sessions/1"),
+        ("POST", "/api/sessions"),
+        ("POST", "/api/sessions/1/destroy"),
+        ("POST", "/api/sessions/1/hold"),
+        ("POST", "/api/sessions/1/unhold"),
+        ("POST", "/api/sessions/1/refer"),
+        ("POST", "/api/sessions/1/attended_refer"),
+    ] {
+        let body = (method == "POST").then_some("{}");
+        let reply = request(&addr, method, path, body).await;
+        assert_eq!(reply.status, 401, "{method} {path}: {}", reply.body);
+        assert_eq!(reply.content_type, "application/problem+json");
+        assert!(
+            reply.header("www-authenticate").starts_with("Bearer"),
+            "{method} {path}"
+        );
+    }
+    assert_eq!(request(&addr, "GET", "/healthz", None).await.status, 200);
+    let document = request(&addr, "GET", "/api/openapi.json", None).await;
+    assert_eq!(document.status, 200);
+    assert_eq!(
+        document.json["components"]["securitySchemes"]["bearer"]["scheme"],
+        "bearer"
+    );
+    assert_ne!(
+        request(&addr, "GET", "/api/sessions/directly", None)
+            .await
+            .status,
+        401
+    );
+
+    // Forged, tampered and foreign tokens.
+    let token = access_token(&stack, "crm", "acme-crm-secret").await;
+    let parts: Vec<&str> = token.split('.').collect();
+    let b64 = |bytes: &[u8]| {
+        use base64::Engine as _;
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+    };
+    let mut claims: Value = {
+        use base64::Engine as _;
+        serde_json::from_slice(
+            &base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(parts[1])
+                .unwrap(),
+        )
+        .unwrap()
+    };
+    claims["tenant"] = json!("globex");
+    let tampered = format!(
+        "{}.{}.{}",
+        parts[0],
+        b64(claims.to_string().as_bytes()),
+        parts[2]
+    );
+    let unsigned = format!(
+        "{}.{}.",
+        b64(br#"{"alg":"none","typ":"JWT","kid":"k2"}"#),
+        parts[1]
+    );
+    let garbage = "not-a-token".to_owned();
+    for bad in [&tampered, &unsigned, &garbage] {
+        let reply = authed(&addr, bad, "GET", "/api/sessions", None).await;
+        assert_eq!(reply.status, 401, "{bad}: {}", reply.body);
+        let upgrade =
+            Client::try_connect(&format!("{}?access_token={bad}", ws_url(&stack)), &[]).await;
+        assert_eq!(upgrade.err().map(|(status, _)| status), Some(401), "{bad}");
+    }
+    // No token at the upgrade: 401 before upgrading; a browser page of an origin not allowed:
+    // 403 even with a token.
+    let upgrade = Client::try_connect(&ws_url(&stack), &[]).await;
+    assert_eq!(upgrade.err().map(|(status, _)| status), Some(401));
+    let bearer = format!("Bearer {token}");
+    let upgrade = Client::try_connect(
+        &ws_url(&stack),
+        &[
+            ("Authorization", &bearer),
+            ("Origin", "https://evil.example"),
+        ],
+    )
+    .await;
+    assert_eq!(upgrade.err().map(|(status, _)| status), Some(403));
+    // The allowed origin, with the token in the query as a browser sends it.
+    let mut browser = Client::try_connect(
+        &format!("{}?access_token={token}", ws_url(&stack)),
+        &[("Origin", ALLOWED_ORIGIN)],
+    )
+    .await
+    .expect("upgrade");
+    let listed = ask(&mut browser, "CallList", json!({})).await;
+    assert_eq!(listed["result"]["count"], 0, "{listed}");
+}
+
+#[tokio::test]
+async fn a_wallboard_reads_but_cannot_control() {
+    let stack = stack_with_auth(3600).await;
+    let addr = stack.http_addr();
+    let signed_in = post_form(
+        &addr,
+        TOKEN_PATH,
+        &[],
+        &[
+            ("grant_type", "password"),
+            ("username", "wallboard"),
+            ("password", "acme-wallboard-password"),
+            ("domain", "acme.localhost"),
+        ],
+    )
+    .await;
+    let token = signed_in.json["access_token"].as_str().unwrap().to_owned();
+    assert_eq!(
+        authed(&addr, &token, "GET", "/api/sessions", None)
+            .await
+            .status,
+        200
+    );
+    let create = authed(
+        &addr,
+        &token,
+        "POST",
+        "/api/sessions",
+        Some(r#"{"caller":"1001","callee":"1002"}"#),
+    )
+    .await;
+    assert_eq!(create.status, 403, "{}", create.body);
+    assert_eq!(create.json["code"], "FORBIDDEN");
+    let mut wallboard = Client::connect_with_token(&ws_url(&stack), &token).await;
+    let listed = ask(&mut wallboard, "CallList", json!({})).await;
+    assert!(listed["result"].is_object(), "{listed}");
+    let start = ask(
+        &mut wallboard,
+        "CallStart",
+        json!({"caller": "sip:alice@127.0.0.1", "callee": "sip:bob@127.0.0.1"}),
+    )
+    .await;
+    assert_eq!(start["error"]["code"], -32005, "{start}");
+}
+
+#[tokio::test]
+async fn a_tenant_never_sees_or_touches_another_tenants_calls() {
+    let stack = stack_with_auth(3600).await;
+    let addr = stack.http_addr();
+    let acme = access_token(&stack, "crm", "acme-crm-secret").await;
+    let globex = access_token(&stack, "dialer", "globex-dialer-secret").await;
+
+    // acme places a call; it is acme's to list and read.
+    let mut acme_ws = Client::connect_with_token(&ws_url(&stack), &acme).await;
+    let callid = call(&mut acme_ws, "alice", "bob").await;
+    let listed = authed(&addr, &acme, "GET", "/api/sessions", None).await;
+    assert_eq!(listed.json["count"], 1, "{}", listed.body);
+    let id = listed.json["items"][0]["id"]
+        .as_str()
+        .expect("session id")
+        .to_owned();
+
+    // globex sees nothing of it, by session id or Call-ID, over REST or WebSocket, and gets
+    // the answer it would get for a call that does not exist.
+    let globex_list = authed(&addr, &globex, "GET", "/api/sessions", None).await;
+    assert_eq!(globex_list.json["count"], 0, "{}", globex_list.body);
+    let filtered = authed(
+        &addr,
+        &globex,
+        "GET",
+        &format!("/api/sessions?filter={callid}"),
+        None,
+    )
+    .await;
+    assert_eq!(filtered.json["count"], 0, "{}", filtered.body);
+    let unknown_id = "1234567890123";
+    for path in [
+        format!("/api/sessions/{id}"),
+        format!("/api/sessions/{unknown_id}"),
+    ] {
+        let reply = authed(&addr, &globex, "GET", &path, None).await;
+        assert_eq!(reply.status, 404, "{path}: {}", reply.body);
+    }
+    let controls: [(&str, Value); 5] = [
+        ("destroy", json!({})),
+        ("hold", json!({"extension_number": "1001"})),
+        ("unhold", json!({"extension_number": "1001"})),
+        (
+            "refer",
+            json!({"extension_number": "1001", "refer_to": "1003"}),
+        ),
+        ("attended_refer", json!({"session_1": id, "session_2": id})),
+    ];
+    for (operation, body) in &controls {
+        for session in [id.as_str(), unknown_id] {
+            let path = format!("/api/sessions/{session}/{operation}");
+            let body = if *operation == "attended_refer" {
+                json!({"extension_number": "1001", "refer_to_1": "1002", "session_1": session, "refer_to_2": "1003", "session_2": session})
+            } else {
+                body.clone()
+            };
+            let reply = authed(&addr, &globex, "POST", &path, Some(&body.to_string())).await;
+            assert_eq!(reply.status, 404, "{path}: {}", reply.body);
+            assert_eq!(reply.json["code"], "NOT_FOUND", "{path}: {}", reply.body);
+        }
+    }
+    let mut globex_ws = Client::connect_with_token(&ws_url(&stack), &globex).await;
+    let listed = ask(&mut globex_ws, "CallList", json!({})).await;
+    assert_eq!(listed["result"]["count"], 0, "{listed}");
+    for key in [json!({"session_id": id}), json!({"callid": callid})] {
+        let got = ask(&mut globex_ws, "CallGet", key.clone()).await;
+        assert_eq!(got["error"]["code"], -32004, "{key}: {got}");
+    }
+    let commands = [
+        ("CallEnd", json!({"callid": callid})),
+        ("CallHold", json!({"callid": callid})),
+        ("CallUnHold", json!({"callid": callid})),
+        (
+            "CallBlindTransfer",
+            json!({"callid": callid, "leg": "caller", "destination": "sip:cindy@127.0.0.1"}),
+        ),
+        (
+            "CallAttendedTransfer",
+            json!({"callid_a": callid, "leg_a": "caller", "callid_b": callid, "leg_b": "callee"}),
+        ),
+    ];
+    for (method, params) in &commands {
+        let reply = ask(&mut globex_ws, method, params.clone()).await;
+        assert_eq!(reply["error"]["code"], -32004, "{method}: {reply}");
+        let unknown = ask(
+            &mut globex_ws,
+            method,
+            serde_json::from_str(&params.to_string().replace(&callid, "no-such-call@x")).unwrap(),
+        )
+        .await;
+        assert_eq!(
+            unknown["error"],
+            reply["error"]
+                .clone()
+                .as_object()
+                .map(|e| {
+                    let mut e = e.clone();
+                    e.insert(
+                        "message".into(),
+                        json!("no call with Call-ID no-such-call@x"),
+                    );
+                    Value::Object(e)
+                })
+                .unwrap(),
+            "{method}: the same answer as for a call that does not exist"
+        );
+    }
+    // The call is untouched: still up, and acme ends it.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(crate::commands::dialog_state(&stack, &callid), Some(4));
+    let notes = acme_ws.run("CallEnd", json!({"callid": callid})).await;
+    assert_eq!(shape(&notes), ["Ended"], "{notes:#?}");
+}
+
+#[tokio::test]
+async fn a_connection_whose_token_expires_is_closed_with_a_reason() {
+    let stack = stack_with_auth(2).await;
+    let token = access_token(&stack, "crm", "acme-crm-secret").await;
+    let mut client = Client::connect_with_token(&ws_url(&stack), &token).await;
+    let listed = ask(&mut client, "CallList", json!({})).await;
+    assert!(listed["result"].is_object(), "{listed}");
+    let close = tokio::time::timeout(Duration::from_secs(5), client.closed())
+        .await
+        .expect("closed within the token's life and a bit");
+    assert_eq!(close.0, 4001, "{close:?}");
+    assert!(close.1.contains("expired"), "{close:?}");
+    let reply = authed(&stack.http_addr(), &token, "GET", "/api/sessions", None).await;
+    assert_eq!(reply.status, 401, "{}", reply.body);
+}
