@@ -55,6 +55,9 @@ else
   for _ in $(seq 100); do port_open "$nats_host" "$nats_port" && break; sleep 0.1; done
 fi
 export CALLAPI_NATS__URL="$nats_url"
+# The gateway's token signing key (deploy/local/gateway.toml), and where its tenants are.
+export CALLAPI_SIGNING_KEY="${CALLAPI_SIGNING_KEY:-$(head -c 48 /dev/urandom | base64 | tr -d '\n')}"
+export CALLAPI_AUTH__TENANTS_FILE="$root/deploy/local/tenants.toml"
 
 # start NAME LOGFILE CMD... : starts a process and waits for its READY line.
 start() {
@@ -99,12 +102,17 @@ else
   start gateway env TOKIO_WORKER_THREADS="$gateway_workers" "$bin/gateway" --config "$root/deploy/local/gateway.toml"
 fi
 
+# The CLI signs in as acme's CRM (an API client of deploy/local/tenants.toml).
+export CALLAPI_CLIENT_ID=crm CALLAPI_CLIENT_SECRET=acme-crm-secret
+
 cat <<TXT
 
 callapi is running.
   WebSocket JSON-RPC:  ws://127.0.0.1:5059/call-api
+  REST:                http://127.0.0.1:5059/api/sessions  (OpenAPI: /api/openapi.json, /api/docs)
+  sign in:             curl -d grant_type=client_credentials -d client_id=crm -d client_secret=acme-crm-secret http://127.0.0.1:5059/api/login/oauth/token
   logs:                $run_dir/logs/
-  CLI:                 $bin/callapi CallStart '{"caller":"sip:alice@127.0.0.1","callee":"sip:bob@127.0.0.1"}'
+  CLI:                 CALLAPI_CLIENT_ID=crm CALLAPI_CLIENT_SECRET=acme-crm-secret $bin/callapi CallStart '{"caller":"sip:alice@127.0.0.1","callee":"sip:bob@127.0.0.1"}'
 
 Example: a click-to-dial call from alice to bob, the active calls, then hold, unhold and end it.
 TXT

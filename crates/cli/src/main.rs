@@ -4,6 +4,10 @@
 //! ```text
 //! callapi CallStart '{"caller":"sip:alice@127.0.0.1","callee":"sip:bob@127.0.0.1"}'
 //! ```
+//! A gateway with authentication needs an access token: `--token` (`CALLAPI_TOKEN`), or an API
+//! client's `--client-id` and `--client-secret` (`CALLAPI_CLIENT_ID`, `CALLAPI_CLIENT_SECRET`),
+//! with which the CLI signs in first (`POST /api/login/oauth/token` on the gateway's address).
+//!
 //! Exit status: 0 when the command ended without an `Error` notification, 1 otherwise.
 
 use std::process::ExitCode;
@@ -28,6 +32,15 @@ struct Args {
     /// Give up after this many seconds.
     #[arg(long, default_value_t = 120)]
     timeout: u64,
+    /// Access token sent at the WebSocket upgrade.
+    #[arg(long, env = "CALLAPI_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// API client id to sign in with (client credentials), when no token is given.
+    #[arg(long, env = "CALLAPI_CLIENT_ID")]
+    client_id: Option<String>,
+    /// API client secret to sign in with.
+    #[arg(long, env = "CALLAPI_CLIENT_SECRET", hide_env_values = true)]
+    client_secret: Option<String>,
     /// Method: CallStart, CallBlindTransfer, CallAttendedTransfer, CallHold, CallUnHold, CallEnd.
     method: String,
     /// Params as a JSON object.
@@ -55,7 +68,24 @@ async fn main() -> ExitCode {
 async fn run(args: &Args) -> Result<bool, String> {
     let params: Value =
         serde_json::from_str(&args.params).map_err(|e| format!("params are not JSON: {e}"))?;
-    let (mut socket, _) = tokio_tungstenite::connect_async(args.url.as_str())
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
+    let mut request = args
+        .url
+        .as_str()
+        .into_client_request()
+        .map_err(|e| format!("bad URL {}: {e}", args.url))?;
+    let token = match (&args.token, &args.client_id, &args.client_secret) {
+        (Some(token), _, _) => Some(token.clone()),
+        (None, Some(id), Some(secret)) => Some(sign_in(&args.url, id, secret).await?),
+        _ => None,
+    };
+    if let Some(token) = token {
+        let value = format!("Bearer {token}")
+            .parse()
+            .map_err(|_| "the token is not a valid header value".to_owned())?;
+        request.headers_mut().insert("Authorization", value);
+    }
+    let (mut socket, _) = tokio_tungstenite::connect_async(request)
         .await
         .map_err(|e| format!("cannot connect to {}: {e}", args.url))?;
     let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_owned();
@@ -94,4 +124,57 @@ async fn run(args: &Args) -> Result<bool, String> {
         }
     }
     Err("the connection ended before the command did".to_owned())
+}
+
+/// Signs in as an API client on the gateway of `ws_url` (plain HTTP: the local stack); returns
+/// the access token.
+async fn sign_in(ws_url: &str, client_id: &str, secret: &str) -> Result<String, String> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let host = ws_url
+        .strip_prefix("ws://")
+        .and_then(|rest| rest.split('/').next())
+        .ok_or_else(|| format!("signing in needs a ws:// URL, not {ws_url}"))?;
+    let encode = |text: &str| -> String {
+        text.bytes()
+            .map(|b| match b {
+                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                    (b as char).to_string()
+                }
+                _ => format!("%{b:02X}"),
+            })
+            .collect()
+    };
+    let body = format!(
+        "grant_type=client_credentials&client_id={}&client_secret={}",
+        encode(client_id),
+        encode(secret)
+    );
+    let request = format!(
+        "POST /api/login/oauth/token HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let mut stream = tokio::net::TcpStream::connect(host)
+        .await
+        .map_err(|e| format!("cannot connect to {host}: {e}"))?;
+    stream
+        .write_all(request.as_bytes())
+        .await
+        .map_err(|e| format!("sign-in failed: {e}"))?;
+    let mut raw = Vec::new();
+    stream
+        .read_to_end(&mut raw)
+        .await
+        .map_err(|e| format!("sign-in failed: {e}"))?;
+    let text = String::from_utf8_lossy(&raw);
+    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    let reply: Value = serde_json::from_str(body).map_err(|_| {
+        format!(
+            "sign-in: unexpected answer: {}",
+            text.lines().next().unwrap_or("")
+        )
+    })?;
+    reply["access_token"]
+        .as_str()
+        .map(str::to_owned)
+        .ok_or_else(|| format!("sign-in refused: {reply}"))
 }
