@@ -58,6 +58,7 @@ export CALLAPI_NATS__URL="$nats_url"
 # The gateway's token signing key (deploy/local/gateway.toml), and where its tenants are.
 export CALLAPI_SIGNING_KEY="${CALLAPI_SIGNING_KEY:-$(head -c 48 /dev/urandom | base64 | tr -d '\n')}"
 export CALLAPI_AUTH__TENANTS_FILE="$root/deploy/local/tenants.toml"
+export CALLAPI_TENANTS_FILE="$root/deploy/local/tenants.toml"
 
 # start NAME LOGFILE CMD... : starts a process and waits for its READY line.
 start() {

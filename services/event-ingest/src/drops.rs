@@ -37,6 +37,11 @@ pub enum Why {
     /// An event published but not recorded in the session store: its recorder is behind (the
     /// next reconciliation repairs the view).
     StoreBehind,
+    /// An event not published: the router finding tenants is too far behind.
+    RouterBehind,
+    /// An event not published: no tenant's domain is its dialog's From or To host (or the node
+    /// could not say).
+    NoTenant,
 }
 
 impl Why {
@@ -49,6 +54,11 @@ impl Why {
             Self::StreamNotJson => ("connection(s)", "event stream is not JSON, closed"),
             Self::StreamOverflow => ("connection(s)", "event too large, closed"),
             Self::StoreBehind => ("event(s)", "not recorded in the session store (behind)"),
+            Self::RouterBehind => ("event(s)", "not published: the tenant router is behind"),
+            Self::NoTenant => (
+                "event(s)",
+                "not published: no tenant owns the dialog's domain",
+            ),
         }
     }
 }

@@ -15,9 +15,11 @@
 pub mod calls;
 pub mod drops;
 pub mod parse;
+mod router;
 pub mod senders;
 pub mod store;
 pub mod subscriber;
+pub mod tenancy;
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -25,6 +27,7 @@ use std::time::Duration;
 use callapi_kit::bus;
 use callapi_kit::config::NatsSettings;
 use callapi_kit::subjects;
+use callapi_proto::v1::OpensipsEvent;
 use drops::{Drops, Why};
 use senders::Senders;
 use tokio::net::{TcpListener, UdpSocket};
@@ -49,6 +52,10 @@ pub struct Config {
     pub drop_report_interval_ms: u64,
     /// The session store (live view of every dialog).
     pub sessions: store::StoreConfig,
+    /// The tenants file (`kit::tenants`; read again on SIGHUP). With it, one node serves many
+    /// tenants: each dialog's tenant is found by its SIP domain (`tenancy`), and a node's
+    /// `tenant` is not used. Without it, every event of a node is its `tenant`'s.
+    pub tenants_file: Option<String>,
 }
 
 impl Default for Config {
@@ -65,6 +72,7 @@ impl Default for Config {
             check_interval_ms: 5_000,
             drop_report_interval_ms: 10_000,
             sessions: store::StoreConfig::default(),
+            tenants_file: None,
         }
     }
 }
@@ -75,7 +83,7 @@ impl Default for Config {
 pub struct NodeConfig {
     /// Node id (as proxy-connector knows it).
     pub id: String,
-    /// Tenant the node's events belong to.
+    /// Tenant the node's events belong to (without `tenants_file`).
     pub tenant: String,
     /// How OpenSIPS delivers events: `udp` (event_datagram) or `tcp` (event_stream).
     pub transport: Transport,
@@ -163,6 +171,19 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     } else {
         None
     };
+    let tenants = match &config.tenants_file {
+        Some(path) => {
+            let file = callapi_kit::tenants::TenantsFile::open(std::path::Path::new(path))
+                .map_err(|e| Error::Node {
+                    node: "*".to_owned(),
+                    reason: format!("tenants_file: {e}"),
+                })?;
+            let watch = file.watch();
+            tokio::spawn(file.reload_on_sighup(shutdown.clone()));
+            Some(watch)
+        }
+        None => None,
+    };
     let mut tasks = tokio::task::JoinSet::new();
     let mut ready = Vec::new();
     let drop_report_interval = Duration::from_millis(config.drop_report_interval_ms.max(10));
@@ -173,28 +194,50 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         };
         let drops = Drops::new(&node.id, drop_report_interval);
         tasks.spawn(drops.clone().report_periodically(shutdown.clone()));
-        let recorder = kv.as_ref().map(|kv| {
-            let (recorder, task) = store::start(
-                client.clone(),
-                mi.clone(),
-                kv.clone(),
-                &node.tenant,
-                &node.id,
-                &config.sessions,
-                shutdown.clone(),
-            );
-            tasks.spawn(async move {
-                let _ = task.await;
-            });
-            recorder
-        });
+        let route = match &tenants {
+            None => {
+                let recorder = kv.as_ref().map(|kv| {
+                    let (recorder, task) = store::start(
+                        mi.clone(),
+                        kv.clone(),
+                        &node.tenant,
+                        &node.id,
+                        &config.sessions,
+                        None,
+                        shutdown.clone(),
+                    );
+                    tasks.spawn(async move {
+                        let _ = task.await;
+                    });
+                    recorder
+                });
+                Route::Fixed {
+                    tenant: node.tenant.clone(),
+                    recorder,
+                }
+            }
+            Some(tenants) => {
+                let (events, queue) = tokio::sync::mpsc::channel(ROUTER_QUEUE);
+                let router = router::Router::new(router::Context {
+                    client: client.clone(),
+                    mi: mi.clone(),
+                    kv: kv.clone(),
+                    node_id: node.id.clone(),
+                    tenants: tenants.clone(),
+                    store: config.sessions.clone(),
+                    drops: drops.clone(),
+                    shutdown: shutdown.clone(),
+                });
+                tasks.spawn(router.run(queue));
+                Route::ByDomain(events)
+            }
+        };
         let sink = Sink {
             client: client.clone(),
             node_id: node.id.clone(),
-            tenant: node.tenant.clone(),
             senders,
             drops,
-            recorder,
+            route,
         };
         let bound = match node.transport {
             Transport::Udp => {
@@ -280,25 +323,54 @@ const MAX_DATAGRAM: usize = parse::MAX_EVENT_BYTES + 1;
 /// event is larger.
 const MAX_STREAM_BUFFER: usize = parse::MAX_EVENT_BYTES;
 
+/// Events waiting for the router of a node that serves many tenants; more are dropped
+/// (counted) rather than slowing the socket down.
+const ROUTER_QUEUE: usize = 16_384;
+
+/// Whose a node's events are.
+#[derive(Clone)]
+enum Route {
+    /// All one tenant's: published at once, recorded by `recorder` (if the store is kept).
+    Fixed {
+        tenant: String,
+        recorder: Option<store::Recorder>,
+    },
+    /// Each dialog's tenant found by its SIP domain: events go to the node's router.
+    ByDomain(tokio::sync::mpsc::Sender<OpensipsEvent>),
+}
+
 /// Where parsed events go.
 #[derive(Clone)]
 struct Sink {
     client: async_nats::Client,
     node_id: String,
-    tenant: String,
     senders: Senders,
     drops: Drops,
-    /// Where events go to be recorded in the session store, if it is kept.
-    recorder: Option<store::Recorder>,
+    route: Route,
 }
 
 impl Sink {
     async fn publish(&self, bytes: &[u8], from: &SocketAddr) {
         let received_at_ms = callapi_kit::unix_ms();
-        let parsed = parse::event(bytes, &self.tenant, &self.node_id, received_at_ms)
+        let (tenant, recorder) = match &self.route {
+            Route::Fixed { tenant, recorder } => (tenant, recorder),
+            Route::ByDomain(router) => {
+                match parse::event(bytes, "", &self.node_id, received_at_ms) {
+                    Ok(event) => {
+                        if router.try_send(event).is_err() {
+                            self.drops
+                                .record(Why::RouterBehind, from.ip(), &"router queue full");
+                        }
+                    }
+                    Err(reason) => self.drops.record(Why::UnusableEvent, from.ip(), &reason),
+                }
+                return;
+            }
+        };
+        let parsed = parse::event(bytes, tenant, &self.node_id, received_at_ms)
             .map_err(|e| e.to_string())
             .and_then(|event| {
-                subjects::event(&self.tenant, &self.node_id, &event.name, &event.callid)
+                subjects::event(tenant, &self.node_id, &event.name, &event.callid)
                     .map(|subject| (subject, event))
                     .map_err(|e| e.to_string())
             });
@@ -313,7 +385,7 @@ impl Sink {
         if let Err(err) = bus::publish(&self.client, subject, &event).await {
             tracing::warn!(%err, "could not publish an event");
         }
-        if let Some(recorder) = &self.recorder
+        if let Some(recorder) = recorder
             && !recorder.record(event)
         {
             self.drops.record(

@@ -123,26 +123,32 @@ impl Recorder {
 
 use callapi_kit::unix_ms as now_ms;
 
+/// Which of a node's listed dialogs are the recorder's tenant's (a node serving many tenants:
+/// [`crate::tenancy`]).
+pub type Belongs = std::sync::Arc<dyn Fn(&Listed) -> bool + Send + Sync>;
+
 /// Starts the recorder of node `node_id` of `tenant`: loads what the store holds for the node,
-/// reconciles it with the node, then follows the node's events until `shutdown`.
+/// reconciles it with the node (only the dialogs `belongs` accepts, when given), then follows
+/// the node's events until `shutdown`.
 pub fn start(
-    nats: async_nats::Client,
     mi: MiClient,
     kv: async_nats::jetstream::kv::Store,
     tenant: &str,
     node_id: &str,
     config: &StoreConfig,
+    belongs: Option<Belongs>,
     shutdown: CancellationToken,
 ) -> (Recorder, tokio::task::JoinHandle<()>) {
     let (events, queue) = mpsc::channel(QUEUE);
     let task = Task {
-        nats,
+        nats: mi.nats().clone(),
         mi,
         kv,
         book: Book::new(tenant, node_id),
         tenant: tenant.to_owned(),
         node_id: node_id.to_owned(),
         reconcile_every: Duration::from_millis(config.reconcile_interval_ms.max(1_000)),
+        belongs,
     };
     let handle = tokio::spawn(task.run(queue, shutdown));
     (Recorder { events }, handle)
@@ -156,6 +162,7 @@ struct Task {
     tenant: String,
     node_id: String,
     reconcile_every: Duration,
+    belongs: Option<Belongs>,
 }
 
 impl Task {
@@ -200,7 +207,10 @@ impl Task {
                     continue;
                 }
                 Some(news) = found.recv() => match news {
-                    Found::Listing(Ok((listed, since))) => {
+                    Found::Listing(Ok((mut listed, since))) => {
+                        if let Some(belongs) = &self.belongs {
+                            listed.retain(|dialog| belongs(dialog));
+                        }
                         let mut outcome = self.book.reconcile(&listed, since, now_ms());
                         let suspects = std::mem::take(&mut outcome.suspects);
                         self.check_in_background(suspects, found_tx.clone());
@@ -432,7 +442,7 @@ fn subject(tenant: &str, node_id: &str, callid: &str) -> String {
     calls::subject(&calls::key(tenant, node_id, callid))
 }
 
-async fn dlg_list(
+pub(crate) async fn dlg_list(
     mi: &MiClient,
     node_id: &str,
     params: serde_json::Value,

@@ -633,6 +633,11 @@ impl Node {
             return;
         };
         let new_callid = dialog.new_callid(&transferee);
+        // The phone calls from its own address of record, in the domain it is registered in.
+        let aor = format!(
+            "sip:{transferee}@{}",
+            registered_domain(&dialog, &transferee)
+        );
         // The phone's INVITE, as our shipped script relays it toward the callee.
         let mut invite = SentRequest {
             callid: new_callid.clone(),
@@ -640,11 +645,11 @@ impl Node {
             ruri: destination.clone(),
             destination: None,
             headers: vec![
-                format!("From: <sip:{transferee}@127.0.0.1>;tag={}", sip::hex(10)),
+                format!("From: <{aor}>;tag={}", sip::hex(10)),
                 format!("To: <{destination}>"),
                 format!("Call-ID: {new_callid}"),
                 "CSeq: 1 INVITE".to_owned(),
-                format!("Referred-By: <sip:{transferee}@127.0.0.1>"),
+                format!("Referred-By: <{aor}>"),
                 "Content-Type: application/sdp".to_owned(),
             ],
             body: Some(sip::sdp(&Party::Phone(transferee.clone()))),
@@ -681,7 +686,7 @@ impl Node {
         lock(&self.sent).push(invite);
         let mut new_dialog = self.new_dialog(
             new_callid.clone(),
-            format!("sip:{transferee}@127.0.0.1"),
+            aor,
             format!("{destination};osid={}", dialog.id),
             Party::Phone(transferee),
             Party::Phone(target.clone()),
@@ -771,8 +776,8 @@ impl Node {
         let destination = self.phone_uri(&target);
         let mut new_dialog = self.new_dialog(
             new_callid.clone(),
-            format!("sip:{transferee}@127.0.0.1"),
-            format!("sip:{target}@127.0.0.1"),
+            format!("sip:{transferee}@{}", registered_domain(&a, &transferee)),
+            format!("sip:{target}@{}", registered_domain(&b, &target)),
             Party::Phone(transferee),
             Party::Phone(target),
         );
@@ -994,4 +999,17 @@ impl Node {
         self.set_state(callid, 5);
         true
     }
+}
+
+/// The domain `user`'s phone is registered in, as `dialog`'s From or To shows it (the host of
+/// the URI naming that user, without a port); 127.0.0.1, the phones' own host, when neither
+/// does.
+fn registered_domain(dialog: &Dialog, user: &str) -> String {
+    [&dialog.from_uri, &dialog.to_uri]
+        .into_iter()
+        .find(|uri| phones::user_of(uri) == user)
+        .map(|uri| script::host_of(uri))
+        .map(|host| host.split(':').next().unwrap_or_default().to_owned())
+        .filter(|host| !host.is_empty())
+        .unwrap_or_else(|| "127.0.0.1".to_owned())
 }

@@ -9,6 +9,7 @@ use std::time::Duration;
 use callapi_e2e::client::shape;
 use callapi_e2e::http::{authed, post_form, request};
 use callapi_e2e::{Client, Stack, StackOptions};
+use futures::StreamExt as _;
 use serde_json::{Value, json};
 
 use crate::commands::call;
@@ -555,4 +556,89 @@ async fn a_connection_whose_token_expires_is_closed_with_a_reason() {
     assert!(close.1.contains("expired"), "{close:?}");
     let reply = authed(&stack.http_addr(), &token, "GET", "/api/sessions", None).await;
     assert_eq!(reply.status, 401, "{}", reply.body);
+}
+
+#[tokio::test]
+async fn two_tenants_share_a_node_and_each_sees_only_its_own_calls_and_events() {
+    let tenants_file = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../deploy/local/tenants.toml")
+        .canonicalize()
+        .expect("deploy/local/tenants.toml");
+    let stack = Stack::with(StackOptions {
+        gateway_toml: auth_toml(3600),
+        ingest_toml: format!("tenants_file = \"{}\"", tenants_file.display()),
+        service_env: vec![(
+            "CALLAPI_TEST_SIGNING_KEY".into(),
+            "the-current-test-secret-of-at-least-32-bytes".into(),
+        )],
+        ..StackOptions::default()
+    })
+    .await;
+    let addr = stack.http_addr();
+    let nats = async_nats::connect(stack.nats.url.as_str()).await.unwrap();
+    let mut globex_events = nats.subscribe("callapi.v1.event.globex.>").await.unwrap();
+    nats.flush().await.unwrap();
+    let acme = access_token(&stack, "crm", "acme-crm-secret").await;
+    let globex = access_token(&stack, "dialer", "globex-dialer-secret").await;
+
+    // Each places a call in its own domain, on the one node.
+    let mut acme_ws = Client::connect_with_token(&ws_url(&stack), &acme).await;
+    let acme_call = call(&mut acme_ws, "alice", "bob").await;
+    let mut globex_ws = Client::connect_with_token(&ws_url(&stack), &globex).await;
+    let notes = globex_ws
+        .run(
+            "CallStart",
+            json!({"caller": "sip:cindy@globex.localhost", "callee": "sip:dave@globex.localhost"}),
+        )
+        .await;
+    assert_eq!(shape(&notes), crate::commands::CALL_START_OK, "{notes:#?}");
+    let globex_call = notes[2]["params"]["callid"].as_str().unwrap().to_owned();
+
+    // Each lists its own call only.
+    for (token, own, other) in [
+        (&acme, &acme_call, &globex_call),
+        (&globex, &globex_call, &acme_call),
+    ] {
+        let listed = authed(&addr, token, "GET", "/api/sessions", None).await;
+        assert_eq!(listed.json["count"], 1, "{}", listed.body);
+        assert!(listed.body.contains(own.as_str()), "{}", listed.body);
+        assert!(!listed.body.contains(other.as_str()), "{}", listed.body);
+    }
+    let got = ask(&mut globex_ws, "CallGet", json!({"callid": acme_call})).await;
+    assert_eq!(got["error"]["code"], -32004, "{got}");
+    let mut got = Value::Null;
+    for _ in 0..40 {
+        got = ask(&mut globex_ws, "CallGet", json!({"callid": globex_call})).await;
+        if got["result"].is_object() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let listed = ask(&mut globex_ws, "CallList", json!({})).await;
+    assert!(got["result"].is_object(), "{got} {listed} {globex_call}");
+
+    // globex's event subjects carried globex's calls, none of acme's.
+    let mut seen = Vec::new();
+    while let Ok(Some(message)) =
+        tokio::time::timeout(Duration::from_millis(300), globex_events.next()).await
+    {
+        seen.push(message.subject.to_string());
+    }
+    let token_of = |callid: &str| callapi_kit::subjects::encode_callid(callid);
+    assert!(
+        seen.iter().any(|s| s.ends_with(&token_of(&globex_call))),
+        "{seen:#?}"
+    );
+    assert!(
+        !seen.iter().any(|s| s.ends_with(&token_of(&acme_call))),
+        "{seen:#?}"
+    );
+
+    // Each ends its own.
+    let notes = globex_ws
+        .run("CallEnd", json!({"callid": globex_call}))
+        .await;
+    assert_eq!(shape(&notes), ["Ended"], "{notes:#?}");
+    let notes = acme_ws.run("CallEnd", json!({"callid": acme_call})).await;
+    assert_eq!(shape(&notes), ["Ended"], "{notes:#?}");
 }
