@@ -632,24 +632,45 @@ async fn verify(hash: String, candidate: String) -> bool {
 /// `WWW-Authenticate: Bearer`) or 403 (a scope or `Origin` not allowed), as problem+json.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Refusal {
-    forbidden: bool,
+    status: axum::http::StatusCode,
+    code: &'static str,
     detail: String,
+    retry_after_secs: Option<u64>,
 }
 
 impl Refusal {
     /// 401: no valid access token.
     pub fn unauthorized(detail: impl Into<String>) -> Self {
         Self {
-            forbidden: false,
+            status: axum::http::StatusCode::UNAUTHORIZED,
+            code: "UNAUTHORIZED",
             detail: detail.into(),
+            retry_after_secs: None,
         }
     }
 
     /// 403: authenticated, but not allowed this.
     pub fn forbidden(detail: impl Into<String>) -> Self {
         Self {
-            forbidden: true,
+            status: axum::http::StatusCode::FORBIDDEN,
+            code: "FORBIDDEN",
             detail: detail.into(),
+            retry_after_secs: None,
+        }
+    }
+
+    /// 429: over one of the tenant's limits (`code` says which); again after
+    /// `retry_after_secs`, if that is known.
+    pub fn too_many(
+        code: &'static str,
+        detail: impl Into<String>,
+        retry_after_secs: Option<u64>,
+    ) -> Self {
+        Self {
+            status: axum::http::StatusCode::TOO_MANY_REQUESTS,
+            code,
+            detail: detail.into(),
+            retry_after_secs,
         }
     }
 }
@@ -663,11 +684,7 @@ impl From<AuthError> for Refusal {
 impl axum::response::IntoResponse for Refusal {
     fn into_response(self) -> axum::response::Response {
         use axum::http::{HeaderValue, StatusCode, header};
-        let (status, code) = if self.forbidden {
-            (StatusCode::FORBIDDEN, "FORBIDDEN")
-        } else {
-            (StatusCode::UNAUTHORIZED, "UNAUTHORIZED")
-        };
+        let (status, code) = (self.status, self.code);
         let body = serde_json::json!({
             "type": format!("urn:callapi:error:{code}"),
             "title": status.canonical_reason().unwrap_or("Error"),
@@ -681,11 +698,14 @@ impl axum::response::IntoResponse for Refusal {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/problem+json"),
         );
-        if !self.forbidden {
+        if status == StatusCode::UNAUTHORIZED {
             headers.insert(
                 header::WWW_AUTHENTICATE,
                 HeaderValue::from_static("Bearer realm=\"callapi\""),
             );
+        }
+        if let Some(secs) = self.retry_after_secs {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
         response
     }

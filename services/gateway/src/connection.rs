@@ -59,6 +59,14 @@ pub(crate) struct Access {
     expires_at: Option<u64>,
     /// The trunks its calls may go out through.
     trunks: Vec<crate::TrunkConfig>,
+    /// The SIP domains its calls' parties must be in (empty: any).
+    domains: Vec<String>,
+    /// Its tenant's commands per second (0: any).
+    commands_per_second: u32,
+    /// Its tenant's most active calls (0: any).
+    active_calls: u32,
+    /// This connection, counted against its tenant's limit while it is open.
+    _slot: Option<crate::limits::ConnectionSlot>,
 }
 
 impl Access {
@@ -69,6 +77,10 @@ impl Access {
             scopes: None,
             expires_at: None,
             trunks: config.trunks.clone(),
+            domains: Vec::new(),
+            commands_per_second: 0,
+            active_calls: 0,
+            _slot: None,
         }
     }
 
@@ -76,6 +88,7 @@ impl Access {
     pub(crate) fn of(
         identity: &crate::auth::Identity,
         tenant: &callapi_kit::tenants::Tenant,
+        slot: crate::limits::ConnectionSlot,
     ) -> Self {
         Self {
             tenant: identity.tenant.clone(),
@@ -89,6 +102,10 @@ impl Access {
                     uri: t.uri.clone(),
                 })
                 .collect(),
+            domains: tenant.domains.clone(),
+            commands_per_second: tenant.limits.commands_per_second,
+            active_calls: tenant.limits.active_calls,
+            _slot: Some(slot),
         }
     }
 
@@ -355,9 +372,18 @@ fn handle_text(client: &Client<'_>, text: &str) -> Option<String> {
             if !client.access.may(Scope::CallsControl) {
                 return client.access.refuse(call.id.as_ref()?, Scope::CallsControl);
             }
-            if let Err(error) = params::resolve_trunk(&mut call.command, &client.access.trunks) {
+            if let Err(error) = params::resolve_trunk(&mut call.command, &client.access.trunks)
+                .and_then(|()| params::check_domains(&call.command, &client.access.domains))
+            {
                 let id = call.id?;
                 return Some(rpc::params_error(&id, &error));
+            }
+            if let Some((code, message, data)) = over_limits(client, &call) {
+                let id = call.id?;
+                return Some(match data {
+                    Some(data) => rpc::error_with_data(&id, code, &message, data),
+                    None => rpc::error(&id, code, &message),
+                });
             }
             start_command(client, call)
         }
@@ -370,6 +396,43 @@ fn handle_text(client: &Client<'_>, text: &str) -> Option<String> {
         Err(error) if error.silent => None,
         Err(error) => Some(error.to_json()),
     }
+}
+
+/// The refusal of a command over its tenant's limits (commands per second; active calls for a
+/// CallStart), if it is: its JSON-RPC code, message and data.
+fn over_limits(
+    client: &Client<'_>,
+    call: &CommandCall,
+) -> Option<(i64, String, Option<serde_json::Value>)> {
+    let access = client.access;
+    let tenant = client.origin.tenant();
+    if let Err(crate::limits::Over::Rate(wait)) = client
+        .shared
+        .limits
+        .take_command(tenant, access.commands_per_second)
+    {
+        let wait_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).max(1);
+        let message = format!(
+            "Rate limited: the tenant's {} commands per second are used; try again in {wait_ms} ms",
+            access.commands_per_second
+        );
+        let data = serde_json::json!({"retry_after_ms": wait_ms});
+        return Some((code::RATE_LIMITED, message, Some(data)));
+    }
+    if access.active_calls > 0
+        && matches!(call.command, Command::CallStart(_))
+        && let Some(view) = client.shared.sessions.as_ref()
+    {
+        let active = view.list(tenant).len();
+        if active >= access.active_calls as usize {
+            let message = format!(
+                "Limit reached: the tenant has {active} active calls, its limit is {}",
+                access.active_calls
+            );
+            return Some((code::CALL_LIMIT, message, None));
+        }
+    }
+    None
 }
 
 /// Answers `CallList` / `CallGet` from the live view, for the client's tenant only.

@@ -9,6 +9,7 @@
 pub mod auth;
 mod connection;
 pub mod core;
+pub mod limits;
 mod outbox;
 pub mod params;
 pub mod rest;
@@ -180,6 +181,8 @@ pub(crate) struct Shared {
     pub sessions: Option<sessions::SessionView>,
     /// Sign-in and token checks (`None` without `[auth]`).
     pub auth: Option<Arc<auth::Auth>>,
+    /// Each tenant's usage of its limits on this gateway.
+    pub limits: limits::TenantLimits,
     /// Cancelled when the gateway stops.
     pub shutdown: CancellationToken,
     /// HTTP connections and WebSocket clients, waited for on shutdown.
@@ -264,6 +267,7 @@ pub async fn run(
         commands,
         sessions,
         auth,
+        limits: limits::TenantLimits::default(),
         shutdown: shutdown.clone(),
         tasks: TaskTracker::new(),
     });
@@ -274,6 +278,7 @@ pub async fn run(
             shared.sessions.clone(),
             outcome_wait,
             auth.clone(),
+            shared.limits.clone(),
         ),
         None => rest::RestState::open(rest::Rest::new(
             shared.commands.clone(),
@@ -362,7 +367,20 @@ fn admit(
     let identity = auth.authenticate(&token, callapi_kit::unix_ms() / 1000)?;
     let tenants = auth.tenants();
     let tenant = tenants.get(&identity.tenant).ok_or(auth::AuthError::Gone)?;
-    Ok(connection::Access::of(&identity, tenant))
+    let slot = shared
+        .limits
+        .open_connection(&tenant.id, tenant.limits.websocket_connections)
+        .map_err(|_| {
+            auth::Refusal::too_many(
+                "TOO_MANY_CONNECTIONS",
+                format!(
+                    "the tenant already has its {} WebSocket connections open on this gateway",
+                    tenant.limits.websocket_connections
+                ),
+                None,
+            )
+        })?;
+    Ok(connection::Access::of(&identity, tenant, slot))
 }
 
 async fn upgrade(

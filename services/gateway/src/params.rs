@@ -254,6 +254,54 @@ pub fn resolve_trunk(
     }
 }
 
+/// With tenants, the parties a command names must be in the tenant's SIP `domains`: the
+/// caller of a `CallStart`, its callee unless the call goes out through a trunk, and a blind
+/// transfer's destination. `domains` empty: no check (no tenants configured).
+pub fn check_domains(command: &Command, domains: &[String]) -> Result<(), ParamsError> {
+    if domains.is_empty() {
+        return Ok(());
+    }
+    let outside = |field: &'static str, uri: &str| -> Result<(), ParamsError> {
+        let host = host_of(uri);
+        if domains.iter().any(|d| d.eq_ignore_ascii_case(&host)) {
+            return Ok(());
+        }
+        Err(error(
+            field,
+            format!(
+                "must be in one of the tenant's SIP domains ({}), not {}",
+                domains.join(", "),
+                crate::rpc::clip(&host)
+            ),
+        ))
+    };
+    match command {
+        Command::CallStart(start) => {
+            outside("caller", &start.caller)?;
+            let via_trunk = start.options.as_ref().is_some_and(|o| o.trunk.is_some());
+            if !via_trunk {
+                outside("callee", &start.callee)?;
+            }
+            Ok(())
+        }
+        Command::BlindTransfer(transfer) => outside("destination", &transfer.destination),
+        _ => Ok(()),
+    }
+}
+
+/// The host of a SIP URI, lower case ("" if it has none).
+fn host_of(uri: &str) -> String {
+    use callapi_kit::sip_uri::{Host, Uri, parse};
+    match parse(uri) {
+        Ok(Uri::Sip(sip)) => match sip.host {
+            Host::Name(name) => name.to_ascii_lowercase(),
+            Host::V4(ip) => ip.to_string(),
+            Host::V6(ip) => ip.to_string(),
+        },
+        _ => String::new(),
+    }
+}
+
 /// `CallBlindTransfer`: send one party of a call to `destination`.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -602,6 +650,48 @@ fn got_kind(got: &str) -> &'static str {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn parties_must_be_in_the_tenants_domains_but_a_trunks_callee() {
+        let domains = ["acme.example".to_owned(), "10.0.0.1".to_owned()];
+        let start = |caller: &str, callee: &str, trunk: bool| {
+            Command::CallStart(pb::CallStart {
+                caller: caller.into(),
+                callee: callee.into(),
+                options: trunk.then(|| {
+                    Box::new(pb::CallOptions {
+                        trunk: Some(pb::Trunk::default()),
+                        ..Default::default()
+                    })
+                }),
+                ..Default::default()
+            })
+        };
+        let field = |result: Result<(), ParamsError>| result.err().map(|e| e.field);
+        let ok = start("sip:1001@ACME.example", "sip:1002@10.0.0.1:5060", false);
+        assert_eq!(field(check_domains(&ok, &domains)), None);
+        let foreign_caller = start("sip:1001@globex.example", "sip:1002@acme.example", false);
+        assert_eq!(
+            field(check_domains(&foreign_caller, &domains)),
+            Some("caller".into())
+        );
+        let outside = start("sip:1001@acme.example", "sip:+15551234@carrier.net", false);
+        assert_eq!(
+            field(check_domains(&outside, &domains)),
+            Some("callee".into())
+        );
+        let via_trunk = start("sip:1001@acme.example", "sip:+15551234@carrier.net", true);
+        assert_eq!(field(check_domains(&via_trunk, &domains)), None);
+        let transfer = Command::BlindTransfer(pb::CallBlindTransfer {
+            destination: "sip:x@evil.example".into(),
+            ..Default::default()
+        });
+        assert_eq!(
+            field(check_domains(&transfer, &domains)),
+            Some("destination".into())
+        );
+        assert_eq!(field(check_domains(&transfer, &[])), None, "no tenants");
+    }
 
     fn params(value: Value) -> Map<String, Value> {
         match value {

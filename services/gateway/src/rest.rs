@@ -245,6 +245,7 @@ pub struct RestState {
     sessions: Option<SessionView>,
     outcome_wait: Duration,
     access: Access,
+    limits: crate::limits::TenantLimits,
 }
 
 enum Access {
@@ -269,6 +270,7 @@ impl RestState {
             sessions: rest.sessions.clone(),
             outcome_wait: rest.outcome_wait,
             access: Access::Open(Arc::new(rest)),
+            limits: crate::limits::TenantLimits::default(),
         }
     }
 
@@ -278,6 +280,7 @@ impl RestState {
         sessions: Option<SessionView>,
         outcome_wait: Duration,
         auth: Arc<crate::auth::Auth>,
+        limits: crate::limits::TenantLimits,
     ) -> Self {
         Self {
             commands,
@@ -287,6 +290,7 @@ impl RestState {
                 auth,
                 rests: Mutex::new(HashMap::new()),
             },
+            limits,
         }
     }
 
@@ -312,13 +316,21 @@ impl RestState {
         }
         let tenants = auth.tenants();
         let tenant = tenants.get(&identity.tenant).ok_or(AuthError::Gone)?;
+        let rate = tenant.limits.rest_requests_per_second;
+        if let Err(crate::limits::Over::Rate(wait)) = self.limits.take_rest(&tenant.id, rate) {
+            return Err(Refusal::too_many(
+                "RATE_LIMITED",
+                format!("the tenant's {rate} REST requests per second are used"),
+                Some(crate::limits::retry_after_secs(wait)),
+            ));
+        }
         let mut rests = lock(rests);
         if let Some((known, rest)) = rests.get(&identity.tenant)
             && **known == **tenant
         {
             return Ok(rest.clone());
         }
-        let rest = Arc::new(Rest::new(
+        let mut rest = Rest::new(
             self.commands.clone(),
             self.sessions.clone(),
             &tenant.id,
@@ -332,7 +344,9 @@ impl RestState {
                     uri: t.uri.clone(),
                 })
                 .collect(),
-        ));
+        );
+        rest.active_calls = tenant.limits.active_calls;
+        let rest = Arc::new(rest);
         rests.insert(identity.tenant.clone(), (tenant.clone(), rest.clone()));
         Ok(rest)
     }
@@ -388,6 +402,8 @@ pub struct Rest {
     sip_domain: String,
     outcome_wait: Duration,
     trunks: Vec<crate::TrunkConfig>,
+    /// Most active calls of the tenant (0: any).
+    active_calls: u32,
 }
 
 impl Rest {
@@ -413,6 +429,7 @@ impl Rest {
             sip_domain: sip_domain.to_owned(),
             outcome_wait,
             trunks,
+            active_calls: 0,
         }
     }
 
@@ -970,6 +987,19 @@ async fn create(
     )?;
     let caller = rest.uri_of("caller", &body.caller)?;
     let callee = rest.uri_of("callee", &body.callee)?;
+    if rest.active_calls > 0 {
+        let active = rest.view()?.list(rest.tenant()).len();
+        if active >= rest.active_calls as usize {
+            return Err(Problem::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "CALL_LIMIT",
+                format!(
+                    "the tenant has {active} active calls, its limit is {}",
+                    rest.active_calls
+                ),
+            ));
+        }
+    }
     let trunk = body
         .trunk
         .as_deref()

@@ -33,6 +33,10 @@ pub mod code {
     pub const NOT_FOUND: i64 = -32004;
     /// The client's access token lacks the scope the method needs.
     pub const FORBIDDEN: i64 = -32005;
+    /// The tenant's commands per second are used up; `data.retry_after_ms` says when to retry.
+    pub const RATE_LIMITED: i64 = -32006;
+    /// The tenant has as many active calls as it may: a CallStart is refused.
+    pub const CALL_LIMIT: i64 = -32007;
 }
 
 /// Longest piece of client text (method name, member or param name) quoted in an error.
@@ -209,6 +213,13 @@ pub fn params_error(id: &RpcId, error: &crate::params::ParamsError) -> String {
 /// An error reply.
 pub fn error(id: &RpcId, code: i64, message: &str) -> String {
     RpcError::new(id, code, message).to_json()
+}
+
+/// An error reply with `data`.
+pub fn error_with_data(id: &RpcId, code: i64, message: &str, data: Value) -> String {
+    let mut error = RpcError::new(id, code, message);
+    error.data = Some(data);
+    error.to_json()
 }
 
 /// A notification (`Event`, `Error`, `Ended`) for a command, as JSON text.

@@ -21,13 +21,22 @@ const ALLOWED_ORIGIN: &str = "https://desk.acme.example";
 /// A form's fields.
 type Form<'a> = &'a [(&'a str, &'a str)];
 
+/// The local stack's tenants file.
+fn local_tenants() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../deploy/local/tenants.toml")
+        .canonicalize()
+        .expect("deploy/local/tenants.toml")
+}
+
 /// The gateway's `[auth]`: the local tenants file, two keys (the second signs), tokens living
 /// `access_ttl` seconds.
 fn auth_toml(access_ttl: u64) -> String {
-    let tenants = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../deploy/local/tenants.toml")
-        .canonicalize()
-        .expect("deploy/local/tenants.toml");
+    auth_toml_with(&local_tenants(), access_ttl)
+}
+
+/// As [`auth_toml`] with another tenants file.
+fn auth_toml_with(tenants: &std::path::Path, access_ttl: u64) -> String {
     format!(
         r#"[auth]
 tenants_file = "{}"
@@ -502,7 +511,7 @@ async fn a_tenant_never_sees_or_touches_another_tenants_calls() {
         ("CallUnHold", json!({"callid": callid})),
         (
             "CallBlindTransfer",
-            json!({"callid": callid, "leg": "caller", "destination": "sip:cindy@127.0.0.1"}),
+            json!({"callid": callid, "leg": "caller", "destination": "sip:cindy@globex.localhost"}),
         ),
         (
             "CallAttendedTransfer",
@@ -641,4 +650,170 @@ async fn two_tenants_share_a_node_and_each_sees_only_its_own_calls_and_events() 
     assert_eq!(shape(&notes), ["Ended"], "{notes:#?}");
     let notes = acme_ws.run("CallEnd", json!({"callid": acme_call})).await;
     assert_eq!(shape(&notes), ["Ended"], "{notes:#?}");
+}
+
+#[tokio::test]
+async fn parties_outside_the_tenants_domains_are_refused_unless_through_its_trunk() {
+    let stack = stack_with_auth(3600).await;
+    let globex = access_token(&stack, "dialer", "globex-dialer-secret").await;
+    let acme = access_token(&stack, "crm", "acme-crm-secret").await;
+    let mut globex_ws = Client::connect_with_token(&ws_url(&stack), &globex).await;
+    // acme's phones are not globex's to call from or to.
+    for (params, field) in [
+        (
+            json!({"caller": "sip:alice@127.0.0.1", "callee": "sip:dave@globex.localhost"}),
+            "caller",
+        ),
+        (
+            json!({"caller": "sip:cindy@globex.localhost", "callee": "sip:bob@127.0.0.1"}),
+            "callee",
+        ),
+    ] {
+        let reply = ask(&mut globex_ws, "CallStart", params).await;
+        assert_eq!(reply["error"]["code"], -32602, "{reply}");
+        assert_eq!(reply["error"]["data"]["field"], field, "{reply}");
+    }
+    let reply = ask(
+        &mut globex_ws,
+        "CallBlindTransfer",
+        json!({"callid": "x@y", "leg": "callee", "destination": "sip:bob@127.0.0.1"}),
+    )
+    .await;
+    assert_eq!(reply["error"]["data"]["field"], "destination", "{reply}");
+    // acme's callee outside its domains goes out through acme's trunk: not refused.
+    let mut acme_ws = Client::connect_with_token(&ws_url(&stack), &acme).await;
+    let reply = ask(
+        &mut acme_ws,
+        "CallStart",
+        json!({"caller": "sip:alice@127.0.0.1", "callee": "sip:+15551234@carrier.example", "trunk": "carrier"}),
+    )
+    .await;
+    assert_eq!(reply["result"]["status"], "Started", "{reply}");
+}
+
+#[tokio::test]
+async fn over_a_tenants_limits_requests_are_refused_with_stable_codes() {
+    // The local tenants with small limits: acme one active call, globex two WebSockets, two
+    // commands and three REST requests per second.
+    let text = std::fs::read_to_string(local_tenants())
+        .unwrap()
+        .replace(
+            "limits = { websocket_connections = 200, commands_per_second = 50, rest_requests_per_second = 100, active_calls = 500 }",
+            "limits = { active_calls = 1 }",
+        )
+        .replace(
+            "limits = { websocket_connections = 50, commands_per_second = 20, rest_requests_per_second = 50, active_calls = 100 }",
+            "limits = { websocket_connections = 2, commands_per_second = 2, rest_requests_per_second = 3 }",
+        );
+    assert!(text.contains("active_calls = 1 }") && text.contains("rest_requests_per_second = 3 }"));
+    let path = std::env::temp_dir().join(format!("callapi-limits-{}.toml", std::process::id()));
+    std::fs::write(&path, text).unwrap();
+    let stack = Stack::with(StackOptions {
+        gateway_toml: auth_toml_with(&path, 3600),
+        node_tenant: "acme",
+        service_env: vec![(
+            "CALLAPI_TEST_SIGNING_KEY".into(),
+            "the-current-test-secret-of-at-least-32-bytes".into(),
+        )],
+        ..StackOptions::default()
+    })
+    .await;
+    let addr = stack.http_addr();
+    let globex = access_token(&stack, "dialer", "globex-dialer-secret").await;
+    let acme = access_token(&stack, "crm", "acme-crm-secret").await;
+
+    // WebSocket connections: the third is refused before upgrading; one closed frees a place.
+    let first = Client::connect_with_token(&ws_url(&stack), &globex).await;
+    let mut second = Client::connect_with_token(&ws_url(&stack), &globex).await;
+    let bearer = format!("Bearer {globex}");
+    let third = Client::try_connect(&ws_url(&stack), &[("Authorization", &bearer)]).await;
+    let (status, body) = third.err().expect("refused");
+    assert_eq!(status, 429, "{body}");
+    assert!(body.contains("TOO_MANY_CONNECTIONS"), "{body}");
+    drop(first);
+    let mut reopened = None;
+    for _ in 0..50 {
+        match Client::try_connect(&ws_url(&stack), &[("Authorization", &bearer)]).await {
+            Ok(client) => {
+                reopened = Some(client);
+                break;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+    assert!(reopened.is_some(), "a closed connection frees its place");
+
+    // Commands per second: two go through, the third at once is refused with a retry time.
+    let ids = [
+        second.request("CallHold", json!({"callid": "a@x"})).await,
+        second.request("CallHold", json!({"callid": "b@x"})).await,
+        second.request("CallHold", json!({"callid": "c@x"})).await,
+    ];
+    let replies = [
+        second.reply(&ids[0]).await,
+        second.reply(&ids[1]).await,
+        second.reply(&ids[2]).await,
+    ];
+    assert_eq!(replies[0]["error"]["code"], -32004, "{}", replies[0]);
+    assert_eq!(replies[1]["error"]["code"], -32004, "{}", replies[1]);
+    assert_eq!(replies[2]["error"]["code"], -32006, "{}", replies[2]);
+    assert!(
+        replies[2]["error"]["data"]["retry_after_ms"]
+            .as_u64()
+            .unwrap()
+            > 0
+    );
+
+    // REST requests per second: 429 with Retry-After past three.
+    let mut statuses = Vec::new();
+    let mut last = None;
+    for _ in 0..4 {
+        let reply = authed(&addr, &globex, "GET", "/api/sessions", None).await;
+        statuses.push(reply.status);
+        last = Some(reply);
+    }
+    let last = last.unwrap();
+    assert_eq!(statuses, [200, 200, 200, 429], "{}", last.body);
+    assert_eq!(last.json["code"], "RATE_LIMITED");
+    assert!(last.header("retry-after").parse::<u64>().unwrap() >= 1);
+
+    // Active calls: with its one call up, acme's next CallStart is refused, over WebSocket and
+    // REST alike.
+    let mut acme_ws = Client::connect_with_token(&ws_url(&stack), &acme).await;
+    let callid = call(&mut acme_ws, "alice", "bob").await;
+    let mut refused = Value::Null;
+    for _ in 0..50 {
+        refused = ask(
+            &mut acme_ws,
+            "CallStart",
+            json!({"caller": "sip:cindy@127.0.0.1", "callee": "sip:dave@127.0.0.1"}),
+        )
+        .await;
+        if refused["error"]["code"] == -32007 {
+            break;
+        }
+        // The first call may not be in the live view yet: the started one is ended again.
+        if let Some(cmd_id) = refused["result"]["cmd_id"].as_str() {
+            let notes = acme_ws.until_ended(cmd_id).await;
+            if let Some(started) = notes.iter().find(|n| n["params"]["data"] == "CALL_START") {
+                let other = started["params"]["callid"].as_str().unwrap().to_owned();
+                acme_ws.run("CallEnd", json!({"callid": other})).await;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(refused["error"]["code"], -32007, "{refused}");
+    let created = authed(
+        &addr,
+        &acme,
+        "POST",
+        "/api/sessions",
+        Some(r#"{"caller":"1001","callee":"1002","send_sdp":true}"#),
+    )
+    .await;
+    assert_eq!(created.status, 429, "{}", created.body);
+    assert_eq!(created.json["code"], "CALL_LIMIT");
+    let notes = acme_ws.run("CallEnd", json!({"callid": callid})).await;
+    assert_eq!(shape(&notes), ["Ended"], "{notes:#?}");
+    let _ = std::fs::remove_file(path);
 }
