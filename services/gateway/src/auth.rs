@@ -14,6 +14,7 @@
 //! off without waiting for its tokens to expire.
 
 use std::collections::BTreeSet;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -109,10 +110,13 @@ pub enum AuthError {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct OAuthError {
     /// `invalid_request`, `invalid_client`, `invalid_grant`, `unsupported_grant_type`,
-    /// `invalid_scope`, `server_error`.
+    /// `invalid_scope`, `slow_down` (too many failures lately), `server_error`.
     pub error: &'static str,
     /// What went wrong, in words.
     pub error_description: String,
+    /// For `slow_down`: when to try again (`Retry-After`).
+    #[serde(skip)]
+    pub retry_after_secs: Option<u64>,
 }
 
 impl OAuthError {
@@ -120,14 +124,16 @@ impl OAuthError {
         Self {
             error,
             error_description: description.into(),
+            retry_after_secs: None,
         }
     }
 
-    /// The HTTP status of this error: 401 for a client that failed to authenticate, 500 for
-    /// ours, 400 otherwise.
+    /// The HTTP status of this error: 401 for a client that failed to authenticate, 429 for
+    /// too many failures, 503 for ours, 400 otherwise.
     pub fn status(&self) -> axum::http::StatusCode {
         match self.error {
             "invalid_client" => axum::http::StatusCode::UNAUTHORIZED,
+            "slow_down" => axum::http::StatusCode::TOO_MANY_REQUESTS,
             "server_error" => axum::http::StatusCode::SERVICE_UNAVAILABLE,
             _ => axum::http::StatusCode::BAD_REQUEST,
         }
@@ -189,6 +195,33 @@ pub struct Auth {
     access_ttl: u64,
     refresh_ttl: u64,
     allowed_origins: Vec<String>,
+    /// Failed sign-ins per account (user, API client, extension).
+    account_failures: crate::limits::Failures,
+    /// Failed sign-ins per source address.
+    source_failures: crate::limits::Failures,
+}
+
+/// Failed sign-ins an account may have in [`FAILURE_WINDOW`] before it must wait.
+pub const ACCOUNT_FAILURES: usize = 5;
+/// Failed sign-ins a source address may have in [`FAILURE_WINDOW`] before it must wait.
+pub const SOURCE_FAILURES: usize = 20;
+/// The window failed sign-ins are counted over.
+pub const FAILURE_WINDOW: Duration = Duration::from_secs(60);
+
+/// Why an extension's password was not accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExtensionRefusal {
+    /// Wrong extension, password or domain (all alike).
+    Wrong,
+    /// Too many failures of the extension or the address lately: again after this long.
+    TooMany(Duration),
+}
+
+/// A sign-in refused because its account or source address failed too often lately.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TooManyFailures {
+    /// How long until it may try again.
+    pub wait: Duration,
 }
 
 impl std::fmt::Debug for Auth {
@@ -336,6 +369,8 @@ impl Auth {
             access_ttl: config.access_token_ttl_secs,
             refresh_ttl: config.refresh_token_ttl_secs,
             allowed_origins: config.allowed_origins.clone(),
+            account_failures: crate::limits::Failures::new(ACCOUNT_FAILURES, FAILURE_WINDOW),
+            source_failures: crate::limits::Failures::new(SOURCE_FAILURES, FAILURE_WINDOW),
         }))
     }
 
@@ -372,9 +407,99 @@ impl Auth {
         })
     }
 
-    /// Answers a sign-in: checks the credentials (slow by design: off the async workers),
+    /// Whether `account` (if any) and `source` may try to sign in now.
+    pub fn may_try(&self, account: Option<&str>, source: IpAddr) -> Result<(), TooManyFailures> {
+        let now = tokio::time::Instant::now();
+        let by_source = self.source_failures.check(&format!("ip:{source}"), now);
+        let by_account = account.map_or(Ok(()), |a| self.account_failures.check(a, now));
+        match (by_source, by_account) {
+            (Ok(()), Ok(())) => Ok(()),
+            (Err(a), Err(b)) => Err(TooManyFailures { wait: a.max(b) }),
+            (Err(wait), _) | (_, Err(wait)) => Err(TooManyFailures { wait }),
+        }
+    }
+
+    /// Checks an extension's password (`GET /api/sessions/directly`) from `source`: the
+    /// tenant of `domain` whose extension `number` has `password`. Failures count as sign-in
+    /// failures, of the account `ext:<domain>:<number>` and of `source`.
+    pub async fn check_extension(
+        &self,
+        domain: &str,
+        number: &str,
+        password: String,
+        source: IpAddr,
+    ) -> Result<Arc<Tenant>, ExtensionRefusal> {
+        let account = format!("ext:{}:{number}", domain.to_ascii_lowercase());
+        self.may_try(Some(&account), source)
+            .map_err(|too_many| ExtensionRefusal::TooMany(too_many.wait))?;
+        let tenants = self.tenants();
+        let tenant = tenants.by_domain(domain).cloned();
+        let hash = tenant
+            .as_ref()
+            .and_then(|t| t.extension(number))
+            .map_or(tenants::DECOY_HASH.to_owned(), |e| e.password_hash.clone());
+        let known = tenant
+            .as_ref()
+            .is_some_and(|t| t.extension(number).is_some());
+        match (tenant, known && verify(hash, password).await) {
+            (Some(tenant), true) => Ok(tenant),
+            _ => {
+                self.failed(Some(&account), source);
+                Err(ExtensionRefusal::Wrong)
+            }
+        }
+    }
+
+    /// Counts a failed sign-in of `account` (if any) from `source`.
+    pub fn failed(&self, account: Option<&str>, source: IpAddr) {
+        let now = tokio::time::Instant::now();
+        self.source_failures.record(&format!("ip:{source}"), now);
+        if let Some(account) = account {
+            self.account_failures.record(account, now);
+        }
+    }
+
+    /// Answers a sign-in from `source`: refused at once when its account or address failed
+    /// too often lately; else checks the credentials (slow by design: off the async workers),
     /// records the grant and issues the tokens.
-    pub async fn sign_in(&self, form: TokenForm, now_ms: u64) -> Result<TokenReply, OAuthError> {
+    pub async fn sign_in(
+        &self,
+        form: TokenForm,
+        source: IpAddr,
+        now_ms: u64,
+    ) -> Result<TokenReply, OAuthError> {
+        let account = match form.grant_type.as_str() {
+            "password" => Some(format!(
+                "user:{}:{}",
+                form.domain.as_deref().unwrap_or("").to_ascii_lowercase(),
+                form.username.as_deref().unwrap_or("")
+            )),
+            "client_credentials" => Some(format!(
+                "client:{}",
+                form.client_id.as_deref().unwrap_or("")
+            )),
+            _ => None,
+        };
+        if let Err(TooManyFailures { wait }) = self.may_try(account.as_deref(), source) {
+            return Err(OAuthError {
+                error: "slow_down",
+                error_description: format!(
+                    "too many failed sign-ins from this account or address: try again in {} s",
+                    crate::limits::retry_after_secs(wait)
+                ),
+                retry_after_secs: Some(crate::limits::retry_after_secs(wait)),
+            });
+        }
+        let result = self.grant_for(form, now_ms).await;
+        if let Err(error) = &result
+            && matches!(error.error, "invalid_grant" | "invalid_client")
+        {
+            self.failed(account.as_deref(), source);
+        }
+        result
+    }
+
+    async fn grant_for(&self, form: TokenForm, now_ms: u64) -> Result<TokenReply, OAuthError> {
         match form.grant_type.as_str() {
             "password" => self.password_grant(form, now_ms).await,
             "client_credentials" => self.client_grant(form, now_ms).await,
@@ -769,6 +894,12 @@ fn oauth_error(error: OAuthError) -> axum::response::Response {
     use axum::response::IntoResponse as _;
     let status = error.status();
     let mut response = (status, axum::Json(&error)).into_response();
+    if let Some(secs) = error.retry_after_secs {
+        response.headers_mut().insert(
+            axum::http::header::RETRY_AFTER,
+            axum::http::HeaderValue::from(secs),
+        );
+    }
     if status == axum::http::StatusCode::UNAUTHORIZED {
         response.headers_mut().insert(
             axum::http::header::WWW_AUTHENTICATE,
@@ -780,6 +911,7 @@ fn oauth_error(error: OAuthError) -> axum::response::Response {
 
 async fn token_endpoint(
     axum::extract::State(auth): axum::extract::State<Arc<Auth>>,
+    axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<std::net::SocketAddr>,
     headers: axum::http::HeaderMap,
     form: Result<axum::Form<TokenForm>, axum::extract::rejection::FormRejection>,
 ) -> axum::response::Response {
@@ -802,7 +934,7 @@ async fn token_endpoint(
         form.client_id = Some(id);
         form.client_secret = Some(secret);
     }
-    match auth.sign_in(form, callapi_kit::unix_ms()).await {
+    match auth.sign_in(form, peer.ip(), callapi_kit::unix_ms()).await {
         Ok(reply) => no_store(axum::Json(reply).into_response()),
         Err(error) => {
             tracing::info!(error = error.error, reason = %error.error_description, "sign-in refused");

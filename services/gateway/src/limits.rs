@@ -134,6 +134,78 @@ impl TenantLimits {
     }
 }
 
+/// Failed sign-ins (token endpoint, `/directly`) per key (an account, a source address) in a
+/// sliding window: past `max` within `window`, the key is refused until its oldest failure
+/// leaves the window. Against guessing passwords; a success does not count.
+#[derive(Debug)]
+pub struct Failures {
+    max: usize,
+    window: Duration,
+    by_key: Mutex<HashMap<String, std::collections::VecDeque<Instant>>>,
+}
+
+/// Keys tracked at most; past it, keys whose failures have all left the window are forgotten
+/// (and, should all still be live, the map is cleared rather than grow without bound).
+const MAX_KEYS: usize = 100_000;
+
+impl Failures {
+    /// At most `max` failures per key within `window`.
+    pub fn new(max: usize, window: Duration) -> Self {
+        Self {
+            max: max.max(1),
+            window,
+            by_key: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<String, std::collections::VecDeque<Instant>>> {
+        self.by_key
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Whether `key` may try now; if not, how long until it may.
+    pub fn check(&self, key: &str, now: Instant) -> Result<(), Duration> {
+        let mut by_key = self.lock();
+        let Some(failures) = by_key.get_mut(key) else {
+            return Ok(());
+        };
+        while failures
+            .front()
+            .is_some_and(|at| now.saturating_duration_since(*at) >= self.window)
+        {
+            failures.pop_front();
+        }
+        if failures.len() < self.max {
+            return Ok(());
+        }
+        let oldest = failures.front().copied().unwrap_or(now);
+        Err(self
+            .window
+            .saturating_sub(now.saturating_duration_since(oldest)))
+    }
+
+    /// Counts a failure of `key` at `now`.
+    pub fn record(&self, key: &str, now: Instant) {
+        let mut by_key = self.lock();
+        if by_key.len() >= MAX_KEYS {
+            let window = self.window;
+            by_key.retain(|_, f| {
+                f.back()
+                    .is_some_and(|at| now.saturating_duration_since(*at) < window)
+            });
+            if by_key.len() >= MAX_KEYS {
+                by_key.clear();
+            }
+        }
+        let failures = by_key.entry(key.to_owned()).or_default();
+        failures.push_back(now);
+        while failures.len() > self.max {
+            failures.pop_front();
+        }
+    }
+}
+
 /// Whole seconds to tell a client to wait (`Retry-After`), at least 1.
 pub fn retry_after_secs(wait: Duration) -> u64 {
     wait.as_secs_f64().ceil().max(1.0) as u64
@@ -160,6 +232,27 @@ mod tests {
             assert_eq!(bucket.take(4, later), Ok(()));
         }
         assert!(bucket.take(4, later).is_err());
+    }
+
+    #[test]
+    fn past_its_failures_a_key_waits_until_the_oldest_leaves_the_window() {
+        let start = Instant::now();
+        let failures = Failures::new(3, Duration::from_secs(60));
+        for s in 0..3 {
+            assert!(failures.check("ext:1001", start).is_ok());
+            failures.record("ext:1001", start + Duration::from_secs(s));
+        }
+        let now = start + Duration::from_secs(10);
+        assert_eq!(
+            failures.check("ext:1001", now),
+            Err(Duration::from_secs(50))
+        );
+        assert!(failures.check("ip:10.0.0.1", now).is_ok(), "other keys");
+        assert!(
+            failures
+                .check("ext:1001", start + Duration::from_secs(60))
+                .is_ok()
+        );
     }
 
     #[tokio::test]

@@ -302,9 +302,9 @@ impl RestState {
         scope: callapi_kit::tenants::Scope,
     ) -> Result<Arc<Rest>, crate::auth::Refusal> {
         use crate::auth::{AuthError, Refusal};
-        let (auth, rests) = match &self.access {
+        let auth = match &self.access {
             Access::Open(rest) => return Ok(rest.clone()),
-            Access::Tenants { auth, rests } => (auth, rests),
+            Access::Tenants { auth, .. } => auth,
         };
         let token = crate::auth::bearer(headers).ok_or(AuthError::Missing)?;
         let identity = auth.authenticate(token, now_ms() / 1000)?;
@@ -316,6 +316,19 @@ impl RestState {
         }
         let tenants = auth.tenants();
         let tenant = tenants.get(&identity.tenant).ok_or(AuthError::Gone)?;
+        self.rest_of(tenant)
+    }
+
+    /// The [`Rest`] of `tenant`, once its REST rate allows one more request (429 otherwise).
+    fn rest_of(
+        &self,
+        tenant: &Arc<callapi_kit::tenants::Tenant>,
+    ) -> Result<Arc<Rest>, crate::auth::Refusal> {
+        use crate::auth::Refusal;
+        let rests = match &self.access {
+            Access::Open(rest) => return Ok(rest.clone()),
+            Access::Tenants { rests, .. } => rests,
+        };
         let rate = tenant.limits.rest_requests_per_second;
         if let Err(crate::limits::Over::Rate(wait)) = self.limits.take_rest(&tenant.id, rate) {
             return Err(Refusal::too_many(
@@ -325,7 +338,7 @@ impl RestState {
             ));
         }
         let mut rests = lock(rests);
-        if let Some((known, rest)) = rests.get(&identity.tenant)
+        if let Some((known, rest)) = rests.get(&tenant.id)
             && **known == **tenant
         {
             return Ok(rest.clone());
@@ -347,7 +360,7 @@ impl RestState {
         );
         rest.active_calls = tenant.limits.active_calls;
         let rest = Arc::new(rest);
-        rests.insert(identity.tenant.clone(), (tenant.clone(), rest.clone()));
+        rests.insert(tenant.id.clone(), (tenant.clone(), rest.clone()));
         Ok(rest)
     }
 
@@ -771,20 +784,131 @@ struct DirectlyQuery {
     send_sdp: bool,
 }
 
-/// PortSIP's call creation authenticated by an extension's password: not available yet.
+/// PortSIP's call creation authenticated by an extension's password instead of a token: the
+/// query holds the extension's `extension_number`, `password` and `domain` and the fields of a
+/// create body. The extension may only call from itself (`caller` is its number). Failed
+/// passwords are counted per extension and per source address: past the limit, 429 with
+/// `Retry-After`. The password is never logged.
 #[utoipa::path(
     get,
     path = "/api/sessions/directly",
     tag = "sessions",
     params(DirectlyQuery),
-    responses((status = 501, description = "Needs tenants and their extensions", body = ProblemDoc, content_type = "application/problem+json"))
-)]
-async fn directly() -> Problem {
-    Problem::new(
-        StatusCode::NOT_IMPLEMENTED,
-        "NOT_IMPLEMENTED",
-        "GET /api/sessions/directly authenticates with an extension's password, which needs tenants and their extensions (not configured in this version): use POST /api/sessions",
+    responses(
+        (status = 200, description = "The session created", body = Created),
+        (status = 400, description = "A bad field", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 401, description = "Wrong extension, password or domain", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 403, description = "The caller is not the extension", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 429, description = "Too many failed passwords lately, or the tenant's rate", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 501, description = "No tenants configured", body = ProblemDoc, content_type = "application/problem+json"),
     )
+)]
+async fn directly(
+    State(state): State<Arc<RestState>>,
+    axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<std::net::SocketAddr>,
+    axum::extract::RawQuery(query): axum::extract::RawQuery,
+) -> Response {
+    match directly_create(&state, peer.ip(), query.as_deref().unwrap_or("")).await {
+        Ok(created) => created.into_response(),
+        Err(refused) => refused,
+    }
+}
+
+async fn directly_create(
+    state: &RestState,
+    source: std::net::IpAddr,
+    query: &str,
+) -> Result<Json<Created>, Response> {
+    use crate::auth::{ExtensionRefusal, Refusal};
+    let Access::Tenants { auth, .. } = &state.access else {
+        return Err(Problem::new(
+            StatusCode::NOT_IMPLEMENTED,
+            "NOT_IMPLEMENTED",
+            "GET /api/sessions/directly authenticates with an extension's password: it needs tenants (the gateway's [auth]); use POST /api/sessions",
+        )
+        .into_response());
+    };
+    let pairs: Vec<(String, String)> = serde_urlencoded::from_str(query).map_err(|_| {
+        Problem::new(
+            StatusCode::BAD_REQUEST,
+            "INVALID_FIELD",
+            "the query is not URL-encoded name=value pairs",
+        )
+        .into_response()
+    })?;
+    let mut fields = serde_json::Map::new();
+    let (mut number, mut password, mut domain) = (None, None, None);
+    for (name, value) in pairs {
+        let duplicate = match name.as_str() {
+            "extension_number" => number.replace(value).is_some(),
+            "password" => password.replace(value).is_some(),
+            "domain" => domain.replace(value).is_some(),
+            "send_sdp" => {
+                let flag = match value.as_str() {
+                    "true" => true,
+                    "false" => false,
+                    _ => {
+                        return Err(
+                            Problem::field("send_sdp", "must be true or false").into_response()
+                        );
+                    }
+                };
+                fields.insert(name.clone(), Value::Bool(flag)).is_some()
+            }
+            _ => fields.insert(name.clone(), Value::String(value)).is_some(),
+        };
+        if duplicate {
+            return Err(Problem::field(&name, "is given twice").into_response());
+        }
+    }
+    let number = number
+        .filter(|n| (3..=64).contains(&n.len()) && n.bytes().all(|b| b.is_ascii_digit()))
+        .ok_or_else(|| {
+            Problem::field("extension_number", "must be 3 to 64 digits").into_response()
+        })?;
+    let password =
+        password.ok_or_else(|| Problem::field("password", "is required").into_response())?;
+    let domain = domain
+        .filter(|d| (1..=280).contains(&d.len()))
+        .ok_or_else(|| Problem::field("domain", "must be 1 to 280 characters").into_response())?;
+    let body: CreateBody =
+        serde_path_to_error::deserialize(Value::Object(fields)).map_err(|err| {
+            let refused = params::serde_error(&err, "is not a parameter of this operation");
+            Problem::field(&refused.field, refused.reason).into_response()
+        })?;
+    let tenant = match auth
+        .check_extension(&domain, &number, password, source)
+        .await
+    {
+        Ok(tenant) => tenant,
+        Err(ExtensionRefusal::Wrong) => {
+            tracing::info!(%domain, extension = %number, %source, "directly: wrong extension, password or domain");
+            return Err(
+                Refusal::unauthorized("wrong extension_number, password or domain").into_response(),
+            );
+        }
+        Err(ExtensionRefusal::TooMany(wait)) => {
+            let secs = crate::limits::retry_after_secs(wait);
+            return Err(Refusal::too_many(
+                "TOO_MANY_FAILURES",
+                format!("too many failed passwords for this extension or from this address: try again in {secs} s"),
+                Some(secs),
+            )
+            .into_response());
+        }
+    };
+    if body.caller != number {
+        return Err(Refusal::forbidden(
+            "an extension may only call from itself: caller must be its extension_number",
+        )
+        .into_response());
+    }
+    let rest = state
+        .rest_of(&tenant)
+        .map_err(IntoResponse::into_response)?;
+    create_session(&rest, body)
+        .await
+        .map_err(IntoResponse::into_response)
 }
 
 /// `POST /sessions`: PortSIP's table B.
@@ -971,6 +1095,11 @@ async fn create(
     Controller(rest): Controller,
     Body(body): Body<CreateBody>,
 ) -> Result<Json<Created>, Problem> {
+    create_session(&rest, body).await
+}
+
+/// Places the call a create body asks for (`POST /sessions`, `GET /sessions/directly`).
+async fn create_session(rest: &Rest, body: CreateBody) -> Result<Json<Created>, Problem> {
     bounded("caller_display_name", &body.caller_display_name, 0, 1024)?;
     bounded("trunk", &body.trunk, 1, 64)?;
     bounded("rewrite_from", &body.rewrite_from, 1, 16)?;

@@ -57,6 +57,26 @@ pub const REQUEST_HEAD_LIMIT: usize = 32 * 1024;
 /// The most header fields a request may have (431 past it).
 pub const MAX_REQUEST_HEADERS: usize = 100;
 
+/// The router with the peer's address in every request (`ConnectInfo<SocketAddr>`: sign-in
+/// failures are counted per source address).
+fn with_peer(
+    app: Router,
+    peer: SocketAddr,
+) -> impl tower::Service<
+    hyper::Request<hyper::body::Incoming>,
+    Response = axum::response::Response,
+    Error = std::convert::Infallible,
+    Future = impl Send,
+> + Clone {
+    use tower::ServiceExt as _;
+    app.map_request(move |mut request: hyper::Request<hyper::body::Incoming>| {
+        request
+            .extensions_mut()
+            .insert(axum::extract::ConnectInfo(peer));
+        request
+    })
+}
+
 /// Serves one TCP connection's HTTP exchange, bounded by the handshake timeout.
 async fn serve_http(stream: TcpStream, peer: SocketAddr, app: Router, shared: Arc<Shared>) {
     let _ = stream.set_nodelay(true);
@@ -66,7 +86,10 @@ async fn serve_http(stream: TcpStream, peer: SocketAddr, app: Router, shared: Ar
         .header_read_timeout(timeout)
         .max_header_size(REQUEST_HEAD_LIMIT)
         .max_headers(MAX_REQUEST_HEADERS)
-        .serve_connection(TokioIo::new(stream), TowerToHyperService::new(app))
+        .serve_connection(
+            TokioIo::new(stream),
+            TowerToHyperService::new(with_peer(app, peer)),
+        )
         .with_upgrades();
     tokio::pin!(connection);
     let deadline = tokio::time::sleep(timeout);

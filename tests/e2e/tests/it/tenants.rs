@@ -817,3 +817,121 @@ async fn over_a_tenants_limits_requests_are_refused_with_stable_codes() {
     assert_eq!(shape(&notes), ["Ended"], "{notes:#?}");
     let _ = std::fs::remove_file(path);
 }
+
+#[tokio::test]
+async fn directly_takes_an_extensions_password_counts_failures_and_never_logs_it() {
+    let stack = Stack::with(StackOptions {
+        gateway_toml: auth_toml(3600),
+        emulator_args: vec!["--extra-phones".into(), "2001,2002".into()],
+        service_env: vec![
+            (
+                "CALLAPI_TEST_SIGNING_KEY".into(),
+                "the-current-test-secret-of-at-least-32-bytes".into(),
+            ),
+            ("RUST_LOG".into(), "debug".into()),
+        ],
+        ingest_toml: format!("tenants_file = \"{}\"", local_tenants().display()),
+        ..StackOptions::default()
+    })
+    .await;
+    let addr = stack.http_addr();
+    let directly = |number: &str, password: &str, caller: &str| {
+        format!(
+            "/api/sessions/directly?extension_number={number}&password={password}&domain=globex.localhost&caller={caller}&callee=2002&send_sdp=true"
+        )
+    };
+    // The right password: the call is placed, as POST /api/sessions would, and is globex's.
+    let created = request(
+        &addr,
+        "GET",
+        &directly("2001", "globex-2001-password", "2001"),
+        None,
+    )
+    .await;
+    assert_eq!(created.status, 200, "{}", created.body);
+    let id = created.json["id"].as_str().expect("id").to_owned();
+    let globex = access_token(&stack, "dialer", "globex-dialer-secret").await;
+    let mut found = None;
+    for _ in 0..50 {
+        let got = authed(&addr, &globex, "GET", &format!("/api/sessions/{id}"), None).await;
+        if got.status == 200 {
+            found = Some(got);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(found.is_some(), "the session is globex's");
+    // Calling from another extension than one's own is refused.
+    let spoofed = request(
+        &addr,
+        "GET",
+        &directly("2001", "globex-2001-password", "2002"),
+        None,
+    )
+    .await;
+    assert_eq!(spoofed.status, 403, "{}", spoofed.body);
+    // Wrong passwords: 401, then after five of them 429 with Retry-After, even for the right
+    // password.
+    for attempt in 0..5 {
+        let wrong = request(
+            &addr,
+            "GET",
+            &directly("2001", &format!("guess-{attempt}"), "2001"),
+            None,
+        )
+        .await;
+        assert_eq!(wrong.status, 401, "{}", wrong.body);
+    }
+    let locked = request(
+        &addr,
+        "GET",
+        &directly("2001", "globex-2001-password", "2001"),
+        None,
+    )
+    .await;
+    assert_eq!(locked.status, 429, "{}", locked.body);
+    assert_eq!(locked.json["code"], "TOO_MANY_FAILURES");
+    assert!(locked.header("retry-after").parse::<u64>().unwrap() >= 1);
+    // Another extension is not locked by it.
+    let other = request(&addr, "GET", &directly("2002", "wrong", "2002"), None).await;
+    assert_eq!(other.status, 401, "{}", other.body);
+
+    // The same for sign-in: five wrong passwords, then the account must wait.
+    let form = |password: &'static str| {
+        [
+            ("grant_type", "password"),
+            ("username", "wallboard"),
+            ("password", password),
+            ("domain", "acme.localhost"),
+        ]
+    };
+    for _ in 0..5 {
+        let wrong = post_form(&addr, TOKEN_PATH, &[], &form("nope")).await;
+        assert_eq!(wrong.json["error"], "invalid_grant", "{}", wrong.body);
+    }
+    let slowed = post_form(&addr, TOKEN_PATH, &[], &form("acme-wallboard-password")).await;
+    assert_eq!(slowed.status, 429, "{}", slowed.body);
+    assert_eq!(slowed.json["error"], "slow_down");
+    assert!(slowed.header("retry-after").parse::<u64>().unwrap() >= 1);
+
+    // No password, right or wrong, reached the gateway's debug log.
+    let log = std::fs::read_dir(&stack.dir)
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().starts_with("gateway-"))
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".log"))
+        .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
+        .collect::<String>();
+    assert!(
+        log.contains("directly"),
+        "the log is the gateway's debug log"
+    );
+    for secret in [
+        "globex-2001-password",
+        "guess-0",
+        "acme-wallboard-password",
+        "nope",
+    ] {
+        assert!(!log.contains(secret), "{secret} in the gateway's log");
+    }
+}
