@@ -57,6 +57,10 @@ pub struct AuthConfig {
     /// send no `Origin` (servers, CLIs) are not concerned.
     #[serde(default)]
     pub allowed_origins: Vec<String>,
+    /// Refuse WebSocket upgrades without an `Origin` too (a deployment whose clients are all
+    /// browsers); by default a client that sends none (a server, a CLI) is let through.
+    #[serde(default)]
+    pub require_origin: bool,
 }
 
 fn default_access_ttl() -> u64 {
@@ -195,6 +199,7 @@ pub struct Auth {
     access_ttl: u64,
     refresh_ttl: u64,
     allowed_origins: Vec<String>,
+    require_origin: bool,
     /// Failed sign-ins per account (user, API client, extension).
     account_failures: crate::limits::Failures,
     /// Failed sign-ins per source address.
@@ -369,6 +374,7 @@ impl Auth {
             access_ttl: config.access_token_ttl_secs,
             refresh_ttl: config.refresh_token_ttl_secs,
             allowed_origins: config.allowed_origins.clone(),
+            require_origin: config.require_origin,
             account_failures: crate::limits::Failures::new(ACCOUNT_FAILURES, FAILURE_WINDOW),
             source_failures: crate::limits::Failures::new(SOURCE_FAILURES, FAILURE_WINDOW),
         }))
@@ -379,9 +385,13 @@ impl Auth {
         self.tenants.borrow().clone()
     }
 
-    /// Whether a request with this `Origin` header may be served (none: not a browser).
+    /// Whether a request with this `Origin` header may be served (none: not a browser, let
+    /// through unless `require_origin`).
     pub fn origin_allowed(&self, origin: Option<&str>) -> bool {
-        origin.is_none_or(|origin| self.allowed_origins.iter().any(|o| o == origin))
+        match origin {
+            Some(origin) => self.allowed_origins.iter().any(|o| o == origin),
+            None => !self.require_origin,
+        }
     }
 
     /// Who the bearer of `token` is, at `now` (Unix seconds).

@@ -100,6 +100,7 @@ impl Access {
                 .map(|t| crate::TrunkConfig {
                     name: t.name.clone(),
                     uri: t.uri.clone(),
+                    rewrites: Some(t.rewrites.clone()),
                 })
                 .collect(),
             domains: tenant.domains.clone(),

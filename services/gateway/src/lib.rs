@@ -87,6 +87,10 @@ pub struct TrunkConfig {
     pub name: String,
     /// Where its calls are sent: a SIP URI of the trunk's gateway, e.g. `sip:203.0.113.7:5060`.
     pub uri: String,
+    /// The identities a call through it may rewrite (`rewrite_from`, `rewrite_pai`,
+    /// `rewrite_rpi`); absent: all of them.
+    #[serde(default)]
+    pub rewrites: Option<std::collections::BTreeSet<callapi_kit::tenants::Rewrite>>,
 }
 
 impl Default for Config {
@@ -353,9 +357,10 @@ fn admit(
             origin = origin.unwrap_or(""),
             "WebSocket from an origin not allowed refused"
         );
-        return Err(auth::Refusal::forbidden(
-            "this Origin is not allowed (auth.allowed_origins)",
-        ));
+        return Err(auth::Refusal::forbidden(match origin {
+            Some(_) => "this Origin is not allowed (auth.allowed_origins)",
+            None => "an Origin header is required (auth.require_origin)",
+        }));
     }
     let from_query = query
         .and_then(|q| serde_urlencoded::from_str::<UpgradeQuery>(q).ok())

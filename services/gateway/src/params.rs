@@ -248,10 +248,48 @@ pub fn resolve_trunk(
     match find_trunk(trunks, &trunk.name) {
         Some(found) => {
             *trunk = found;
-            Ok(())
         }
-        None => Err(error("trunk", "names no configured trunk".to_owned())),
+        None => return Err(error("trunk", "names no configured trunk".to_owned())),
     }
+    match start.options.as_deref() {
+        Some(options) => check_rewrites(trunks, options),
+        None => Ok(()),
+    }
+}
+
+/// The identities a call through its trunk rewrites must be ones the trunk allows (a
+/// tenant's trunk lists them; a trunk of the gateway's own configuration allows all).
+pub fn check_rewrites(
+    trunks: &[crate::TrunkConfig],
+    options: &pb::CallOptions,
+) -> Result<(), ParamsError> {
+    use callapi_kit::tenants::Rewrite;
+    let Some(trunk) = &options.trunk else {
+        return Ok(());
+    };
+    let Some(allowed) = trunks
+        .iter()
+        .find(|t| t.name == trunk.name)
+        .and_then(|t| t.rewrites.as_ref())
+    else {
+        return Ok(());
+    };
+    for (field, value, rewrite) in [
+        ("rewrite_from", &options.rewrite_from, Rewrite::From),
+        ("rewrite_pai", &options.rewrite_pai, Rewrite::Pai),
+        ("rewrite_rpi", &options.rewrite_rpi, Rewrite::Rpi),
+    ] {
+        if !value.is_empty() && !allowed.contains(&rewrite) {
+            return Err(error(
+                field,
+                format!(
+                    "is not allowed through trunk {}",
+                    crate::rpc::clip(&trunk.name)
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// With tenants, the parties a command names must be in the tenant's SIP `domains`: the
@@ -730,6 +768,7 @@ mod tests {
         let trunks = [crate::TrunkConfig {
             name: "carrier".into(),
             uri: "sip:203.0.113.7".into(),
+            rewrites: None,
         }];
         assert_eq!(resolve_trunk(&mut start_command, &trunks), Ok(()));
         let Command::CallStart(resolved) = &start_command else {

@@ -355,6 +355,7 @@ impl RestState {
                 .map(|t| crate::TrunkConfig {
                     name: t.name.clone(),
                     uri: t.uri.clone(),
+                    rewrites: Some(t.rewrites.clone()),
                 })
                 .collect(),
         );
@@ -1150,6 +1151,8 @@ async fn create_session(rest: &Rest, body: CreateBody) -> Result<Json<Created>, 
     }
     .to_proto(trunk)
     .map_err(|e| Problem::field(&e.field, e.reason))?;
+    params::check_rewrites(&rest.trunks, &options)
+        .map_err(|e| Problem::field(&e.field, e.reason))?;
     let callid = uuid::Uuid::new_v4().to_string();
     let id = callapi_kit::calls::session_id(rest.tenant(), &callid);
     let cmd_id = uuid::Uuid::new_v4().to_string();
@@ -1666,6 +1669,7 @@ mod tests {
         let doc = document(Some(&[crate::TrunkConfig {
             name: "carrier".into(),
             uri: "sip:203.0.113.7".into(),
+            rewrites: None,
         }]));
         assert_eq!(trunk(&doc)["enum"], serde_json::json!(["carrier", null]));
         assert_eq!(trunk(&doc)["maxLength"], 64);

@@ -115,6 +115,19 @@ impl Client {
         }
     }
 
+    /// Every message not taken yet: the backlog and whatever arrives within `quiet`.
+    pub async fn pending(&mut self, quiet: Duration) -> Vec<Value> {
+        let mut messages: Vec<Value> = self.backlog.drain(..).collect();
+        while let Ok(Some(Ok(message))) = tokio::time::timeout(quiet, self.socket.next()).await {
+            if let Message::Text(text) = message
+                && let Ok(value) = serde_json::from_str(&text)
+            {
+                messages.push(value);
+            }
+        }
+        messages
+    }
+
     /// Waits for the gateway's close frame, skipping other messages: its code and reason
     /// (`(0, "")` if the connection ended without one).
     pub async fn closed(&mut self) -> (u16, String) {

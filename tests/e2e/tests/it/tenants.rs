@@ -590,18 +590,32 @@ async fn two_tenants_share_a_node_and_each_sees_only_its_own_calls_and_events() 
     let acme = access_token(&stack, "crm", "acme-crm-secret").await;
     let globex = access_token(&stack, "dialer", "globex-dialer-secret").await;
 
-    // Each places a call in its own domain, on the one node.
+    // Each places a call in its own domain, on the one node, at the same time.
     let mut acme_ws = Client::connect_with_token(&ws_url(&stack), &acme).await;
-    let acme_call = call(&mut acme_ws, "alice", "bob").await;
     let mut globex_ws = Client::connect_with_token(&ws_url(&stack), &globex).await;
-    let notes = globex_ws
-        .run(
+    let (acme_call, notes) = tokio::join!(
+        call(&mut acme_ws, "alice", "bob"),
+        globex_ws.run(
             "CallStart",
             json!({"caller": "sip:cindy@globex.localhost", "callee": "sip:dave@globex.localhost"}),
         )
-        .await;
+    );
     assert_eq!(shape(&notes), crate::commands::CALL_START_OK, "{notes:#?}");
     let globex_call = notes[2]["params"]["callid"].as_str().unwrap().to_owned();
+    // Each WebSocket got its own command's notifications and nothing of the other's.
+    for (client, other) in [(&mut acme_ws, &globex_call), (&mut globex_ws, &acme_call)] {
+        let stray = client.pending(Duration::from_millis(300)).await;
+        assert!(
+            !stray.iter().any(|m| m.to_string().contains(other.as_str())),
+            "{stray:#?}"
+        );
+    }
+    assert!(
+        !notes
+            .iter()
+            .any(|m| m.to_string().contains(acme_call.as_str())),
+        "{notes:#?}"
+    );
 
     // Each lists its own call only.
     for (token, own, other) in [
@@ -689,6 +703,31 @@ async fn parties_outside_the_tenants_domains_are_refused_unless_through_its_trun
     )
     .await;
     assert_eq!(reply["result"]["status"], "Started", "{reply}");
+    // The trunk allows rewriting From and P-Asserted-Identity, not Remote-Party-ID.
+    let reply = ask(
+        &mut acme_ws,
+        "CallStart",
+        json!({"caller": "sip:alice@127.0.0.1", "callee": "sip:+15551234@carrier.example", "trunk": "carrier", "rewrite_rpi": "4930"}),
+    )
+    .await;
+    assert_eq!(reply["error"]["data"]["field"], "rewrite_rpi", "{reply}");
+    let reply = ask(
+        &mut acme_ws,
+        "CallStart",
+        json!({"caller": "sip:alice@127.0.0.1", "callee": "sip:+15551234@carrier.example", "trunk": "carrier", "rewrite_pai": "4930"}),
+    )
+    .await;
+    assert_eq!(reply["result"]["status"], "Started", "{reply}");
+    let rest = authed(
+        &stack.http_addr(),
+        &acme,
+        "POST",
+        "/api/sessions",
+        Some(r#"{"caller":"1001","callee":"+15551234","send_sdp":true,"trunk":"carrier","rewrite_rpi":"4930"}"#),
+    )
+    .await;
+    assert_eq!(rest.status, 400, "{}", rest.body);
+    assert_eq!(rest.json["field"], "rewrite_rpi", "{}", rest.body);
 }
 
 #[tokio::test]
@@ -934,4 +973,102 @@ async fn directly_takes_an_extensions_password_counts_failures_and_never_logs_it
     ] {
         assert!(!log.contains(secret), "{secret} in the gateway's log");
     }
+}
+
+#[tokio::test]
+async fn tokens_of_another_key_expired_or_of_no_tenant_are_refused_and_the_old_key_still_verifies()
+{
+    let stack = stack_with_auth(3600).await;
+    let addr = stack.http_addr();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let sign = |kid: &str, secret: &str, tenant: &str, exp: u64| {
+        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256);
+        header.kid = Some(kid.to_owned());
+        let claims = json!({
+            "iss": "callapi", "sub": "client:crm", "tenant": tenant,
+            "scope": "calls:read calls:control", "iat": now, "exp": exp,
+            "jti": "j", "sid": "0123456789abcdef0123456789abcdef",
+        });
+        jsonwebtoken::encode(
+            &header,
+            &claims,
+            &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()).unwrap(),
+        )
+        .unwrap()
+    };
+    let current = "the-current-test-secret-of-at-least-32-bytes";
+    let old = "an-older-test-secret-of-at-least-32-bytes";
+    // Signed by the gateway's keys, valid: the active one and the older one (rotation).
+    for token in [
+        sign("k2", current, "acme", now + 600),
+        sign("k1", old, "acme", now + 600),
+    ] {
+        let reply = authed(&addr, &token, "GET", "/api/sessions", None).await;
+        assert_eq!(reply.status, 200, "{}", reply.body);
+    }
+    // Refused: expired, another secret under a known kid, an unknown kid, a tenant that does
+    // not exist, an issuer not ours.
+    let mut foreign_issuer = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256);
+    foreign_issuer.kid = Some("k2".into());
+    let other_issuer = jsonwebtoken::encode(
+        &foreign_issuer,
+        &json!({"iss": "someone", "sub": "client:crm", "tenant": "acme", "scope": "calls:read",
+                "iat": now, "exp": now + 600, "jti": "j", "sid": "0123456789abcdef0123456789abcdef"}),
+        &jsonwebtoken::EncodingKey::from_secret(current.as_bytes()).unwrap(),
+    )
+    .unwrap();
+    for (what, token) in [
+        ("expired", sign("k2", current, "acme", now - 10)),
+        (
+            "wrong key",
+            sign(
+                "k2",
+                "a-forgers-secret-of-at-least-32-bytes!!",
+                "acme",
+                now + 600,
+            ),
+        ),
+        ("unknown kid", sign("k9", current, "acme", now + 600)),
+        ("no such tenant", sign("k2", current, "initech", now + 600)),
+        ("other issuer", other_issuer),
+    ] {
+        let reply = authed(&addr, &token, "GET", "/api/sessions", None).await;
+        assert_eq!(reply.status, 401, "{what}: {}", reply.body);
+        let bearer = format!("Bearer {token}");
+        let upgrade = Client::try_connect(&ws_url(&stack), &[("Authorization", &bearer)]).await;
+        assert_eq!(upgrade.err().map(|(status, _)| status), Some(401), "{what}");
+    }
+}
+
+#[tokio::test]
+async fn with_require_origin_an_upgrade_without_origin_is_refused() {
+    let stack = Stack::with(StackOptions {
+        gateway_toml: auth_toml(3600).replacen(
+            "[[auth.signing_keys]]",
+            "require_origin = true\n[[auth.signing_keys]]",
+            1,
+        ),
+        node_tenant: "acme",
+        service_env: vec![(
+            "CALLAPI_TEST_SIGNING_KEY".into(),
+            "the-current-test-secret-of-at-least-32-bytes".into(),
+        )],
+        ..StackOptions::default()
+    })
+    .await;
+    let token = access_token(&stack, "crm", "acme-crm-secret").await;
+    let bearer = format!("Bearer {token}");
+    let missing = Client::try_connect(&ws_url(&stack), &[("Authorization", &bearer)]).await;
+    let (status, body) = missing.err().expect("refused");
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("Origin"), "{body}");
+    let allowed = Client::try_connect(
+        &ws_url(&stack),
+        &[("Authorization", &bearer), ("Origin", ALLOWED_ORIGIN)],
+    )
+    .await;
+    assert!(allowed.is_ok());
 }
