@@ -1072,3 +1072,66 @@ async fn with_require_origin_an_upgrade_without_origin_is_refused() {
     .await;
     assert!(allowed.is_ok());
 }
+
+#[tokio::test]
+async fn a_sighup_reloads_the_tenants_an_account_removed_is_cut_off_at_once() {
+    let path = std::env::temp_dir().join(format!("callapi-reload-{}.toml", std::process::id()));
+    let original = std::fs::read_to_string(local_tenants()).unwrap();
+    std::fs::write(&path, &original).unwrap();
+    let stack = Stack::with(StackOptions {
+        gateway_toml: auth_toml_with(&path, 3600),
+        node_tenant: "acme",
+        service_env: vec![(
+            "CALLAPI_TEST_SIGNING_KEY".into(),
+            "the-current-test-secret-of-at-least-32-bytes".into(),
+        )],
+        ..StackOptions::default()
+    })
+    .await;
+    let addr = stack.http_addr();
+    let token = access_token(&stack, "dialer", "globex-dialer-secret").await;
+    assert_eq!(
+        authed(&addr, &token, "GET", "/api/sessions", None)
+            .await
+            .status,
+        200
+    );
+    let hup = |stack: &Stack| {
+        let pid = stack.gateways[0].pid().expect("gateway pid");
+        let status = std::process::Command::new("kill")
+            .args(["-HUP", &pid.to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success());
+    };
+    // A broken file is refused whole: the tenants in force stay.
+    std::fs::write(&path, "[[tenants]]\nid = \"\"\n").unwrap();
+    hup(&stack);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        authed(&addr, &token, "GET", "/api/sessions", None)
+            .await
+            .status,
+        200,
+        "kept"
+    );
+    // globex's API client removed: its token stops working, no sign-in needed.
+    let without_dialer = original.replacen("client_id = \"dialer\"", "client_id = \"dialer-2\"", 1);
+    assert_ne!(without_dialer, original);
+    std::fs::write(&path, &without_dialer).unwrap();
+    hup(&stack);
+    let mut status = 0;
+    for _ in 0..50 {
+        status = authed(&addr, &token, "GET", "/api/sessions", None)
+            .await
+            .status;
+        if status == 401 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(status, 401, "the removed client's token is refused");
+    // The renamed client signs in with the same secret.
+    access_token(&stack, "dialer-2", "globex-dialer-secret").await;
+    let _ = std::fs::remove_file(path);
+}
