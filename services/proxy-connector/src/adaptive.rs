@@ -11,7 +11,10 @@
 //!   round) until the first overload signal, then additively;
 //! - the limit grows only while it is in use (at least half of it in flight when an answer
 //!   comes): hours of light traffic must not leave a high limit, never tested, for the next
-//!   storm to find.
+//!   storm to find;
+//! - near the limit of the last overload (for [`CEILING_MEMORY`] after it) it grows
+//!   [`NEAR_CEILING_SLOWDOWN`] times slower, as TCP CUBIC does near its last window: each probe
+//!   above the node's capacity costs a refused request, so they come seldom.
 //!
 //! Besides `slow`, a fixed ceiling, latency *growth* is an overload signal: OpenSIPS answers a
 //! short command in about a millisecond when at ease; a recent average of short answers
@@ -41,6 +44,11 @@ pub enum Signal {
     /// Anything that says nothing about load (bad request, node down).
     Neutral,
 }
+
+/// How long the limit at the last overload is remembered.
+pub const CEILING_MEMORY: Duration = Duration::from_secs(30);
+/// How many times slower the limit grows within one of the last overload's limit.
+pub const NEAR_CEILING_SLOWDOWN: f64 = 8.0;
 
 /// A recent average of short answers this many times the baseline is an overload signal.
 pub const GROWTH: f64 = 5.0;
@@ -90,6 +98,8 @@ pub struct Aimd {
     /// Before the first overload signal: grow by one per answer.
     slow_start: bool,
     trend: Trend,
+    /// The limit when it was last cut for overload, and when.
+    ceiling: Option<(f64, Duration)>,
 }
 
 impl Aimd {
@@ -107,6 +117,7 @@ impl Aimd {
             last_decrease: None,
             slow_start: true,
             trend: Trend::default(),
+            ceiling: None,
         }
     }
 
@@ -132,12 +143,18 @@ impl Aimd {
                 .is_none_or(|at| now.saturating_sub(at) >= self.cooldown);
             self.slow_start = false;
             if cooled {
+                self.ceiling = Some((self.limit, now));
                 self.limit = (self.limit * DECREASE).max(self.min as f64);
                 self.last_decrease = Some(now);
             }
         } else if in_flight * 2 >= self.limit() {
+            let near_ceiling = self.ceiling.is_some_and(|(ceiling, at)| {
+                now.saturating_sub(at) < CEILING_MEMORY && (self.limit - ceiling).abs() < 1.0
+            });
             let step = if self.slow_start {
                 1.0
+            } else if near_ceiling {
+                1.0 / (self.limit * NEAR_CEILING_SLOWDOWN)
             } else {
                 1.0 / self.limit
             };
@@ -196,10 +213,43 @@ mod tests {
             a.observe(answered(2), ms(1), 14);
         }
         assert_eq!(a.limit(), 15);
-        for _ in 0..2_000 {
+        for _ in 0..3_000 {
             a.observe(answered(2), ms(1), 64);
         }
         assert_eq!(a.limit(), 64, "never above max");
+    }
+
+    #[test]
+    fn near_the_last_overloads_limit_it_grows_slower_for_a_while() {
+        let mut a = aimd();
+        for _ in 0..10 {
+            a.observe(answered(2), Duration::ZERO, 30);
+        }
+        assert_eq!(a.observe(Signal::Overload, ms(10), 30), 21, "cut from 30");
+        // Back up to one below 30 at the usual pace: about one per round.
+        let mut answers = 0;
+        while a.limit() < 29 {
+            a.observe(answered(2), ms(20), 30);
+            answers += 1;
+        }
+        assert!(answers < 250, "{answers}");
+        // The last step, within one of 30, takes eight rounds.
+        let mut near = 0;
+        while a.limit() < 30 {
+            a.observe(answered(2), ms(20), 30);
+            near += 1;
+        }
+        assert!(near > 7 * 29, "{near}");
+        // Forgotten after a while: the usual pace again.
+        let mut b = aimd();
+        b.observe(Signal::Overload, ms(0), 20);
+        let start = b.limit();
+        let mut later = 0;
+        while b.limit() < start + 1 {
+            b.observe(answered(2), CEILING_MEMORY + ms(1), 20);
+            later += 1;
+        }
+        assert!(later <= 15, "{later}");
     }
 
     #[test]
