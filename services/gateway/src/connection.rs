@@ -94,15 +94,7 @@ impl Access {
             tenant: identity.tenant.clone(),
             scopes: Some(identity.scopes.clone()),
             expires_at: Some(identity.expires_at),
-            trunks: tenant
-                .trunks
-                .iter()
-                .map(|t| crate::TrunkConfig {
-                    name: t.name.clone(),
-                    uri: t.uri.clone(),
-                    rewrites: Some(t.rewrites.clone()),
-                })
-                .collect(),
+            trunks: crate::TrunkConfig::of_tenant(tenant),
             domains: tenant.domains.clone(),
             commands_per_second: tenant.limits.commands_per_second,
             active_calls: tenant.limits.active_calls,

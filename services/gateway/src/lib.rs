@@ -93,6 +93,21 @@ pub struct TrunkConfig {
     pub rewrites: Option<std::collections::BTreeSet<callapi_kit::tenants::Rewrite>>,
 }
 
+impl TrunkConfig {
+    /// A tenant's trunks, with the rewrites each allows.
+    pub fn of_tenant(tenant: &callapi_kit::tenants::Tenant) -> Vec<Self> {
+        tenant
+            .trunks
+            .iter()
+            .map(|t| Self {
+                name: t.name.clone(),
+                uri: t.uri.clone(),
+                rewrites: Some(t.rewrites.clone()),
+            })
+            .collect()
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
         Self {

@@ -349,15 +349,7 @@ impl RestState {
             &tenant.id,
             tenant.domains.first().map_or("", String::as_str),
             self.outcome_wait,
-            tenant
-                .trunks
-                .iter()
-                .map(|t| crate::TrunkConfig {
-                    name: t.name.clone(),
-                    uri: t.uri.clone(),
-                    rewrites: Some(t.rewrites.clone()),
-                })
-                .collect(),
+            crate::TrunkConfig::of_tenant(tenant),
         );
         rest.active_calls = tenant.limits.active_calls;
         let rest = Arc::new(rest);
@@ -375,35 +367,30 @@ impl RestState {
     }
 }
 
-/// A REST request allowed to read calls (`calls:read`): the [`Rest`] of its tenant.
-pub struct Reader(Arc<Rest>);
+/// A REST request allowed the scope `CONTROL` names (`calls:control` if true, else
+/// `calls:read`): the [`Rest`] of its tenant.
+pub struct Authorized<const CONTROL: bool>(Arc<Rest>);
 
-/// A REST request allowed to control calls (`calls:control`): the [`Rest`] of its tenant.
-pub struct Controller(Arc<Rest>);
+/// A request allowed to read calls.
+pub type Reader = Authorized<false>;
 
-impl axum::extract::FromRequestParts<Arc<RestState>> for Reader {
+/// A request allowed to control calls.
+pub type Controller = Authorized<true>;
+
+impl<const CONTROL: bool> axum::extract::FromRequestParts<Arc<RestState>> for Authorized<CONTROL> {
     type Rejection = crate::auth::Refusal;
 
     async fn from_request_parts(
         parts: &mut axum::http::request::Parts,
         state: &Arc<RestState>,
     ) -> Result<Self, crate::auth::Refusal> {
-        state
-            .authorize(&parts.headers, callapi_kit::tenants::Scope::CallsRead)
-            .map(Reader)
-    }
-}
-
-impl axum::extract::FromRequestParts<Arc<RestState>> for Controller {
-    type Rejection = crate::auth::Refusal;
-
-    async fn from_request_parts(
-        parts: &mut axum::http::request::Parts,
-        state: &Arc<RestState>,
-    ) -> Result<Self, crate::auth::Refusal> {
-        state
-            .authorize(&parts.headers, callapi_kit::tenants::Scope::CallsControl)
-            .map(Controller)
+        use callapi_kit::tenants::Scope;
+        let scope = if CONTROL {
+            Scope::CallsControl
+        } else {
+            Scope::CallsRead
+        };
+        state.authorize(&parts.headers, scope).map(Authorized)
     }
 }
 
@@ -703,7 +690,7 @@ fn query_problem(rejection: QueryRejection) -> Problem {
     )
 )]
 async fn list(
-    Reader(rest): Reader,
+    Authorized(rest): Reader,
     query: Result<Query<ListQuery>, QueryRejection>,
 ) -> Result<Json<sessions::SessionList>, Problem> {
     let Query(query) = query.map_err(query_problem)?;
@@ -752,7 +739,7 @@ async fn list(
     )
 )]
 async fn get_one(
-    Reader(rest): Reader,
+    Authorized(rest): Reader,
     Path(id): Path<String>,
 ) -> Result<Json<sessions::SessionItem>, Problem> {
     let session = match rest.session(&id) {
@@ -1093,7 +1080,7 @@ fn extension(field: &str, value: &str) -> Result<(), Problem> {
     )
 )]
 async fn create(
-    Controller(rest): Controller,
+    Authorized(rest): Controller,
     Body(body): Body<CreateBody>,
 ) -> Result<Json<Created>, Problem> {
     create_session(&rest, body).await
@@ -1286,7 +1273,7 @@ fn other(leg: pb::Leg) -> pb::Leg {
     responses(ControlResponses)
 )]
 async fn destroy(
-    Controller(rest): Controller,
+    Authorized(rest): Controller,
     Path(id): Path<String>,
 ) -> Result<StatusCode, Problem> {
     let (session, placed) = rest.session_and_whether_placed("id", &id)?;
@@ -1354,7 +1341,7 @@ async fn hold_or_unhold(
     responses(ControlResponses)
 )]
 async fn hold(
-    Controller(rest): Controller,
+    Authorized(rest): Controller,
     Path(id): Path<String>,
     Body(body): Body<ExtensionBody>,
 ) -> Result<StatusCode, Problem> {
@@ -1371,7 +1358,7 @@ async fn hold(
     responses(ControlResponses)
 )]
 async fn unhold(
-    Controller(rest): Controller,
+    Authorized(rest): Controller,
     Path(id): Path<String>,
     Body(body): Body<ExtensionBody>,
 ) -> Result<StatusCode, Problem> {
@@ -1401,7 +1388,7 @@ struct ReferBody {
     responses(ControlResponses)
 )]
 async fn refer(
-    Controller(rest): Controller,
+    Authorized(rest): Controller,
     Path(id): Path<String>,
     Body(body): Body<ReferBody>,
 ) -> Result<StatusCode, Problem> {
@@ -1470,7 +1457,7 @@ fn counterpart<'a>(
     responses(ControlResponses)
 )]
 async fn attended_refer(
-    Controller(rest): Controller,
+    Authorized(rest): Controller,
     Path(id): Path<String>,
     Body(body): Body<AttendedReferBody>,
 ) -> Result<StatusCode, Problem> {

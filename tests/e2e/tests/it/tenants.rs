@@ -54,17 +54,39 @@ secret_env = "CALLAPI_TEST_SIGNING_KEY"
     )
 }
 
-async fn stack_with_auth(access_ttl: u64) -> Stack {
-    Stack::with(StackOptions {
-        gateway_toml: auth_toml(access_ttl),
+/// A stack whose gateway has `gateway_toml` (an `[auth]`) and the signing key it names.
+fn auth_options(gateway_toml: String) -> StackOptions {
+    StackOptions {
+        gateway_toml,
         node_tenant: "acme",
-        service_env: vec![(
-            "CALLAPI_TEST_SIGNING_KEY".into(),
-            "the-current-test-secret-of-at-least-32-bytes".into(),
-        )],
+        service_env: vec![(SIGNING_KEY_ENV.into(), SIGNING_KEY.into())],
         ..StackOptions::default()
-    })
+    }
+}
+
+/// The environment variable the test gateways read their active key from, and the key.
+const SIGNING_KEY_ENV: &str = "CALLAPI_TEST_SIGNING_KEY";
+const SIGNING_KEY: &str = "the-current-test-secret-of-at-least-32-bytes";
+
+async fn stack_with_auth(access_ttl: u64) -> Stack {
+    Stack::with(auth_options(auth_toml(access_ttl))).await
+}
+
+/// A user's sign-in (password grant, the tenant named by `domain`); the whole answer.
+async fn user_sign_in(stack: &Stack, username: &str, password: &str, domain: &str) -> Value {
+    post_form(
+        &stack.http_addr(),
+        TOKEN_PATH,
+        &[],
+        &[
+            ("grant_type", "password"),
+            ("username", username),
+            ("password", password),
+            ("domain", domain),
+        ],
+    )
     .await
+    .json
 }
 
 /// An API client's sign-in (client credentials); the whole answer.
@@ -396,19 +418,14 @@ async fn every_request_needs_a_valid_token_but_health_the_api_document_and_direc
 async fn a_wallboard_reads_but_cannot_control() {
     let stack = stack_with_auth(3600).await;
     let addr = stack.http_addr();
-    let signed_in = post_form(
-        &addr,
-        TOKEN_PATH,
-        &[],
-        &[
-            ("grant_type", "password"),
-            ("username", "wallboard"),
-            ("password", "acme-wallboard-password"),
-            ("domain", "acme.localhost"),
-        ],
+    let signed_in = user_sign_in(
+        &stack,
+        "wallboard",
+        "acme-wallboard-password",
+        "acme.localhost",
     )
     .await;
-    let token = signed_in.json["access_token"].as_str().unwrap().to_owned();
+    let token = signed_in["access_token"].as_str().unwrap().to_owned();
     assert_eq!(
         authed(&addr, &token, "GET", "/api/sessions", None)
             .await
@@ -576,10 +593,7 @@ async fn two_tenants_share_a_node_and_each_sees_only_its_own_calls_and_events() 
     let stack = Stack::with(StackOptions {
         gateway_toml: auth_toml(3600),
         ingest_toml: format!("tenants_file = \"{}\"", tenants_file.display()),
-        service_env: vec![(
-            "CALLAPI_TEST_SIGNING_KEY".into(),
-            "the-current-test-secret-of-at-least-32-bytes".into(),
-        )],
+        service_env: vec![(SIGNING_KEY_ENV.into(), SIGNING_KEY.into())],
         ..StackOptions::default()
     })
     .await;
@@ -747,16 +761,7 @@ async fn over_a_tenants_limits_requests_are_refused_with_stable_codes() {
     assert!(text.contains("active_calls = 1 }") && text.contains("rest_requests_per_second = 3 }"));
     let path = std::env::temp_dir().join(format!("callapi-limits-{}.toml", std::process::id()));
     std::fs::write(&path, text).unwrap();
-    let stack = Stack::with(StackOptions {
-        gateway_toml: auth_toml_with(&path, 3600),
-        node_tenant: "acme",
-        service_env: vec![(
-            "CALLAPI_TEST_SIGNING_KEY".into(),
-            "the-current-test-secret-of-at-least-32-bytes".into(),
-        )],
-        ..StackOptions::default()
-    })
-    .await;
+    let stack = Stack::with(auth_options(auth_toml_with(&path, 3600))).await;
     let addr = stack.http_addr();
     let globex = access_token(&stack, "dialer", "globex-dialer-secret").await;
     let acme = access_token(&stack, "crm", "acme-crm-secret").await;
@@ -863,10 +868,7 @@ async fn directly_takes_an_extensions_password_counts_failures_and_never_logs_it
         gateway_toml: auth_toml(3600),
         emulator_args: vec!["--extra-phones".into(), "2001,2002".into()],
         service_env: vec![
-            (
-                "CALLAPI_TEST_SIGNING_KEY".into(),
-                "the-current-test-secret-of-at-least-32-bytes".into(),
-            ),
+            (SIGNING_KEY_ENV.into(), SIGNING_KEY.into()),
             ("RUST_LOG".into(), "debug".into()),
         ],
         ingest_toml: format!("tenants_file = \"{}\"", local_tenants().display()),
@@ -999,7 +1001,7 @@ async fn tokens_of_another_key_expired_or_of_no_tenant_are_refused_and_the_old_k
         )
         .unwrap()
     };
-    let current = "the-current-test-secret-of-at-least-32-bytes";
+    let current = SIGNING_KEY;
     let old = "an-older-test-secret-of-at-least-32-bytes";
     // Signed by the gateway's keys, valid: the active one and the older one (rotation).
     for token in [
@@ -1045,19 +1047,11 @@ async fn tokens_of_another_key_expired_or_of_no_tenant_are_refused_and_the_old_k
 
 #[tokio::test]
 async fn with_require_origin_an_upgrade_without_origin_is_refused() {
-    let stack = Stack::with(StackOptions {
-        gateway_toml: auth_toml(3600).replacen(
-            "[[auth.signing_keys]]",
-            "require_origin = true\n[[auth.signing_keys]]",
-            1,
-        ),
-        node_tenant: "acme",
-        service_env: vec![(
-            "CALLAPI_TEST_SIGNING_KEY".into(),
-            "the-current-test-secret-of-at-least-32-bytes".into(),
-        )],
-        ..StackOptions::default()
-    })
+    let stack = Stack::with(auth_options(auth_toml(3600).replacen(
+        "[[auth.signing_keys]]",
+        "require_origin = true\n[[auth.signing_keys]]",
+        1,
+    )))
     .await;
     let token = access_token(&stack, "crm", "acme-crm-secret").await;
     let bearer = format!("Bearer {token}");
@@ -1078,16 +1072,7 @@ async fn a_sighup_reloads_the_tenants_an_account_removed_is_cut_off_at_once() {
     let path = std::env::temp_dir().join(format!("callapi-reload-{}.toml", std::process::id()));
     let original = std::fs::read_to_string(local_tenants()).unwrap();
     std::fs::write(&path, &original).unwrap();
-    let stack = Stack::with(StackOptions {
-        gateway_toml: auth_toml_with(&path, 3600),
-        node_tenant: "acme",
-        service_env: vec![(
-            "CALLAPI_TEST_SIGNING_KEY".into(),
-            "the-current-test-secret-of-at-least-32-bytes".into(),
-        )],
-        ..StackOptions::default()
-    })
-    .await;
+    let stack = Stack::with(auth_options(auth_toml_with(&path, 3600))).await;
     let addr = stack.http_addr();
     let token = access_token(&stack, "dialer", "globex-dialer-secret").await;
     assert_eq!(
