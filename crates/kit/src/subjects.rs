@@ -6,6 +6,7 @@
 //! | `callapi.v1.notify.<tenant>.<gateway>` | `Notification` | commands → the gateway holding the client |
 //! | `callapi.v1.mi.<node>` | `MiRequest` → `MiReply` | commands, event-ingest → proxy-connector (queue `proxy-connector`) |
 //! | `callapi.v1.mi-release.<node>.<instance>.<lease>` | empty | commands → the proxy-connector instance keeping a slot |
+//! | `callapi.v1.node.<node>.health` | `NodeHealth` | proxy-connector → gateways (which nodes take new calls) |
 //! | `callapi.v1.event.<tenant>.<node>.<event>.<callid>` | `OpensipsEvent` | event-ingest → anyone |
 //!
 //! Tenant, gateway and node ids must be subject-safe tokens (see [`is_token`]); a SIP Call-ID is
@@ -196,6 +197,14 @@ pub fn notify_for_gateway(gateway_id: &str) -> String {
 pub fn mi(node_id: &str) -> String {
     format!("callapi.v1.mi.{node_id}")
 }
+
+/// Subject on which proxy-connector tells whether it reaches node `node_id` (`NodeHealth`).
+pub fn node_health(node_id: &str) -> String {
+    format!("callapi.v1.node.{node_id}.health")
+}
+
+/// Every node's health reports.
+pub const ALL_NODE_HEALTH: &str = "callapi.v1.node.*.health";
 
 /// Subjects on which requesters give back the node slots one proxy-connector instance keeps
 /// after a reply (`MiRequest.hold_slot_ms`): `<this>.<lease>` releases one.

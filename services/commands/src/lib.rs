@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 pub struct Config {
     /// Where NATS is.
     pub nats: NatsSettings,
-    /// OpenSIPS node that commands are sent to.
+    /// OpenSIPS node that commands are sent to when the request names none.
     pub node_id: String,
     /// How long each kind of command may take.
     pub deadlines: Deadlines,
@@ -225,11 +225,18 @@ fn accept(
     if notify_tenant != Some(request.tenant.as_str()) {
         return Err("notify_subject must be callapi.v1.notify.<its tenant>.<gateway>".to_owned());
     }
+    let node_id = if request.node_id.is_empty() {
+        config.node_id.clone()
+    } else if subjects::is_token(&request.node_id) {
+        request.node_id.clone()
+    } else {
+        return Err("node_id is not a node id".to_owned());
+    };
     let (flow, deadline) = intake::flow_for(&request, &config.deadlines)?;
     let ctx = driver::Context {
         client: mi.nats().clone(),
         mi: mi.clone(),
-        node_id: config.node_id.clone(),
+        node_id,
         tenant: request.tenant.clone(),
         cmd_id: request.cmd_id.clone(),
         connection_id: request.connection_id.clone(),

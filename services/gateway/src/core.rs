@@ -80,6 +80,13 @@ pub enum SubmitError {
 pub const NATS_UNREACHABLE: &str =
     "NATS is unreachable: the gateway cannot reach the commands service; try again later";
 
+/// Which OpenSIPS node a command acts on (see [`crate::nodes`]).
+pub trait NodeChoice: Send + Sync {
+    /// The node for `command` of `tenant` ("": the commands replica's own), or why there is
+    /// none to use.
+    fn node_for(&self, tenant: &str, command: &command_request::Command) -> Result<String, String>;
+}
+
 /// Submits commands and routes their notifications. Cheap to clone.
 #[derive(Clone)]
 pub struct CommandClient {
@@ -87,6 +94,7 @@ pub struct CommandClient {
     gateway_id: String,
     ack_timeout: Duration,
     routes: Arc<Routes>,
+    nodes: Option<Arc<dyn NodeChoice>>,
 }
 
 impl CommandClient {
@@ -97,7 +105,14 @@ impl CommandClient {
             gateway_id: gateway_id.to_owned(),
             ack_timeout,
             routes: Arc::default(),
+            nodes: None,
         }
+    }
+
+    /// Commands go to the node `nodes` chooses (without it: the commands replica's own).
+    pub fn with_nodes(mut self, nodes: Arc<dyn NodeChoice>) -> Self {
+        self.nodes = Some(nodes);
+        self
     }
 
     /// Routes the notifications of commands submitted with the returned attachment's origin
@@ -131,12 +146,19 @@ impl CommandClient {
         kind: CommandKind,
         command: command_request::Command,
     ) -> Result<Duration, SubmitError> {
+        let node_id = match &self.nodes {
+            Some(nodes) => nodes
+                .node_for(&origin.tenant, &command)
+                .map_err(SubmitError::Unavailable)?,
+            None => String::new(),
+        };
         let request = CommandRequest {
             tenant: origin.tenant.clone(),
             cmd_id: cmd_id.to_owned(),
             notify_subject: subjects::notify(&origin.tenant, &self.gateway_id),
             connection_id: origin.route.clone(),
             attempt,
+            node_id,
             command: Some(command),
         };
         let subject = subjects::command(&origin.tenant, kind);

@@ -10,6 +10,7 @@ pub mod auth;
 mod connection;
 pub mod core;
 pub mod limits;
+pub mod nodes;
 mod outbox;
 pub mod params;
 pub mod rest;
@@ -275,6 +276,16 @@ pub async fn run(
             );
             None
         }
+    };
+    // With tenants, each command goes to the node its tenant's policy or its call's dialog
+    // names.
+    let commands = match &auth {
+        Some(auth) => commands.with_nodes(
+            nodes::Nodes::start(&client, auth.clone(), sessions.clone(), shutdown.clone())
+                .await
+                .map_err(Error::Nats)?,
+        ),
+        None => commands,
     };
     let listener = match listener {
         Some(listener) => listener,

@@ -297,6 +297,17 @@ impl SessionView {
             .cloned()
     }
 
+    /// How many dialogs each node holds now (every tenant's).
+    pub fn dialogs_per_node(&self) -> HashMap<String, usize> {
+        let mut counts = HashMap::new();
+        if let Ok(records) = self.records.read() {
+            for record in records.values() {
+                *counts.entry(record.node_id.clone()).or_insert(0) += 1;
+            }
+        }
+        counts
+    }
+
     /// Every session of `tenant`, newest first.
     pub fn list(&self, tenant: &str) -> Vec<Session> {
         let Ok(records) = self.records.read() else {

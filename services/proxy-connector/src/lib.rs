@@ -75,6 +75,10 @@ pub struct NodeConfig {
     pub max_async_per_client: usize,
     /// Wait for an answer this long when the request names no timeout.
     pub default_timeout_ms: u64,
+    /// How often the node is asked (MI `version`) whether it answers, and the answer published
+    /// on `callapi.v1.node.<id>.health` for the gateways (0: never; a node not reported on is
+    /// taken as reachable).
+    pub health_interval_ms: u64,
 }
 
 impl Default for NodeConfig {
@@ -90,6 +94,7 @@ impl Default for NodeConfig {
             max_async_in_flight: 48,
             max_async_per_client: 8,
             default_timeout_ms: 10_000,
+            health_interval_ms: 1_000,
         }
     }
 }
@@ -108,6 +113,7 @@ impl std::fmt::Debug for NodeConfig {
             .field("max_async_in_flight", &self.max_async_in_flight)
             .field("max_async_per_client", &self.max_async_per_client)
             .field("default_timeout_ms", &self.default_timeout_ms)
+            .field("health_interval_ms", &self.health_interval_ms)
             .finish()
     }
 }
@@ -197,6 +203,15 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
             mi = %redact_url(&node.mi),
             "serving MI requests: {described}"
         );
+        if node.health_interval_ms > 0 {
+            tasks.push(tokio::spawn(report_health(
+                client.clone(),
+                transport.clone(),
+                node.id.clone(),
+                Duration::from_millis(node.health_interval_ms),
+                shutdown.clone(),
+            )));
+        }
         tasks.push(tokio::spawn(serve_node(
             client.clone(),
             subscriber,
@@ -270,6 +285,54 @@ async fn serve_node(
     let _ = subscriber.unsubscribe().await;
     // Answer what is already in flight before going away.
     while in_flight.join_next().await.is_some() {}
+}
+
+/// Longest wait for the node's answer to a health probe.
+const HEALTH_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Asks the node every `every` whether it answers (MI `version`; any answer, even an error or
+/// "overloaded", is an answer) and publishes the outcome on `callapi.v1.node.<node>.health`.
+async fn report_health(
+    client: async_nats::Client,
+    transport: Arc<MiTransport>,
+    node_id: String,
+    every: Duration,
+    shutdown: CancellationToken,
+) {
+    let subject = subjects::node_health(&node_id);
+    let mut ticks = tokio::time::interval(every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last = None;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = ticks.tick() => {}
+        }
+        let answer = transport
+            .call(
+                "version",
+                None,
+                HEALTH_PROBE_TIMEOUT,
+                "proxy-connector/health",
+            )
+            .await;
+        let reachable = !matches!(
+            answer,
+            Err(TransportError::Timeout(..) | TransportError::Unreachable(..))
+        );
+        if last != Some(reachable) {
+            tracing::info!(node = %node_id, reachable, "OpenSIPS node health");
+            last = Some(reachable);
+        }
+        let report = callapi_proto::v1::NodeHealth {
+            node_id: node_id.clone(),
+            reachable,
+            at_ms: callapi_kit::unix_ms(),
+        };
+        if let Err(err) = bus::publish(&client, subject.clone(), &report).await {
+            tracing::debug!(%err, "could not publish the node's health");
+        }
+    }
 }
 
 /// Runs `work` while telling the requester, if it asked, that the request is alive: one

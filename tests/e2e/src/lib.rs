@@ -390,8 +390,9 @@ impl Drop for Stack {
     }
 }
 
-/// Starts the emulator with the stack's phone settings on the given MI addresses.
-async fn start_emulator(
+/// Starts an emulator with the stack's phone settings on the given MI addresses (the stack's
+/// own, or another node for tests with several).
+pub async fn start_emulator(
     dir: &std::path::Path,
     options: &StackOptions,
     udp: &str,

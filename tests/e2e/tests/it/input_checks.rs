@@ -144,6 +144,7 @@ async fn uris_with_headers_maddr_passwords_or_lists_never_reach_opensips() {
                 notify_subject: "callapi.v1.notify.default.test".into(),
                 connection_id: "conn".into(),
                 attempt: 1,
+                node_id: String::new(),
                 command: Some(command),
             };
             let reply = nats

@@ -10,6 +10,7 @@ mod input_checks;
 mod lost_and_fair;
 mod mi_client;
 mod nats_boundary;
+mod nodes;
 mod openapi;
 mod overload;
 mod protocol;

@@ -19,6 +19,7 @@ fn request(tenant: &str, command: Command) -> CommandRequest {
         notify_subject: "callapi.v1.notify.default.test".into(),
         connection_id: "conn".into(),
         attempt: 1,
+        node_id: String::new(),
         command: Some(command),
     }
 }

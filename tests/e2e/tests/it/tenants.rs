@@ -22,7 +22,7 @@ const ALLOWED_ORIGIN: &str = "https://desk.acme.example";
 type Form<'a> = &'a [(&'a str, &'a str)];
 
 /// The local stack's tenants file.
-fn local_tenants() -> std::path::PathBuf {
+pub(crate) fn local_tenants() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../../deploy/local/tenants.toml")
         .canonicalize()
@@ -36,7 +36,7 @@ fn auth_toml(access_ttl: u64) -> String {
 }
 
 /// As [`auth_toml`] with another tenants file.
-fn auth_toml_with(tenants: &std::path::Path, access_ttl: u64) -> String {
+pub(crate) fn auth_toml_with(tenants: &std::path::Path, access_ttl: u64) -> String {
     format!(
         r#"[auth]
 tenants_file = "{}"
@@ -55,7 +55,7 @@ secret_env = "CALLAPI_TEST_SIGNING_KEY"
 }
 
 /// A stack whose gateway has `gateway_toml` (an `[auth]`) and the signing key it names.
-fn auth_options(gateway_toml: String) -> StackOptions {
+pub(crate) fn auth_options(gateway_toml: String) -> StackOptions {
     StackOptions {
         gateway_toml,
         node_tenant: "acme",
@@ -106,7 +106,7 @@ async fn client_token(stack: &Stack, id: &str, secret: &str) -> Value {
     reply.json
 }
 
-async fn access_token(stack: &Stack, id: &str, secret: &str) -> String {
+pub(crate) async fn access_token(stack: &Stack, id: &str, secret: &str) -> String {
     client_token(stack, id, secret).await["access_token"]
         .as_str()
         .expect("access_token")
