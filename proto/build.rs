@@ -7,6 +7,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "callapi/v1/events.proto",
         "callapi/v1/sessions.proto",
         "callapi/v1/auth.proto",
+        "callapi/v1/calls.proto",
     ];
     for proto in protos {
         println!("cargo:rerun-if-changed={proto}");

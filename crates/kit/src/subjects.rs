@@ -7,6 +7,7 @@
 //! | `callapi.v1.mi.<node>` | `MiRequest` → `MiReply` | commands, event-ingest → proxy-connector (queue `proxy-connector`) |
 //! | `callapi.v1.mi-release.<node>.<instance>.<lease>` | empty | commands → the proxy-connector instance keeping a slot |
 //! | `callapi.v1.node.<node>.health` | `NodeHealth` | proxy-connector → gateways (which nodes take new calls) |
+//! | `callapi.v1.calls.<tenant>.<kind>` | `CallEvent` | event-ingest → stream `CALLAPI_CALLS` → anyone |
 //! | `callapi.v1.event.<tenant>.<node>.<event>.<callid>` | `OpensipsEvent` | event-ingest → anyone |
 //!
 //! Tenant, gateway and node ids must be subject-safe tokens (see [`is_token`]); a SIP Call-ID is
@@ -196,6 +197,12 @@ pub fn notify_for_gateway(gateway_id: &str) -> String {
 /// Subject of MI requests for OpenSIPS node `node_id`.
 pub fn mi(node_id: &str) -> String {
     format!("callapi.v1.mi.{node_id}")
+}
+
+/// Subject of a normalised call event of `tenant` (`CallEvent`; stream `CALLAPI_CALLS`);
+/// `kind` is a subject token such as `answered`.
+pub fn calls(tenant: &str, kind: &str) -> String {
+    format!("callapi.v1.calls.{tenant}.{kind}")
 }
 
 /// Subject on which proxy-connector tells whether it reaches node `node_id` (`NodeHealth`).

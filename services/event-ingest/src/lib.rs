@@ -13,7 +13,9 @@
 #![forbid(unsafe_code)]
 
 pub mod calls;
+pub mod calls_stream;
 pub mod drops;
+pub mod normalise;
 pub mod parse;
 mod router;
 pub mod senders;
@@ -52,6 +54,8 @@ pub struct Config {
     pub drop_report_interval_ms: u64,
     /// The session store (live view of every dialog).
     pub sessions: store::StoreConfig,
+    /// The stream of normalised call events.
+    pub calls_stream: calls_stream::CallsStreamConfig,
     /// The tenants file (`kit::tenants`; read again on SIGHUP). With it, one node serves many
     /// tenants: each dialog's tenant is found by its SIP domain (`tenancy`), and a node's
     /// `tenant` is not used. Without it, every event of a node is its `tenant`'s.
@@ -72,6 +76,7 @@ impl Default for Config {
             check_interval_ms: 5_000,
             drop_report_interval_ms: 10_000,
             sessions: store::StoreConfig::default(),
+            calls_stream: calls_stream::CallsStreamConfig::default(),
             tenants_file: None,
         }
     }
@@ -171,6 +176,16 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     } else {
         None
     };
+    if config.calls_stream.enabled {
+        let jetstream = async_nats::jetstream::new(client.clone());
+        calls_stream::ensure(&jetstream, &config.calls_stream)
+            .await
+            .map_err(|e| {
+                Error::Nats(format!(
+                    "{e} (call events need JetStream; calls_stream.enabled = false publishes them without the stream)"
+                ))
+            })?;
+    }
     let tenants = match &config.tenants_file {
         Some(path) => {
             let file = callapi_kit::tenants::TenantsFile::open(std::path::Path::new(path))
@@ -214,6 +229,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
                 Route::Fixed {
                     tenant: node.tenant.clone(),
                     recorder,
+                    calls: calls_stream::CallEvents::new(client.clone()),
                 }
             }
             Some(tenants) => {
@@ -226,6 +242,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
                     tenants: tenants.clone(),
                     store: config.sessions.clone(),
                     drops: drops.clone(),
+                    calls: calls_stream::CallEvents::new(client.clone()),
                     shutdown: shutdown.clone(),
                 });
                 tasks.spawn(router.run(queue));
@@ -334,6 +351,7 @@ enum Route {
     Fixed {
         tenant: String,
         recorder: Option<store::Recorder>,
+        calls: calls_stream::CallEvents,
     },
     /// Each dialog's tenant found by its SIP domain: events go to the node's router.
     ByDomain(tokio::sync::mpsc::Sender<OpensipsEvent>),
@@ -352,8 +370,12 @@ struct Sink {
 impl Sink {
     async fn publish(&self, bytes: &[u8], from: &SocketAddr) {
         let received_at_ms = callapi_kit::unix_ms();
-        let (tenant, recorder) = match &self.route {
-            Route::Fixed { tenant, recorder } => (tenant, recorder),
+        let (tenant, recorder, calls) = match &self.route {
+            Route::Fixed {
+                tenant,
+                recorder,
+                calls,
+            } => (tenant, recorder, calls),
             Route::ByDomain(router) => {
                 match parse::event(bytes, "", &self.node_id, received_at_ms) {
                     Ok(event) => {
@@ -385,6 +407,7 @@ impl Sink {
         if let Err(err) = bus::publish(&self.client, subject, &event).await {
             tracing::warn!(%err, "could not publish an event");
         }
+        calls.on_event(&event).await;
         if let Some(recorder) = recorder
             && !recorder.record(event)
         {

@@ -42,6 +42,8 @@ pub struct Context {
     pub store: StoreConfig,
     /// Where drops are counted.
     pub drops: Drops,
+    /// The node's normalised call events.
+    pub calls: crate::calls_stream::CallEvents,
     /// Stops everything.
     pub shutdown: CancellationToken,
 }
@@ -148,6 +150,7 @@ impl Router {
         if let Err(err) = bus::publish(&self.ctx.client, subject, &event).await {
             tracing::warn!(%err, "could not publish an event");
         }
+        self.ctx.calls.on_event(&event).await;
         let tenant = event.tenant.clone();
         if let Some(recorder) = self.recorder(&tenant)
             && !recorder.record(event)

@@ -1,6 +1,7 @@
 //! End-to-end tests: real nats-server, the four services and the OpenSIPS emulator as separate
 //! processes, driven only through their real interfaces (WebSocket, NATS, UDP MI).
 
+mod call_events;
 mod commands;
 mod events;
 mod failures;

@@ -1,0 +1,154 @@
+//! Normalised call events (issue 12): one model of a call's life on the JetStream stream
+//! `CALLAPI_CALLS`, read back by a consumer as another service would, with duplicates removed.
+
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::{DeliverPolicy, pull};
+use callapi_e2e::Stack;
+use callapi_e2e::client::shape;
+use callapi_proto::v1::{CallEvent, CallEventKind};
+use futures::StreamExt as _;
+use prost::Message as _;
+use serde_json::json;
+
+use crate::commands::call;
+
+/// A consumer of `tenant`'s call events from the start of the stream.
+async fn consumer(
+    stack: &Stack,
+    tenant: &str,
+) -> async_nats::jetstream::consumer::Consumer<pull::Config> {
+    let nats = async_nats::connect(stack.nats.url.as_str()).await.unwrap();
+    let jetstream = async_nats::jetstream::new(nats);
+    let stream = jetstream.get_stream("CALLAPI_CALLS").await.expect("stream");
+    stream
+        .create_consumer(pull::Config {
+            filter_subject: format!("callapi.v1.calls.{tenant}.>"),
+            deliver_policy: DeliverPolicy::All,
+            ..Default::default()
+        })
+        .await
+        .expect("consumer")
+}
+
+/// Every event the consumer has, until none comes for `quiet`: (stream sequence, subject, event).
+async fn drain(
+    consumer: &async_nats::jetstream::consumer::Consumer<pull::Config>,
+    quiet: Duration,
+) -> Vec<(u64, String, CallEvent)> {
+    let mut out = Vec::new();
+    let mut messages = consumer.messages().await.expect("messages");
+    while let Ok(Some(Ok(message))) = tokio::time::timeout(quiet, messages.next()).await {
+        let sequence = message.info().map(|i| i.stream_sequence).unwrap_or(0);
+        let event = CallEvent::decode(message.payload.as_ref()).expect("CallEvent");
+        out.push((sequence, message.subject.to_string(), event));
+        let _ = message.ack().await;
+    }
+    out
+}
+
+fn kinds_of(events: &[(u64, String, CallEvent)], callid: &str) -> Vec<CallEventKind> {
+    events
+        .iter()
+        .filter(|(_, _, e)| e.callid == callid)
+        .map(|(_, _, e)| e.kind())
+        .collect()
+}
+
+#[tokio::test]
+async fn a_calls_life_is_one_ordered_stream_of_normalised_events() {
+    let stack = Stack::start().await;
+    let mut client = stack.client().await;
+    let callid = call(&mut client, "alice", "bob").await;
+    for method in ["CallHold", "CallUnHold", "CallEnd"] {
+        let notes = client.run(method, json!({"callid": callid})).await;
+        assert!(!notes.iter().any(|n| n["method"] == "Error"), "{notes:#?}");
+        assert_eq!(shape(&notes).last().map(String::as_str), Some("Ended"));
+    }
+    let consumer = consumer(&stack, "default").await;
+    let mut events = Vec::new();
+    for _ in 0..20 {
+        events.extend(drain(&consumer, Duration::from_millis(300)).await);
+        if kinds_of(&events, &callid).contains(&CallEventKind::Ended) {
+            break;
+        }
+    }
+    // The stream's sequence rises with each event.
+    assert!(events.windows(2).all(|w| w[0].0 < w[1].0), "{events:#?}");
+    // The call the client talks on (the REFER's new call): its whole life, in order.
+    assert_eq!(
+        kinds_of(&events, &callid),
+        [
+            CallEventKind::Created,
+            CallEventKind::Ringing,
+            CallEventKind::Answered,
+            CallEventKind::Held,
+            CallEventKind::Held,
+            CallEventKind::Resumed,
+            CallEventKind::Resumed,
+            CallEventKind::Ended,
+        ],
+        "{events:#?}"
+    );
+    let ours: Vec<&CallEvent> = events
+        .iter()
+        .map(|(_, _, e)| e)
+        .filter(|e| e.callid == callid)
+        .collect();
+    assert!(
+        ours.iter()
+            .all(|e| e.tenant == "default" && e.node_id == "opensips1")
+    );
+    assert_eq!(ours.last().unwrap().cause, "hangup");
+    // The click-to-dial's first call was transferred to it, and it joined that call's session.
+    let started = events
+        .iter()
+        .map(|(_, _, e)| e)
+        .find(|e| e.kind() == CallEventKind::TransferStarted && e.transfer_callid == callid)
+        .expect("the first call's transfer");
+    assert_eq!(started.session_id, ours[0].session_id);
+    assert!(
+        events
+            .iter()
+            .any(|(_, subject, e)| e.kind() == CallEventKind::Answered
+                && subject == "callapi.v1.calls.default.answered")
+    );
+}
+
+#[tokio::test]
+async fn an_event_received_twice_even_by_another_process_is_kept_once() {
+    let mut stack = Stack::start().await;
+    let to = |stack: &Stack| {
+        stack
+            .event_socket
+            .strip_prefix("udp:")
+            .expect("udp event socket")
+            .to_owned()
+    };
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let rejected = json!({"jsonrpc": "2.0", "method": "E_DLG_STATE_CHANGED", "params": {
+        "id": "1.2", "db_id": "9", "callid": "twice@example", "from_tag": "a", "to_tag": "",
+        "old_state": 1, "new_state": 5}})
+    .to_string();
+    // Twice to the same event-ingest, then again to a restarted one, which has no memory of
+    // it: the stream keeps one copy of each event, by its id.
+    socket.send_to(rejected.as_bytes(), to(&stack)).unwrap();
+    socket.send_to(rejected.as_bytes(), to(&stack)).unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stack.restart_ingest().await;
+    socket.send_to(rejected.as_bytes(), to(&stack)).unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let consumer = consumer(&stack, "default").await;
+    let events = drain(&consumer, Duration::from_millis(500)).await;
+    assert_eq!(
+        kinds_of(&events, "twice@example"),
+        [CallEventKind::Created, CallEventKind::Ended],
+        "{events:#?}"
+    );
+    let ended = events
+        .iter()
+        .rev()
+        .find(|(_, _, e)| e.callid == "twice@example")
+        .expect("an event");
+    assert_eq!(ended.2.cause, "not_answered");
+}
