@@ -20,6 +20,8 @@ pub const SUBJECTS: &str = "callapi.v1.calls.>";
 #[derive(Debug, Clone, serde::Deserialize)]
 #[serde(default)]
 pub struct CallsStreamConfig {
+    /// Make and publish the call events at all (off: no normalised events, no stream).
+    pub publish: bool,
     /// Create the stream if missing (call events are published either way).
     pub enabled: bool,
     /// Events older than this are removed, seconds.
@@ -35,6 +37,7 @@ pub struct CallsStreamConfig {
 impl Default for CallsStreamConfig {
     fn default() -> Self {
         Self {
+            publish: true,
             enabled: true,
             max_age_secs: 24 * 3600,
             max_bytes: 1024 * 1024 * 1024,
@@ -76,19 +79,24 @@ pub async fn ensure(
 pub struct CallEvents {
     client: async_nats::Client,
     normaliser: Arc<Mutex<Normaliser>>,
+    publish: bool,
 }
 
 impl CallEvents {
-    /// Nothing seen yet.
-    pub fn new(client: async_nats::Client) -> Self {
+    /// Nothing seen yet; with `publish` off, nothing is ever made.
+    pub fn new(client: async_nats::Client, publish: bool) -> Self {
         Self {
             client,
             normaliser: Arc::default(),
+            publish,
         }
     }
 
     /// Publishes the call events one OpenSIPS event (its tenant set) makes.
     pub async fn on_event(&self, event: &OpensipsEvent) {
+        if !self.publish {
+            return;
+        }
         let events = self
             .normaliser
             .lock()

@@ -176,7 +176,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     } else {
         None
     };
-    if config.calls_stream.enabled {
+    if config.calls_stream.publish && config.calls_stream.enabled {
         let jetstream = async_nats::jetstream::new(client.clone());
         calls_stream::ensure(&jetstream, &config.calls_stream)
             .await
@@ -229,7 +229,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
                 Route::Fixed {
                     tenant: node.tenant.clone(),
                     recorder,
-                    calls: calls_stream::CallEvents::new(client.clone()),
+                    calls: calls_stream::CallEvents::new(
+                        client.clone(),
+                        config.calls_stream.publish,
+                    ),
                 }
             }
             Some(tenants) => {
@@ -242,7 +245,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
                     tenants: tenants.clone(),
                     store: config.sessions.clone(),
                     drops: drops.clone(),
-                    calls: calls_stream::CallEvents::new(client.clone()),
+                    calls: calls_stream::CallEvents::new(
+                        client.clone(),
+                        config.calls_stream.publish,
+                    ),
                     shutdown: shutdown.clone(),
                 });
                 tasks.spawn(router.run(queue));
