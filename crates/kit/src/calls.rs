@@ -155,6 +155,27 @@ pub async fn open_meta(
     }
 }
 
+/// The subject token (and client name) of a call event's kind: `callapi.v1.calls.<tenant>.<token>`.
+pub fn event_kind_token(kind: callapi_proto::v1::CallEventKind) -> &'static str {
+    use callapi_proto::v1::CallEventKind;
+    match kind {
+        CallEventKind::Unspecified => "unspecified",
+        CallEventKind::Created => "created",
+        CallEventKind::Ringing => "ringing",
+        CallEventKind::Answered => "answered",
+        CallEventKind::Held => "held",
+        CallEventKind::Resumed => "resumed",
+        CallEventKind::TransferStarted => "transfer_started",
+        CallEventKind::TransferProgress => "transfer_progress",
+        CallEventKind::TransferCompleted => "transfer_completed",
+        CallEventKind::TransferFailed => "transfer_failed",
+        CallEventKind::Ended => "ended",
+    }
+}
+
+/// The JetStream stream of call events.
+pub const CALLS_STREAM: &str = "CALLAPI_CALLS";
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -11,7 +11,7 @@ use prost::Message as _;
 use crate::normalise::{Normaliser, kind_token};
 
 /// The stream's name.
-pub const STREAM: &str = "CALLAPI_CALLS";
+pub const STREAM: &str = callapi_kit::calls::CALLS_STREAM;
 /// The stream's subjects.
 pub const SUBJECTS: &str = "callapi.v1.calls.>";
 

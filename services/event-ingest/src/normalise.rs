@@ -188,22 +188,7 @@ impl Normaliser {
     }
 }
 
-/// The subject token of a kind (`callapi.v1.calls.<tenant>.<token>`).
-pub fn kind_token(kind: CallEventKind) -> &'static str {
-    match kind {
-        CallEventKind::Unspecified => "unspecified",
-        CallEventKind::Created => "created",
-        CallEventKind::Ringing => "ringing",
-        CallEventKind::Answered => "answered",
-        CallEventKind::Held => "held",
-        CallEventKind::Resumed => "resumed",
-        CallEventKind::TransferStarted => "transfer_started",
-        CallEventKind::TransferProgress => "transfer_progress",
-        CallEventKind::TransferCompleted => "transfer_completed",
-        CallEventKind::TransferFailed => "transfer_failed",
-        CallEventKind::Ended => "ended",
-    }
-}
+pub use callapi_kit::calls::event_kind_token as kind_token;
 
 #[cfg(test)]
 mod tests {

@@ -160,6 +160,8 @@ pub(crate) async fn serve(socket: WebSocket, shared: Arc<Shared>, access: Access
     let attachment = shared
         .commands
         .attach(&access.tenant, Arc::new(outbox.clone()));
+    // The connection's call event feed (`Subscribe`), if any.
+    let feed: Mutex<Option<CancellationToken>> = Mutex::new(None);
     tracing::debug!(%connection_id, "client connected");
     let (ping_written, ping_watch) = tokio::sync::watch::channel(None);
     let writer = tokio::spawn(write_loop(
@@ -184,11 +186,15 @@ pub(crate) async fn serve(socket: WebSocket, shared: Arc<Shared>, access: Access
             tracker: &tracker,
             kill: &kill,
             access: &access,
+            feed: &feed,
         },
         limits,
     )
     .await;
     drop(attachment);
+    if let Some(stop) = feed.lock().ok().and_then(|mut f| f.take()) {
+        stop.cancel();
+    }
     match ending {
         Ending::Close(frame) => {
             if outbox.push(Outgoing::Close(frame)).is_err() {
@@ -258,6 +264,7 @@ struct Client<'a> {
     tracker: &'a Tracker,
     kill: &'a CancellationToken,
     access: &'a Access,
+    feed: &'a Mutex<Option<CancellationToken>>,
 }
 
 /// Reads requests until the client leaves, is killed, stays silent, or the gateway stops.
@@ -428,8 +435,51 @@ fn over_limits(
     None
 }
 
-/// Answers `CallList` / `CallGet` from the live view, for the client's tenant only.
+/// What the live view answers.
+enum ViewQuery {
+    List(params::ListSelection),
+    Get(SessionKey),
+}
+
+/// Starts (or replaces) the connection's call event feed; its reply comes from the feed.
+fn subscribe(
+    client: &Client<'_>,
+    id: Option<RpcId>,
+    filter: params::EventFilter,
+) -> Option<String> {
+    let stop = CancellationToken::new();
+    if let Ok(mut feed) = client.feed.lock()
+        && let Some(old) = feed.replace(stop.clone())
+    {
+        old.cancel();
+    }
+    tokio::spawn(crate::subscribe::run(crate::subscribe::Feed {
+        nats: client.shared.nats.clone(),
+        tenant: client.origin.tenant().to_owned(),
+        filter,
+        reply_id: id,
+        outbox: client.outbox.clone(),
+        view: client.shared.sessions.clone(),
+        stop,
+    }));
+    None
+}
+
+/// Answers `CallList` / `CallGet` from the live view, for the client's tenant only; starts and
+/// stops the call event feed.
 fn answer_query(client: &Client<'_>, call: QueryCall) -> Option<String> {
+    let query = match call.query {
+        Query::Subscribe(filter) => return subscribe(client, call.id, filter),
+        Query::Unsubscribe => {
+            if let Some(stop) = client.feed.lock().ok().and_then(|mut f| f.take()) {
+                stop.cancel();
+            }
+            let id = call.id?;
+            return Some(rpc::result(&id, &serde_json::json!({"subscribed": false})));
+        }
+        Query::List(selection) => ViewQuery::List(selection),
+        Query::Get(key) => ViewQuery::Get(key),
+    };
     let id = call.id?;
     let Some(view) = client.shared.sessions.as_ref() else {
         return Some(rpc::error(
@@ -440,14 +490,14 @@ fn answer_query(client: &Client<'_>, call: QueryCall) -> Option<String> {
     };
     let tenant = client.origin.tenant();
     let now = now_ms();
-    Some(match call.query {
-        Query::List(selection) => {
+    Some(match query {
+        ViewQuery::List(selection) => {
             let (count, page) = sessions::select(view.list(tenant), &selection);
             let items: Vec<serde_json::Value> =
                 page.iter().map(|s| sessions::to_json(s, now)).collect();
             rpc::result(&id, &serde_json::json!({"count": count, "items": items}))
         }
-        Query::Get(key) => {
+        ViewQuery::Get(key) => {
             let found = match &key {
                 SessionKey::Id(session_id) => view
                     .get(tenant, *session_id)

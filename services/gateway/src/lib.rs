@@ -17,6 +17,7 @@ pub mod rest;
 pub mod rpc;
 mod serve;
 pub mod sessions;
+mod subscribe;
 pub mod tokens;
 pub mod tracker;
 
@@ -203,6 +204,8 @@ pub(crate) struct Shared {
     pub auth: Option<Arc<auth::Auth>>,
     /// Each tenant's usage of its limits on this gateway.
     pub limits: limits::TenantLimits,
+    /// The NATS connection (call event feeds read the stream through it).
+    pub nats: async_nats::Client,
     /// Cancelled when the gateway stops.
     pub shutdown: CancellationToken,
     /// HTTP connections and WebSocket clients, waited for on shutdown.
@@ -298,6 +301,7 @@ pub async fn run(
         sessions,
         auth,
         limits: limits::TenantLimits::default(),
+        nats: client.clone(),
         shutdown: shutdown.clone(),
         tasks: TaskTracker::new(),
     });

@@ -515,6 +515,57 @@ pub fn session_key(params: Map<String, Value>) -> Result<SessionKey, ParamsError
     }
 }
 
+/// `Subscribe`: the tenant's call events, all or one session's or one Call-ID's, from after
+/// stream sequence `since` (or from now).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubscribeParams {
+    /// Only this session's events (decimal, as `CallList` gives it).
+    #[serde(default)]
+    pub session_id: Option<String>,
+    /// Only this Call-ID's events (and those naming it as a transfer's new call).
+    #[serde(default)]
+    pub callid: Option<CallId>,
+    /// Resume after this event sequence (the last one received); none: from now.
+    #[serde(default)]
+    pub since: Option<u64>,
+}
+
+/// What a `Subscribe` picks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventFilter {
+    /// Only this session's.
+    pub session_id: Option<u64>,
+    /// Only this Call-ID's.
+    pub callid: Option<String>,
+    /// Resume after this sequence.
+    pub since: Option<u64>,
+}
+
+/// The filter `Subscribe` params make.
+pub fn subscription(params: Map<String, Value>) -> Result<EventFilter, ParamsError> {
+    let p: SubscribeParams = typed(params, &[])?;
+    let session_id = p
+        .session_id
+        .map(|id| {
+            id.parse::<u64>()
+                .ok()
+                .filter(|id| *id > 0 && *id <= i64::MAX as u64)
+                .ok_or_else(|| {
+                    error(
+                        "session_id",
+                        "must be a session id (a positive int64 in decimal)".to_owned(),
+                    )
+                })
+        })
+        .transpose()?;
+    Ok(EventFilter {
+        session_id,
+        callid: p.callid.map(|c| c.0),
+        since: p.since,
+    })
+}
+
 /// The selection `CallList` params make.
 pub fn list(params: Map<String, Value>) -> Result<ListSelection, ParamsError> {
     typed::<ListParams>(params, &[])?.selection()

@@ -163,6 +163,10 @@ pub enum Query {
     List(params::ListSelection),
     /// `CallGet`: one session.
     Get(params::SessionKey),
+    /// `Subscribe`: the tenant's call events.
+    Subscribe(params::EventFilter),
+    /// `Unsubscribe`: no more call events.
+    Unsubscribe,
 }
 
 /// A checked query request.
@@ -328,7 +332,10 @@ pub fn parse(text: &str) -> Result<Request, RpcError> {
         e.silent = id.is_none();
         e
     };
-    if matches!(method.as_str(), "CallList" | "CallGet") {
+    if matches!(
+        method.as_str(),
+        "CallList" | "CallGet" | "Subscribe" | "Unsubscribe"
+    ) {
         let params = match member("params").map_err(silence)? {
             None | Some(Value::Null) => Map::new(),
             Some(Value::Object(params)) => params,
@@ -340,10 +347,15 @@ pub fn parse(text: &str) -> Result<Request, RpcError> {
                 )));
             }
         };
-        let checked = if method == "CallList" {
-            params::list(params).map(Query::List)
-        } else {
-            params::session_key(params).map(Query::Get)
+        let checked = match method.as_str() {
+            "CallList" => params::list(params).map(Query::List),
+            "CallGet" => params::session_key(params).map(Query::Get),
+            "Subscribe" => params::subscription(params).map(Query::Subscribe),
+            _ if params.is_empty() => Ok(Query::Unsubscribe),
+            _ => Err(params::ParamsError {
+                field: "params".to_owned(),
+                reason: "Unsubscribe takes no params".to_owned(),
+            }),
         };
         let query = checked.map_err(|e| silence(RpcError::field(&reply_id, &e.field, e.reason)))?;
         return Ok(Request::Query(QueryCall { id, query }));

@@ -152,3 +152,99 @@ async fn an_event_received_twice_even_by_another_process_is_kept_once() {
         .expect("an event");
     assert_eq!(ended.2.cause, "not_answered");
 }
+
+/// `CallEvent` notifications, in order, until the `ended` of `callid`.
+async fn events_until_ended(
+    client: &mut callapi_e2e::Client,
+    callid: &str,
+) -> Vec<serde_json::Value> {
+    let mut got = Vec::new();
+    loop {
+        let note = client.take(|m| m["method"] == "CallEvent").await;
+        let done = note["params"]["callid"] == callid && note["params"]["kind"] == "ended";
+        got.push(note["params"].clone());
+        if done {
+            return got;
+        }
+    }
+}
+
+async fn ask(
+    client: &mut callapi_e2e::Client,
+    method: &str,
+    params: serde_json::Value,
+) -> serde_json::Value {
+    let id = client.request(method, params).await;
+    client.reply(&id).await
+}
+
+#[tokio::test]
+async fn a_subscriber_resumes_after_a_disconnect_with_no_gap_and_no_duplicate() {
+    let stack = Stack::start().await;
+    let mut watcher = stack.client().await;
+    let reply = ask(&mut watcher, "Subscribe", json!({})).await;
+    assert_eq!(reply["result"]["subscribed"], true, "{reply}");
+    let mut client = stack.client().await;
+    let first = call(&mut client, "alice", "bob").await;
+    client.run("CallEnd", json!({"callid": first})).await;
+    let before = events_until_ended(&mut watcher, &first).await;
+    let last_seq = before.last().unwrap()["seq"].as_u64().unwrap();
+
+    // Away: a second call lives and ends meanwhile.
+    drop(watcher);
+    let second = call(&mut client, "cindy", "dave").await;
+    client.run("CallEnd", json!({"callid": second})).await;
+
+    // Back, resuming after the last sequence received.
+    let mut watcher = stack.client().await;
+    let reply = ask(&mut watcher, "Subscribe", json!({"since": last_seq})).await;
+    assert_eq!(reply["result"]["next_seq"], last_seq + 1, "{reply}");
+    assert_eq!(reply["result"]["missed"], false, "{reply}");
+    let after = events_until_ended(&mut watcher, &second).await;
+    let kinds: Vec<&str> = after
+        .iter()
+        .filter(|e| e["callid"] == second)
+        .map(|e| e["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        kinds,
+        ["created", "ringing", "answered", "ended"],
+        "{after:#?}"
+    );
+
+    // No gap, no duplicate: the two feeds together are exactly the tenant's stream so far.
+    let mut seqs: Vec<u64> = before
+        .iter()
+        .chain(after.iter())
+        .map(|e| e["seq"].as_u64().unwrap())
+        .collect();
+    let consumer = consumer(&stack, "default").await;
+    let stream: Vec<u64> = drain(&consumer, Duration::from_millis(500))
+        .await
+        .into_iter()
+        .map(|(seq, _, _)| seq)
+        .filter(|seq| *seq >= seqs[0] && *seq <= *seqs.last().unwrap())
+        .collect();
+    assert!(
+        seqs.windows(2).all(|w| w[0] < w[1]),
+        "in order, no duplicate: {seqs:?}"
+    );
+    seqs.dedup();
+    assert_eq!(seqs, stream, "every event of the stream once");
+
+    // A `since` older than the stream keeps: told so, and a snapshot of the sessions first.
+    let nats = async_nats::connect(stack.nats.url.as_str()).await.unwrap();
+    let jetstream = async_nats::jetstream::new(nats);
+    let stream = jetstream.get_stream("CALLAPI_CALLS").await.unwrap();
+    stream.purge().sequence(last_seq).await.expect("purge");
+    let mut late = stack.client().await;
+    let reply = ask(&mut late, "Subscribe", json!({"since": 1})).await;
+    assert_eq!(reply["result"]["missed"], true, "{reply}");
+    assert_eq!(reply["result"]["next_seq"], last_seq, "{reply}");
+    let snapshot = late.take(|m| m["method"] == "Snapshot").await;
+    assert!(snapshot["params"]["sessions"].is_array(), "{snapshot}");
+    let resumed = late.take(|m| m["method"] == "CallEvent").await;
+    assert_eq!(resumed["params"]["seq"], last_seq, "{resumed}");
+    let off = ask(&mut late, "Unsubscribe", json!({})).await;
+    assert_eq!(off["result"]["subscribed"], false, "{off}");
+}

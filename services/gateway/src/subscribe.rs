@@ -1,0 +1,224 @@
+//! `Subscribe`: a WebSocket client's feed of its tenant's call events, read from the JetStream
+//! stream `CALLAPI_CALLS` by an ordered consumer of the tenant's subjects. Each event goes out
+//! as a `CallEvent` notification with its stream sequence (`seq`); a client that reconnects
+//! and subscribes with `since` = the last `seq` it got resumes with no gap and no duplicate.
+//! When `since` is older than what the stream still holds, the reply says `missed` and a
+//! `Snapshot` of the tenant's current sessions comes first. A client too slow to take them is
+//! disconnected by its bounded queue, like any other, and resumes with `since`.
+
+use async_nats::jetstream::consumer::{DeliverPolicy, pull};
+use callapi_proto::v1::CallEvent;
+use futures::StreamExt as _;
+use prost::Message as _;
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+use crate::outbox::{Outbox, Outgoing};
+use crate::params::EventFilter;
+use crate::rpc::{self, RpcId, code};
+use crate::sessions::{self, SessionView};
+
+/// What a subscription needs.
+pub(crate) struct Feed {
+    pub nats: async_nats::Client,
+    pub tenant: String,
+    pub filter: EventFilter,
+    pub reply_id: Option<RpcId>,
+    pub outbox: Outbox,
+    pub view: Option<SessionView>,
+    pub stop: CancellationToken,
+}
+
+/// Answers the `Subscribe`, then forwards the events until `stop`, the client's queue refusing
+/// more, or the stream going away.
+pub(crate) async fn run(feed: Feed) {
+    let Feed {
+        nats,
+        tenant,
+        filter,
+        reply_id,
+        outbox,
+        view,
+        stop,
+    } = feed;
+    let reply = |text: String| outbox.push(Outgoing::Reply(text)).is_ok();
+    let fail = |message: &str| {
+        if let Some(id) = &reply_id {
+            let _ = outbox.push(Outgoing::Reply(rpc::error(id, code::UNAVAILABLE, message)));
+        }
+    };
+    let jetstream = async_nats::jetstream::new(nats);
+    let mut stream = match jetstream.get_stream(callapi_kit::calls::CALLS_STREAM).await {
+        Ok(stream) => stream,
+        Err(err) => {
+            tracing::debug!(%err, "no call events stream");
+            fail(
+                "call events are unavailable: no stream CALLAPI_CALLS (is event-ingest running with calls_stream?)",
+            );
+            return;
+        }
+    };
+    let (first, last) = match stream.info().await {
+        Ok(info) => (info.state.first_sequence, info.state.last_sequence),
+        Err(err) => {
+            tracing::debug!(%err, "cannot read the call events stream");
+            fail("call events are unavailable now; try again later");
+            return;
+        }
+    };
+    // Where the feed starts, and whether events the client asked for are gone already.
+    let (deliver_policy, next, missed) = match filter.since {
+        Some(since) if since.saturating_add(1) < first => (
+            DeliverPolicy::ByStartSequence {
+                start_sequence: first,
+            },
+            first,
+            true,
+        ),
+        Some(since) => (
+            DeliverPolicy::ByStartSequence {
+                start_sequence: since.saturating_add(1),
+            },
+            since.saturating_add(1),
+            false,
+        ),
+        None => (DeliverPolicy::New, last.saturating_add(1), false),
+    };
+    let consumer = stream
+        .create_consumer(pull::OrderedConfig {
+            filter_subject: format!("callapi.v1.calls.{tenant}.>"),
+            deliver_policy,
+            ..Default::default()
+        })
+        .await;
+    let mut messages = match consumer {
+        Ok(consumer) => match consumer.messages().await {
+            Ok(messages) => messages,
+            Err(err) => {
+                tracing::debug!(%err, "cannot follow the call events stream");
+                fail("call events are unavailable now; try again later");
+                return;
+            }
+        },
+        Err(err) => {
+            tracing::debug!(%err, "cannot follow the call events stream");
+            fail("call events are unavailable now; try again later");
+            return;
+        }
+    };
+    if let Some(id) = &reply_id
+        && !reply(rpc::result(
+            id,
+            &json!({"subscribed": true, "next_seq": next, "missed": missed}),
+        ))
+    {
+        return;
+    }
+    if missed {
+        let now = callapi_kit::unix_ms();
+        let sessions: Vec<Value> = view
+            .as_ref()
+            .map(|v| v.list(&tenant))
+            .unwrap_or_default()
+            .iter()
+            .map(|s| sessions::to_json(s, now))
+            .collect();
+        let snapshot =
+            json!({"jsonrpc": "2.0", "method": "Snapshot", "params": {"sessions": sessions}});
+        if !reply(snapshot.to_string()) {
+            return;
+        }
+    }
+    loop {
+        let message = tokio::select! {
+            _ = stop.cancelled() => return,
+            message = messages.next() => message,
+        };
+        let Some(Ok(message)) = message else {
+            tracing::debug!("call events feed ended");
+            return;
+        };
+        let seq = message.info().map(|i| i.stream_sequence).unwrap_or(0);
+        let Ok(event) = CallEvent::decode(message.payload.as_ref()) else {
+            continue;
+        };
+        if !wanted(&filter, &event) {
+            continue;
+        }
+        if !reply(notification(seq, &event).to_string()) {
+            return;
+        }
+    }
+}
+
+/// Whether `event` is one the filter picks.
+fn wanted(filter: &EventFilter, event: &CallEvent) -> bool {
+    filter.session_id.is_none_or(|id| event.session_id == id)
+        && filter
+            .callid
+            .as_ref()
+            .is_none_or(|c| event.callid == *c || event.transfer_callid == *c)
+}
+
+/// The `CallEvent` notification of `event`, at stream sequence `seq`.
+fn notification(seq: u64, event: &CallEvent) -> Value {
+    let mut params = json!({
+        "seq": seq,
+        "kind": callapi_kit::calls::event_kind_token(event.kind()),
+        "session_id": event.session_id.to_string(),
+        "callid": event.callid,
+        "node": event.node_id,
+        "at_ms": event.at_ms,
+    });
+    if let Some(map) = params.as_object_mut() {
+        let leg = match event.leg() {
+            callapi_proto::v1::Leg::Caller => "caller",
+            callapi_proto::v1::Leg::Callee => "callee",
+            callapi_proto::v1::Leg::Both => "both",
+            callapi_proto::v1::Leg::Unspecified => "",
+        };
+        for (name, value) in [
+            ("leg", leg),
+            ("transfer_callid", event.transfer_callid.as_str()),
+            ("sip_status", event.sip_status.as_str()),
+            ("cause", event.cause.as_str()),
+        ] {
+            if !value.is_empty() {
+                map.insert(name.to_owned(), value.into());
+            }
+        }
+    }
+    json!({"jsonrpc": "2.0", "method": "CallEvent", "params": params})
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use callapi_proto::v1::CallEventKind;
+
+    #[test]
+    fn a_filter_picks_a_session_or_a_callid_and_its_transfers() {
+        let event = CallEvent {
+            session_id: 7,
+            callid: "x".into(),
+            transfer_callid: "y".into(),
+            kind: CallEventKind::TransferStarted as i32,
+            ..Default::default()
+        };
+        let filter = |session_id, callid: Option<&str>| EventFilter {
+            session_id,
+            callid: callid.map(str::to_owned),
+            since: None,
+        };
+        assert!(wanted(&filter(None, None), &event));
+        assert!(wanted(&filter(Some(7), None), &event));
+        assert!(!wanted(&filter(Some(8), None), &event));
+        assert!(wanted(&filter(None, Some("y")), &event));
+        assert!(!wanted(&filter(None, Some("z")), &event));
+        let note = notification(12, &event);
+        assert_eq!(note["params"]["seq"], 12);
+        assert_eq!(note["params"]["kind"], "transfer_started");
+        assert_eq!(note["params"]["session_id"], "7");
+        assert!(note["params"].get("cause").is_none());
+    }
+}
