@@ -109,6 +109,11 @@ impl CommandClient {
         }
     }
 
+    /// The NATS connection commands go out on.
+    pub fn nats(&self) -> &async_nats::Client {
+        &self.nats
+    }
+
     /// Commands go to the node `nodes` chooses (without it: the commands replica's own).
     pub fn with_nodes(mut self, nodes: Arc<dyn NodeChoice>) -> Self {
         self.nodes = Some(nodes);

@@ -574,11 +574,110 @@ pub fn router(rest: Arc<RestState>) -> axum::Router {
         .route("/api/sessions/{id}/unhold", post(unhold))
         .route("/api/sessions/{id}/refer", post(refer))
         .route("/api/sessions/{id}/attended_refer", post(attended_refer))
+        .route("/api/events", get(events))
         .fallback(|| async { Problem::new(StatusCode::NOT_FOUND, "NOT_FOUND", "no such resource") })
         .with_state(rest)
 }
 
 use callapi_kit::unix_ms as now_ms;
+
+/// The query of `GET /api/events`.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+struct EventsQuery {
+    /// Only this session's events.
+    session_id: Option<String>,
+    /// Only this Call-ID's events (and those naming it as a transfer's new call).
+    callid: Option<String>,
+    /// Resume after this event id (as `Last-Event-ID`, which takes precedence).
+    #[param(value_type = Option<i64>, minimum = 0)]
+    since: Option<String>,
+}
+
+/// How long one event stream lasts before the gateway ends it; `EventSource` reconnects by
+/// itself with `Last-Event-ID` and resumes where it stopped (the gateway's HTTP connections
+/// end `handshake_timeout_ms` plus 30 s after they open).
+const SSE_WINDOW: Duration = Duration::from_secs(25);
+
+/// The tenant's call events as Server-Sent Events: `id` is the event's sequence, `event` its
+/// kind, `data` the JSON of a `CallEvent` notification's params (docs/protocol.md, "Call
+/// events"); resumed with `Last-Event-ID`. A `snapshot` event (the current sessions) comes
+/// first when the events asked for are older than the stream keeps.
+#[utoipa::path(
+    get,
+    path = "/api/events",
+    tag = "events",
+    params(EventsQuery),
+    responses(
+        (status = 200, description = "A text/event-stream of the tenant's call events, for 25 s", content_type = "text/event-stream"),
+        (status = 400, description = "A bad query parameter", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 503, description = "The event stream is unavailable", body = ProblemDoc, content_type = "application/problem+json"),
+    )
+)]
+async fn events(
+    Authorized(rest): Reader,
+    headers: axum::http::HeaderMap,
+    query: Result<Query<EventsQuery>, QueryRejection>,
+) -> Result<Response, Problem> {
+    use axum::response::sse::{Event, KeepAlive, Sse};
+    use futures::StreamExt as _;
+    let Query(query) = query.map_err(query_problem)?;
+    let last_event_id = headers
+        .get("last-event-id")
+        .map(|v| v.to_str().unwrap_or("?").to_owned());
+    let since = match (&last_event_id, &query.since) {
+        (Some(id), _) => Some(("Last-Event-ID", id.clone())),
+        (None, Some(since)) => Some(("since", since.clone())),
+        (None, None) => None,
+    }
+    .map(|(field, text)| {
+        text.parse::<u64>()
+            .map_err(|_| Problem::field(field, "must be an event id (a non-negative integer)"))
+    })
+    .transpose()?;
+    let mut params = serde_json::Map::new();
+    if let Some(id) = query.session_id {
+        params.insert("session_id".into(), Value::String(id));
+    }
+    if let Some(callid) = query.callid {
+        params.insert("callid".into(), Value::String(callid));
+    }
+    let mut filter =
+        params::subscription(params).map_err(|e| Problem::field(&e.field, e.reason))?;
+    filter.since = since;
+    let tenant = rest.tenant().to_owned();
+    let opened = crate::subscribe::open(rest.commands.nats().clone(), &tenant, &filter)
+        .await
+        .map_err(|message| Problem::new(StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE", message))?;
+    let head: Vec<Event> = if opened.missed {
+        vec![
+            Event::default()
+                .event("snapshot")
+                .data(crate::subscribe::snapshot(rest.sessions.as_ref(), &tenant).to_string()),
+        ]
+    } else {
+        Vec::new()
+    };
+    let ends = tokio::time::Instant::now() + SSE_WINDOW;
+    let tail = futures::stream::unfold((opened, filter), move |(mut opened, filter)| async move {
+        let (seq, event) = tokio::time::timeout_at(ends, opened.next_event(&filter))
+            .await
+            .ok()
+            .flatten()?;
+        let sse = Event::default()
+            .id(seq.to_string())
+            .event(callapi_kit::calls::event_kind_token(event.kind()))
+            .data(crate::subscribe::event_json(seq, &event).to_string());
+        Some((sse, (opened, filter)))
+    });
+    let stream = futures::stream::iter(head)
+        .chain(tail)
+        .map(Ok::<_, std::convert::Infallible>);
+    Ok(Sse::new(stream)
+        .keep_alive(KeepAlive::new().interval(Duration::from_secs(10)))
+        .into_response())
+}
 
 /// The query of `GET /sessions` (v22 list parameters).
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
@@ -1519,7 +1618,8 @@ async fn attended_refer(
         hold,
         unhold,
         refer,
-        attended_refer
+        attended_refer,
+        events
     ),
     components(schemas(
         ProblemDoc,

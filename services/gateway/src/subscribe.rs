@@ -29,43 +29,36 @@ pub(crate) struct Feed {
     pub stop: CancellationToken,
 }
 
-/// Answers the `Subscribe`, then forwards the events until `stop`, the client's queue refusing
-/// more, or the stream going away.
-pub(crate) async fn run(feed: Feed) {
-    let Feed {
-        nats,
-        tenant,
-        filter,
-        reply_id,
-        outbox,
-        view,
-        stop,
-    } = feed;
-    let reply = |text: String| outbox.push(Outgoing::Reply(text)).is_ok();
-    let fail = |message: &str| {
-        if let Some(id) = &reply_id {
-            let _ = outbox.push(Outgoing::Reply(rpc::error(id, code::UNAVAILABLE, message)));
-        }
-    };
+/// A feed open on the stream: where it starts, whether events asked for were gone already,
+/// and the consumer's messages.
+pub(crate) struct Opened {
+    /// The first sequence it delivers (for a feed from now: the next one the stream will get).
+    pub next: u64,
+    /// `since` was older than what the stream keeps: the client missed events.
+    pub missed: bool,
+    messages: async_nats::jetstream::consumer::pull::Ordered,
+}
+
+/// Opens `tenant`'s feed after `filter.since` (or from now); the error is for the client.
+pub(crate) async fn open(
+    nats: async_nats::Client,
+    tenant: &str,
+    filter: &EventFilter,
+) -> Result<Opened, &'static str> {
+    const UNAVAILABLE: &str = "call events are unavailable now; try again later";
     let jetstream = async_nats::jetstream::new(nats);
-    let mut stream = match jetstream.get_stream(callapi_kit::calls::CALLS_STREAM).await {
-        Ok(stream) => stream,
-        Err(err) => {
+    let mut stream = jetstream
+        .get_stream(callapi_kit::calls::CALLS_STREAM)
+        .await
+        .map_err(|err| {
             tracing::debug!(%err, "no call events stream");
-            fail(
-                "call events are unavailable: no stream CALLAPI_CALLS (is event-ingest running with calls_stream?)",
-            );
-            return;
-        }
-    };
-    let (first, last) = match stream.info().await {
-        Ok(info) => (info.state.first_sequence, info.state.last_sequence),
-        Err(err) => {
-            tracing::debug!(%err, "cannot read the call events stream");
-            fail("call events are unavailable now; try again later");
-            return;
-        }
-    };
+            "call events are unavailable: no stream CALLAPI_CALLS (is event-ingest running with calls_stream?)"
+        })?;
+    let info = stream.info().await.map_err(|err| {
+        tracing::debug!(%err, "cannot read the call events stream");
+        UNAVAILABLE
+    })?;
+    let (first, last) = (info.state.first_sequence, info.state.last_sequence);
     // Where the feed starts, and whether events the client asked for are gone already.
     let (deliver_policy, next, missed) = match filter.since {
         Some(since) if since.saturating_add(1) < first => (
@@ -90,62 +83,99 @@ pub(crate) async fn run(feed: Feed) {
             deliver_policy,
             ..Default::default()
         })
-        .await;
-    let mut messages = match consumer {
-        Ok(consumer) => match consumer.messages().await {
-            Ok(messages) => messages,
-            Err(err) => {
-                tracing::debug!(%err, "cannot follow the call events stream");
-                fail("call events are unavailable now; try again later");
-                return;
-            }
-        },
-        Err(err) => {
+        .await
+        .map_err(|err| {
             tracing::debug!(%err, "cannot follow the call events stream");
-            fail("call events are unavailable now; try again later");
+            UNAVAILABLE
+        })?;
+    let messages = consumer.messages().await.map_err(|err| {
+        tracing::debug!(%err, "cannot follow the call events stream");
+        UNAVAILABLE
+    })?;
+    Ok(Opened {
+        next,
+        missed,
+        messages,
+    })
+}
+
+impl Opened {
+    /// The next event the filter picks, with its sequence; `None` once the feed ended.
+    pub(crate) async fn next_event(&mut self, filter: &EventFilter) -> Option<(u64, CallEvent)> {
+        loop {
+            let Some(Ok(message)) = self.messages.next().await else {
+                tracing::debug!("call events feed ended");
+                return None;
+            };
+            let seq = message.info().map(|i| i.stream_sequence).unwrap_or(0);
+            let Ok(event) = CallEvent::decode(message.payload.as_ref()) else {
+                continue;
+            };
+            if wanted(filter, &event) {
+                return Some((seq, event));
+            }
+        }
+    }
+}
+
+/// The current sessions of `tenant`, as `CallList` gives them (what a feed that missed
+/// events starts with).
+pub(crate) fn snapshot(view: Option<&SessionView>, tenant: &str) -> Value {
+    let now = callapi_kit::unix_ms();
+    let sessions: Vec<Value> = view
+        .map(|v| v.list(tenant))
+        .unwrap_or_default()
+        .iter()
+        .map(|s| sessions::to_json(s, now))
+        .collect();
+    json!({"sessions": sessions})
+}
+
+/// Answers the `Subscribe`, then forwards the events until `stop`, the client's queue refusing
+/// more, or the stream going away.
+pub(crate) async fn run(feed: Feed) {
+    let Feed {
+        nats,
+        tenant,
+        filter,
+        reply_id,
+        outbox,
+        view,
+        stop,
+    } = feed;
+    let reply = |text: String| outbox.push(Outgoing::Reply(text)).is_ok();
+    let mut opened = match open(nats, &tenant, &filter).await {
+        Ok(opened) => opened,
+        Err(message) => {
+            if let Some(id) = &reply_id {
+                let _ = outbox.push(Outgoing::Reply(rpc::error(id, code::UNAVAILABLE, message)));
+            }
             return;
         }
     };
     if let Some(id) = &reply_id
         && !reply(rpc::result(
             id,
-            &json!({"subscribed": true, "next_seq": next, "missed": missed}),
+            &json!({"subscribed": true, "next_seq": opened.next, "missed": opened.missed}),
         ))
     {
         return;
     }
-    if missed {
-        let now = callapi_kit::unix_ms();
-        let sessions: Vec<Value> = view
-            .as_ref()
-            .map(|v| v.list(&tenant))
-            .unwrap_or_default()
-            .iter()
-            .map(|s| sessions::to_json(s, now))
-            .collect();
-        let snapshot =
-            json!({"jsonrpc": "2.0", "method": "Snapshot", "params": {"sessions": sessions}});
+    if opened.missed {
+        let snapshot = json!({"jsonrpc": "2.0", "method": "Snapshot", "params": snapshot(view.as_ref(), &tenant)});
         if !reply(snapshot.to_string()) {
             return;
         }
     }
     loop {
-        let message = tokio::select! {
+        let next = tokio::select! {
             _ = stop.cancelled() => return,
-            message = messages.next() => message,
+            next = opened.next_event(&filter) => next,
         };
-        let Some(Ok(message)) = message else {
-            tracing::debug!("call events feed ended");
-            return;
-        };
-        let seq = message.info().map(|i| i.stream_sequence).unwrap_or(0);
-        let Ok(event) = CallEvent::decode(message.payload.as_ref()) else {
-            continue;
-        };
-        if !wanted(&filter, &event) {
-            continue;
-        }
-        if !reply(notification(seq, &event).to_string()) {
+        let Some((seq, event)) = next else { return };
+        let note =
+            json!({"jsonrpc": "2.0", "method": "CallEvent", "params": event_json(seq, &event)});
+        if !reply(note.to_string()) {
             return;
         }
     }
@@ -160,8 +190,9 @@ fn wanted(filter: &EventFilter, event: &CallEvent) -> bool {
             .is_none_or(|c| event.callid == *c || event.transfer_callid == *c)
 }
 
-/// The `CallEvent` notification of `event`, at stream sequence `seq`.
-fn notification(seq: u64, event: &CallEvent) -> Value {
+/// What a client gets of `event`, at stream sequence `seq` (a `CallEvent` notification's
+/// params, an SSE event's data).
+pub(crate) fn event_json(seq: u64, event: &CallEvent) -> Value {
     let mut params = json!({
         "seq": seq,
         "kind": callapi_kit::calls::event_kind_token(event.kind()),
@@ -188,7 +219,7 @@ fn notification(seq: u64, event: &CallEvent) -> Value {
             }
         }
     }
-    json!({"jsonrpc": "2.0", "method": "CallEvent", "params": params})
+    params
 }
 
 #[cfg(test)]
@@ -215,10 +246,10 @@ mod tests {
         assert!(!wanted(&filter(Some(8), None), &event));
         assert!(wanted(&filter(None, Some("y")), &event));
         assert!(!wanted(&filter(None, Some("z")), &event));
-        let note = notification(12, &event);
-        assert_eq!(note["params"]["seq"], 12);
-        assert_eq!(note["params"]["kind"], "transfer_started");
-        assert_eq!(note["params"]["session_id"], "7");
-        assert!(note["params"].get("cause").is_none());
+        let note = event_json(12, &event);
+        assert_eq!(note["seq"], 12);
+        assert_eq!(note["kind"], "transfer_started");
+        assert_eq!(note["session_id"], "7");
+        assert!(note.get("cause").is_none());
     }
 }

@@ -248,3 +248,143 @@ async fn a_subscriber_resumes_after_a_disconnect_with_no_gap_and_no_duplicate() 
     let off = ask(&mut late, "Unsubscribe", json!({})).await;
     assert_eq!(off["result"]["subscribed"], false, "{off}");
 }
+
+/// One Server-Sent Event: its id, event name and data.
+type SseEvent = (Option<u64>, String, serde_json::Value);
+
+/// Reads `GET path` as Server-Sent Events (chunked) until `enough` says so or 10 s pass.
+async fn sse(
+    addr: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    enough: impl Fn(&[SseEvent]) -> bool,
+) -> (String, Vec<SseEvent>) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let extra: String = headers
+        .iter()
+        .map(|(k, v)| format!("{k}: {v}\r\n"))
+        .collect();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n{extra}\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut raw = Vec::new();
+    let mut events = Vec::new();
+    let give_up = tokio::time::Instant::now() + Duration::from_secs(10);
+    let mut buf = vec![0u8; 16 * 1024];
+    while !enough(&events) {
+        let Ok(Ok(n)) = tokio::time::timeout_at(give_up, stream.read(&mut buf)).await else {
+            break;
+        };
+        if n == 0 {
+            break;
+        }
+        raw.extend_from_slice(&buf[..n]);
+        events = parse_sse(&raw);
+    }
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let head = text.split("\r\n\r\n").next().unwrap_or("").to_owned();
+    (head, events)
+}
+
+/// The events in a chunked SSE response so far.
+fn parse_sse(raw: &[u8]) -> Vec<SseEvent> {
+    let text = String::from_utf8_lossy(raw);
+    let Some((_, mut rest)) = text.split_once("\r\n\r\n") else {
+        return Vec::new();
+    };
+    let mut body = String::new();
+    while let Some((size, tail)) = rest.split_once("\r\n") {
+        let Ok(size) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
+        if size == 0 || tail.len() < size + 2 {
+            break;
+        }
+        body.push_str(&tail[..size]);
+        rest = &tail[size + 2..];
+    }
+    body.split("\n\n")
+        .filter(|block| block.lines().any(|l| l.starts_with("data:")))
+        .map(|block| {
+            let field = |name: &str| {
+                block
+                    .lines()
+                    .find_map(|l| l.strip_prefix(name).map(|v| v.trim().to_owned()))
+            };
+            (
+                field("id:").and_then(|id| id.parse().ok()),
+                field("event:").unwrap_or_default(),
+                serde_json::from_str(&field("data:").unwrap_or_default()).unwrap_or_default(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn server_sent_events_resume_with_last_event_id() {
+    let stack = Stack::start().await;
+    let addr = stack.http_addr();
+    let mut client = stack.client().await;
+    let first = call(&mut client, "alice", "bob").await;
+    client.run("CallEnd", json!({"callid": first})).await;
+    let ended = |callid: String| {
+        move |events: &[SseEvent]| {
+            events
+                .iter()
+                .any(|(_, name, data)| name == "ended" && data["callid"] == callid.as_str())
+        }
+    };
+    let (head, before) = sse(&addr, "/api/events?since=0", &[], ended(first.clone())).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(head.contains("text/event-stream"), "{head}");
+    let ids: Vec<u64> = before.iter().filter_map(|(id, _, _)| *id).collect();
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "{ids:?}");
+    assert!(before.iter().all(
+        |(id, name, data)| Some(data["seq"].as_u64().unwrap()) == *id
+            && data["kind"] == name.as_str()
+    ));
+    let last = *ids.last().unwrap();
+
+    // Another call meanwhile; the stream resumes after the last id received.
+    let second = call(&mut client, "cindy", "dave").await;
+    client.run("CallEnd", json!({"callid": second})).await;
+    let last_id = last.to_string();
+    let (_, after) = sse(
+        &addr,
+        "/api/events",
+        &[("Last-Event-ID", &last_id)],
+        ended(second.clone()),
+    )
+    .await;
+    assert_eq!(
+        after.first().and_then(|(id, _, _)| *id),
+        Some(last + 1),
+        "{after:#?}"
+    );
+    let kinds: Vec<&str> = after
+        .iter()
+        .filter(|(_, _, data)| data["callid"] == second.as_str())
+        .map(|(_, name, _)| name.as_str())
+        .collect();
+    assert_eq!(
+        kinds,
+        ["created", "ringing", "answered", "ended"],
+        "{after:#?}"
+    );
+    // Only the session asked for.
+    let (_, one) = sse(
+        &addr,
+        &format!("/api/events?since=0&callid={second}"),
+        &[],
+        ended(second.clone()),
+    )
+    .await;
+    assert!(
+        one.iter()
+            .all(|(_, _, data)| data["callid"] == second.as_str()
+                || data["transfer_callid"] == second.as_str()),
+        "{one:#?}"
+    );
+    let bad = callapi_e2e::http::request(&addr, "GET", "/api/events?since=-1", None).await;
+    assert_eq!(bad.status, 400, "{}", bad.body);
+}

@@ -23,8 +23,8 @@ async fn the_document_and_its_page_are_served() {
 }
 
 /// schemathesis (`SCHEMATHESIS_BIN`, which `make test` installs) finds no failure. Left out:
-/// `GET /sessions/directly`, a documented 501 until extension passwords exist (the tenants
-/// issue), and schemathesis's coverage phase, which crashes inside schemathesis 4.32.5 itself
+/// `GET /sessions/directly` (an extension's password, which this stack without tenants does
+/// not have: a documented 501), `GET /api/events` (a stream lasting 25 s), and schemathesis's coverage phase, which crashes inside schemathesis 4.32.5 itself
 /// (a KeyError in hypothesis's repr of a filtered strategy).
 #[tokio::test]
 async fn schemathesis_finds_nothing_wrong() {
@@ -51,6 +51,8 @@ async fn schemathesis_finds_nothing_wrong() {
             "examples,fuzzing,stateful",
             "--exclude-path",
             "/api/sessions/directly",
+            "--exclude-path",
+            "/api/events",
             "--max-examples",
             "30",
             "--workers",
