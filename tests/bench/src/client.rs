@@ -160,6 +160,58 @@ impl WsClient {
         }
     }
 
+    /// Subscribes to the tenant's call events from now (`Subscribe`), then counts the `held` and
+    /// `resumed` ones until `stop` and a `quiet` spell after it: (how many, whether their
+    /// sequences always rose).
+    pub async fn count_hold_events(
+        &mut self,
+        stop: &tokio_util::sync::CancellationToken,
+        quiet: Duration,
+        ready: tokio::sync::oneshot::Sender<()>,
+    ) -> Result<(u64, bool)> {
+        let request = json!({"jsonrpc": "2.0", "id": "sub", "method": "Subscribe", "params": {}});
+        self.socket
+            .send(Message::Text(request.to_string().into()))
+            .await
+            .map_err(|e| BenchError::Protocol(format!("send: {e}")))?;
+        let (mut count, mut ordered, mut last, mut ready) = (0u64, true, 0u64, Some(ready));
+        loop {
+            let wait = if stop.is_cancelled() {
+                quiet
+            } else {
+                Duration::from_secs(3600)
+            };
+            let next = tokio::select! {
+                _ = stop.cancelled(), if !stop.is_cancelled() => continue,
+                next = tokio::time::timeout(wait, self.socket.next()) => next,
+            };
+            let Ok(Some(Ok(Message::Text(text)))) = next else {
+                return Ok((count, ordered));
+            };
+            let Ok(message) = serde_json::from_str::<Value>(&text) else {
+                continue;
+            };
+            if message["id"] == "sub" {
+                if message["result"]["subscribed"] != true {
+                    return Err(BenchError::Protocol(format!("Subscribe: {message}")));
+                }
+                if let Some(ready) = ready.take() {
+                    let _ = ready.send(());
+                }
+                continue;
+            }
+            if message["method"] != "CallEvent" {
+                continue;
+            }
+            let seq = message["params"]["seq"].as_u64().unwrap_or(0);
+            ordered &= seq > last;
+            last = seq;
+            if matches!(message["params"]["kind"].as_str(), Some("held" | "resumed")) {
+                count += 1;
+            }
+        }
+    }
+
     /// Closes the connection politely (close frame), giving up after `timeout`.
     pub async fn close(mut self, timeout: Duration) {
         let _ = tokio::time::timeout(timeout, self.socket.close(None)).await;

@@ -316,17 +316,25 @@ pub fn print_overhead(o: &OverheadReport) {
 /// Prints the header of scenario 4.
 pub fn print_events_header() {
     println!();
-    println!("Event rate: CallHold/CallUnHold loops, one call per client");
     println!(
-        "{:>7} {:>10} {:>16} {:>16} {:>26} {:>9}  errors | CPU % of a core",
-        "clients", "commands/s", "client events/s", "node events/s", "hold/unhold ms", "NATS/cmd"
+        "Event rate: CallHold/CallUnHold loops, one call per client; 10 more clients follow the call events (Subscribe)"
+    );
+    println!(
+        "{:>7} {:>10} {:>16} {:>16} {:>26} {:>9} {:>16}  errors | CPU % of a core",
+        "clients",
+        "commands/s",
+        "client events/s",
+        "node events/s",
+        "hold/unhold ms",
+        "NATS/cmd",
+        "fan-out events/s"
     );
 }
 
 /// Prints one row of scenario 4.
 pub fn print_events_row(r: &EventsReport) {
     println!(
-        "{:>7} {:>10.1} {:>16.1} {:>16.1} {:>26} {:>9}  {} | {}",
+        "{:>7} {:>10.1} {:>16.1} {:>16.1} {:>26} {:>9} {:>16}  {} | {}",
         r.clients,
         r.commands as f64 / r.elapsed_s.max(1e-9),
         r.client_events_per_s,
@@ -334,6 +342,7 @@ pub fn print_events_row(r: &EventsReport) {
         lat(&r.latency),
         r.nats_msgs_per_command
             .map_or("?".into(), |n| format!("{n:.1}")),
+        format!("{:.0} ({} lost)", r.fanout_events_per_s, r.fanout_lost),
         errors_text(r.errors.count, &r.errors.first),
         cpu(&r.cpu)
     );

@@ -861,13 +861,26 @@ pub struct EventsReport {
     pub latency: Summary,
     /// NATS messages (in + out) per command.
     pub nats_msgs_per_command: Option<f64>,
+    /// Clients subscribed to the tenant's call events (`Subscribe`) during the run.
+    pub subscribers: usize,
+    /// `held` / `resumed` call events the subscribers received, all together (each command
+    /// makes one per leg: two).
+    pub fanout_events: u64,
+    /// Per second.
+    pub fanout_events_per_s: f64,
+    /// Call events a subscriber should have had and did not (must be 0).
+    pub fanout_lost: u64,
     /// CPU per process during the run.
     pub cpu: Vec<CpuShare>,
     /// Errors (must be 0).
     pub errors: Errors,
 }
 
-/// Scenario 4: `clients` calls, each held and unheld in a loop for `duration`.
+/// Clients subscribed to the call events during scenario 4.
+const EVENT_SUBSCRIBERS: usize = 10;
+
+/// Scenario 4: `clients` calls, each held and unheld in a loop for `duration`, while
+/// [`EVENT_SUBSCRIBERS`] clients follow the tenant's call events.
 pub async fn events(
     stack: &Stack,
     settings: &Settings,
@@ -897,6 +910,21 @@ pub async fn events(
                 _ => errors.record(format!("CallStart: {:?}", outcome.error)),
             },
             Err(err) => errors.record(format!("CallStart: {err}")),
+        }
+    }
+    // The subscribers: each counts the held / resumed events it gets.
+    let stop_subscribers = tokio_util::sync::CancellationToken::new();
+    let mut subscribers = Vec::new();
+    for mut client in connect_many(settings, "sub", EVENT_SUBSCRIBERS, false, &mut errors).await {
+        let stop = stop_subscribers.clone();
+        let (ready, subscribed) = tokio::sync::oneshot::channel();
+        subscribers.push(tokio::spawn(async move {
+            client
+                .count_hold_events(&stop, Duration::from_millis(500), ready)
+                .await
+        }));
+        if subscribed.await.is_err() {
+            errors.record("a subscriber was not subscribed".to_owned());
         }
     }
     let node_before = tap.as_ref().map_or(0, EventTap::received);
@@ -929,6 +957,28 @@ pub async fn events(
         errors.record(format!("event unsubscribe: {err}"));
     }
     errors.merge(std::mem::take(&mut tally.errors));
+    stop_subscribers.cancel();
+    let (mut fanout_events, mut fanout_lost) = (0u64, 0u64);
+    let expected = 2 * tally.cycles;
+    let subscribed = subscribers.len();
+    for subscriber in subscribers {
+        match subscriber.await {
+            Ok(Ok((count, ordered))) => {
+                fanout_events += count;
+                fanout_lost += expected.saturating_sub(count);
+                if !ordered {
+                    errors.record("a subscriber's call events came out of order".to_owned());
+                }
+            }
+            Ok(Err(err)) => errors.record(format!("subscriber: {err}")),
+            Err(err) => errors.record(format!("subscriber task: {err}")),
+        }
+    }
+    if fanout_lost > 0 {
+        errors.record(format!(
+            "{fanout_lost} call events lost on the way to subscribers"
+        ));
+    }
     EventsReport {
         clients,
         elapsed_s: elapsed,
@@ -939,6 +989,10 @@ pub async fn events(
         node_events_per_s: node_events as f64 / elapsed,
         latency: tally.call_start.summary(),
         nats_msgs_per_command,
+        subscribers: subscribed,
+        fanout_events,
+        fanout_events_per_s: fanout_events as f64 / elapsed,
+        fanout_lost,
         cpu,
         errors,
     }
