@@ -39,9 +39,29 @@ impl v1::Leg {
     }
 }
 
+impl v1::CallEventKind {
+    /// The kind's name in subjects (`callapi.v1.calls.<tenant>.<name>`) and in the client
+    /// protocol (`answered`, `transfer_started`, …).
+    pub fn protocol_name(self) -> &'static str {
+        match self {
+            Self::Unspecified => "unspecified",
+            Self::Created => "created",
+            Self::Ringing => "ringing",
+            Self::Answered => "answered",
+            Self::Held => "held",
+            Self::Resumed => "resumed",
+            Self::TransferStarted => "transfer_started",
+            Self::TransferProgress => "transfer_progress",
+            Self::TransferCompleted => "transfer_completed",
+            Self::TransferFailed => "transfer_failed",
+            Self::Ended => "ended",
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use super::v1::{CommandStep, ErrorCode, Leg};
+    use super::v1::{CallEventKind, CommandStep, ErrorCode, Leg};
 
     #[test]
     fn protocol_names_are_the_documents_words() {
@@ -58,5 +78,9 @@ mod tests {
         assert_eq!(ErrorCode::CommandLost.protocol_name(), "COMMAND_LOST");
         assert_eq!(ErrorCode::Unspecified.protocol_name(), "");
         assert_eq!(Leg::Both.protocol_name(), "both");
+        assert_eq!(
+            CallEventKind::TransferStarted.protocol_name(),
+            "transfer_started"
+        );
     }
 }

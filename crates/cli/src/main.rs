@@ -134,21 +134,12 @@ async fn sign_in(ws_url: &str, client_id: &str, secret: &str) -> Result<String, 
         .strip_prefix("ws://")
         .and_then(|rest| rest.split('/').next())
         .ok_or_else(|| format!("signing in needs a ws:// URL, not {ws_url}"))?;
-    let encode = |text: &str| -> String {
-        text.bytes()
-            .map(|b| match b {
-                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                    (b as char).to_string()
-                }
-                _ => format!("%{b:02X}"),
-            })
-            .collect()
-    };
-    let body = format!(
-        "grant_type=client_credentials&client_id={}&client_secret={}",
-        encode(client_id),
-        encode(secret)
-    );
+    let body = serde_urlencoded::to_string([
+        ("grant_type", "client_credentials"),
+        ("client_id", client_id),
+        ("client_secret", secret),
+    ])
+    .map_err(|e| format!("sign-in: {e}"))?;
     let request = format!(
         "POST /api/login/oauth/token HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()

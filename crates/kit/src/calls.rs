@@ -90,22 +90,32 @@ fn config(replicas: usize) -> async_nats::jetstream::kv::Config {
     }
 }
 
+/// Opens key-value bucket `config.bucket` as it is if it exists (its settings untouched), else
+/// creates it with `config`.
+pub async fn open_or_create(
+    jetstream: &async_nats::jetstream::Context,
+    config: async_nats::jetstream::kv::Config,
+) -> Result<async_nats::jetstream::kv::Store, String> {
+    let bucket = config.bucket.clone();
+    if let Ok(kv) = jetstream.get_key_value(&bucket).await {
+        return Ok(kv);
+    }
+    match jetstream.create_key_value(config).await {
+        Ok(kv) => Ok(kv),
+        // Made meanwhile by someone else (or it existed and the first look failed).
+        Err(_) => jetstream
+            .get_key_value(&bucket)
+            .await
+            .map_err(|e| format!("key-value bucket {bucket}: {e}")),
+    }
+}
+
 /// Opens the bucket for reading: as it is if it exists (its settings untouched), else creates
 /// it with one replica (event-ingest sets the replicas it is configured with).
 pub async fn open_existing(
     jetstream: &async_nats::jetstream::Context,
 ) -> Result<async_nats::jetstream::kv::Store, String> {
-    if let Ok(kv) = jetstream.get_key_value(BUCKET).await {
-        return Ok(kv);
-    }
-    match jetstream.create_key_value(config(1)).await {
-        Ok(kv) => Ok(kv),
-        // Made meanwhile by someone else (or it existed and the first look failed).
-        Err(_) => jetstream
-            .get_key_value(BUCKET)
-            .await
-            .map_err(|e| format!("key-value bucket {BUCKET}: {e}")),
-    }
+    open_or_create(jetstream, config(1)).await
 }
 
 /// Opens the bucket, creating it (or bringing its settings up to date) if needed.
@@ -143,34 +153,7 @@ pub async fn open_meta(
         limit_markers: Some(MARKER_TTL),
         ..Default::default()
     };
-    if let Ok(kv) = jetstream.get_key_value(META_BUCKET).await {
-        return Ok(kv);
-    }
-    match jetstream.create_key_value(config).await {
-        Ok(kv) => Ok(kv),
-        Err(_) => jetstream
-            .get_key_value(META_BUCKET)
-            .await
-            .map_err(|e| format!("key-value bucket {META_BUCKET}: {e}")),
-    }
-}
-
-/// The subject token (and client name) of a call event's kind: `callapi.v1.calls.<tenant>.<token>`.
-pub fn event_kind_token(kind: callapi_proto::v1::CallEventKind) -> &'static str {
-    use callapi_proto::v1::CallEventKind;
-    match kind {
-        CallEventKind::Unspecified => "unspecified",
-        CallEventKind::Created => "created",
-        CallEventKind::Ringing => "ringing",
-        CallEventKind::Answered => "answered",
-        CallEventKind::Held => "held",
-        CallEventKind::Resumed => "resumed",
-        CallEventKind::TransferStarted => "transfer_started",
-        CallEventKind::TransferProgress => "transfer_progress",
-        CallEventKind::TransferCompleted => "transfer_completed",
-        CallEventKind::TransferFailed => "transfer_failed",
-        CallEventKind::Ended => "ended",
-    }
+    open_or_create(jetstream, config).await
 }
 
 /// The JetStream stream of call events.

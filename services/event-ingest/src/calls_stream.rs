@@ -8,7 +8,7 @@ use std::time::Duration;
 use callapi_proto::v1::{CallEvent, OpensipsEvent};
 use prost::Message as _;
 
-use crate::normalise::{Normaliser, kind_token};
+use crate::normalise::Normaliser;
 
 /// The stream's name.
 pub const STREAM: &str = callapi_kit::calls::CALLS_STREAM;
@@ -108,7 +108,7 @@ impl CallEvents {
     }
 
     async fn publish(&self, event: &CallEvent) {
-        let subject = callapi_kit::subjects::calls(&event.tenant, kind_token(event.kind()));
+        let subject = callapi_kit::subjects::calls(&event.tenant, event.kind().protocol_name());
         let mut headers = async_nats::HeaderMap::new();
         headers.insert("Nats-Msg-Id", event.event_id.as_str());
         if let Err(err) = self

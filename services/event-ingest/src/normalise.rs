@@ -188,8 +188,6 @@ impl Normaliser {
     }
 }
 
-pub use callapi_kit::calls::event_kind_token as kind_token;
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -611,14 +611,7 @@ async fn foreign_callid(
     tenant: &str,
     command: &Command,
 ) -> Option<String> {
-    let callids: Vec<&str> = match command {
-        Command::CallStart(_) => Vec::new(),
-        Command::BlindTransfer(t) => vec![&t.callid],
-        Command::AttendedTransfer(t) => vec![&t.callid_a, &t.callid_b],
-        Command::Hold(h) => vec![&h.callid],
-        Command::Unhold(h) => vec![&h.callid],
-        Command::End(e) => vec![&e.callid],
-    };
+    let callids = crate::core::callids_of(command);
     let give_up = Instant::now() + CALLID_WAIT;
     for callid in callids {
         loop {

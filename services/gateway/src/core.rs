@@ -80,6 +80,19 @@ pub enum SubmitError {
 pub const NATS_UNREACHABLE: &str =
     "NATS is unreachable: the gateway cannot reach the commands service; try again later";
 
+/// The Call-IDs a command acts on, the call it is about first (a CallStart names none).
+pub fn callids_of(command: &command_request::Command) -> Vec<&str> {
+    use command_request::Command;
+    match command {
+        Command::CallStart(_) => Vec::new(),
+        Command::BlindTransfer(t) => vec![&t.callid],
+        Command::AttendedTransfer(t) => vec![&t.callid_a, &t.callid_b],
+        Command::Hold(h) => vec![&h.callid],
+        Command::Unhold(h) => vec![&h.callid],
+        Command::End(e) => vec![&e.callid],
+    }
+}
+
 /// Which OpenSIPS node a command acts on (see [`crate::nodes`]).
 pub trait NodeChoice: Send + Sync {
     /// The node for `command` of `tenant` ("": the commands replica's own), or why there is

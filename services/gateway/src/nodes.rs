@@ -154,14 +154,9 @@ impl Nodes {
 
 impl NodeChoice for Nodes {
     fn node_for(&self, tenant: &str, command: &Command) -> Result<String, String> {
-        let callid = match command {
-            Command::CallStart(_) => return self.pick(tenant),
-            Command::BlindTransfer(t) => &t.callid,
-            Command::AttendedTransfer(t) => &t.callid_a,
-            Command::Hold(h) => &h.callid,
-            Command::Unhold(h) => &h.callid,
-            Command::End(e) => &e.callid,
-        };
-        Ok(self.holder(tenant, callid).unwrap_or_default())
+        match crate::core::callids_of(command).first() {
+            None => self.pick(tenant),
+            Some(callid) => Ok(self.holder(tenant, callid).unwrap_or_default()),
+        }
     }
 }

@@ -667,7 +667,7 @@ async fn events(
             .flatten()?;
         let sse = Event::default()
             .id(seq.to_string())
-            .event(callapi_kit::calls::event_kind_token(event.kind()))
+            .event(event.kind().protocol_name())
             .data(crate::subscribe::event_json(seq, &event).to_string());
         Some((sse, (opened, filter)))
     });

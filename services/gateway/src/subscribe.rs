@@ -195,19 +195,14 @@ fn wanted(filter: &EventFilter, event: &CallEvent) -> bool {
 pub(crate) fn event_json(seq: u64, event: &CallEvent) -> Value {
     let mut params = json!({
         "seq": seq,
-        "kind": callapi_kit::calls::event_kind_token(event.kind()),
+        "kind": event.kind().protocol_name(),
         "session_id": event.session_id.to_string(),
         "callid": event.callid,
         "node": event.node_id,
         "at_ms": event.at_ms,
     });
     if let Some(map) = params.as_object_mut() {
-        let leg = match event.leg() {
-            callapi_proto::v1::Leg::Caller => "caller",
-            callapi_proto::v1::Leg::Callee => "callee",
-            callapi_proto::v1::Leg::Both => "both",
-            callapi_proto::v1::Leg::Unspecified => "",
-        };
+        let leg = event.leg().protocol_name();
         for (name, value) in [
             ("leg", leg),
             ("transfer_callid", event.transfer_callid.as_str()),

@@ -71,11 +71,7 @@ pub async fn post_form(
     headers: &[(&str, &str)],
     form: &[(&str, &str)],
 ) -> Response {
-    let body = form
-        .iter()
-        .map(|(k, v)| format!("{}={}", encode(k), encode(v)))
-        .collect::<Vec<_>>()
-        .join("&");
+    let body = serde_urlencoded::to_string(form).expect("form fields are strings");
     send(
         addr,
         "POST",
@@ -85,18 +81,6 @@ pub async fn post_form(
         &body,
     )
     .await
-}
-
-/// Percent-encodes a form value.
-fn encode(text: &str) -> String {
-    text.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
 }
 
 /// Sends one request with `headers` and a body of `content_type` ("" and "" for none).
