@@ -156,8 +156,12 @@ pub async fn open_meta(
     open_or_create(jetstream, config).await
 }
 
-/// The JetStream stream of call events.
-pub const CALLS_STREAM: &str = "CALLAPI_CALLS";
+/// The JetStream stream of `tenant`'s call events (`CALLAPI_CALLS_<tenant>`, subjects
+/// `callapi.v1.calls.<tenant>.>`): one stream per tenant, so its sequence numbers the tenant's
+/// events 1, 2, 3… with no gap.
+pub fn calls_stream(tenant: &str) -> String {
+    format!("CALLAPI_CALLS_{tenant}")
+}
 
 #[cfg(test)]
 mod tests {

@@ -7,7 +7,7 @@
 //! | `callapi.v1.mi.<node>` | `MiRequest` → `MiReply` | commands, event-ingest → proxy-connector (queue `proxy-connector`) |
 //! | `callapi.v1.mi-release.<node>.<instance>.<lease>` | empty | commands → the proxy-connector instance keeping a slot |
 //! | `callapi.v1.node.<node>.health` | `NodeHealth` | proxy-connector → gateways (which nodes take new calls) |
-//! | `callapi.v1.calls.<tenant>.<kind>` | `CallEvent` | event-ingest → stream `CALLAPI_CALLS` → anyone |
+//! | `callapi.v1.calls.<tenant>.<kind>` | `CallEvent` | event-ingest → stream `CALLAPI_CALLS_<tenant>` → anyone |
 //! | `callapi.v1.event.<tenant>.<node>.<event>.<callid>` | `OpensipsEvent` | event-ingest → anyone |
 //!
 //! Tenant, gateway and node ids must be subject-safe tokens (see [`is_token`]); a SIP Call-ID is
@@ -199,10 +199,15 @@ pub fn mi(node_id: &str) -> String {
     format!("callapi.v1.mi.{node_id}")
 }
 
-/// Subject of a normalised call event of `tenant` (`CallEvent`; stream `CALLAPI_CALLS`);
-/// `kind` is a subject token such as `answered`.
+/// Subject of a normalised call event of `tenant` (`CallEvent`; stream
+/// `CALLAPI_CALLS_<tenant>`); `kind` is a subject token such as `answered`.
 pub fn calls(tenant: &str, kind: &str) -> String {
     format!("callapi.v1.calls.{tenant}.{kind}")
+}
+
+/// Every call event of `tenant` (the subjects of its stream).
+pub fn tenant_calls(tenant: &str) -> String {
+    format!("callapi.v1.calls.{tenant}.>")
 }
 
 /// Subject on which proxy-connector tells whether it reaches node `node_id` (`NodeHealth`).

@@ -1,19 +1,23 @@
-//! The JetStream stream of normalised call events (`CALLAPI_CALLS`, subjects
-//! `callapi.v1.calls.<tenant>.<kind>`): every node's events, as [`crate::normalise`] makes
-//! them, published with their stable id as `Nats-Msg-Id` so the stream keeps one copy of each.
+//! The JetStream streams of normalised call events, one per tenant (`CALLAPI_CALLS_<tenant>`,
+//! subjects `callapi.v1.calls.<tenant>.<kind>`), so a stream's sequence numbers its tenant's
+//! events with no gap. Every node's events, as [`crate::normalise`] makes them, go through one
+//! [`Publisher`]: published with their stable id as `Nats-Msg-Id` (the stream keeps one copy of
+//! each) and acknowledged by JetStream. A publish that is not acknowledged (NATS restarting, a
+//! stream leader moving) is sent again with every later one, in order, until it is: no event is
+//! lost to a NATS restart, and none is stored twice.
 
+use std::collections::{HashSet, VecDeque};
+use std::future::{Future, IntoFuture as _};
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use callapi_proto::v1::{CallEvent, OpensipsEvent};
 use prost::Message as _;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 use crate::normalise::Normaliser;
-
-/// The stream's name.
-pub const STREAM: &str = callapi_kit::calls::CALLS_STREAM;
-/// The stream's subjects.
-pub const SUBJECTS: &str = "callapi.v1.calls.>";
 
 /// `[calls_stream]`: the stream event-ingest creates when it is missing (an existing one is
 /// left as it is).
@@ -47,18 +51,22 @@ impl Default for CallsStreamConfig {
     }
 }
 
-/// Creates the stream if it is missing.
+/// Creates `tenant`'s stream if it is missing.
 pub async fn ensure(
     jetstream: &async_nats::jetstream::Context,
     config: &CallsStreamConfig,
+    tenant: &str,
 ) -> Result<(), String> {
-    if jetstream.get_stream(STREAM).await.is_ok() {
+    let name = callapi_kit::calls::calls_stream(tenant);
+    if jetstream.get_stream(&name).await.is_ok() {
         return Ok(());
     }
     let stream = async_nats::jetstream::stream::Config {
-        name: STREAM.to_owned(),
-        description: Some("callapi: normalised call events (callapi.v1.CallEvent)".to_owned()),
-        subjects: vec![SUBJECTS.to_owned()],
+        name: name.clone(),
+        description: Some(format!(
+            "callapi: normalised call events of tenant {tenant} (callapi.v1.CallEvent)"
+        )),
+        subjects: vec![callapi_kit::subjects::tenant_calls(tenant)],
         max_age: Duration::from_secs(config.max_age_secs),
         max_bytes: config.max_bytes,
         duplicate_window: Duration::from_secs(config.duplicate_window_secs),
@@ -69,54 +77,323 @@ pub async fn ensure(
     match jetstream.create_stream(stream).await {
         Ok(_) => Ok(()),
         // Another replica made it meanwhile.
-        Err(_) if jetstream.get_stream(STREAM).await.is_ok() => Ok(()),
-        Err(err) => Err(format!("stream {STREAM}: {err}")),
+        Err(_) if jetstream.get_stream(&name).await.is_ok() => Ok(()),
+        Err(err) => Err(format!("stream {name}: {err}")),
+    }
+}
+
+/// Creates the stream of each tenant the tenants file gains when it is read again.
+pub async fn ensure_on_reload(
+    jetstream: async_nats::jetstream::Context,
+    config: CallsStreamConfig,
+    mut tenants: tokio::sync::watch::Receiver<Arc<callapi_kit::tenants::Tenants>>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            changed = tenants.changed() => if changed.is_err() { return },
+        }
+        let ids: Vec<String> = tenants
+            .borrow_and_update()
+            .iter()
+            .map(|t| t.id.clone())
+            .collect();
+        for tenant in ids {
+            ensure_until_done(&jetstream, &config, &tenant, &shutdown).await;
+        }
+    }
+}
+
+/// Events waiting for the publisher; a node's events wait (and its datagrams queue in the
+/// socket) when this many are waiting.
+const QUEUE: usize = 16_384;
+/// Publishes awaiting JetStream's acknowledgement at once.
+const WINDOW: usize = 512;
+/// A publish not acknowledged within this is sent again.
+const ACK_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Sends call events to the publisher. Cheap to clone.
+#[derive(Clone)]
+pub struct Publisher {
+    events: mpsc::Sender<CallEvent>,
+}
+
+impl Publisher {
+    /// Starts the publisher task: with `config.enabled`, each tenant's stream is created when
+    /// its first event comes and every event is acknowledged; without, events are only
+    /// published. It ends when every sender is gone, or at `shutdown` after a last try.
+    pub fn start(
+        client: async_nats::Client,
+        config: CallsStreamConfig,
+        shutdown: CancellationToken,
+    ) -> (Self, tokio::task::JoinHandle<()>) {
+        let (events, queue) = mpsc::channel(QUEUE);
+        let task = tokio::spawn(publish_all(client, config, queue, shutdown));
+        (Self { events }, task)
+    }
+
+    async fn send(&self, event: CallEvent) {
+        if self.events.send(event).await.is_err() {
+            tracing::warn!("call event dropped: the publisher has stopped");
+        }
+    }
+}
+
+type AckFuture = Pin<
+    Box<
+        dyn Future<
+                Output = Result<
+                    async_nats::jetstream::publish::PublishAck,
+                    async_nats::jetstream::context::PublishError,
+                >,
+            > + Send,
+    >,
+>;
+
+/// An event sent to JetStream, not yet acknowledged.
+struct InFlight {
+    subject: String,
+    event_id: String,
+    payload: bytes::Bytes,
+    ack: Option<AckFuture>,
+}
+
+async fn publish_all(
+    client: async_nats::Client,
+    config: CallsStreamConfig,
+    mut queue: mpsc::Receiver<CallEvent>,
+    shutdown: CancellationToken,
+) {
+    if !config.enabled {
+        while let Some(event) = queue.recv().await {
+            let (subject, headers, payload) = message(&event);
+            if let Err(err) = client.publish_with_headers(subject, headers, payload).await {
+                tracing::warn!(%err, "could not publish a call event");
+            }
+        }
+        return;
+    }
+    let jetstream = async_nats::jetstream::ContextBuilder::new()
+        .timeout(ACK_TIMEOUT)
+        .build(client.clone());
+    let mut streams: HashSet<String> = HashSet::new();
+    let mut in_flight: VecDeque<InFlight> = VecDeque::new();
+    let mut open = true;
+    loop {
+        if !open && in_flight.is_empty() {
+            return;
+        }
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled(), if open => {
+                // A last try for what is on its way, then stop.
+                queue.close();
+                while let Ok(event) = queue.try_recv() {
+                    send(&jetstream, &mut in_flight, &event).await;
+                }
+                let _ = tokio::time::timeout(Duration::from_secs(2), confirm_all(&client, &jetstream, &mut in_flight)).await;
+                return;
+            }
+            acked = front_ack(&mut in_flight) => {
+                match acked {
+                    Ok(_) => {
+                        in_flight.pop_front();
+                    }
+                    Err(err) => {
+                        tracing::warn!(%err, waiting = in_flight.len(), "call events not acknowledged; sending them again");
+                        resend_all(&client, &jetstream, &mut in_flight, &shutdown).await;
+                    }
+                }
+            }
+            event = queue.recv(), if open && in_flight.len() < WINDOW => {
+                let Some(event) = event else {
+                    open = false;
+                    continue;
+                };
+                if !streams.contains(&event.tenant) {
+                    ensure_until_done(&jetstream, &config, &event.tenant, &shutdown).await;
+                    streams.insert(event.tenant.clone());
+                }
+                send(&jetstream, &mut in_flight, &event).await;
+            }
+        }
+    }
+}
+
+/// The subject, headers and payload of `event`.
+fn message(event: &CallEvent) -> (String, async_nats::HeaderMap, bytes::Bytes) {
+    let subject = callapi_kit::subjects::calls(&event.tenant, event.kind().protocol_name());
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Nats-Msg-Id", event.event_id.as_str());
+    (subject, headers, event.encode_to_vec().into())
+}
+
+async fn send(
+    jetstream: &async_nats::jetstream::Context,
+    in_flight: &mut VecDeque<InFlight>,
+    event: &CallEvent,
+) {
+    let (subject, headers, payload) = message(event);
+    let mut entry = InFlight {
+        subject,
+        event_id: event.event_id.clone(),
+        payload,
+        ack: None,
+    };
+    // A send that fails now is sent again when the acknowledgement before it fails.
+    entry.ack = publish(
+        jetstream,
+        entry.subject.clone(),
+        headers,
+        entry.payload.clone(),
+    )
+    .await;
+    in_flight.push_back(entry);
+}
+
+async fn publish(
+    jetstream: &async_nats::jetstream::Context,
+    subject: String,
+    headers: async_nats::HeaderMap,
+    payload: bytes::Bytes,
+) -> Option<AckFuture> {
+    match jetstream
+        .publish_with_headers(subject, headers, payload)
+        .await
+    {
+        Ok(ack) => Some(Box::pin(ack.into_future()) as AckFuture),
+        Err(err) => {
+            tracing::debug!(%err, "call event not sent");
+            None
+        }
+    }
+}
+
+/// The oldest publish's acknowledgement (never, while nothing is in flight).
+async fn front_ack(
+    in_flight: &mut VecDeque<InFlight>,
+) -> Result<async_nats::jetstream::publish::PublishAck, String> {
+    let Some(front) = in_flight.front_mut() else {
+        return std::future::pending().await;
+    };
+    match front.ack.as_mut() {
+        Some(ack) => ack.await.map_err(|e| e.to_string()),
+        None => Err("not sent".to_owned()),
+    }
+}
+
+/// Sends every unacknowledged event again, oldest first, with a growing pause between tries,
+/// until the oldest is acknowledged (or `shutdown`). JetStream keeps one copy of each id.
+async fn resend_all(
+    client: &async_nats::Client,
+    jetstream: &async_nats::jetstream::Context,
+    in_flight: &mut VecDeque<InFlight>,
+    shutdown: &CancellationToken,
+) {
+    let mut pause = Duration::from_millis(100);
+    loop {
+        // Nothing is sent while NATS is away: the client would only queue it.
+        while client.connection_state() != async_nats::connection::State::Connected {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+            }
+        }
+        for entry in in_flight.iter_mut() {
+            let (subject, headers, payload) = (
+                entry.subject.clone(),
+                id_header(&entry.event_id),
+                entry.payload.clone(),
+            );
+            entry.ack = publish(jetstream, subject, headers, payload).await;
+        }
+        match front_ack(in_flight).await {
+            Ok(_) => {
+                in_flight.pop_front();
+                return;
+            }
+            Err(err) => {
+                tracing::warn!(%err, waiting = in_flight.len(), "call events still not acknowledged")
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(pause) => {}
+        }
+        pause = (pause * 2).min(Duration::from_secs(2));
+    }
+}
+
+/// Waits for every acknowledgement, sending again what fails.
+async fn confirm_all(
+    client: &async_nats::Client,
+    jetstream: &async_nats::jetstream::Context,
+    in_flight: &mut VecDeque<InFlight>,
+) {
+    let never = CancellationToken::new();
+    while !in_flight.is_empty() {
+        match front_ack(in_flight).await {
+            Ok(_) => {
+                in_flight.pop_front();
+            }
+            Err(_) => resend_all(client, jetstream, in_flight, &never).await,
+        }
+    }
+}
+
+fn id_header(event_id: &str) -> async_nats::HeaderMap {
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Nats-Msg-Id", event_id);
+    headers
+}
+
+/// Creates `tenant`'s stream, trying again (with a pause) until it exists or `shutdown`.
+async fn ensure_until_done(
+    jetstream: &async_nats::jetstream::Context,
+    config: &CallsStreamConfig,
+    tenant: &str,
+    shutdown: &CancellationToken,
+) {
+    let mut pause = Duration::from_millis(200);
+    while let Err(err) = ensure(jetstream, config, tenant).await {
+        tracing::warn!(%err, "cannot create a call events stream; trying again");
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(pause) => {}
+        }
+        pause = (pause * 2).min(Duration::from_secs(5));
     }
 }
 
 /// One node's call events: normalised, then published. Cheap to clone.
 #[derive(Clone)]
 pub struct CallEvents {
-    client: async_nats::Client,
+    publisher: Option<Publisher>,
     normaliser: Arc<Mutex<Normaliser>>,
-    publish: bool,
 }
 
 impl CallEvents {
-    /// Nothing seen yet; with `publish` off, nothing is ever made.
-    pub fn new(client: async_nats::Client, publish: bool) -> Self {
+    /// Nothing seen yet; without a publisher (`publish` off), nothing is ever made.
+    pub fn new(publisher: Option<Publisher>) -> Self {
         Self {
-            client,
+            publisher,
             normaliser: Arc::default(),
-            publish,
         }
     }
 
     /// Publishes the call events one OpenSIPS event (its tenant set) makes.
     pub async fn on_event(&self, event: &OpensipsEvent) {
-        if !self.publish {
+        let Some(publisher) = &self.publisher else {
             return;
-        }
+        };
         let events = self
             .normaliser
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .on_event(event, callapi_kit::unix_ms());
         for call_event in events {
-            self.publish(&call_event).await;
-        }
-    }
-
-    async fn publish(&self, event: &CallEvent) {
-        let subject = callapi_kit::subjects::calls(&event.tenant, event.kind().protocol_name());
-        let mut headers = async_nats::HeaderMap::new();
-        headers.insert("Nats-Msg-Id", event.event_id.as_str());
-        if let Err(err) = self
-            .client
-            .publish_with_headers(subject, headers, event.encode_to_vec().into())
-            .await
-        {
-            tracing::warn!(%err, "could not publish a call event");
+            publisher.send(call_event).await;
         }
     }
 }

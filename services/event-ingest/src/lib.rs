@@ -176,16 +176,6 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     } else {
         None
     };
-    if config.calls_stream.publish && config.calls_stream.enabled {
-        let jetstream = async_nats::jetstream::new(client.clone());
-        calls_stream::ensure(&jetstream, &config.calls_stream)
-            .await
-            .map_err(|e| {
-                Error::Nats(format!(
-                    "{e} (call events need JetStream; calls_stream.enabled = false publishes them without the stream)"
-                ))
-            })?;
-    }
     let tenants = match &config.tenants_file {
         Some(path) => {
             let file = callapi_kit::tenants::TenantsFile::open(std::path::Path::new(path))
@@ -200,6 +190,43 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         None => None,
     };
     let mut tasks = tokio::task::JoinSet::new();
+    let publisher = if config.calls_stream.publish {
+        if config.calls_stream.enabled {
+            let jetstream = async_nats::jetstream::new(client.clone());
+            let known: Vec<String> = match &tenants {
+                Some(tenants) => tenants.borrow().iter().map(|t| t.id.clone()).collect(),
+                None => config.nodes.iter().map(|n| n.tenant.clone()).collect(),
+            };
+            for tenant in &known {
+                calls_stream::ensure(&jetstream, &config.calls_stream, tenant)
+                    .await
+                    .map_err(|e| {
+                        Error::Nats(format!(
+                            "{e} (call events need JetStream; calls_stream.enabled = false publishes them without the streams)"
+                        ))
+                    })?;
+            }
+            if let Some(tenants) = &tenants {
+                tasks.spawn(calls_stream::ensure_on_reload(
+                    jetstream,
+                    config.calls_stream.clone(),
+                    tenants.clone(),
+                    shutdown.clone(),
+                ));
+            }
+        }
+        let (publisher, task) = calls_stream::Publisher::start(
+            client.clone(),
+            config.calls_stream.clone(),
+            shutdown.clone(),
+        );
+        tasks.spawn(async move {
+            let _ = task.await;
+        });
+        Some(publisher)
+    } else {
+        None
+    };
     let mut ready = Vec::new();
     let drop_report_interval = Duration::from_millis(config.drop_report_interval_ms.max(10));
     for (node, senders) in config.nodes.iter().zip(node_senders) {
@@ -229,10 +256,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
                 Route::Fixed {
                     tenant: node.tenant.clone(),
                     recorder,
-                    calls: calls_stream::CallEvents::new(
-                        client.clone(),
-                        config.calls_stream.publish,
-                    ),
+                    calls: calls_stream::CallEvents::new(publisher.clone()),
                 }
             }
             Some(tenants) => {
@@ -245,10 +269,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
                     tenants: tenants.clone(),
                     store: config.sessions.clone(),
                     drops: drops.clone(),
-                    calls: calls_stream::CallEvents::new(
-                        client.clone(),
-                        config.calls_stream.publish,
-                    ),
+                    calls: calls_stream::CallEvents::new(publisher.clone()),
                     shutdown: shutdown.clone(),
                 });
                 tasks.spawn(router.run(queue));

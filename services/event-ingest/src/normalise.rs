@@ -2,7 +2,7 @@
 //! created, ringing, answered, held / resumed per leg, transfer started / progress / completed /
 //! failed with the new call's Call-ID, ended with its cause. Pure bookkeeping per node (what
 //! each dialog has been through), tested as a table; the events go to the JetStream stream
-//! `CALLAPI_CALLS`.
+//! `CALLAPI_CALLS_<tenant>`.
 //!
 //! Each event gets a stable id, the same whichever event-ingest replica makes it and however
 //! often the datagram came: the Call-ID and what makes the event unique in the dialog's life (a

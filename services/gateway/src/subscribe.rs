@@ -1,6 +1,7 @@
-//! `Subscribe`: a WebSocket client's feed of its tenant's call events, read from the JetStream
-//! stream `CALLAPI_CALLS` by an ordered consumer of the tenant's subjects. Each event goes out
-//! as a `CallEvent` notification with its stream sequence (`seq`); a client that reconnects
+//! `Subscribe`: a WebSocket client's feed of its tenant's call events, read from the tenant's
+//! JetStream stream `CALLAPI_CALLS_<tenant>` by an ordered consumer. Each event goes out as a
+//! `CallEvent` notification with its stream sequence (`seq`: the tenant's events are numbered
+//! 1, 2, 3… with no gap); a client that reconnects
 //! and subscribes with `since` = the last `seq` it got resumes with no gap and no duplicate.
 //! When `since` is older than what the stream still holds, the reply says `missed` and a
 //! `Snapshot` of the tenant's current sessions comes first. A client too slow to take them is
@@ -48,11 +49,11 @@ pub(crate) async fn open(
     const UNAVAILABLE: &str = "call events are unavailable now; try again later";
     let jetstream = async_nats::jetstream::new(nats);
     let mut stream = jetstream
-        .get_stream(callapi_kit::calls::CALLS_STREAM)
+        .get_stream(callapi_kit::calls::calls_stream(tenant))
         .await
         .map_err(|err| {
             tracing::debug!(%err, "no call events stream");
-            "call events are unavailable: no stream CALLAPI_CALLS (is event-ingest running with calls_stream?)"
+            "call events are unavailable: the tenant has no call events stream yet (is event-ingest running with calls_stream?)"
         })?;
     let info = stream.info().await.map_err(|err| {
         tracing::debug!(%err, "cannot read the call events stream");
@@ -79,7 +80,6 @@ pub(crate) async fn open(
     };
     let consumer = stream
         .create_consumer(pull::OrderedConfig {
-            filter_subject: format!("callapi.v1.calls.{tenant}.>"),
             deliver_policy,
             ..Default::default()
         })

@@ -1,6 +1,7 @@
 //! `callapi-calls`: prints a tenant's calls live, one line per normalised call event, as any
-//! service can read them from the JetStream stream `CALLAPI_CALLS` (an example consumer; the
-//! subjects and payloads: proto/asyncapi.yaml).
+//! service can read them from the tenant's JetStream stream `CALLAPI_CALLS_<tenant>` (an
+//! example consumer; the subjects and payloads: proto/asyncapi.yaml). The stream's sequence
+//! numbers the tenant's events with no gap.
 //!
 //! ```text
 //! callapi-calls --tenant acme                # from now on
@@ -55,10 +56,11 @@ async fn run(args: &Args) -> Result<(), String> {
         .await
         .map_err(|e| format!("cannot connect to {}: {e}", args.nats))?;
     let jetstream = async_nats::jetstream::new(client);
+    let name = callapi_kit::calls::calls_stream(&args.tenant);
     let stream = jetstream
-        .get_stream("CALLAPI_CALLS")
+        .get_stream(&name)
         .await
-        .map_err(|e| format!("no stream CALLAPI_CALLS (is event-ingest running?): {e}"))?;
+        .map_err(|e| format!("no stream {name} (is event-ingest running?): {e}"))?;
     let deliver_policy = match (args.since, args.all) {
         (Some(sequence), _) => DeliverPolicy::ByStartSequence {
             start_sequence: sequence.saturating_add(1),
@@ -68,7 +70,6 @@ async fn run(args: &Args) -> Result<(), String> {
     };
     let consumer = stream
         .create_consumer(pull::Config {
-            filter_subject: format!("callapi.v1.calls.{}.>", args.tenant),
             deliver_policy,
             ..Default::default()
         })

@@ -1,5 +1,6 @@
-//! Normalised call events (issue 12): one model of a call's life on the JetStream stream
-//! `CALLAPI_CALLS`, read back by a consumer as another service would, with duplicates removed.
+//! Normalised call events (issue 12): one model of a call's life on the tenant's JetStream
+//! stream `CALLAPI_CALLS_<tenant>`, read back by a consumer as another service would, with
+//! duplicates removed and the tenant's events numbered with no gap.
 
 use std::time::Duration;
 
@@ -20,10 +21,12 @@ async fn consumer(
 ) -> async_nats::jetstream::consumer::Consumer<pull::Config> {
     let nats = async_nats::connect(stack.nats.url.as_str()).await.unwrap();
     let jetstream = async_nats::jetstream::new(nats);
-    let stream = jetstream.get_stream("CALLAPI_CALLS").await.expect("stream");
+    let stream = jetstream
+        .get_stream(format!("CALLAPI_CALLS_{tenant}"))
+        .await
+        .expect("stream");
     stream
         .create_consumer(pull::Config {
-            filter_subject: format!("callapi.v1.calls.{tenant}.>"),
             deliver_policy: DeliverPolicy::All,
             ..Default::default()
         })
@@ -73,8 +76,11 @@ async fn a_calls_life_is_one_ordered_stream_of_normalised_events() {
             break;
         }
     }
-    // The stream's sequence rises with each event.
-    assert!(events.windows(2).all(|w| w[0].0 < w[1].0), "{events:#?}");
+    // The tenant's sequence numbers each event, one after the other: no gap.
+    assert!(
+        events.windows(2).all(|w| w[0].0 + 1 == w[1].0) && events[0].0 == 1,
+        "{events:#?}"
+    );
     // The call the client talks on (the REFER's new call): its whole life, in order.
     assert_eq!(
         kinds_of(&events, &callid),
@@ -235,7 +241,7 @@ async fn a_subscriber_resumes_after_a_disconnect_with_no_gap_and_no_duplicate() 
     // A `since` older than the stream keeps: told so, and a snapshot of the sessions first.
     let nats = async_nats::connect(stack.nats.url.as_str()).await.unwrap();
     let jetstream = async_nats::jetstream::new(nats);
-    let stream = jetstream.get_stream("CALLAPI_CALLS").await.unwrap();
+    let stream = jetstream.get_stream("CALLAPI_CALLS_default").await.unwrap();
     stream.purge().sequence(last_seq).await.expect("purge");
     let mut late = stack.client().await;
     let reply = ask(&mut late, "Subscribe", json!({"since": 1})).await;
@@ -387,4 +393,70 @@ async fn server_sent_events_resume_with_last_event_id() {
     );
     let bad = callapi_e2e::http::request(&addr, "GET", "/api/events?since=-1", None).await;
     assert_eq!(bad.status, 400, "{}", bad.body);
+}
+
+#[tokio::test]
+async fn a_nats_restart_under_steady_event_load_loses_no_stream_event() {
+    const DIALOGS: usize = 1_500;
+    let mut stack = Stack::start().await;
+    let to = stack
+        .event_socket
+        .strip_prefix("udp:")
+        .expect("udp event socket")
+        .to_owned();
+    // A steady load: a dialog rejected (two call events: created, ended) every 2 ms, about
+    // 3 s in all, while nats-server is killed after 1 s and started again 1 s later.
+    let sender = std::thread::spawn(move || {
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        for i in 0..DIALOGS {
+            let datagram = json!({"jsonrpc": "2.0", "method": "E_DLG_STATE_CHANGED", "params": {
+                "id": format!("1.{i}"), "db_id": "9", "callid": format!("load-{i}@example"),
+                "from_tag": "a", "to_tag": "", "old_state": 1, "new_state": 5}})
+            .to_string();
+            socket.send_to(datagram.as_bytes(), &to).unwrap();
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stack.nats.stop().await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stack.nats.restart().await;
+    tokio::task::spawn_blocking(move || sender.join().unwrap())
+        .await
+        .unwrap();
+
+    // Every dialog's two events are in the stream, once each, numbered with no gap.
+    let mut events = Vec::new();
+    for _ in 0..60 {
+        let consumer = consumer(&stack, "default").await;
+        events = drain(&consumer, Duration::from_millis(500)).await;
+        if events.len() >= 2 * DIALOGS {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let seqs: Vec<u64> = events.iter().map(|(seq, _, _)| *seq).collect();
+    assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>());
+    let mut per_dialog: std::collections::HashMap<&str, Vec<CallEventKind>> =
+        std::collections::HashMap::new();
+    for (_, _, event) in &events {
+        per_dialog
+            .entry(event.callid.as_str())
+            .or_default()
+            .push(event.kind());
+    }
+    let missing: Vec<String> = (0..DIALOGS)
+        .map(|i| format!("load-{i}@example"))
+        .filter(|callid| {
+            per_dialog.get(callid.as_str()).map(Vec::as_slice)
+                != Some(&[CallEventKind::Created, CallEventKind::Ended][..])
+        })
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} of {DIALOGS} dialogs without exactly created, ended: {:?}; ingest log: {}",
+        missing.len(),
+        &missing[..missing.len().min(10)],
+        stack.ingest.logs()
+    );
 }

@@ -678,6 +678,68 @@ async fn two_tenants_share_a_node_and_each_sees_only_its_own_calls_and_events() 
     assert_eq!(shape(&notes), ["Ended"], "{notes:#?}");
     let notes = acme_ws.run("CallEnd", json!({"callid": acme_call})).await;
     assert_eq!(shape(&notes), ["Ended"], "{notes:#?}");
+
+    // Each tenant's call events are in its own stream, numbered 1, 2, 3… with no gap although
+    // the two calls' events came interleaved from one node.
+    let jetstream = async_nats::jetstream::new(nats);
+    for (tenant, own, other) in [
+        ("acme", &acme_call, &globex_call),
+        ("globex", &globex_call, &acme_call),
+    ] {
+        let mut events = Vec::new();
+        for _ in 0..30 {
+            events = tenant_call_events(&jetstream, tenant).await;
+            let ended = events.iter().any(|(_, e)| {
+                e.callid == *own && e.kind() == callapi_proto::v1::CallEventKind::Ended
+            });
+            if ended {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let seqs: Vec<u64> = events.iter().map(|(seq, _)| *seq).collect();
+        let expected: Vec<u64> = (1..=seqs.len() as u64).collect();
+        assert_eq!(seqs, expected, "{tenant}: {events:#?}");
+        assert!(
+            events.iter().all(|(_, e)| e.tenant == tenant),
+            "{events:#?}"
+        );
+        assert!(events.iter().any(|(_, e)| e.callid == *own), "{events:#?}");
+        assert!(
+            !events.iter().any(|(_, e)| e.callid == *other),
+            "{events:#?}"
+        );
+    }
+}
+
+/// Every call event `tenant`'s stream holds: (sequence, event).
+async fn tenant_call_events(
+    jetstream: &async_nats::jetstream::Context,
+    tenant: &str,
+) -> Vec<(u64, callapi_proto::v1::CallEvent)> {
+    use prost::Message as _;
+    let stream = jetstream
+        .get_stream(callapi_kit::calls::calls_stream(tenant))
+        .await
+        .expect("the tenant's stream");
+    let consumer = stream
+        .create_consumer(async_nats::jetstream::consumer::pull::Config {
+            deliver_policy: async_nats::jetstream::consumer::DeliverPolicy::All,
+            ..Default::default()
+        })
+        .await
+        .expect("consumer");
+    let mut messages = consumer.messages().await.expect("messages");
+    let mut out = Vec::new();
+    while let Ok(Some(Ok(message))) =
+        tokio::time::timeout(Duration::from_millis(300), messages.next()).await
+    {
+        let seq = message.info().map(|i| i.stream_sequence).unwrap_or(0);
+        let event = callapi_proto::v1::CallEvent::decode(message.payload.as_ref()).expect("event");
+        out.push((seq, event));
+        let _ = message.ack().await;
+    }
+    out
 }
 
 #[tokio::test]
