@@ -61,6 +61,73 @@ pub enum NodePolicy {
     LeastActive,
 }
 
+/// How a webhook request proves itself to the receiver (PortSIP offers none, Basic and Bearer).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WebhookAuth {
+    /// No `Authorization` header.
+    #[default]
+    None,
+    /// HTTP Basic with `username` and the password in `password_env`.
+    Basic,
+    /// `Authorization: Bearer` with the token in `token_env`.
+    Bearer,
+}
+
+/// A tenant's webhook: its call events POSTed to `url` in PortSIP's webhook event format.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Webhook {
+    /// Where the events go (`http://` or `https://`).
+    pub url: String,
+    /// Off: nothing is sent (events wait, as PortSIP's switch pauses delivery).
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// How requests authenticate to the receiver.
+    #[serde(default)]
+    pub auth: WebhookAuth,
+    /// Basic: the user name.
+    #[serde(default)]
+    pub username: Option<String>,
+    /// Basic: the environment variable holding the password.
+    #[serde(default)]
+    pub password_env: Option<String>,
+    /// Bearer: the environment variable holding the token.
+    #[serde(default)]
+    pub token_env: Option<String>,
+    /// The environment variable holding the key of the `X-Callapi-Signature` HMAC-SHA256
+    /// (none: requests are not signed).
+    #[serde(default)]
+    pub secret_env: Option<String>,
+    /// Tries of one event before it goes to the dead letters.
+    #[serde(default = "default_webhook_attempts")]
+    pub max_attempts: u32,
+    /// Pauses before the 2nd, 3rd… try, milliseconds (the last one repeats).
+    #[serde(default = "default_webhook_delays")]
+    pub retry_delays_ms: Vec<u64>,
+    /// One request's time limit, milliseconds.
+    #[serde(default = "default_webhook_timeout")]
+    pub timeout_ms: u64,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn default_webhook_attempts() -> u32 {
+    8
+}
+
+fn default_webhook_delays() -> Vec<u64> {
+    vec![
+        5_000, 30_000, 120_000, 600_000, 1_800_000, 3_600_000, 3_600_000,
+    ]
+}
+
+fn default_webhook_timeout() -> u64 {
+    10_000
+}
+
 /// A service account: a CRM or dialer that signs in with a client id and secret.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -167,6 +234,9 @@ pub struct Tenant {
     /// Its limits.
     #[serde(default)]
     pub limits: Limits,
+    /// Its webhook, if it has one.
+    #[serde(default)]
+    pub webhook: Option<Webhook>,
 }
 
 impl Tenant {
@@ -189,6 +259,43 @@ impl Tenant {
     pub fn owns_domain(&self, host: &str) -> bool {
         self.domains.iter().any(|d| d.eq_ignore_ascii_case(host))
     }
+}
+
+/// Why a webhook's settings cannot work: (field, reason).
+fn check_webhook(webhook: &Webhook) -> Result<(), (&'static str, String)> {
+    let scheme_ok = webhook.url.starts_with("http://") || webhook.url.starts_with("https://");
+    if !scheme_ok || webhook.url.len() > 2048 {
+        return Err((
+            "webhook.url",
+            "must be an http:// or https:// URL of at most 2048 bytes".to_owned(),
+        ));
+    }
+    let named = |value: &Option<String>| value.as_deref().is_some_and(|v| !v.is_empty());
+    match webhook.auth {
+        WebhookAuth::Basic if !named(&webhook.username) || !named(&webhook.password_env) => {
+            return Err((
+                "webhook.auth",
+                "basic needs username and password_env".to_owned(),
+            ));
+        }
+        WebhookAuth::Bearer if !named(&webhook.token_env) => {
+            return Err(("webhook.auth", "bearer needs token_env".to_owned()));
+        }
+        _ => {}
+    }
+    if webhook.max_attempts == 0 || webhook.max_attempts > 100 {
+        return Err(("webhook.max_attempts", "must be 1 to 100".to_owned()));
+    }
+    if webhook.retry_delays_ms.is_empty() {
+        return Err((
+            "webhook.retry_delays_ms",
+            "must hold at least one pause".to_owned(),
+        ));
+    }
+    if !(100..=120_000).contains(&webhook.timeout_ms) {
+        return Err(("webhook.timeout_ms", "must be 100 to 120000".to_owned()));
+    }
+    Ok(())
 }
 
 /// Whether `candidate` is the secret `hash` was made from (an Argon2 PHC string or a bcrypt
@@ -290,6 +397,9 @@ impl Tenants {
             }
             if checked.by_id.contains_key(&tenant.id) {
                 return Err(invalid("id", "is given to two tenants".to_owned()));
+            }
+            if let Some(webhook) = &tenant.webhook {
+                check_webhook(webhook).map_err(|(field, reason)| invalid(field, reason))?;
             }
             if tenant.domains.is_empty() {
                 return Err(invalid(
@@ -617,6 +727,18 @@ domains = ["globex.example.net"]
             tenants.get("globex").unwrap().node_policy,
             NodePolicy::First
         );
+        assert_eq!(tenants.get("globex").unwrap().webhook, None);
+        let with_hook = two_tenants().replace(
+            r#"domains = ["globex.example.net"]"#,
+            r#"domains = ["globex.example.net"]
+webhook = { url = "https://crm.example/hook", auth = "bearer", token_env = "HOOK_TOKEN" }"#,
+        );
+        let tenants = Tenants::from_toml(&with_hook).unwrap();
+        let hook = tenants.get("globex").unwrap().webhook.clone().unwrap();
+        assert_eq!(hook.auth, WebhookAuth::Bearer);
+        assert!(hook.enabled);
+        assert_eq!(hook.max_attempts, 8);
+        assert_eq!(hook.retry_delays_ms[0], 5_000);
     }
 
     #[test]
@@ -641,6 +763,36 @@ domains = ["globex.example.net"]
                 "domains",
             ),
             (r#"nodes = ["opensips1"]"#, r#"nodes = ["a.b"]"#, "nodes"),
+            (
+                r#"domains = ["globex.example.net"]"#,
+                r#"domains = ["globex.example.net"]
+webhook = { url = "ftp://crm.example/hook" }"#,
+                "webhook.url",
+            ),
+            (
+                r#"domains = ["globex.example.net"]"#,
+                r#"domains = ["globex.example.net"]
+webhook = { url = "https://crm.example/hook", auth = "basic", username = "crm" }"#,
+                "webhook.auth",
+            ),
+            (
+                r#"domains = ["globex.example.net"]"#,
+                r#"domains = ["globex.example.net"]
+webhook = { url = "https://crm.example/hook", auth = "bearer" }"#,
+                "webhook.auth",
+            ),
+            (
+                r#"domains = ["globex.example.net"]"#,
+                r#"domains = ["globex.example.net"]
+webhook = { url = "https://crm.example/hook", retry_delays_ms = [] }"#,
+                "webhook.retry_delays_ms",
+            ),
+            (
+                r#"domains = ["globex.example.net"]"#,
+                r#"domains = ["globex.example.net"]
+webhook = { url = "https://crm.example/hook", max_attempts = 0 }"#,
+                "webhook.max_attempts",
+            ),
             (
                 r#"number = "1001""#,
                 r#"number = "10a1""#,

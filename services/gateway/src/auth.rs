@@ -371,7 +371,12 @@ impl Auth {
         }))
     }
 
-    /// The tenants in force.
+    /// The tenants in force, followed as the tenants file is read again.
+    pub fn watch_tenants(&self) -> tokio::sync::watch::Receiver<Arc<Tenants>> {
+        self.tenants.clone()
+    }
+
+    /// The tenants in force now.
     pub fn tenants(&self) -> Arc<Tenants> {
         self.tenants.borrow().clone()
     }

@@ -20,6 +20,7 @@ pub mod sessions;
 mod subscribe;
 pub mod tokens;
 pub mod tracker;
+pub mod webhooks;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -280,6 +281,15 @@ pub async fn run(
             None
         }
     };
+    // Every gateway takes part in delivering the tenants' webhooks.
+    if let Some(auth) = &auth {
+        webhooks::start(
+            client.clone(),
+            auth.watch_tenants(),
+            sessions.clone(),
+            shutdown.clone(),
+        );
+    }
     // With tenants, each command goes to the node its tenant's policy or its call's dialog
     // names.
     let commands = match &auth {

@@ -575,6 +575,7 @@ pub fn router(rest: Arc<RestState>) -> axum::Router {
         .route("/api/sessions/{id}/refer", post(refer))
         .route("/api/sessions/{id}/attended_refer", post(attended_refer))
         .route("/api/events", get(events))
+        .route("/api/webhooks/dead_letters", get(dead_letters))
         .fallback(|| async { Problem::new(StatusCode::NOT_FOUND, "NOT_FOUND", "no such resource") })
         .with_state(rest)
 }
@@ -593,6 +594,69 @@ struct EventsQuery {
     /// Resume after this event id (as `Last-Event-ID`, which takes precedence).
     #[param(value_type = Option<i64>, minimum = 0)]
     since: Option<String>,
+}
+
+/// The query of `GET /api/webhooks/dead_letters`.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+struct DeadLettersQuery {
+    /// The most recent this many (1 to 1000; 100 if absent).
+    #[param(value_type = Option<i64>, minimum = 1, maximum = 1000)]
+    limit: Option<String>,
+}
+
+/// The tenant's webhook events whose delivery gave up, oldest first.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct DeadLetterList {
+    /// How many are listed.
+    count: usize,
+    /// Each: `seq` (in the dead letters), `event_seq` (in the tenant's call events),
+    /// `event_id`, `kind`, `session_id`, `callid`, `url`, `attempts`, `status` (the receiver's
+    /// last HTTP status, null if it never answered), `error`, `failed_at_ms`, `payloads` (the
+    /// PortSIP bodies that were to be sent).
+    #[schema(value_type = Vec<Object>)]
+    items: Vec<Value>,
+}
+
+#[utoipa::path(
+    get,
+    path = "/api/webhooks/dead_letters",
+    tag = "webhooks",
+    params(DeadLettersQuery),
+    responses(
+        (status = 200, description = "The tenant's dead letters, oldest first", body = DeadLetterList),
+        (status = 400, description = "A bad query parameter", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 503, description = "The dead letters are unavailable", body = ProblemDoc, content_type = "application/problem+json"),
+    )
+)]
+async fn dead_letters(
+    Authorized(rest): Reader,
+    query: Result<Query<DeadLettersQuery>, QueryRejection>,
+) -> Result<Json<DeadLetterList>, Problem> {
+    let Query(query) = query.map_err(query_problem)?;
+    let limit = match query.limit.as_deref() {
+        None => 100,
+        Some(text) => text
+            .parse::<usize>()
+            .ok()
+            .filter(|n| (1..=1000).contains(n))
+            .ok_or_else(|| Problem::field("limit", "must be an integer from 1 to 1000"))?,
+    };
+    let items = crate::webhooks::dead_letters(rest.commands.nats().clone(), rest.tenant(), limit)
+        .await
+        .map_err(|err| {
+            tracing::warn!(%err, "cannot read the webhook dead letters");
+            Problem::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "UNAVAILABLE",
+                "the dead letters cannot be read now; try again later",
+            )
+        })?;
+    Ok(Json(DeadLetterList {
+        count: items.len(),
+        items,
+    }))
 }
 
 /// How long one event stream lasts before the gateway ends it; `EventSource` reconnects by
@@ -1619,14 +1683,16 @@ async fn attended_refer(
         unhold,
         refer,
         attended_refer,
-        events
+        events,
+        dead_letters
     ),
     components(schemas(
         ProblemDoc,
         Created,
         sessions::SessionList,
         sessions::SessionItem,
-        sessions::CallItem
+        sessions::CallItem,
+        DeadLetterList
     ))
 )]
 pub struct ApiDoc;

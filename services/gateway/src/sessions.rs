@@ -41,7 +41,13 @@ pub struct SessionView {
     /// When a call of each session with metadata was last written to the store, by metadata
     /// key: such a session has been placed, so once its calls are gone it is over.
     seen: Entries<u64>,
+    /// The last record of every call seen, by `<tenant>/<Call-ID>`, kept [`RECENT_MS`] after
+    /// the call left the store (what a webhook's CDR tells of a call that just ended).
+    recent: Entries<CallRecord>,
 }
+
+/// How long a call's last record is kept after it left the store.
+const RECENT_MS: u64 = 300_000;
 
 /// How long a session's metadata is kept once the session has no call left (or before its
 /// first call shows up).
@@ -149,8 +155,11 @@ impl SessionView {
             meta_kv: Some(meta_kv.clone()),
             ..Self::default()
         };
-        let (meta, seen) = (view.meta.clone(), view.seen.clone());
+        let (meta, seen, recent) = (view.meta.clone(), view.seen.clone(), view.recent.clone());
         let on_call: OnPut<CallRecord> = Arc::new(move |record: &CallRecord| {
+            if let Ok(mut recent) = recent.write() {
+                recent.insert(recent_key(&record.tenant, &record.callid), record.clone());
+            }
             let key = calls::meta_key(&record.tenant, record.session_id);
             let has_meta = meta.read().is_ok_and(|m| m.contains_key(&key));
             if has_meta && let Ok(mut seen) = seen.write() {
@@ -190,6 +199,18 @@ impl SessionView {
     /// none written for that long, or never one since the metadata was written that long ago);
     /// what this gateway wrote is removed from the bucket too.
     async fn prune(&self, now_ms: u64) {
+        let live_calls: std::collections::HashSet<String> = match self.records.read() {
+            Ok(records) => records
+                .values()
+                .map(|r| recent_key(&r.tenant, &r.callid))
+                .collect(),
+            Err(_) => return,
+        };
+        if let Ok(mut recent) = self.recent.write() {
+            recent.retain(|key, r| {
+                live_calls.contains(key) || now_ms.saturating_sub(r.updated_at_ms) <= RECENT_MS
+            });
+        }
         let live: std::collections::HashSet<String> = match self.records.read() {
             Ok(records) => records
                 .values()
@@ -287,6 +308,13 @@ impl SessionView {
         // The minute it is shown for counts from now.
         meta.created_at_ms = callapi_kit::unix_ms();
         self.remember(meta).await
+    }
+
+    /// The last record of `tenant`'s call `callid`: live, or gone from the store less than
+    /// five minutes ago.
+    pub fn recent_call(&self, tenant: &str, callid: &str) -> Option<CallRecord> {
+        let recent = self.recent.read().ok()?;
+        recent.get(&recent_key(tenant, callid)).cloned()
     }
 
     /// The metadata of session `id` of `tenant`.
@@ -395,6 +423,10 @@ fn time(ms: u64) -> Option<String> {
             t.format(&time::format_description::well_known::Rfc3339)
                 .ok()
         })
+}
+
+fn recent_key(tenant: &str, callid: &str) -> String {
+    format!("{tenant}/{callid}")
 }
 
 /// The user part of a SIP URI (the number or extension PortSIP shows), or the URI itself.

@@ -125,9 +125,12 @@ enum Channel {
     Http {
         uri: hyper::Uri,
         authorization: Option<Secret>,
-        client: hyper_util::client::legacy::Client<
-            hyper_util::client::legacy::connect::HttpConnector,
-            Full<Bytes>,
+        /// Boxed: the client is large, and a channel is mostly the UDP kind.
+        client: Box<
+            hyper_util::client::legacy::Client<
+                hyper_util::client::legacy::connect::HttpConnector,
+                Full<Bytes>,
+            >,
         >,
     },
 }
@@ -228,7 +231,7 @@ impl Channel {
                 Channel::Http {
                     uri,
                     authorization,
-                    client,
+                    client: Box::new(client),
                 }
             }
         })

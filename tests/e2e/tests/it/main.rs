@@ -19,3 +19,4 @@ mod resilience;
 mod rest;
 mod sessions;
 mod tenants;
+mod webhooks;
