@@ -3,7 +3,8 @@
 //! | subject | payload | from → to |
 //! |---|---|---|
 //! | `callapi.v1.cmd.<tenant>.<kind>` | `CommandRequest` → `CommandAck` | gateway → commands (queue `commands`) |
-//! | `callapi.v1.notify.<tenant>.<gateway>` | `Notification` | commands → the gateway holding the client |
+//! | `callapi.v1.notify.<tenant>.<gateway>.<cmd>` | `Notification` | commands → the gateway holding the client (and the stream `CALLAPI_COMMAND_LOG`) |
+//! | `callapi.v1.cmdlog.<tenant>.<gateway>.<cmd>` | `CommandStarted` | gateway → the stream `CALLAPI_COMMAND_LOG` (`CommandAttach`) |
 //! | `callapi.v1.mi.<node>` | `MiRequest` → `MiReply` | commands, event-ingest → proxy-connector (queue `proxy-connector`) |
 //! | `callapi.v1.mi-release.<node>.<instance>.<lease>` | empty | commands → the proxy-connector instance keeping a slot |
 //! | `callapi.v1.node.<node>.health` | `NodeHealth` | proxy-connector → gateways (which nodes take new calls) |
@@ -114,11 +115,17 @@ pub fn parse_command(subject: &str) -> Option<(&str, CommandKind)> {
     Some((tenant, CommandKind::from_token(kind)?))
 }
 
-/// Tenant and gateway id of a notification subject (`callapi.v1.notify.<tenant>.<gateway>`).
+/// Tenant and gateway id of a notification subject
+/// (`callapi.v1.notify.<tenant>.<gateway>.<cmd token>`, or without the command's token).
 pub fn parse_notify(subject: &str) -> Option<(&str, &str)> {
     let rest = subject.strip_prefix("callapi.v1.notify.")?;
-    let (tenant, gateway) = rest.split_once('.')?;
-    (is_token(tenant) && is_token(gateway)).then_some((tenant, gateway))
+    let mut tokens = rest.split('.');
+    let (tenant, gateway) = (tokens.next()?, tokens.next()?);
+    let command_ok = match tokens.next() {
+        None => true,
+        Some(command) => !command.is_empty() && tokens.next().is_none(),
+    };
+    (command_ok && is_token(tenant) && is_token(gateway)).then_some((tenant, gateway))
 }
 
 /// Whether `s` may be used as one subject token for an id (tenant, node, gateway).
@@ -185,14 +192,40 @@ pub fn command(tenant: &str, kind: CommandKind) -> String {
 }
 
 /// Subject notifications for clients of gateway `gateway_id` are published on.
-pub fn notify(tenant: &str, gateway_id: &str) -> String {
-    format!("callapi.v1.notify.{tenant}.{gateway_id}")
+pub fn notify(tenant: &str, gateway_id: &str, cmd_id: &str) -> String {
+    format!(
+        "callapi.v1.notify.{tenant}.{gateway_id}.{}",
+        encode_callid(cmd_id)
+    )
 }
 
-/// What a gateway subscribes to: its notifications for every tenant.
+/// What a gateway subscribes to: its notifications for every tenant and command.
 pub fn notify_for_gateway(gateway_id: &str) -> String {
-    format!("callapi.v1.notify.*.{gateway_id}")
+    format!("callapi.v1.notify.*.{gateway_id}.*")
 }
+
+/// Subject of a gateway's record that a command of `tenant` was taken (`CommandStarted`).
+pub fn command_started(tenant: &str, gateway_id: &str, cmd_id: &str) -> String {
+    format!(
+        "callapi.v1.cmdlog.{tenant}.{gateway_id}.{}",
+        encode_callid(cmd_id)
+    )
+}
+
+/// Everything the command log keeps of `tenant`'s command `cmd_id`, whichever gateway ran it.
+pub fn command_log_of(tenant: &str, cmd_id: &str) -> [String; 2] {
+    let token = encode_callid(cmd_id);
+    [
+        format!("callapi.v1.cmdlog.{tenant}.*.{token}"),
+        format!("callapi.v1.notify.{tenant}.*.{token}"),
+    ]
+}
+
+/// The stream that keeps commands' notifications a while (`CommandAttach`).
+pub const COMMAND_LOG_STREAM: &str = "CALLAPI_COMMAND_LOG";
+
+/// Its subjects.
+pub const COMMAND_LOG_SUBJECTS: [&str; 2] = ["callapi.v1.notify.>", "callapi.v1.cmdlog.>"];
 
 /// Subject of MI requests for OpenSIPS node `node_id`.
 pub fn mi(node_id: &str) -> String {
@@ -262,7 +295,11 @@ mod tests {
             assert_eq!(parse_command(&command("acme", kind)), Some(("acme", kind)));
         }
         assert_eq!(
-            parse_notify(&notify("acme", "gw-1")),
+            parse_notify(&notify("acme", "gw-1", "a cmd/id")),
+            Some(("acme", "gw-1"))
+        );
+        assert_eq!(
+            parse_notify("callapi.v1.notify.acme.gw-1"),
             Some(("acme", "gw-1"))
         );
         for bad in [
@@ -276,7 +313,8 @@ mod tests {
         }
         for bad in [
             "callapi.v1.notify.acme",
-            "callapi.v1.notify.acme.gw.x",
+            "callapi.v1.notify.acme.gw.x.y",
+            "callapi.v1.notify.acme.gw.",
             "callapi.v1.notify..gw",
         ] {
             assert_eq!(parse_notify(bad), None, "{bad}");

@@ -223,7 +223,10 @@ fn accept(
     }
     let notify_tenant = subjects::parse_notify(&request.notify_subject).map(|(tenant, _)| tenant);
     if notify_tenant != Some(request.tenant.as_str()) {
-        return Err("notify_subject must be callapi.v1.notify.<its tenant>.<gateway>".to_owned());
+        return Err(
+            "notify_subject must be callapi.v1.notify.<its tenant>.<gateway>[.<command>]"
+                .to_owned(),
+        );
     }
     let node_id = if request.node_id.is_empty() {
         config.node_id.clone()

@@ -162,6 +162,7 @@ pub(crate) async fn serve(socket: WebSocket, shared: Arc<Shared>, access: Access
         .attach(&access.tenant, Arc::new(outbox.clone()));
     // The connection's call event feed (`Subscribe`), if any.
     let feed: Mutex<Option<CancellationToken>> = Mutex::new(None);
+    let detach = CancellationToken::new();
     tracing::debug!(%connection_id, "client connected");
     let (ping_written, ping_watch) = tokio::sync::watch::channel(None);
     let writer = tokio::spawn(write_loop(
@@ -187,11 +188,13 @@ pub(crate) async fn serve(socket: WebSocket, shared: Arc<Shared>, access: Access
             kill: &kill,
             access: &access,
             feed: &feed,
+            detach: &detach,
         },
         limits,
     )
     .await;
     drop(attachment);
+    detach.cancel();
     if let Some(stop) = feed.lock().ok().and_then(|mut f| f.take()) {
         stop.cancel();
     }
@@ -265,6 +268,8 @@ struct Client<'a> {
     kill: &'a CancellationToken,
     access: &'a Access,
     feed: &'a Mutex<Option<CancellationToken>>,
+    /// Cancelled when the connection ends: its `CommandAttach` feeds stop.
+    detach: &'a CancellationToken,
 }
 
 /// Reads requests until the client leaves, is killed, stays silent, or the gateway stops.
@@ -470,6 +475,25 @@ fn subscribe(
 fn answer_query(client: &Client<'_>, call: QueryCall) -> Option<String> {
     let query = match call.query {
         Query::Subscribe(filter) => return subscribe(client, call.id, filter),
+        Query::Attach(cmd_id) => {
+            if !client.shared.config.command_log.enabled {
+                let id = call.id?;
+                return Some(rpc::error(
+                    &id,
+                    code::UNAVAILABLE,
+                    "the command log is off on this gateway (command_log.enabled)",
+                ));
+            }
+            tokio::spawn(crate::attach::run(crate::attach::Attach {
+                nats: client.shared.nats.clone(),
+                tenant: client.origin.tenant().to_owned(),
+                cmd_id,
+                reply_id: call.id,
+                outbox: client.outbox.clone(),
+                stop: client.detach.clone(),
+            }));
+            return None;
+        }
         Query::Unsubscribe => {
             if let Some(stop) = client.feed.lock().ok().and_then(|mut f| f.take()) {
                 stop.cancel();
@@ -704,15 +728,19 @@ async fn write(
 /// What a client gets for a command whose commands replica never ended it.
 fn overdue_frames(cmd_id: &str) -> [Message; 2] {
     tracing::warn!(%cmd_id, "no end from the commands service in time; ending the command");
+    lost_command().map(|kind| Message::Text(rpc::notification(cmd_id, &kind).into()))
+}
+
+/// The end of a command whose commands replica never ended it: `COMMAND_LOST`, `Ended`.
+pub(crate) fn lost_command() -> [notification::Kind; 2] {
     let lost = notification::Kind::Error(callapi_proto::v1::CommandError {
         code: callapi_proto::v1::ErrorCode::CommandLost as i32,
         message: "the commands service handling this command did not finish it in time (it may have stopped); the call may be in any state".to_owned(),
         sip_code: 0,
     });
-    let ended = notification::Kind::Ended(callapi_proto::v1::CommandEnded {});
     [
-        Message::Text(rpc::notification(cmd_id, &lost).into()),
-        Message::Text(rpc::notification(cmd_id, &ended).into()),
+        lost,
+        notification::Kind::Ended(callapi_proto::v1::CommandEnded {}),
     ]
 }
 

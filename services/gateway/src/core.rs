@@ -108,6 +108,8 @@ pub struct CommandClient {
     ack_timeout: Duration,
     routes: Arc<Routes>,
     nodes: Option<Arc<dyn NodeChoice>>,
+    /// Record each command taken in the command log (`CommandAttach`).
+    command_log: bool,
 }
 
 impl CommandClient {
@@ -119,6 +121,34 @@ impl CommandClient {
             ack_timeout,
             routes: Arc::default(),
             nodes: None,
+            command_log: false,
+        }
+    }
+
+    /// Each command taken is recorded in the command log (stream `CALLAPI_COMMAND_LOG`), so a
+    /// client can re-attach to it.
+    pub fn with_command_log(mut self) -> Self {
+        self.command_log = true;
+        self
+    }
+
+    /// Records in the command log that the command was taken (its notifications are kept
+    /// there too, from their subjects).
+    async fn log_started(&self, origin: &Origin, cmd_id: &str, attempt: u64, deadline_ms: u64) {
+        let started = callapi_proto::v1::CommandStarted {
+            tenant: origin.tenant.clone(),
+            cmd_id: cmd_id.to_owned(),
+            connection_id: origin.route.clone(),
+            attempt,
+            deadline_at_ms: callapi_kit::unix_ms().saturating_add(deadline_ms),
+        };
+        let subject = subjects::command_started(&origin.tenant, &self.gateway_id, cmd_id);
+        if let Err(err) = self
+            .nats
+            .publish(subject, prost::Message::encode_to_vec(&started).into())
+            .await
+        {
+            tracing::debug!(%err, %cmd_id, "command not recorded in the command log");
         }
     }
 
@@ -173,7 +203,7 @@ impl CommandClient {
         let request = CommandRequest {
             tenant: origin.tenant.clone(),
             cmd_id: cmd_id.to_owned(),
-            notify_subject: subjects::notify(&origin.tenant, &self.gateway_id),
+            notify_subject: subjects::notify(&origin.tenant, &self.gateway_id, cmd_id),
             connection_id: origin.route.clone(),
             attempt,
             node_id,
@@ -181,7 +211,13 @@ impl CommandClient {
         };
         let subject = subjects::command(&origin.tenant, kind);
         match bus::request::<CommandAck>(&self.nats, subject, &request, self.ack_timeout).await {
-            Ok(ack) if ack.accepted => Ok(Duration::from_millis(ack.deadline_ms)),
+            Ok(ack) if ack.accepted => {
+                if self.command_log {
+                    self.log_started(origin, cmd_id, attempt, ack.deadline_ms)
+                        .await;
+                }
+                Ok(Duration::from_millis(ack.deadline_ms))
+            }
             Ok(ack) => Err(SubmitError::Refused(ack.error)),
             Err(err) => Err(SubmitError::Unavailable(match err {
                 BusError::NatsDown => NATS_UNREACHABLE.to_owned(),

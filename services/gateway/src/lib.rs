@@ -1,11 +1,12 @@
 //! gateway: the client-facing edge. WebSocket JSON-RPC 2.0 at `/call-api` (the OpenSIPS
 //! call-api protocol); each command becomes a `CommandRequest` on NATS, and the commands
-//! service's notifications for this gateway come back on `callapi.v1.notify.*.<gateway_id>` and
+//! service's notifications for this gateway come back on `callapi.v1.notify.*.<gateway_id>.*` and
 //! are routed to the connection that started the command.
 //!
 //! Architecture invariant: only the gateway knows the client protocol.
 #![forbid(unsafe_code)]
 
+mod attach;
 pub mod auth;
 mod connection;
 pub mod core;
@@ -80,6 +81,32 @@ pub struct Config {
     /// Authentication: every client signs in and acts for its tenant. Without it every client
     /// acts for `tenant`, unauthenticated: for development only.
     pub auth: Option<auth::AuthConfig>,
+    /// `[command_log]`: commands' notifications kept a while, so a client that reconnected
+    /// can re-attach to a running command (`CommandAttach`).
+    pub command_log: CommandLogConfig,
+}
+
+/// `[command_log]`: the JetStream stream `CALLAPI_COMMAND_LOG` (created by the first gateway
+/// that finds it missing; an existing one is left as it is).
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CommandLogConfig {
+    /// Keep commands' notifications (off: `CommandAttach` answers that it is unavailable).
+    pub enabled: bool,
+    /// How long they are kept, seconds (longer than the longest command's deadline).
+    pub max_age_secs: u64,
+    /// Replicas of the stream when created (3 in a JetStream cluster).
+    pub replicas: usize,
+}
+
+impl Default for CommandLogConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            max_age_secs: 900,
+            replicas: 1,
+        }
+    }
 }
 
 /// A trunk: a name clients use and where OpenSIPS sends the calls that go through it.
@@ -132,6 +159,7 @@ impl Default for Config {
             rest_outcome_wait_ms: 2_000,
             trunks: Vec::new(),
             auth: None,
+            command_log: CommandLogConfig::default(),
         }
     }
 }
@@ -249,6 +277,19 @@ pub async fn run(
         &gateway_id,
         Duration::from_millis(config.command_ack_timeout_ms),
     );
+    let commands = if config.command_log.enabled {
+        let jetstream = async_nats::jetstream::new(client.clone());
+        attach::ensure_stream(&jetstream, &config.command_log)
+            .await
+            .map_err(|e| {
+                Error::Nats(format!(
+                    "{e} (the command log needs JetStream; command_log.enabled = false runs without it)"
+                ))
+            })?;
+        commands.with_command_log()
+    } else {
+        commands
+    };
     let dispatcher = tokio::spawn(commands.clone().route_notifications(notifications));
     let sessions = if config.sessions_enabled {
         let jetstream = async_nats::jetstream::new(client.clone());

@@ -531,6 +531,32 @@ pub struct SubscribeParams {
     pub since: Option<u64>,
 }
 
+/// Whether `text` may be a `cmd_id`: 1 to 128 printable ASCII characters.
+pub fn is_cmd_id(text: &str) -> bool {
+    !text.is_empty() && text.len() <= 128 && text.bytes().all(|b| b.is_ascii_graphic())
+}
+
+/// `CommandAttach`: the command to re-attach to.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AttachParams {
+    /// Its `cmd_id`.
+    pub cmd_id: String,
+}
+
+/// The `cmd_id` `CommandAttach` params name.
+pub fn attach(params: Map<String, Value>) -> Result<String, ParamsError> {
+    let p: AttachParams = typed(params, &[])?;
+    if is_cmd_id(&p.cmd_id) {
+        Ok(p.cmd_id)
+    } else {
+        Err(error(
+            "cmd_id",
+            "must be 1 to 128 printable ASCII characters".to_owned(),
+        ))
+    }
+}
+
 /// What a `Subscribe` picks.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EventFilter {

@@ -167,6 +167,8 @@ pub enum Query {
     Subscribe(params::EventFilter),
     /// `Unsubscribe`: no more call events.
     Unsubscribe,
+    /// `CommandAttach`: a running (or recent) command's notifications, by its `cmd_id`.
+    Attach(String),
 }
 
 /// A checked query request.
@@ -334,7 +336,7 @@ pub fn parse(text: &str) -> Result<Request, RpcError> {
     };
     if matches!(
         method.as_str(),
-        "CallList" | "CallGet" | "Subscribe" | "Unsubscribe"
+        "CallList" | "CallGet" | "Subscribe" | "Unsubscribe" | "CommandAttach"
     ) {
         let params = match member("params").map_err(silence)? {
             None | Some(Value::Null) => Map::new(),
@@ -351,6 +353,7 @@ pub fn parse(text: &str) -> Result<Request, RpcError> {
             "CallList" => params::list(params).map(Query::List),
             "CallGet" => params::session_key(params).map(Query::Get),
             "Subscribe" => params::subscription(params).map(Query::Subscribe),
+            "CommandAttach" => params::attach(params).map(Query::Attach),
             _ if params.is_empty() => Ok(Query::Unsubscribe),
             _ => Err(params::ParamsError {
                 field: "params".to_owned(),
@@ -388,13 +391,7 @@ pub fn parse(text: &str) -> Result<Request, RpcError> {
     // cmd_id rides in the params of every method; the rest are the command's own.
     let cmd_id = match params.remove("cmd_id") {
         None | Some(Value::Null) => None,
-        Some(Value::String(cmd_id))
-            if !cmd_id.is_empty()
-                && cmd_id.len() <= 128
-                && cmd_id.bytes().all(|b| b.is_ascii_graphic()) =>
-        {
-            Some(cmd_id)
-        }
+        Some(Value::String(cmd_id)) if params::is_cmd_id(&cmd_id) => Some(cmd_id),
         Some(_) => {
             return Err(silence(RpcError::field(
                 &reply_id,

@@ -173,3 +173,62 @@ async fn two_commands_interleaved_on_one_connection() {
         notes_b[2]["params"]["callid"]
     );
 }
+
+#[tokio::test]
+async fn a_client_that_reconnects_reattaches_to_its_running_command_by_cmd_id() {
+    let stack = callapi_e2e::Stack::with(callapi_e2e::StackOptions {
+        gateways: 2,
+        answer_delay_ms: 1_500,
+        ..callapi_e2e::StackOptions::default()
+    })
+    .await;
+    // The command starts on gateway 1; its client goes away before the callee answers.
+    let mut first = stack.client_of(0).await;
+    let cmd_id = "crm-dial-42";
+    let id = first
+        .request(
+            "CallStart",
+            json!({"caller": "sip:alice@127.0.0.1", "callee": "sip:bob@127.0.0.1", "cmd_id": cmd_id}),
+        )
+        .await;
+    let reply = first.reply(&id).await;
+    assert_eq!(reply["result"]["status"], "Started", "{reply}");
+    let before = first.take(|m| m["method"] == "Event").await;
+    drop(first);
+
+    // It comes back on gateway 2 and re-attaches: everything the command said, once, in
+    // order, then the rest live until Ended.
+    let mut again = stack.client_of(1).await;
+    let id = again
+        .request("CommandAttach", json!({"cmd_id": cmd_id}))
+        .await;
+    let reply = again.reply(&id).await;
+    assert_eq!(reply["result"]["status"], "Attached", "{reply}");
+    assert_eq!(reply["result"]["running"], true, "{reply}");
+    assert!(
+        reply["result"]["replayed"].as_u64().unwrap() >= 1,
+        "{reply}"
+    );
+    let notes = again.until_ended(cmd_id).await;
+    assert_eq!(shape(&notes), CALL_START_OK, "{notes:#?}");
+    assert_eq!(notes[0]["params"], before["params"]);
+
+    // Attached again once it ended: the whole story, and it is over.
+    let id = again
+        .request("CommandAttach", json!({"cmd_id": cmd_id}))
+        .await;
+    let reply = again.reply(&id).await;
+    assert_eq!(reply["result"]["running"], false, "{reply}");
+    assert_eq!(reply["result"]["replayed"], 5, "{reply}");
+    assert_eq!(shape(&again.until_ended(cmd_id).await), CALL_START_OK);
+
+    // An id no command had, and a bad one.
+    let id = again
+        .request("CommandAttach", json!({"cmd_id": "never-started"}))
+        .await;
+    assert_eq!(again.reply(&id).await["error"]["code"], -32004);
+    let id = again.request("CommandAttach", json!({"cmd_id": ""})).await;
+    let reply = again.reply(&id).await;
+    assert_eq!(reply["error"]["code"], -32602, "{reply}");
+    assert_eq!(reply["error"]["data"]["field"], "cmd_id", "{reply}");
+}
