@@ -529,6 +529,10 @@ pub struct SubscribeParams {
     /// Resume after this event sequence (the last one received); none: from now.
     #[serde(default)]
     pub since: Option<u64>,
+    /// Only the events of calls this extension (a SIP URI's user part, e.g. `1001`) is a party
+    /// of.
+    #[serde(default)]
+    pub extension: Option<String>,
 }
 
 /// Whether `text` may be a `cmd_id`: 1 to 128 printable ASCII characters.
@@ -566,6 +570,8 @@ pub struct EventFilter {
     pub callid: Option<String>,
     /// Resume after this sequence.
     pub since: Option<u64>,
+    /// Only the calls of this extension.
+    pub extension: Option<String>,
 }
 
 /// The filter `Subscribe` params make.
@@ -585,10 +591,29 @@ pub fn subscription(params: Map<String, Value>) -> Result<EventFilter, ParamsErr
                 })
         })
         .transpose()?;
+    let extension = p
+        .extension
+        .map(|ext| {
+            let fits = (1..=64).contains(&ext.len())
+                && ext
+                    .bytes()
+                    .all(|b| b.is_ascii_graphic() && !matches!(b, b'@' | b':' | b';'));
+            if fits {
+                Ok(ext)
+            } else {
+                Err(error(
+                    "extension",
+                    "must be 1 to 64 printable characters, without @, : or ; (a SIP user part such as 1001)"
+                        .to_owned(),
+                ))
+            }
+        })
+        .transpose()?;
     Ok(EventFilter {
         session_id,
         callid: p.callid.map(|c| c.0),
         since: p.since,
+        extension,
     })
 }
 

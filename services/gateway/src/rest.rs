@@ -594,6 +594,8 @@ struct EventsQuery {
     /// Resume after this event id (as `Last-Event-ID`, which takes precedence).
     #[param(value_type = Option<i64>, minimum = 0)]
     since: Option<String>,
+    /// Only the events of calls this extension (a SIP URI's user part) is a party of.
+    extension: Option<String>,
 }
 
 /// The query of `GET /api/webhooks/dead_letters`.
@@ -707,6 +709,9 @@ async fn events(
     if let Some(callid) = query.callid {
         params.insert("callid".into(), Value::String(callid));
     }
+    if let Some(extension) = query.extension {
+        params.insert("extension".into(), Value::String(extension));
+    }
     let mut filter =
         params::subscription(params).map_err(|e| Problem::field(&e.field, e.reason))?;
     filter.since = since;
@@ -724,17 +729,22 @@ async fn events(
         Vec::new()
     };
     let ends = tokio::time::Instant::now() + SSE_WINDOW;
-    let tail = futures::stream::unfold((opened, filter), move |(mut opened, filter)| async move {
-        let (seq, event) = tokio::time::timeout_at(ends, opened.next_event(&filter))
-            .await
-            .ok()
-            .flatten()?;
-        let sse = Event::default()
-            .id(seq.to_string())
-            .event(event.kind().protocol_name())
-            .data(crate::subscribe::event_json(seq, &event).to_string());
-        Some((sse, (opened, filter)))
-    });
+    let view = rest.sessions.clone();
+    let tail = futures::stream::unfold(
+        (opened, filter, view),
+        move |(mut opened, filter, view)| async move {
+            let (seq, event) =
+                tokio::time::timeout_at(ends, opened.next_event(&filter, view.as_ref()))
+                    .await
+                    .ok()
+                    .flatten()?;
+            let sse = Event::default()
+                .id(seq.to_string())
+                .event(event.kind().protocol_name())
+                .data(crate::subscribe::event_json(seq, &event).to_string());
+            Some((sse, (opened, filter, view)))
+        },
+    );
     let stream = futures::stream::iter(head)
         .chain(tail)
         .map(Ok::<_, std::convert::Infallible>);

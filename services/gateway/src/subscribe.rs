@@ -100,8 +100,13 @@ pub(crate) async fn open(
 }
 
 impl Opened {
-    /// The next event the filter picks, with its sequence; `None` once the feed ended.
-    pub(crate) async fn next_event(&mut self, filter: &EventFilter) -> Option<(u64, CallEvent)> {
+    /// The next event the filter picks, with its sequence; `None` once the feed ended. An
+    /// extension's calls are known from the session store (`view`).
+    pub(crate) async fn next_event(
+        &mut self,
+        filter: &EventFilter,
+        view: Option<&SessionView>,
+    ) -> Option<(u64, CallEvent)> {
         loop {
             let Some(Ok(message)) = self.messages.next().await else {
                 tracing::debug!("call events feed ended");
@@ -111,7 +116,14 @@ impl Opened {
             let Ok(event) = CallEvent::decode(message.payload.as_ref()) else {
                 continue;
             };
-            if wanted(filter, &event) {
+            if !wanted(filter, &event) {
+                continue;
+            }
+            let of_extension = match &filter.extension {
+                None => true,
+                Some(extension) => involves(view, &event, extension).await,
+            };
+            if of_extension {
                 return Some((seq, event));
             }
         }
@@ -170,7 +182,7 @@ pub(crate) async fn run(feed: Feed) {
     loop {
         let next = tokio::select! {
             _ = stop.cancelled() => return,
-            next = opened.next_event(&filter) => next,
+            next = opened.next_event(&filter, view.as_ref()) => next,
         };
         let Some((seq, event)) = next else { return };
         let note =
@@ -178,6 +190,45 @@ pub(crate) async fn run(feed: Feed) {
         if !reply(note.to_string()) {
             return;
         }
+    }
+}
+
+/// Longest wait, at a call's `created`, for its parties to reach the session store (the
+/// feed waits with it, to keep its order).
+const PARTIES_WAIT: std::time::Duration = std::time::Duration::from_millis(600);
+
+/// Whether `extension` is a party of the call `event` is about (or of the new call of its
+/// transfer), as the session store says. At a call's creation its parties are waited for a
+/// moment (event-ingest asks the node for them); a call whose parties are still unknown then
+/// is not the extension's.
+async fn involves(view: Option<&SessionView>, event: &CallEvent, extension: &str) -> bool {
+    let Some(view) = view else { return false };
+    let party = |callid: &str| -> Option<bool> {
+        let record = view.recent_call(&event.tenant, callid)?;
+        if record.caller_uri.is_empty() && record.callee_uri.is_empty() {
+            return None;
+        }
+        Some(
+            [&record.caller_uri, &record.callee_uri]
+                .iter()
+                .any(|uri| sessions::user_part(uri) == extension),
+        )
+    };
+    let callids: Vec<&str> = [event.callid.as_str(), event.transfer_callid.as_str()]
+        .into_iter()
+        .filter(|c| !c.is_empty())
+        .collect();
+    let wait = event.kind() == callapi_proto::v1::CallEventKind::Created;
+    let until = tokio::time::Instant::now() + PARTIES_WAIT;
+    loop {
+        let known: Vec<Option<bool>> = callids.iter().map(|c| party(c)).collect();
+        if known.contains(&Some(true)) {
+            return true;
+        }
+        if !wait || !known.contains(&None) || tokio::time::Instant::now() >= until {
+            return false;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
     }
 }
 
@@ -235,6 +286,7 @@ mod tests {
             session_id,
             callid: callid.map(str::to_owned),
             since: None,
+            extension: None,
         };
         assert!(wanted(&filter(None, None), &event));
         assert!(wanted(&filter(Some(7), None), &event));

@@ -22,7 +22,7 @@ fn stack_with_gateway(toml: &str) -> StackOptions {
 }
 
 /// `127.0.0.1:PORT` of the first gateway.
-fn gateway_addr(stack: &Stack) -> String {
+pub(crate) fn gateway_addr(stack: &Stack) -> String {
     stack
         .url()
         .trim_start_matches("ws://")
@@ -31,7 +31,7 @@ fn gateway_addr(stack: &Stack) -> String {
 }
 
 /// Performs the WebSocket handshake by hand on a raw TCP stream.
-async fn upgrade(stream: &mut TcpStream, addr: &str) {
+pub(crate) async fn upgrade(stream: &mut TcpStream, addr: &str) {
     let request = format!(
         "GET /call-api HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
     );
@@ -51,7 +51,7 @@ async fn upgrade(stream: &mut TcpStream, addr: &str) {
 }
 
 /// A final client frame (masked with a zero key, so the payload is sent as is).
-fn client_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
+pub(crate) fn client_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
     let mut frame = vec![0x80 | opcode];
     match payload.len() {
         len @ 0..=125 => frame.push(0x80 | len as u8),

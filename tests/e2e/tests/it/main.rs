@@ -3,6 +3,7 @@
 
 mod call_events;
 mod commands;
+mod event_fanout;
 mod events;
 mod failures;
 mod gateway_hardening;
