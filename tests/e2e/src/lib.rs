@@ -64,6 +64,9 @@ pub struct StackOptions {
     pub service_env: Vec<(String, String)>,
     /// User and password NATS requires; the services get them in their `nats.url`.
     pub nats_auth: Option<(String, String)>,
+    /// Run a JetStream cluster of this many nats-servers instead of one (0: one server); the
+    /// services get every server's URL.
+    pub nats_cluster: usize,
     /// User information put in proxy-connector's mi_http URL (`admin:pw@`), which the emulator
     /// ignores.
     pub mi_userinfo: String,
@@ -93,6 +96,7 @@ impl Default for StackOptions {
             emulator_args: Vec::new(),
             service_env: Vec::new(),
             nats_auth: None,
+            nats_cluster: 0,
             mi_userinfo: String::new(),
         }
     }
@@ -102,6 +106,9 @@ impl Default for StackOptions {
 pub struct Stack {
     /// The NATS server.
     pub nats: NatsServer,
+    /// The other servers of the JetStream cluster (`nats_cluster`), if any; `nats.url` then
+    /// lists all of them.
+    pub nats_peers: Vec<NatsServer>,
     /// The emulator.
     pub emulator: Service,
     /// MI datagram address of the emulator.
@@ -137,9 +144,20 @@ impl Stack {
         let dir =
             std::env::temp_dir().join(format!("callapi-e2e-{}", uuid::Uuid::new_v4().simple()));
         std::fs::create_dir_all(&dir).expect("create test dir");
-        let nats = match &options.nats_auth {
-            Some((user, password)) => NatsServer::start_with_auth(&dir, user, password).await,
-            None => NatsServer::start(&dir).await,
+        let (nats, nats_peers) = match (&options.nats_auth, options.nats_cluster) {
+            (_, size) if size > 1 => {
+                let mut servers = NatsServer::start_cluster(&dir, size).await;
+                let urls: Vec<String> = servers.iter().map(|s| s.url.clone()).collect();
+                let mut first = servers.remove(0);
+                // Everyone connects with every server's URL.
+                first.url = urls.join(",");
+                (first, servers)
+            }
+            (Some((user, password)), _) => (
+                NatsServer::start_with_auth(&dir, user, password).await,
+                Vec::new(),
+            ),
+            (None, _) => (NatsServer::start(&dir).await, Vec::new()),
         };
         let emulator = start_emulator(&dir, &options, "127.0.0.1:0", "127.0.0.1:0").await;
         let emulator_mi_udp = emulator.ready_field("mi_udp").expect("emulator mi_udp");
@@ -155,6 +173,7 @@ impl Stack {
             emulator_mi_http: emulator_mi_http.clone(),
             emulator,
             nats,
+            nats_peers,
             dir,
             options: options.clone(),
             connector_config: String::new(),

@@ -32,6 +32,16 @@ pub fn bin_path(name: &str) -> PathBuf {
     path
 }
 
+/// A NATS client of `urls` (one URL, or several separated by commas, as the services take
+/// them).
+pub async fn connect_nats(urls: &str) -> async_nats::Client {
+    let servers: Vec<async_nats::ServerAddr> = urls
+        .split(',')
+        .map(|url| url.trim().parse().expect("a NATS URL"))
+        .collect();
+    async_nats::connect(servers).await.expect("connect to NATS")
+}
+
 /// A real nats-server with JetStream on a free port.
 pub struct NatsServer {
     /// `nats://127.0.0.1:PORT`.
@@ -43,6 +53,8 @@ pub struct NatsServer {
     child: Option<Child>,
     /// User and password the server requires, if any.
     auth: Option<(String, String)>,
+    /// Its cluster settings, when it is one node of a cluster.
+    cluster_args: Vec<String>,
 }
 
 impl NatsServer {
@@ -72,9 +84,55 @@ impl NatsServer {
             log,
             child: None,
             auth,
+            cluster_args: Vec::new(),
         };
         server.restart().await;
         server
+    }
+
+    /// Starts a JetStream cluster of `size` servers (routes between all of them) and waits
+    /// until JetStream answers; each server's `url` is its own.
+    pub async fn start_cluster(dir: &Path, size: usize) -> Vec<Self> {
+        let ports: Vec<(u16, u16)> = (0..size).map(|_| (free_port(), free_port())).collect();
+        let routes = ports
+            .iter()
+            .map(|(_, cluster)| format!("nats://127.0.0.1:{cluster}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut servers = Vec::new();
+        for (n, (port, cluster)) in ports.iter().enumerate() {
+            let mut server = Self {
+                url: format!("nats://127.0.0.1:{port}"),
+                port: *port,
+                store: dir.join(format!("jetstream-{port}")),
+                log: dir.join(format!("nats-server-{n}.log")),
+                child: None,
+                auth: None,
+                cluster_args: vec![
+                    "--server_name".to_owned(),
+                    format!("n{n}"),
+                    "--cluster_name".to_owned(),
+                    "callapi".to_owned(),
+                    "--cluster".to_owned(),
+                    format!("nats://127.0.0.1:{cluster}"),
+                    "--routes".to_owned(),
+                    routes.clone(),
+                ],
+            };
+            server.restart().await;
+            servers.push(server);
+        }
+        // JetStream answers once the cluster elected its meta leader.
+        let urls: Vec<String> = servers.iter().map(|s| s.url.clone()).collect();
+        let client = connect_nats(&urls.join(",")).await;
+        let jetstream = async_nats::jetstream::new(client);
+        for _ in 0..200 {
+            if jetstream.query_account().await.is_ok() {
+                return servers;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("the JetStream cluster did not come up");
     }
 
     /// Starts it again (after [`NatsServer::stop`]) on the same port.
@@ -85,6 +143,7 @@ impl NatsServer {
         if let Some((user, password)) = &self.auth {
             command.args(["--user", user, "--pass", password]);
         }
+        command.args(&self.cluster_args);
         let child = command
             .args([
                 "-a",

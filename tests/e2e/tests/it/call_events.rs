@@ -19,7 +19,7 @@ async fn consumer(
     stack: &Stack,
     tenant: &str,
 ) -> async_nats::jetstream::consumer::Consumer<pull::Config> {
-    let nats = async_nats::connect(stack.nats.url.as_str()).await.unwrap();
+    let nats = callapi_e2e::process::connect_nats(&stack.nats.url).await;
     let jetstream = async_nats::jetstream::new(nats);
     let stream = jetstream
         .get_stream(format!("CALLAPI_CALLS_{tenant}"))
@@ -458,5 +458,92 @@ async fn a_nats_restart_under_steady_event_load_loses_no_stream_event() {
         missing.len(),
         &missing[..missing.len().min(10)],
         stack.ingest.logs()
+    );
+}
+
+#[tokio::test]
+async fn a_three_node_jetstream_cluster_loses_no_event_while_each_node_restarts_in_turn() {
+    const DIALOGS: usize = 1_500;
+    let mut stack = Stack::with(callapi_e2e::StackOptions {
+        nats_cluster: 3,
+        ingest_toml: "[calls_stream]\nreplicas = 3\n[sessions]\nreplicas = 3".to_owned(),
+        gateway_toml: "[command_log]\nreplicas = 3".to_owned(),
+        ..Default::default()
+    })
+    .await;
+    let to = stack
+        .event_socket
+        .strip_prefix("udp:")
+        .expect("udp event socket")
+        .to_owned();
+    // A steady load, about 6 s, while each of the three servers is killed and started again
+    // in turn (whichever one event-ingest is connected to, and the streams' leaders, go too).
+    let sender = std::thread::spawn(move || {
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        for i in 0..DIALOGS {
+            let datagram = json!({"jsonrpc": "2.0", "method": "E_DLG_STATE_CHANGED", "params": {
+                "id": format!("3.{i}"), "db_id": "9", "callid": format!("cluster-{i}@example"),
+                "from_tag": "a", "to_tag": "", "old_state": 1, "new_state": 5}})
+            .to_string();
+            socket.send_to(datagram.as_bytes(), &to).unwrap();
+            std::thread::sleep(Duration::from_millis(4));
+        }
+    });
+    for n in 0..3 {
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        let server = if n == 0 {
+            &mut stack.nats
+        } else {
+            &mut stack.nats_peers[n - 1]
+        };
+        server.stop().await;
+        tokio::time::sleep(Duration::from_millis(1_000)).await;
+        server.restart().await;
+    }
+    tokio::task::spawn_blocking(move || sender.join().unwrap())
+        .await
+        .unwrap();
+
+    // Every dialog's two events are in the replicated stream, once each, with no gap.
+    let mut events = Vec::new();
+    for _ in 0..60 {
+        if let Ok(consumer) =
+            tokio::time::timeout(Duration::from_secs(5), consumer(&stack, "default")).await
+        {
+            events = drain(&consumer, Duration::from_millis(500)).await;
+            if events.len() >= 2 * DIALOGS {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let seqs: Vec<u64> = events.iter().map(|(seq, _, _)| *seq).collect();
+    assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>());
+    let mut per_dialog: std::collections::HashMap<&str, Vec<CallEventKind>> =
+        std::collections::HashMap::new();
+    for (_, _, event) in &events {
+        per_dialog
+            .entry(event.callid.as_str())
+            .or_default()
+            .push(event.kind());
+    }
+    let missing: Vec<String> = (0..DIALOGS)
+        .map(|i| format!("cluster-{i}@example"))
+        .filter(|callid| {
+            per_dialog.get(callid.as_str()).map(Vec::as_slice)
+                != Some(&[CallEventKind::Created, CallEventKind::Ended][..])
+        })
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} of {DIALOGS} dialogs without exactly created, ended: {:?}",
+        missing.len(),
+        &missing[..missing.len().min(10)],
+    );
+    let logs = stack.ingest.logs();
+    eprintln!(
+        "event-ingest: {} NATS disconnections, {} rounds of unacknowledged events sent again",
+        logs.matches("event: disconnected").count(),
+        logs.matches("sending them again").count()
     );
 }
