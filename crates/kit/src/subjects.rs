@@ -221,6 +221,12 @@ pub fn command_log_of(tenant: &str, cmd_id: &str) -> [String; 2] {
     ]
 }
 
+/// Subject on which commands replica `replica` answers while it lives (its commands are taken
+/// over by another replica once it does not).
+pub fn replica_alive(replica: &str) -> String {
+    format!("callapi.v1.replica.{replica}.alive")
+}
+
 /// The stream that keeps commands' notifications a while (`CommandAttach`).
 pub const COMMAND_LOG_STREAM: &str = "CALLAPI_COMMAND_LOG";
 

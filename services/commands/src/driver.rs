@@ -9,7 +9,7 @@
 //! connection's operations in order, so the node's events (published only after the request
 //! reached it) find the subscription in place.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
 
 use callapi_kit::bus;
@@ -56,6 +56,29 @@ pub struct Context {
     pub liveness: Option<Liveness>,
     /// Counts the losses of this replica's NATS connection.
     pub disconnects: tokio::sync::watch::Receiver<u64>,
+    /// Where the flow's progress is kept for another replica to take it over (`None`: not
+    /// kept).
+    pub checkpoints: Option<crate::takeover::Checkpoints>,
+}
+
+/// How a flow's run begins: fresh, or resumed from another replica's checkpoint.
+struct Begin {
+    deadline_at: Instant,
+    deadline_at_ms: u64,
+    seq: u64,
+    watched: Vec<String>,
+    timers: HashMap<Timer, Instant>,
+    /// Inputs to feed before waiting for anything (a resumed flow's losses).
+    inputs: VecDeque<Input>,
+    fresh: bool,
+}
+
+/// The checkpoint's view of the flow, borrowed (read back as `takeover::FlowState`).
+#[derive(serde::Serialize)]
+struct FlowStateRef<'a> {
+    flow: &'a Flow,
+    pending: &'a [Step],
+    timers: Vec<(Timer, u64)>,
 }
 
 /// Longest wait for the answer to a `dlg_list` probe (the flow probes again after it).
@@ -64,20 +87,94 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 const DETACHED_ATTEMPTS: u32 = 5;
 
 /// Runs `flow` until it finishes or its deadline (plus grace) passes.
-pub async fn drive(ctx: Context, mut flow: Flow, deadline: Duration) {
+pub async fn drive(ctx: Context, flow: Flow, deadline: Duration) {
+    let deadline_ms = u64::try_from(deadline.as_millis()).unwrap_or(u64::MAX);
+    let begin = Begin {
+        deadline_at: Instant::now() + deadline,
+        deadline_at_ms: callapi_kit::unix_ms().saturating_add(deadline_ms),
+        seq: 0,
+        watched: Vec::new(),
+        timers: HashMap::new(),
+        inputs: VecDeque::new(),
+        fresh: true,
+    };
+    run(ctx, flow, begin).await;
+}
+
+/// Resumes a flow another replica was running when it died, from its checkpoint: its
+/// Call-IDs watched again, its timers set again, its MI requests in flight told lost and the
+/// events of the gap possibly missed; it still ends by the command's deadline.
+pub async fn resume(
+    ctx: Context,
+    state: crate::takeover::FlowState,
+    checkpoint: &callapi_proto::v1::FlowCheckpoint,
+) {
+    let now_ms = callapi_kit::unix_ms();
+    let at = |unix_ms: u64| Instant::now() + Duration::from_millis(unix_ms.saturating_sub(now_ms));
+    let mut inputs = VecDeque::from([Input::ContactLost]);
+    for step in state.pending {
+        inputs.push_back(Input::Mi(
+            step,
+            MiResult::Lost(
+                "the commands replica running this command stopped before OpenSIPS's answer reached it"
+                    .to_owned(),
+            ),
+        ));
+    }
+    let begin = Begin {
+        deadline_at: at(checkpoint.deadline_at_ms),
+        deadline_at_ms: checkpoint.deadline_at_ms,
+        seq: checkpoint.seq,
+        watched: checkpoint.watched.clone(),
+        timers: state
+            .timers
+            .into_iter()
+            .map(|(timer, fires_ms)| (timer, at(fires_ms)))
+            .collect(),
+        inputs,
+        fresh: false,
+    };
+    run(ctx, state.flow, begin).await;
+}
+
+async fn run(ctx: Context, mut flow: Flow, begin: Begin) {
     let mut disconnects = ctx.disconnects.clone();
     disconnects.borrow_and_update();
     let started = Instant::now();
-    let deadline_at = started + deadline;
+    let Begin {
+        deadline_at,
+        deadline_at_ms,
+        mut seq,
+        mut watched,
+        mut timers,
+        mut inputs,
+        fresh,
+    } = begin;
     let hard_stop = deadline_at + GRACE;
-    let mut seq = 0u64;
     let mut events: SelectAll<async_nats::Subscriber> = SelectAll::new();
+    for callid in &watched {
+        match ctx
+            .client
+            .subscribe(subjects::events_for_callid(&ctx.tenant, callid))
+            .await
+        {
+            Ok(subscriber) => events.push(subscriber),
+            Err(err) => tracing::warn!(%err, %callid, "cannot watch Call-ID again"),
+        }
+    }
     let mut mi_calls = FuturesUnordered::new();
+    // The steps of the MI requests in flight (what a replica taking over is told lost).
+    let mut pending: Vec<Step> = Vec::new();
     let mut deadline_told = false;
-    let mut timers: HashMap<Timer, Instant> = HashMap::new();
     // Node slots kept for this flow's transfers; given back when it returns (dropped).
     let mut leases: Vec<SlotLease> = Vec::new();
-    let mut actions = flow.start();
+    let key = crate::takeover::Checkpoints::key(
+        &ctx.tenant,
+        &ctx.connection_id,
+        &ctx.cmd_id,
+        ctx.attempt,
+    );
+    let mut actions = if fresh { flow.start() } else { Vec::new() };
     loop {
         for action in actions.drain(..) {
             match action {
@@ -87,6 +184,7 @@ pub async fn drive(ctx: Context, mut flow: Flow, deadline: Duration) {
                         Ok(subscriber) => events.push(subscriber),
                         Err(err) => tracing::warn!(%err, %callid, "cannot watch Call-ID"),
                     }
+                    watched.push(callid);
                 }
                 Action::Mi {
                     step,
@@ -97,6 +195,7 @@ pub async fn drive(ctx: Context, mut flow: Flow, deadline: Duration) {
                     if step == Step::Probe {
                         budget = budget.min(PROBE_TIMEOUT);
                     }
+                    pending.push(step);
                     let ctx = ctx.clone();
                     let params = params.to_string();
                     mi_calls.push(async move {
@@ -164,10 +263,50 @@ pub async fn drive(ctx: Context, mut flow: Flow, deadline: Duration) {
                 Action::Finish => {
                     seq += 1;
                     publish(&ctx, seq, notification::Kind::Ended(CommandEnded {})).await;
+                    if let Some(checkpoints) = &ctx.checkpoints {
+                        checkpoints.remove(&key).await;
+                    }
                     tracing::debug!(cmd_id = %ctx.cmd_id, elapsed = ?started.elapsed(), "command ended");
                     return;
                 }
             }
+        }
+        if let Some(checkpoints) = &ctx.checkpoints {
+            let state = FlowStateRef {
+                flow: &flow,
+                pending: &pending,
+                timers: timers
+                    .iter()
+                    .map(|(timer, at)| {
+                        let left = at.saturating_duration_since(Instant::now());
+                        let left_ms = u64::try_from(left.as_millis()).unwrap_or(u64::MAX);
+                        (*timer, callapi_kit::unix_ms().saturating_add(left_ms))
+                    })
+                    .collect(),
+            };
+            match serde_json::to_string(&state) {
+                Ok(state_json) => {
+                    let checkpoint = callapi_proto::v1::FlowCheckpoint {
+                        owner: checkpoints.replica.clone(),
+                        tenant: ctx.tenant.clone(),
+                        cmd_id: ctx.cmd_id.clone(),
+                        connection_id: ctx.connection_id.clone(),
+                        attempt: ctx.attempt,
+                        notify_subject: ctx.notify_subject.clone(),
+                        node_id: ctx.node_id.clone(),
+                        deadline_at_ms,
+                        seq,
+                        watched: watched.clone(),
+                        state_json,
+                    };
+                    checkpoints.save(&key, &checkpoint).await;
+                }
+                Err(err) => tracing::warn!(%err, "flow state not serialisable"),
+            }
+        }
+        if let Some(input) = inputs.pop_front() {
+            actions = flow.handle(input);
+            continue;
         }
         let next_timer = timers
             .iter()
@@ -179,6 +318,9 @@ pub async fn drive(ctx: Context, mut flow: Flow, deadline: Duration) {
             biased;
             Some((step, result, lease)) = mi_calls.next(), if !mi_calls.is_empty() => {
                 leases.extend(lease);
+                if let Some(at) = pending.iter().position(|s| *s == step) {
+                    pending.remove(at);
+                }
                 Input::Mi(step, result)
             }
             Some(message) = events.next(), if !events.is_empty() => {
@@ -206,6 +348,9 @@ pub async fn drive(ctx: Context, mut flow: Flow, deadline: Duration) {
                 publish(&ctx, seq, notification::Kind::Error(error_of(error))).await;
                 seq += 1;
                 publish(&ctx, seq, notification::Kind::Ended(CommandEnded {})).await;
+                if let Some(checkpoints) = &ctx.checkpoints {
+                    checkpoints.remove(&key).await;
+                }
                 return;
             }
         };

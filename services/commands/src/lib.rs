@@ -9,6 +9,7 @@
 pub mod driver;
 pub mod flow;
 pub mod intake;
+pub mod takeover;
 
 use std::time::Duration;
 
@@ -32,6 +33,8 @@ pub struct Config {
     pub deadlines: Deadlines,
     /// How MI requests in flight are watched.
     pub mi: MiSettings,
+    /// `[takeover]`: commands of a replica that died finished by another.
+    pub takeover: takeover::TakeoverConfig,
 }
 
 /// How MI requests in flight are watched, so a lost one is noticed within seconds.
@@ -75,6 +78,7 @@ impl Default for Config {
             node_id: "opensips1".to_owned(),
             deadlines: Deadlines::default(),
             mi: MiSettings::default(),
+            takeover: takeover::TakeoverConfig::default(),
         }
     }
 }
@@ -156,19 +160,69 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     let mi = callapi_kit::mi::MiClient::new(client.clone())
         .await
         .map_err(|e| Error::Nats(e.to_string()))?;
+    let replica = uuid::Uuid::new_v4().simple().to_string()[..12].to_owned();
+    let (claimed_tx, mut claimed) = tokio::sync::mpsc::channel::<takeover::Claimed>(64);
+    let checkpoints = if config.takeover.enabled {
+        let jetstream = async_nats::jetstream::new(client.clone());
+        let store = takeover::open(&jetstream, &config.takeover)
+            .await
+            .map_err(|e| {
+                Error::Nats(format!(
+                    "{e} (taking over commands needs JetStream; takeover.enabled = false runs without it)"
+                ))
+            })?;
+        let checkpoints = takeover::start(&client, &replica)
+            .await
+            .map_err(Error::Nats)?;
+        tokio::spawn(takeover::watch(
+            store,
+            checkpoints.clone(),
+            Duration::from_millis(config.takeover.scan_interval_ms),
+            claimed_tx,
+            shutdown.clone(),
+        ));
+        Some(checkpoints)
+    } else {
+        drop(claimed_tx);
+        None
+    };
     client
         .flush()
         .await
         .map_err(|e| Error::Nats(e.to_string()))?;
-    callapi_kit::announce_ready(&format!("node={}", config.node_id));
+    callapi_kit::announce_ready(&format!("node={} replica={replica}", config.node_id));
 
     let mut running = tokio::task::JoinSet::new();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
+            Some(taken) = claimed.recv() => {
+                let state = match serde_json::from_str::<takeover::FlowState>(&taken.checkpoint.state_json) {
+                    Ok(state) => state,
+                    Err(err) => {
+                        tracing::error!(%err, key = %taken.key, "a checkpoint's flow cannot be read; the gateway ends the command at its deadline");
+                        continue;
+                    }
+                };
+                let checkpoint = taken.checkpoint;
+                let ctx = driver::Context {
+                    client: mi.nats().clone(),
+                    mi: mi.clone(),
+                    node_id: checkpoint.node_id.clone(),
+                    tenant: checkpoint.tenant.clone(),
+                    cmd_id: checkpoint.cmd_id.clone(),
+                    connection_id: checkpoint.connection_id.clone(),
+                    attempt: checkpoint.attempt,
+                    notify_subject: checkpoint.notify_subject.clone(),
+                    liveness: config.mi.liveness(),
+                    disconnects: disconnects.clone(),
+                    checkpoints: checkpoints.clone(),
+                };
+                running.spawn(async move { driver::resume(ctx, state, &checkpoint).await });
+            }
             message = intake.next() => {
                 let Some(message) = message else { break };
-                let ack = match accept(&config, &mi, &disconnects, &message) {
+                let ack = match accept(&config, &mi, &disconnects, checkpoints.as_ref(), &message) {
                     Ok((work, ends_within)) => {
                         running.spawn(work);
                         CommandAck {
@@ -204,6 +258,7 @@ fn accept(
     config: &Config,
     mi: &callapi_kit::mi::MiClient,
     disconnects: &tokio::sync::watch::Receiver<u64>,
+    checkpoints: Option<&takeover::Checkpoints>,
     message: &async_nats::Message,
 ) -> Result<
     (
@@ -247,6 +302,7 @@ fn accept(
         notify_subject: request.notify_subject.clone(),
         liveness: config.mi.liveness(),
         disconnects: disconnects.clone(),
+        checkpoints: checkpoints.cloned(),
     };
     tracing::debug!(cmd_id = %request.cmd_id, tenant = %request.tenant, ?deadline, "command accepted");
     let deadline = Duration::from_millis(deadline);

@@ -5,7 +5,7 @@ use serde_json::json;
 use super::{Action, ErrorCode, ErrorNote, Input, MiResult, Step, generic_mi_error};
 
 /// The CallEnd flow.
-#[derive(Debug)]
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
 pub struct EndFlow {
     callid: String,
     done: bool,

@@ -14,7 +14,7 @@ use super::{
 };
 
 /// Hold or unhold.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum HoldAction {
     /// Put on hold.
     Hold,
@@ -31,7 +31,7 @@ impl HoldAction {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 enum LegState {
     #[default]
     Quiet,
@@ -47,7 +47,7 @@ impl LegState {
 }
 
 /// The hold/unhold flow.
-#[derive(Debug)]
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
 pub struct HoldFlow {
     callid: String,
     leg: Option<Leg>,

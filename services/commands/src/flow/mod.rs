@@ -22,7 +22,7 @@ use callapi_proto::v1 as pb;
 use serde_json::Value;
 
 /// Which party of a dialog.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Leg {
     /// The party that sent the initial INVITE.
     Caller,
@@ -49,7 +49,7 @@ impl Leg {
 }
 
 /// Which MI request an answer belongs to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Step {
     /// `t_uac_dlg` INVITE of CallStart.
     Invite,
@@ -66,7 +66,7 @@ pub enum Step {
 }
 
 /// Timers a flow may ask for; the driver feeds `Input::Timer` when one fires.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum Timer {
     /// The transfer was accepted but has not started (no `start` event) yet.
     TransferStart,
@@ -75,7 +75,7 @@ pub enum Timer {
 }
 
 /// Times a flow waits for OpenSIPS, from the configuration.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Timings {
     /// After `call_transfer` was accepted, how long to wait for the transfer's `start` event
     /// before calling it failed (OpenSIPS raises no event for an unknown target).
@@ -254,7 +254,7 @@ pub enum Action {
 }
 
 /// Any flow, as the driver holds it.
-#[derive(Debug)]
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
 pub enum Flow {
     /// CallStart.
     Start(StartFlow),

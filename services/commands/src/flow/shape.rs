@@ -18,7 +18,7 @@ pub const CALLEE_VALUE: &str = "callapi_callee";
 pub const USER_DATA_HEADER: &str = "X-Callapi-User-Data";
 
 /// The SIP of one CallStart.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Shaped {
     /// `From:` value of the caller's INVITE.
     pub from: String,

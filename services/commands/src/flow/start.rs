@@ -29,7 +29,7 @@ use super::{
 /// SDP offer of the first INVITE (the caller's phone answers it; media then flows phone to phone).
 const OFFER: &str = "v=0\r\no=click-to-dial 0 0 IN IP4 0.0.0.0\r\ns=session\r\nc=IN IP4 0.0.0.0\r\nt=0 0\r\nm=audio 9 RTP/AVP 0\r\na=rtpmap:0 PCMU/8000\r\n";
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 enum Phase {
     Inviting,
     /// The INVITE's MI request was lost: finding out what became of X.
@@ -39,7 +39,7 @@ enum Phase {
 }
 
 /// The CallStart flow.
-#[derive(Debug)]
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
 pub struct StartFlow {
     caller: String,
     callee: String,

@@ -13,7 +13,7 @@ use super::{
 };
 
 /// Progress shared by both kinds of transfer.
-#[derive(Debug)]
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
 struct Progress {
     callid: String,
     leg: Leg,
@@ -231,7 +231,7 @@ impl Progress {
 }
 
 /// CallBlindTransfer: `call_transfer {callid, leg, destination}`.
-#[derive(Debug)]
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
 pub struct BlindTransferFlow {
     progress: Progress,
 }
@@ -291,7 +291,7 @@ impl BlindTransferFlow {
 }
 
 /// CallAttendedTransfer: `call_transfer {callid: A, leg, transfer_callid: B, transfer_leg}`.
-#[derive(Debug)]
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
 pub struct AttendedTransferFlow {
     progress: Progress,
     callid_b: String,

@@ -215,3 +215,55 @@ async fn a_command_whose_commands_replica_dies_still_ends() {
     // deadline 2 s + driver grace 2 s + gateway margin 3 s
     assert!(started.elapsed() < Duration::from_secs(9));
 }
+
+#[tokio::test]
+async fn a_command_whose_replica_is_killed_mid_transfer_is_finished_by_another() {
+    // Phones answer after 3 s: the callee rings while the replica running the CallStart dies.
+    let mut stack = Stack::with(StackOptions {
+        answer_delay_ms: 3_000,
+        commands_toml: "[takeover]\nscan_interval_ms = 300".to_owned(),
+        ..StackOptions::default()
+    })
+    .await;
+    let mut client = stack.client().await;
+    let cmd_id = client
+        .start(
+            "CallStart",
+            json!({"caller": "sip:alice@127.0.0.1", "callee": "sip:bob@127.0.0.1"}),
+        )
+        .await;
+    // The caller answered and the REFER's call to the callee started: the flow is mid-transfer.
+    let started = client
+        .take(|m| m["params"]["cmd_id"] == cmd_id.as_str() && m["params"]["data"] == "CALL_START")
+        .await;
+    assert_eq!(started["method"], "Event");
+    // A second replica joins; the one running the command is killed (SIGKILL).
+    let spare = stack.start_commands().await;
+    stack.commands[0].kill().await;
+
+    // The other replica takes the command over and finishes it: the callee answers, and the
+    // client gets the rest of the story (after what came before CALL_START), then Ended.
+    let rest = client.until_ended(&cmd_id).await;
+    assert_eq!(
+        shape(&rest),
+        [
+            "Event:CALL_ANSWER",
+            "Event:TRANSFER_ACCEPT",
+            "Event:CALL_ANSWER",
+            "Ended"
+        ],
+        "{rest:#?}"
+    );
+    assert_eq!(rest[2]["params"]["leg"], "callee", "{rest:#?}");
+    assert!(
+        spare
+            .logs()
+            .contains("took over a command whose replica is gone"),
+        "{}",
+        spare.logs()
+    );
+    // The call is up, and ends normally.
+    let callid = rest[2]["params"]["callid"].as_str().unwrap().to_owned();
+    let notes = client.run("CallEnd", json!({"callid": callid})).await;
+    assert_eq!(shape(&notes), ["Ended"], "{notes:#?}");
+}
