@@ -460,6 +460,7 @@ fn subscribe(
     }
     tokio::spawn(crate::subscribe::run(crate::subscribe::Feed {
         nats: client.shared.nats.clone(),
+        hub: client.shared.feeds.clone(),
         tenant: client.origin.tenant().to_owned(),
         filter,
         reply_id: id,

@@ -235,6 +235,8 @@ pub(crate) struct Shared {
     pub limits: limits::TenantLimits,
     /// The NATS connection (call event feeds read the stream through it).
     pub nats: async_nats::Client,
+    /// Each tenant's live call events, shared by its subscribers on this gateway.
+    pub feeds: subscribe::Hub,
     /// Cancelled when the gateway stops.
     pub shutdown: CancellationToken,
     /// HTTP connections and WebSocket clients, waited for on shutdown.
@@ -353,6 +355,7 @@ pub async fn run(
         auth,
         limits: limits::TenantLimits::default(),
         nats: client.clone(),
+        feeds: subscribe::Hub::default(),
         shutdown: shutdown.clone(),
         tasks: TaskTracker::new(),
     });

@@ -7,11 +7,15 @@
 //! `Snapshot` of the tenant's current sessions comes first. A client too slow to take them is
 //! disconnected by its bounded queue, like any other, and resumes with `since`.
 
+use std::collections::HashMap;
+use std::sync::Arc;
+
 use async_nats::jetstream::consumer::{DeliverPolicy, pull};
 use callapi_proto::v1::CallEvent;
 use futures::StreamExt as _;
 use prost::Message as _;
 use serde_json::{Value, json};
+use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
 use crate::outbox::{Outbox, Outgoing};
@@ -19,9 +23,116 @@ use crate::params::EventFilter;
 use crate::rpc::{self, RpcId, code};
 use crate::sessions::{self, SessionView};
 
+/// Live call events shared by every subscriber of a tenant on this gateway: one ordered
+/// consumer per tenant, each event decoded and rendered once, then handed to every subscriber
+/// (a subscriber resuming with `since` reads its own consumer instead; one that falls behind
+/// the shared feed goes on from its own consumer, losing nothing). Cheap to clone.
+#[derive(Clone, Default)]
+pub(crate) struct Hub {
+    feeds: std::sync::Arc<std::sync::Mutex<HashMap<String, broadcast::Sender<Arc<Item>>>>>,
+}
+
+/// One event of a shared feed.
+pub(crate) struct Item {
+    seq: u64,
+    event: CallEvent,
+    /// The `CallEvent` notification, as every subscriber sends it.
+    text: String,
+}
+
+/// Events a subscriber may be behind the shared feed before it goes on from its own consumer.
+const HUB_BACKLOG: usize = 8_192;
+
+impl Hub {
+    /// A receiver of `tenant`'s live events, starting the shared consumer if none runs.
+    fn receiver(&self, nats: &async_nats::Client, tenant: &str) -> broadcast::Receiver<Arc<Item>> {
+        let Ok(mut feeds) = self.feeds.lock() else {
+            // A poisoned lock: a feed of its own.
+            return broadcast::channel(1).1;
+        };
+        if let Some(sender) = feeds.get(tenant) {
+            return sender.subscribe();
+        }
+        let (sender, receiver) = broadcast::channel(HUB_BACKLOG);
+        feeds.insert(tenant.to_owned(), sender.clone());
+        tokio::spawn(self.clone().share(nats.clone(), tenant.to_owned(), sender));
+        receiver
+    }
+
+    /// Reads `tenant`'s new events and hands them out until no one listens (or the stream
+    /// ends: then the receivers see the feed closed and go on alone).
+    async fn share(
+        self,
+        nats: async_nats::Client,
+        tenant: String,
+        sender: broadcast::Sender<Arc<Item>>,
+    ) {
+        let from_now = EventFilter {
+            session_id: None,
+            callid: None,
+            since: None,
+            extension: None,
+        };
+        let Ok(mut opened) = open(nats, &tenant, &from_now).await else {
+            self.forget(&tenant, &sender, true);
+            return;
+        };
+        let mut idle = tokio::time::interval(std::time::Duration::from_secs(10));
+        loop {
+            tokio::select! {
+                next = opened.next_raw() => match next {
+                    Some((seq, event)) => {
+                        let text = json!({"jsonrpc": "2.0", "method": "CallEvent", "params": event_json(seq, &event)})
+                            .to_string();
+                        // No receiver left: looked at below.
+                        let _ = sender.send(Arc::new(Item { seq, event, text }));
+                    }
+                    None => {
+                        self.forget(&tenant, &sender, true);
+                        return;
+                    }
+                },
+                _ = idle.tick() => {}
+            }
+            if sender.receiver_count() == 0 && self.forget(&tenant, &sender, false) {
+                return;
+            }
+        }
+    }
+
+    /// Removes `tenant`'s feed if it is `sender`'s and (unless `always`) no one listens; true
+    /// if removed. Receivers are made under the same lock, so none is made meanwhile.
+    fn forget(&self, tenant: &str, sender: &broadcast::Sender<Arc<Item>>, always: bool) -> bool {
+        let Ok(mut feeds) = self.feeds.lock() else {
+            return true;
+        };
+        let ours = feeds.get(tenant).is_some_and(|s| s.same_channel(sender));
+        if ours && (always || sender.receiver_count() == 0) {
+            feeds.remove(tenant);
+            return true;
+        }
+        !ours
+    }
+}
+
+/// The last sequence `tenant`'s stream holds now.
+async fn last_seq(nats: async_nats::Client, tenant: &str) -> Result<u64, &'static str> {
+    let jetstream = async_nats::jetstream::new(nats);
+    let mut stream = jetstream
+        .get_stream(callapi_kit::calls::calls_stream(tenant))
+        .await
+        .map_err(|_| "call events are unavailable: the tenant has no call events stream yet (is event-ingest running with calls_stream?)")?;
+    let info = stream
+        .info()
+        .await
+        .map_err(|_| "call events are unavailable now; try again later")?;
+    Ok(info.state.last_sequence)
+}
+
 /// What a subscription needs.
 pub(crate) struct Feed {
     pub nats: async_nats::Client,
+    pub hub: Hub,
     pub tenant: String,
     pub filter: EventFilter,
     pub reply_id: Option<RpcId>,
@@ -100,6 +211,19 @@ pub(crate) async fn open(
 }
 
 impl Opened {
+    /// The next event, whatever it is; `None` once the feed ended.
+    async fn next_raw(&mut self) -> Option<(u64, CallEvent)> {
+        loop {
+            let Some(Ok(message)) = self.messages.next().await else {
+                return None;
+            };
+            let seq = message.info().map(|i| i.stream_sequence).unwrap_or(0);
+            if let Ok(event) = CallEvent::decode(message.payload.as_ref()) {
+                return Some((seq, event));
+            }
+        }
+    }
+
     /// The next event the filter picks, with its sequence; `None` once the feed ended. An
     /// extension's calls are known from the session store (`view`).
     pub(crate) async fn next_event(
@@ -121,7 +245,7 @@ impl Opened {
             }
             let of_extension = match &filter.extension {
                 None => true,
-                Some(extension) => involves(view, &event, extension).await,
+                Some(extension) => involves(view, &event, extension, true).await,
             };
             if of_extension {
                 return Some((seq, event));
@@ -148,22 +272,75 @@ pub(crate) fn snapshot(view: Option<&SessionView>, tenant: &str) -> Value {
 pub(crate) async fn run(feed: Feed) {
     let Feed {
         nats,
+        hub,
         tenant,
-        filter,
+        mut filter,
         reply_id,
         outbox,
         view,
         stop,
     } = feed;
     let reply = |text: String| outbox.push(Outgoing::Reply(text)).is_ok();
-    let mut opened = match open(nats, &tenant, &filter).await {
-        Ok(opened) => opened,
-        Err(message) => {
-            if let Some(id) = &reply_id {
-                let _ = outbox.push(Outgoing::Reply(rpc::error(id, code::UNAVAILABLE, message)));
-            }
+    let refuse = |message: &str| {
+        if let Some(id) = &reply_id {
+            let _ = outbox.push(Outgoing::Reply(rpc::error(id, code::UNAVAILABLE, message)));
+        }
+    };
+    if filter.since.is_none() {
+        // From now on: the tenant's shared feed, from right after what the stream holds now
+        // (the receiver exists first, so nothing after that is missed).
+        let mut receiver = hub.receiver(&nats, &tenant);
+        let last = match last_seq(nats.clone(), &tenant).await {
+            Ok(last) => last,
+            Err(message) => return refuse(message),
+        };
+        if let Some(id) = &reply_id
+            && !reply(rpc::result(
+                id,
+                &json!({"subscribed": true, "next_seq": last + 1, "missed": false}),
+            ))
+        {
             return;
         }
+        let mut done = last;
+        loop {
+            let item = tokio::select! {
+                _ = stop.cancelled() => return,
+                item = receiver.recv() => item,
+            };
+            let item = match item {
+                Ok(item) => item,
+                // Behind the shared feed, or it ended: on alone, right after the last one.
+                Err(_) => break,
+            };
+            if item.seq <= done {
+                continue;
+            }
+            done = item.seq;
+            let picked = wanted(&filter, &item.event)
+                && match &filter.extension {
+                    None => true,
+                    // Behind the feed, a subscriber does not wait for parties: it would fall
+                    // further behind.
+                    Some(extension) => {
+                        let may_wait = receiver.len() < 64;
+                        involves(view.as_ref(), &item.event, extension, may_wait).await
+                    }
+                };
+            if picked && !reply(item.text.clone()) {
+                return;
+            }
+        }
+        filter.since = Some(done);
+        let mut opened = match open(nats, &tenant, &filter).await {
+            Ok(opened) => opened,
+            Err(_) => return,
+        };
+        return forward(&mut opened, &filter, view.as_ref(), &outbox, &stop).await;
+    }
+    let mut opened = match open(nats, &tenant, &filter).await {
+        Ok(opened) => opened,
+        Err(message) => return refuse(message),
     };
     if let Some(id) = &reply_id
         && !reply(rpc::result(
@@ -179,15 +356,27 @@ pub(crate) async fn run(feed: Feed) {
             return;
         }
     }
+    forward(&mut opened, &filter, view.as_ref(), &outbox, &stop).await;
+}
+
+/// Sends the events of a subscriber's own consumer until `stop`, the client's queue refusing
+/// more, or the stream going away.
+async fn forward(
+    opened: &mut Opened,
+    filter: &EventFilter,
+    view: Option<&SessionView>,
+    outbox: &Outbox,
+    stop: &CancellationToken,
+) {
     loop {
         let next = tokio::select! {
             _ = stop.cancelled() => return,
-            next = opened.next_event(&filter, view.as_ref()) => next,
+            next = opened.next_event(filter, view) => next,
         };
         let Some((seq, event)) = next else { return };
         let note =
             json!({"jsonrpc": "2.0", "method": "CallEvent", "params": event_json(seq, &event)});
-        if !reply(note.to_string()) {
+        if outbox.push(Outgoing::Reply(note.to_string())).is_err() {
             return;
         }
     }
@@ -199,9 +388,14 @@ const PARTIES_WAIT: std::time::Duration = std::time::Duration::from_millis(600);
 
 /// Whether `extension` is a party of the call `event` is about (or of the new call of its
 /// transfer), as the session store says. At a call's creation its parties are waited for a
-/// moment (event-ingest asks the node for them); a call whose parties are still unknown then
-/// is not the extension's.
-async fn involves(view: Option<&SessionView>, event: &CallEvent, extension: &str) -> bool {
+/// moment if `may_wait` (event-ingest asks the node for them); a call whose parties are still
+/// unknown then is not the extension's.
+async fn involves(
+    view: Option<&SessionView>,
+    event: &CallEvent,
+    extension: &str,
+    may_wait: bool,
+) -> bool {
     let Some(view) = view else { return false };
     let party = |callid: &str| -> Option<bool> {
         let record = view.recent_call(&event.tenant, callid)?;
@@ -218,7 +412,7 @@ async fn involves(view: Option<&SessionView>, event: &CallEvent, extension: &str
         .into_iter()
         .filter(|c| !c.is_empty())
         .collect();
-    let wait = event.kind() == callapi_proto::v1::CallEventKind::Created;
+    let wait = may_wait && event.kind() == callapi_proto::v1::CallEventKind::Created;
     let until = tokio::time::Instant::now() + PARTIES_WAIT;
     loop {
         let known: Vec<Option<bool>> = callids.iter().map(|c| party(c)).collect();

@@ -212,6 +212,64 @@ impl WsClient {
         }
     }
 
+    /// Subscribes to the tenant's call events (telling `ready` once subscribed), then counts
+    /// those about Call-IDs starting with `prefix` until `expected` came, or `quiet` passed
+    /// with none; returns how many came, whether their sequence only rose, and when the last
+    /// one came.
+    pub async fn count_prefixed_events(
+        &mut self,
+        prefix: &str,
+        expected: u64,
+        quiet: Duration,
+        ready: tokio::sync::oneshot::Sender<()>,
+    ) -> Result<(u64, bool, std::time::Instant)> {
+        let request = json!({"jsonrpc": "2.0", "id": "sub", "method": "Subscribe", "params": {}});
+        self.socket
+            .send(Message::Text(request.to_string().into()))
+            .await
+            .map_err(|e| BenchError::Protocol(format!("send: {e}")))?;
+        let (mut count, mut ordered, mut last, mut ready) = (0u64, true, 0u64, Some(ready));
+        let mut last_at = std::time::Instant::now();
+        while count < expected {
+            let wait = if ready.is_some() {
+                Duration::from_secs(30)
+            } else {
+                quiet
+            };
+            let Ok(Some(Ok(Message::Text(text)))) =
+                tokio::time::timeout(wait, self.socket.next()).await
+            else {
+                break;
+            };
+            let Ok(message) = serde_json::from_str::<Value>(&text) else {
+                continue;
+            };
+            if message["id"] == "sub" {
+                if message["result"]["subscribed"] != true {
+                    return Err(BenchError::Protocol(format!("Subscribe: {message}")));
+                }
+                if let Some(ready) = ready.take() {
+                    let _ = ready.send(());
+                }
+                continue;
+            }
+            if message["method"] != "CallEvent" {
+                continue;
+            }
+            let seq = message["params"]["seq"].as_u64().unwrap_or(0);
+            ordered &= seq > last;
+            last = seq;
+            if message["params"]["callid"]
+                .as_str()
+                .is_some_and(|c| c.starts_with(prefix))
+            {
+                count += 1;
+                last_at = std::time::Instant::now();
+            }
+        }
+        Ok((count, ordered, last_at))
+    }
+
     /// Closes the connection politely (close frame), giving up after `timeout`.
     pub async fn close(mut self, timeout: Duration) {
         let _ = tokio::time::timeout(timeout, self.socket.close(None)).await;

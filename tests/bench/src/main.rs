@@ -53,13 +53,22 @@ struct Args {
     /// Concurrent clients of the hold/unhold event-rate runs (comma separated).
     #[arg(long, value_delimiter = ',', default_value = "1,10")]
     event_clients: Vec<usize>,
-    /// Which scenarios to run (comma separated): idle, cycles, overhead, events.
+    /// Which scenarios to run (comma separated): idle, cycles, overhead, events, fanout.
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "idle,cycles,overhead,events"
+        default_value = "idle,cycles,overhead,events,fanout"
     )]
     only: Vec<String>,
+    /// Fan-out runs (comma separated), each `SUBSCRIBERS:DIALOGS_PER_SECOND`: that many
+    /// clients follow the call events while rejected dialogs (two call events each) are sent
+    /// to event-ingest at that rate (the bench's own clients share the host: keep
+    /// subscribers × rate × 2 within what they can read).
+    #[arg(long, value_delimiter = ',', default_value = "10:10000,100:2000", value_parser = parse_fanout_run)]
+    fanout_runs: Vec<(usize, u64)>,
+    /// Rejected dialogs sent per fan-out run.
+    #[arg(long, default_value_t = 10_000)]
+    fanout_dialogs: usize,
     /// Where to write the JSON report.
     #[arg(long, default_value = "target/bench/bench.json")]
     output: PathBuf,
@@ -146,7 +155,7 @@ fn parse_env(text: &str) -> Result<(String, String), String> {
         .ok_or_else(|| format!("--service-env {text:?}: expected NAME=VALUE"))
 }
 
-const SCENARIOS: [&str; 4] = ["idle", "cycles", "overhead", "events"];
+const SCENARIOS: [&str; 5] = ["idle", "cycles", "overhead", "events", "fanout"];
 /// Longest run asked for (a day): keeps every deadline computation far from overflow.
 const MAX_DURATION_SECS: f64 = 86_400.0;
 /// Longest timeout or settle time (an hour).
@@ -336,6 +345,15 @@ async fn run(args: Args) -> Result<Report, BenchError> {
             report.events.push(row);
         }
     }
+    if wants("fanout") {
+        report::print_fanout_header();
+        for &(subscribers, rate) in &args.fanout_runs {
+            let row =
+                scenarios::fanout(&stack, &settings, subscribers, args.fanout_dialogs, rate).await;
+            report::print_fanout_row(&row);
+            report.fanout.push(row);
+        }
+    }
     report.dead_processes = stack.dead();
     report.conditions.loadavg_after = system::loadavg();
     stack.stop().await;
@@ -348,9 +366,34 @@ async fn run(args: Args) -> Result<Report, BenchError> {
     Ok(report)
 }
 
+/// One fan-out run, `SUBSCRIBERS:DIALOGS_PER_SECOND`.
+fn parse_fanout_run(text: &str) -> Result<(usize, u64), String> {
+    let (subscribers, rate) = text
+        .split_once(':')
+        .ok_or_else(|| format!("{text:?}: expected SUBSCRIBERS:DIALOGS_PER_SECOND"))?;
+    let subscribers: usize = subscribers
+        .parse()
+        .map_err(|_| format!("{text:?}: subscribers must be a number"))?;
+    let rate: u64 = rate
+        .parse()
+        .map_err(|_| format!("{text:?}: the rate must be a number"))?;
+    if subscribers == 0 || rate == 0 {
+        return Err(format!("{text:?}: both must be above 0"));
+    }
+    Ok((subscribers, rate))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fanout_runs_are_subscribers_colon_rate() {
+        assert_eq!(parse_fanout_run("10:10000"), Ok((10, 10_000)));
+        assert!(parse_fanout_run("10").is_err());
+        assert!(parse_fanout_run("0:5").is_err());
+        assert!(parse_fanout_run("x:5").is_err());
+    }
 
     #[test]
     fn mi_endpoints_must_be_udp() {

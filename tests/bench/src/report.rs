@@ -110,6 +110,8 @@ pub struct Report {
     pub overhead: Vec<OverheadReport>,
     /// Scenario 4, one row per concurrency.
     pub events: Vec<EventsReport>,
+    /// Scenario 5, one row per number of subscribers.
+    pub fanout: Vec<crate::scenarios::FanoutReport>,
     /// Processes of the stack that had died by the end (must be empty).
     pub dead_processes: Vec<String>,
 }
@@ -123,6 +125,7 @@ impl Report {
             cycles: Vec::new(),
             overhead: Vec::new(),
             events: Vec::new(),
+            fanout: Vec::new(),
             dead_processes: Vec::new(),
         }
     }
@@ -311,6 +314,40 @@ pub fn print_overhead(o: &OverheadReport) {
         );
     }
     println!("  errors: {}", errors_text(o.errors.count, &o.errors.first));
+}
+
+/// Scenario 5's table header.
+pub fn print_fanout_header() {
+    println!();
+    println!(
+        "Fan-out: rejected dialogs sent to event-ingest (2 call events each), every event to every subscriber"
+    );
+    println!(
+        "{:>11} {:>9} {:>14} {:>9} {:>11} {:>18} {:>6}  errors | CPU % of a core",
+        "subscribers",
+        "events",
+        "dialogs/s sent",
+        "seconds",
+        "delivered",
+        "delivered events/s",
+        "lost"
+    );
+}
+
+/// One row of scenario 5.
+pub fn print_fanout_row(r: &crate::scenarios::FanoutReport) {
+    println!(
+        "{:>11} {:>9} {:>14.0} {:>9.2} {:>11} {:>18.0} {:>6}  {} | {}",
+        r.subscribers,
+        r.injected,
+        r.offered_dialogs_per_s,
+        r.elapsed_s,
+        r.delivered,
+        r.delivered_per_s,
+        r.lost,
+        errors_text(r.errors.count, &r.errors.first),
+        cpu(&r.cpu)
+    );
 }
 
 /// Prints the header of scenario 4.

@@ -40,6 +40,10 @@ fn a_tiny_run_of_every_scenario_ends_without_errors_and_writes_its_report() {
             "1",
             "--event-clients",
             "2",
+            "--fanout-runs",
+            "3:500",
+            "--fanout-dialogs",
+            "200",
         ])
         .args(["--settle-ms", "100", "--timeout-ms", "10000"])
         .arg("--work-dir")
@@ -57,6 +61,10 @@ fn a_tiny_run_of_every_scenario_ends_without_errors_and_writes_its_report() {
     let report: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&output).expect("report written"))
             .expect("report is JSON");
+    let fanout = &report["fanout"][0];
+    assert_eq!(fanout["subscribers"], 3, "{fanout}");
+    assert_eq!(fanout["delivered"], 3 * 400, "{fanout}");
+    assert_eq!(fanout["lost"], 0, "{fanout}");
     let cycles = report["cycles"].as_array().expect("cycles");
     assert_eq!(cycles.len(), 2);
     for row in cycles {
