@@ -175,6 +175,9 @@ async fn run(ctx: Context, mut flow: Flow, begin: Begin) {
         ctx.attempt,
     );
     let mut actions = if fresh { flow.start() } else { Vec::new() };
+    // Checkpointed yet (a resumed flow is); when it is first due.
+    let mut kept = !fresh;
+    let keep_from = started + ctx.checkpoints.as_ref().map_or(Duration::ZERO, |c| c.after);
     loop {
         for action in actions.drain(..) {
             match action {
@@ -263,7 +266,7 @@ async fn run(ctx: Context, mut flow: Flow, begin: Begin) {
                 Action::Finish => {
                     seq += 1;
                     publish(&ctx, seq, notification::Kind::Ended(CommandEnded {})).await;
-                    if let Some(checkpoints) = &ctx.checkpoints {
+                    if kept && let Some(checkpoints) = &ctx.checkpoints {
                         checkpoints.remove(&key).await;
                     }
                     tracing::debug!(cmd_id = %ctx.cmd_id, elapsed = ?started.elapsed(), "command ended");
@@ -271,7 +274,10 @@ async fn run(ctx: Context, mut flow: Flow, begin: Begin) {
                 }
             }
         }
-        if let Some(checkpoints) = &ctx.checkpoints {
+        if let Some(checkpoints) = &ctx.checkpoints
+            && Instant::now() >= keep_from
+        {
+            kept = true;
             let state = FlowStateRef {
                 flow: &flow,
                 pending: &pending,
@@ -331,7 +337,20 @@ async fn run(ctx: Context, mut flow: Flow, begin: Begin) {
             }
             Ok(()) = disconnects.changed() => {
                 tracing::warn!(cmd_id = %ctx.cmd_id, "NATS connection lost during the command: events may be missing");
+                // Cut off long enough, this replica may have been taken for dead and the
+                // command taken over: then the other replica runs it, not this one.
+                if kept
+                    && let Some(checkpoints) = &ctx.checkpoints
+                    && !checkpoints.still_owned(&key).await
+                {
+                    tracing::warn!(cmd_id = %ctx.cmd_id, "command taken over by another replica meanwhile; leaving it to it");
+                    return;
+                }
                 Input::ContactLost
+            }
+            _ = tokio::time::sleep_until(keep_from), if !kept && ctx.checkpoints.is_some() => {
+                // Due for its first checkpoint: kept at the top of the loop.
+                continue;
             }
             Some(timer) = fire(next_timer) => {
                 timers.remove(&timer);
@@ -348,7 +367,7 @@ async fn run(ctx: Context, mut flow: Flow, begin: Begin) {
                 publish(&ctx, seq, notification::Kind::Error(error_of(error))).await;
                 seq += 1;
                 publish(&ctx, seq, notification::Kind::Ended(CommandEnded {})).await;
-                if let Some(checkpoints) = &ctx.checkpoints {
+                if kept && let Some(checkpoints) = &ctx.checkpoints {
                     checkpoints.remove(&key).await;
                 }
                 return;

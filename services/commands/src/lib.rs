@@ -171,9 +171,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
                     "{e} (taking over commands needs JetStream; takeover.enabled = false runs without it)"
                 ))
             })?;
-        let checkpoints = takeover::start(&client, &replica)
-            .await
-            .map_err(Error::Nats)?;
+        let checkpoints = takeover::start(
+            &client,
+            &replica,
+            store.clone(),
+            Duration::from_millis(config.takeover.checkpoint_after_ms),
+        )
+        .await
+        .map_err(Error::Nats)?;
         tokio::spawn(takeover::watch(
             store,
             checkpoints.clone(),

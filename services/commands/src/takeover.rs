@@ -36,6 +36,10 @@ pub struct TakeoverConfig {
     pub scan_interval_ms: u64,
     /// Replicas of the bucket when created (3 in a JetStream cluster).
     pub replicas: usize,
+    /// A command is checkpointed once it has run this long, milliseconds: most commands end
+    /// within milliseconds and cost nothing; the ones that wait for phones to ring and answer
+    /// are kept (one that dies younger ends with `COMMAND_LOST`).
+    pub checkpoint_after_ms: u64,
 }
 
 impl Default for TakeoverConfig {
@@ -44,6 +48,7 @@ impl Default for TakeoverConfig {
             enabled: true,
             scan_interval_ms: 1_000,
             replicas: 1,
+            checkpoint_after_ms: 500,
         }
     }
 }
@@ -65,6 +70,10 @@ pub struct Checkpoints {
     client: async_nats::Client,
     /// This replica's id.
     pub replica: String,
+    /// Commands younger than this are not checkpointed.
+    pub after: Duration,
+    /// The bucket, to read a checkpoint back.
+    store: kv::Store,
 }
 
 impl Checkpoints {
@@ -86,6 +95,18 @@ impl Checkpoints {
             .await
         {
             tracing::debug!(%err, "checkpoint not kept");
+        }
+    }
+
+    /// Whether the command's checkpoint still names this replica (false if another took the
+    /// command over while this one was cut off from NATS; an unreadable bucket counts as yes).
+    pub async fn still_owned(&self, key: &str) -> bool {
+        match self.store.entry(key).await {
+            Ok(Some(entry)) if entry.operation == kv::Operation::Put => {
+                FlowCheckpoint::decode(entry.value.as_ref())
+                    .map_or(true, |c| c.owner == self.replica)
+            }
+            _ => true,
         }
     }
 
@@ -125,7 +146,12 @@ pub async fn open(
 
 /// Starts answering the liveness probe of replica `replica` and returns the checkpoints it
 /// keeps.
-pub async fn start(client: &async_nats::Client, replica: &str) -> Result<Checkpoints, String> {
+pub async fn start(
+    client: &async_nats::Client,
+    replica: &str,
+    store: kv::Store,
+    after: Duration,
+) -> Result<Checkpoints, String> {
     let mut alive = client
         .subscribe(subjects::replica_alive(replica))
         .await
@@ -141,6 +167,8 @@ pub async fn start(client: &async_nats::Client, replica: &str) -> Result<Checkpo
     Ok(Checkpoints {
         client: client.clone(),
         replica: replica.to_owned(),
+        after,
+        store,
     })
 }
 

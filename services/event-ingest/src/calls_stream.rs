@@ -4,7 +4,8 @@
 //! [`Publisher`]: published with their stable id as `Nats-Msg-Id` (the stream keeps one copy of
 //! each) and acknowledged by JetStream. A publish that is not acknowledged (NATS restarting, a
 //! stream leader moving) is sent again with every later one, in order, until it is: no event is
-//! lost to a NATS restart, and none is stored twice.
+//! lost to a NATS restart, and JetStream keeps one copy of an event sent again within its
+//! duplicate window.
 
 use std::collections::{HashSet, VecDeque};
 use std::future::{Future, IntoFuture as _};
@@ -105,8 +106,8 @@ pub async fn ensure_on_reload(
     }
 }
 
-/// Events waiting for the publisher; a node's events wait (and its datagrams queue in the
-/// socket) when this many are waiting.
+/// Events waiting for the publisher; past this many (JetStream refusing for long) new ones are
+/// dropped and counted, so the node's raw events never wait for the call events.
 const QUEUE: usize = 16_384;
 /// Publishes awaiting JetStream's acknowledgement at once.
 const WINDOW: usize = 512;
@@ -117,6 +118,7 @@ const ACK_TIMEOUT: Duration = Duration::from_secs(3);
 #[derive(Clone)]
 pub struct Publisher {
     events: mpsc::Sender<CallEvent>,
+    dropped: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Publisher {
@@ -130,12 +132,35 @@ impl Publisher {
     ) -> (Self, tokio::task::JoinHandle<()>) {
         let (events, queue) = mpsc::channel(QUEUE);
         let task = tokio::spawn(publish_all(client, config, queue, shutdown));
-        (Self { events }, task)
+        (
+            Self {
+                events,
+                dropped: Arc::default(),
+            },
+            task,
+        )
     }
 
-    async fn send(&self, event: CallEvent) {
-        if self.events.send(event).await.is_err() {
-            tracing::warn!("call event dropped: the publisher has stopped");
+    /// Queues `event`; when the queue is full (JetStream refusing for long), the event is
+    /// dropped and counted rather than holding up the node's other events.
+    fn send(&self, event: CallEvent) {
+        match self.events.try_send(event) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                let dropped = self
+                    .dropped
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                    + 1;
+                if dropped.is_power_of_two() {
+                    tracing::error!(
+                        dropped,
+                        "call events dropped: JetStream has not taken them for long"
+                    );
+                }
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                tracing::warn!("call event dropped: the publisher has stopped");
+            }
         }
     }
 }
@@ -192,7 +217,7 @@ async fn publish_all(
                 while let Ok(event) = queue.try_recv() {
                     send(&jetstream, &mut in_flight, &event).await;
                 }
-                let _ = tokio::time::timeout(Duration::from_secs(2), confirm_all(&client, &jetstream, &mut in_flight)).await;
+                let _ = tokio::time::timeout(Duration::from_secs(2), confirm_all(&client, &jetstream, &config, &mut in_flight)).await;
                 return;
             }
             acked = front_ack(&mut in_flight) => {
@@ -202,7 +227,7 @@ async fn publish_all(
                     }
                     Err(err) => {
                         tracing::warn!(%err, waiting = in_flight.len(), "call events not acknowledged; sending them again");
-                        resend_all(&client, &jetstream, &mut in_flight, &shutdown).await;
+                        resend_all(&client, &jetstream, &config, &mut in_flight, &shutdown).await;
                     }
                 }
             }
@@ -277,10 +302,13 @@ async fn front_ack(
     let Some(front) = in_flight.front_mut() else {
         return std::future::pending().await;
     };
-    match front.ack.as_mut() {
+    let result = match front.ack.as_mut() {
         Some(ack) => ack.await.map_err(|e| e.to_string()),
         None => Err("not sent".to_owned()),
-    }
+    };
+    // A finished acknowledgement is never awaited again.
+    front.ack = None;
+    result
 }
 
 /// Sends every unacknowledged event again, oldest first, with a growing pause between tries,
@@ -288,11 +316,25 @@ async fn front_ack(
 async fn resend_all(
     client: &async_nats::Client,
     jetstream: &async_nats::jetstream::Context,
+    config: &CallsStreamConfig,
     in_flight: &mut VecDeque<InFlight>,
     shutdown: &CancellationToken,
 ) {
     let mut pause = Duration::from_millis(100);
     loop {
+        // A stream removed meanwhile is made again (its tenant's events would fail forever).
+        let mut tenants: Vec<&str> = in_flight
+            .iter()
+            .filter_map(|entry| entry.subject.split('.').nth(3))
+            .collect();
+        tenants.sort_unstable();
+        tenants.dedup();
+        let tenants: Vec<String> = tenants.into_iter().map(str::to_owned).collect();
+        for tenant in &tenants {
+            if let Err(err) = ensure(jetstream, config, tenant).await {
+                tracing::warn!(%err, %tenant, "cannot make the call events stream again");
+            }
+        }
         // Nothing is sent while NATS is away: the client would only queue it.
         while client.connection_state() != async_nats::connection::State::Connected {
             tokio::select! {
@@ -329,6 +371,7 @@ async fn resend_all(
 async fn confirm_all(
     client: &async_nats::Client,
     jetstream: &async_nats::jetstream::Context,
+    config: &CallsStreamConfig,
     in_flight: &mut VecDeque<InFlight>,
 ) {
     let never = CancellationToken::new();
@@ -337,7 +380,7 @@ async fn confirm_all(
             Ok(_) => {
                 in_flight.pop_front();
             }
-            Err(_) => resend_all(client, jetstream, in_flight, &never).await,
+            Err(_) => resend_all(client, jetstream, config, in_flight, &never).await,
         }
     }
 }
@@ -393,7 +436,7 @@ impl CallEvents {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .on_event(event, callapi_kit::unix_ms());
         for call_event in events {
-            publisher.send(call_event).await;
+            publisher.send(call_event);
         }
     }
 }

@@ -47,7 +47,10 @@ pub(crate) async fn ensure_stream(
             .collect(),
         max_age: Duration::from_secs(config.max_age_secs.max(60)),
         num_replicas: config.replicas.max(1),
-        storage: jetstream::stream::StorageType::File,
+        storage: match config.storage {
+            crate::LogStorage::Memory => jetstream::stream::StorageType::Memory,
+            crate::LogStorage::File => jetstream::stream::StorageType::File,
+        },
         ..Default::default()
     };
     match jetstream.create_stream(stream).await {
@@ -67,42 +70,57 @@ pub(crate) struct Attach {
     pub stop: CancellationToken,
 }
 
-/// What the log holds of one run of the command: the latest start recorded under its id.
+/// What the log holds of one run of the command: the latest start recorded under its id, and
+/// the notifications of that run (by connection and attempt: a fast command's first ones may
+/// be logged before its start record).
 #[derive(Debug, Default)]
 struct Run {
     started: Option<CommandStarted>,
-    /// Its notifications so far, in order.
-    notes: Vec<notification::Kind>,
-    ended: bool,
+    /// Notifications so far, in order, with the run (connection, attempt) each belongs to.
+    notes: Vec<(String, u64, notification::Kind)>,
 }
 
 impl Run {
     /// Takes one logged message: a start (the latest one wins: a `cmd_id` used again later
-    /// is a new command) or a notification of the current run.
+    /// is a new command) or a notification.
     fn take(&mut self, subject: &str, payload: &[u8]) {
         if subject.starts_with("callapi.v1.cmdlog.") {
             if let Ok(started) = CommandStarted::decode(payload) {
-                *self = Run {
-                    started: Some(started),
-                    ..Run::default()
-                };
+                self.notes
+                    .retain(|(c, a, _)| *c == started.connection_id && *a == started.attempt);
+                self.started = Some(started);
             }
             return;
         }
         let Ok(note) = Notification::decode(payload) else {
             return;
         };
-        let ours = self
-            .started
-            .as_ref()
-            .is_none_or(|s| s.connection_id == note.connection_id && s.attempt == note.attempt);
-        if !ours || self.ended {
+        if self.ended() {
             return;
         }
         if let Some(kind) = note.kind {
-            self.ended = matches!(kind, notification::Kind::Ended(_));
-            self.notes.push(kind);
+            self.notes.push((note.connection_id, note.attempt, kind));
         }
+    }
+
+    /// The notifications of the latest run.
+    fn of_run(&self) -> Vec<&notification::Kind> {
+        self.notes
+            .iter()
+            .filter(|(c, a, _)| {
+                self.started
+                    .as_ref()
+                    .is_none_or(|s| s.connection_id == *c && s.attempt == *a)
+            })
+            .map(|(_, _, kind)| kind)
+            .collect()
+    }
+
+    /// Whether the latest run ended.
+    fn ended(&self) -> bool {
+        self.of_run()
+            .iter()
+            .any(|kind| matches!(kind, notification::Kind::Ended(_)))
     }
 }
 
@@ -172,19 +190,21 @@ pub(crate) async fn run(attach: Attach) {
         );
         return;
     };
+    let replayed = run.of_run().len();
     if let Some(id) = &reply_id
         && !send(rpc::result(
             id,
-            &json!({"cmd_id": cmd_id, "status": "Attached", "replayed": run.notes.len(), "running": !run.ended}),
+            &json!({"cmd_id": cmd_id, "status": "Attached", "replayed": replayed, "running": !run.ended()}),
         ))
     {
         return;
     }
-    for kind in &run.notes {
+    for kind in run.of_run() {
         if !send(rpc::notification(&cmd_id, kind)) {
             return;
         }
     }
+    let mut sent = replayed;
     let deadline = tokio::time::Instant::now()
         + Duration::from_millis(
             started
@@ -192,7 +212,7 @@ pub(crate) async fn run(attach: Attach) {
                 .saturating_sub(callapi_kit::unix_ms()),
         )
         + GRACE;
-    while !run.ended {
+    while !run.ended() {
         let next = tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep_until(deadline) => None,
@@ -205,13 +225,14 @@ pub(crate) async fn run(attach: Attach) {
             }
             return;
         };
-        let before = run.notes.len();
         run.take(&message.subject, &message.payload);
-        for kind in &run.notes[before.min(run.notes.len())..] {
+        let now = run.of_run();
+        for kind in now.iter().skip(sent) {
             if !send(rpc::notification(&cmd_id, kind)) {
                 return;
             }
         }
+        sent = now.len();
     }
 }
 
@@ -247,6 +268,17 @@ mod tests {
     const NOTE: &str = "callapi.v1.notify.acme.gw.Yw";
 
     #[test]
+    fn notifications_logged_before_their_start_record_are_kept() {
+        let ended = || notification::Kind::Ended(CommandEnded {});
+        let mut run = Run::default();
+        // A fast command: its Ended is logged before the gateway's start record.
+        run.take(NOTE, &note("conn-1", 1, ended()));
+        run.take(LOG, &started("conn-1", 1));
+        assert_eq!(run.of_run().len(), 1);
+        assert!(run.ended());
+    }
+
+    #[test]
     fn the_latest_run_of_a_cmd_id_is_the_one_attached_to() {
         let event = || notification::Kind::Event(CommandEvent::default());
         let ended = || notification::Kind::Ended(CommandEnded {});
@@ -254,20 +286,20 @@ mod tests {
         run.take(LOG, &started("conn-1", 1));
         run.take(NOTE, &note("conn-1", 1, event()));
         run.take(NOTE, &note("conn-1", 1, ended()));
-        assert!(run.ended);
+        assert!(run.ended());
         // The same cmd_id used again by another connection: a new run.
         run.take(LOG, &started("conn-2", 1));
-        assert!(!run.ended && run.notes.is_empty());
+        assert!(!run.ended() && run.of_run().is_empty());
         // A late notification of the old run is not this run's.
         run.take(NOTE, &note("conn-1", 1, event()));
-        assert!(run.notes.is_empty());
+        assert!(run.of_run().is_empty());
         run.take(NOTE, &note("conn-2", 1, event()));
         run.take(NOTE, &note("conn-2", 1, ended()));
         run.take(NOTE, &note("conn-2", 1, event()));
-        assert_eq!(run.notes.len(), 2);
-        assert!(run.ended);
+        assert_eq!(run.of_run().len(), 2);
+        assert!(run.ended());
         // Garbage is ignored.
         run.take(NOTE, b"\xff\xff");
-        assert_eq!(run.notes.len(), 2);
+        assert_eq!(run.of_run().len(), 2);
     }
 }

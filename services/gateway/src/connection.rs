@@ -163,6 +163,7 @@ pub(crate) async fn serve(socket: WebSocket, shared: Arc<Shared>, access: Access
     // The connection's call event feed (`Subscribe`), if any.
     let feed: Mutex<Option<CancellationToken>> = Mutex::new(None);
     let detach = CancellationToken::new();
+    let attached = Mutex::new(std::collections::HashMap::new());
     tracing::debug!(%connection_id, "client connected");
     let (ping_written, ping_watch) = tokio::sync::watch::channel(None);
     let writer = tokio::spawn(write_loop(
@@ -189,6 +190,7 @@ pub(crate) async fn serve(socket: WebSocket, shared: Arc<Shared>, access: Access
             access: &access,
             feed: &feed,
             detach: &detach,
+            attached: &attached,
         },
         limits,
     )
@@ -270,6 +272,8 @@ struct Client<'a> {
     feed: &'a Mutex<Option<CancellationToken>>,
     /// Cancelled when the connection ends: its `CommandAttach` feeds stop.
     detach: &'a CancellationToken,
+    /// The commands followed by `CommandAttach`, by `cmd_id` (cancelled once done).
+    attached: &'a Mutex<std::collections::HashMap<String, CancellationToken>>,
 }
 
 /// Reads requests until the client leaves, is killed, stays silent, or the gateway stops.
@@ -393,8 +397,13 @@ fn handle_text(client: &Client<'_>, text: &str) -> Option<String> {
             start_command(client, call)
         }
         Ok(Request::Query(query)) => {
-            if !client.access.may(Scope::CallsRead) {
-                return client.access.refuse(query.id.as_ref()?, Scope::CallsRead);
+            // Following a command is for those who may run commands.
+            let scope = match query.query {
+                Query::Attach(_) => Scope::CallsControl,
+                _ => Scope::CallsRead,
+            };
+            if !client.access.may(scope) {
+                return client.access.refuse(query.id.as_ref()?, scope);
             }
             answer_query(client, query)
         }
@@ -485,14 +494,39 @@ fn answer_query(client: &Client<'_>, call: QueryCall) -> Option<String> {
                     "the command log is off on this gateway (command_log.enabled)",
                 ));
             }
-            tokio::spawn(crate::attach::run(crate::attach::Attach {
+            // As many at once as commands in flight: a second attach to the same cmd_id replaces
+            // the first.
+            let stop = client.detach.child_token();
+            {
+                let Ok(mut attached) = client.attached.lock() else {
+                    return None;
+                };
+                attached.retain(|_, token| !token.is_cancelled());
+                if let Some(old) = attached.insert(cmd_id.clone(), stop.clone()) {
+                    old.cancel();
+                } else if attached.len() > client.shared.config.max_commands_per_connection {
+                    attached.remove(&cmd_id);
+                    let id = call.id?;
+                    return Some(rpc::error(
+                        &id,
+                        code::TOO_MANY_COMMANDS,
+                        "too many commands followed on this connection: wait for one to end",
+                    ));
+                }
+            }
+            let done = stop.clone();
+            let run = crate::attach::run(crate::attach::Attach {
                 nats: client.shared.nats.clone(),
                 tenant: client.origin.tenant().to_owned(),
                 cmd_id,
                 reply_id: call.id,
                 outbox: client.outbox.clone(),
-                stop: client.detach.clone(),
-            }));
+                stop,
+            });
+            tokio::spawn(async move {
+                run.await;
+                done.cancel();
+            });
             return None;
         }
         Query::Unsubscribe => {

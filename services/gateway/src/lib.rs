@@ -97,6 +97,20 @@ pub struct CommandLogConfig {
     pub max_age_secs: u64,
     /// Replicas of the stream when created (3 in a JetStream cluster).
     pub replicas: usize,
+    /// Keep it in memory (the default: cheaper; a nats-server restart forgets it) or on disk
+    /// (`file`).
+    pub storage: LogStorage,
+}
+
+/// Where the command log is kept.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogStorage {
+    /// In nats-server's memory.
+    #[default]
+    Memory,
+    /// On nats-server's disk.
+    File,
 }
 
 impl Default for CommandLogConfig {
@@ -105,6 +119,7 @@ impl Default for CommandLogConfig {
             enabled: true,
             max_age_secs: 900,
             replicas: 1,
+            storage: LogStorage::Memory,
         }
     }
 }

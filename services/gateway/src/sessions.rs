@@ -44,6 +44,8 @@ pub struct SessionView {
     /// The last record of every call seen, by `<tenant>/<Call-ID>`, kept [`RECENT_MS`] after
     /// the call left the store (what a webhook's CDR tells of a call that just ended).
     recent: Entries<CallRecord>,
+    /// When each call of `recent` was first seen gone from the store, Unix milliseconds.
+    gone_at: Entries<u64>,
 }
 
 /// How long a call's last record is kept after it left the store.
@@ -206,10 +208,16 @@ impl SessionView {
                 .collect(),
             Err(_) => return,
         };
-        if let Ok(mut recent) = self.recent.write() {
-            recent.retain(|key, r| {
-                live_calls.contains(key) || now_ms.saturating_sub(r.updated_at_ms) <= RECENT_MS
+        if let (Ok(mut recent), Ok(mut gone_at)) = (self.recent.write(), self.gone_at.write()) {
+            recent.retain(|key, _| {
+                if live_calls.contains(key) {
+                    gone_at.remove(key);
+                    return true;
+                }
+                let gone = *gone_at.entry(key.clone()).or_insert(now_ms);
+                now_ms.saturating_sub(gone) <= RECENT_MS
             });
+            gone_at.retain(|key, _| recent.contains_key(key));
         }
         let live: std::collections::HashSet<String> = match self.records.read() {
             Ok(records) => records

@@ -316,6 +316,11 @@ pub(crate) async fn run(feed: Feed) {
             if item.seq <= done {
                 continue;
             }
+            if item.seq > done + 1 {
+                // The shared feed began after this subscriber's start: the ones between come
+                // from its own consumer.
+                break;
+            }
             done = item.seq;
             let picked = wanted(&filter, &item.event)
                 && match &filter.extension {

@@ -378,6 +378,7 @@ impl Delivery {
     /// Takes the tenant's events from the shared consumer until `stop`, opening it again
     /// after an error.
     async fn run(self, stop: CancellationToken) {
+        self.check_secrets();
         let mut pause = Duration::from_millis(500);
         loop {
             match self.follow(&stop).await {
@@ -391,6 +392,20 @@ impl Delivery {
                 _ = tokio::time::sleep(pause) => {}
             }
             pause = (pause * 2).min(Duration::from_secs(10));
+        }
+    }
+
+    /// Logs (by name, never value) the variables the tenant's webhook names that are unset.
+    fn check_secrets(&self) {
+        let named = [
+            self.webhook.password_env.as_deref(),
+            self.webhook.token_env.as_deref(),
+            self.webhook.secret_env.as_deref(),
+        ];
+        for name in named.into_iter().flatten() {
+            if std::env::var(name).map_or(true, |v| v.is_empty()) {
+                tracing::error!(tenant = %self.tenant, variable = name, "the webhook names an environment variable this gateway does not have: its requests go without it");
+            }
         }
     }
 
@@ -418,7 +433,10 @@ impl Delivery {
             )
             .await
             .map_err(|e| format!("webhook consumer: {e}"))?;
+        // A few at a time: each waits its turn here, and its ack_wait runs from its delivery.
         let mut messages = consumer
+            .stream()
+            .max_messages_per_batch(4)
             .messages()
             .await
             .map_err(|e| format!("webhook consumer: {e}"))?;
@@ -494,7 +512,10 @@ impl Delivery {
         };
         let mut facts = lookup();
         if event.kind() == CallEventKind::Created {
-            let until = tokio::time::Instant::now() + PARTIES_WAIT;
+            // Counted from the event: a delivery that comes late does not wait again.
+            let due_ms = event.at_ms.saturating_add(PARTIES_WAIT.as_millis() as u64);
+            let left = Duration::from_millis(due_ms.saturating_sub(callapi_kit::unix_ms()));
+            let until = tokio::time::Instant::now() + left.min(PARTIES_WAIT);
             while facts.caller.is_empty() && tokio::time::Instant::now() < until {
                 tokio::time::sleep(Duration::from_millis(25)).await;
                 facts = lookup();
@@ -566,7 +587,7 @@ impl Delivery {
             "kind": event.kind().protocol_name(),
             "session_id": event.session_id.to_string(),
             "callid": event.callid,
-            "url": self.webhook.url,
+            "url": without_userinfo(&self.webhook.url),
             "attempts": attempts,
             "status": failure.status,
             "error": failure.reason,
@@ -581,6 +602,18 @@ impl Delivery {
             Ok(ack) => ack.await.is_ok(),
             Err(_) => false,
         }
+    }
+}
+
+/// `url` without user and password, if it carries them.
+fn without_userinfo(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => format!("{scheme}://{}", &rest[at + 1..]),
+        None => url.to_owned(),
     }
 }
 
@@ -778,6 +811,18 @@ mod tests {
         let signed = signature(b"key", 1_700_000_000, b"{}");
         let expected = hmac_sha256_hex(b"key", &[b"1700000000.{}"]);
         assert_eq!(signed, format!("t=1700000000,v1={expected}"));
+    }
+
+    #[test]
+    fn dead_letters_show_the_url_without_credentials() {
+        assert_eq!(
+            without_userinfo("https://crm:s3cret@crm.example/hook?x=a@b"),
+            "https://crm.example/hook?x=a@b"
+        );
+        assert_eq!(
+            without_userinfo("https://crm.example/hook"),
+            "https://crm.example/hook"
+        );
     }
 
     #[test]

@@ -64,7 +64,7 @@ struct Args {
     /// clients follow the call events while rejected dialogs (two call events each) are sent
     /// to event-ingest at that rate (the bench's own clients share the host: keep
     /// subscribers × rate × 2 within what they can read).
-    #[arg(long, value_delimiter = ',', default_value = "10:10000,100:2000", value_parser = parse_fanout_run)]
+    #[arg(long, value_delimiter = ',', default_value = "10:10000,100:1000", value_parser = parse_fanout_run)]
     fanout_runs: Vec<(usize, u64)>,
     /// Rejected dialogs sent per fan-out run.
     #[arg(long, default_value_t = 10_000)]
