@@ -169,11 +169,7 @@ impl WsClient {
         quiet: Duration,
         ready: tokio::sync::oneshot::Sender<()>,
     ) -> Result<(u64, bool)> {
-        let request = json!({"jsonrpc": "2.0", "id": "sub", "method": "Subscribe", "params": {}});
-        self.socket
-            .send(Message::Text(request.to_string().into()))
-            .await
-            .map_err(|e| BenchError::Protocol(format!("send: {e}")))?;
+        self.send_subscribe().await?;
         let (mut count, mut ordered, mut last, mut ready) = (0u64, true, 0u64, Some(ready));
         loop {
             let wait = if stop.is_cancelled() {
@@ -188,28 +184,25 @@ impl WsClient {
             let Ok(Some(Ok(Message::Text(text)))) = next else {
                 return Ok((count, ordered));
             };
-            let Ok(message) = serde_json::from_str::<Value>(&text) else {
+            let Some(event) = call_event(&text, &mut ready)? else {
                 continue;
             };
-            if message["id"] == "sub" {
-                if message["result"]["subscribed"] != true {
-                    return Err(BenchError::Protocol(format!("Subscribe: {message}")));
-                }
-                if let Some(ready) = ready.take() {
-                    let _ = ready.send(());
-                }
-                continue;
-            }
-            if message["method"] != "CallEvent" {
-                continue;
-            }
-            let seq = message["params"]["seq"].as_u64().unwrap_or(0);
+            let seq = event["seq"].as_u64().unwrap_or(0);
             ordered &= seq > last;
             last = seq;
-            if matches!(message["params"]["kind"].as_str(), Some("held" | "resumed")) {
+            if matches!(event["kind"].as_str(), Some("held" | "resumed")) {
                 count += 1;
             }
         }
+    }
+
+    /// Asks for the tenant's call events (the answer's id is `sub`).
+    async fn send_subscribe(&mut self) -> Result<()> {
+        let request = json!({"jsonrpc": "2.0", "id": "sub", "method": "Subscribe", "params": {}});
+        self.socket
+            .send(Message::Text(request.to_string().into()))
+            .await
+            .map_err(|e| BenchError::Protocol(format!("send: {e}")))
     }
 
     /// Subscribes to the tenant's call events (telling `ready` once subscribed), then counts
@@ -223,11 +216,7 @@ impl WsClient {
         quiet: Duration,
         ready: tokio::sync::oneshot::Sender<()>,
     ) -> Result<(u64, bool, std::time::Instant)> {
-        let request = json!({"jsonrpc": "2.0", "id": "sub", "method": "Subscribe", "params": {}});
-        self.socket
-            .send(Message::Text(request.to_string().into()))
-            .await
-            .map_err(|e| BenchError::Protocol(format!("send: {e}")))?;
+        self.send_subscribe().await?;
         let (mut count, mut ordered, mut last, mut ready) = (0u64, true, 0u64, Some(ready));
         let mut last_at = std::time::Instant::now();
         while count < expected {
@@ -241,25 +230,13 @@ impl WsClient {
             else {
                 break;
             };
-            let Ok(message) = serde_json::from_str::<Value>(&text) else {
+            let Some(event) = call_event(&text, &mut ready)? else {
                 continue;
             };
-            if message["id"] == "sub" {
-                if message["result"]["subscribed"] != true {
-                    return Err(BenchError::Protocol(format!("Subscribe: {message}")));
-                }
-                if let Some(ready) = ready.take() {
-                    let _ = ready.send(());
-                }
-                continue;
-            }
-            if message["method"] != "CallEvent" {
-                continue;
-            }
-            let seq = message["params"]["seq"].as_u64().unwrap_or(0);
+            let seq = event["seq"].as_u64().unwrap_or(0);
             ordered &= seq > last;
             last = seq;
-            if message["params"]["callid"]
+            if event["callid"]
                 .as_str()
                 .is_some_and(|c| c.starts_with(prefix))
             {
@@ -274,4 +251,29 @@ impl WsClient {
     pub async fn close(mut self, timeout: Duration) {
         let _ = tokio::time::timeout(timeout, self.socket.close(None)).await;
     }
+}
+
+/// What a subscriber's message is: the params of a `CallEvent` notification, or nothing (the
+/// `Subscribe` answer, which tells `ready`, or anything else); an error if the subscription was
+/// refused.
+fn call_event(
+    text: &str,
+    ready: &mut Option<tokio::sync::oneshot::Sender<()>>,
+) -> Result<Option<Value>> {
+    let Ok(mut message) = serde_json::from_str::<Value>(text) else {
+        return Ok(None);
+    };
+    if message["id"] == "sub" {
+        if message["result"]["subscribed"] != true {
+            return Err(BenchError::Protocol(format!("Subscribe: {message}")));
+        }
+        if let Some(ready) = ready.take() {
+            let _ = ready.send(());
+        }
+        return Ok(None);
+    }
+    if message["method"] != "CallEvent" {
+        return Ok(None);
+    }
+    Ok(Some(message["params"].take()))
 }

@@ -13,6 +13,7 @@ use prost::Message as _;
 use serde_json::json;
 
 use crate::commands::call;
+use crate::event_fanout::inject;
 
 /// A consumer of `tenant`'s call events from the start of the stream.
 async fn consumer(
@@ -399,24 +400,9 @@ async fn server_sent_events_resume_with_last_event_id() {
 async fn a_nats_restart_under_steady_event_load_loses_no_stream_event() {
     const DIALOGS: usize = 1_500;
     let mut stack = Stack::start().await;
-    let to = stack
-        .event_socket
-        .strip_prefix("udp:")
-        .expect("udp event socket")
-        .to_owned();
     // A steady load: a dialog rejected (two call events: created, ended) every 2 ms, about
     // 3 s in all, while nats-server is killed after 1 s and started again 1 s later.
-    let sender = std::thread::spawn(move || {
-        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        for i in 0..DIALOGS {
-            let datagram = json!({"jsonrpc": "2.0", "method": "E_DLG_STATE_CHANGED", "params": {
-                "id": format!("1.{i}"), "db_id": "9", "callid": format!("load-{i}@example"),
-                "from_tag": "a", "to_tag": "", "old_state": 1, "new_state": 5}})
-            .to_string();
-            socket.send_to(datagram.as_bytes(), &to).unwrap();
-            std::thread::sleep(Duration::from_millis(2));
-        }
-    });
+    let sender = inject(&stack, "load", DIALOGS, Duration::from_millis(2));
     tokio::time::sleep(Duration::from_secs(1)).await;
     stack.nats.stop().await;
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -424,14 +410,21 @@ async fn a_nats_restart_under_steady_event_load_loses_no_stream_event() {
     tokio::task::spawn_blocking(move || sender.join().unwrap())
         .await
         .unwrap();
+    assert_stream_holds_every_dialog(&stack, "load", DIALOGS).await;
+}
 
-    // Every dialog's two events are in the stream, once each, numbered with no gap.
+/// Asserts that the default tenant's stream holds the two events (created, ended) of every
+/// dialog `<prefix>-<n>@example` [`inject`] sent, once each, numbered with no gap.
+async fn assert_stream_holds_every_dialog(stack: &Stack, prefix: &str, dialogs: usize) {
     let mut events = Vec::new();
     for _ in 0..60 {
-        let consumer = consumer(&stack, "default").await;
-        events = drain(&consumer, Duration::from_millis(500)).await;
-        if events.len() >= 2 * DIALOGS {
-            break;
+        if let Ok(consumer) =
+            tokio::time::timeout(Duration::from_secs(5), consumer(stack, "default")).await
+        {
+            events = drain(&consumer, Duration::from_millis(500)).await;
+            if events.len() >= 2 * dialogs {
+                break;
+            }
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
@@ -445,8 +438,8 @@ async fn a_nats_restart_under_steady_event_load_loses_no_stream_event() {
             .or_default()
             .push(event.kind());
     }
-    let missing: Vec<String> = (0..DIALOGS)
-        .map(|i| format!("load-{i}@example"))
+    let missing: Vec<String> = (0..dialogs)
+        .map(|i| format!("{prefix}-{i}@example"))
         .filter(|callid| {
             per_dialog.get(callid.as_str()).map(Vec::as_slice)
                 != Some(&[CallEventKind::Created, CallEventKind::Ended][..])
@@ -454,7 +447,7 @@ async fn a_nats_restart_under_steady_event_load_loses_no_stream_event() {
         .collect();
     assert!(
         missing.is_empty(),
-        "{} of {DIALOGS} dialogs without exactly created, ended: {:?}; ingest log: {}",
+        "{} of {dialogs} dialogs without exactly created, ended: {:?}; ingest log: {}",
         missing.len(),
         &missing[..missing.len().min(10)],
         stack.ingest.logs()
@@ -471,24 +464,9 @@ async fn a_three_node_jetstream_cluster_loses_no_event_while_each_node_restarts_
         ..Default::default()
     })
     .await;
-    let to = stack
-        .event_socket
-        .strip_prefix("udp:")
-        .expect("udp event socket")
-        .to_owned();
     // A steady load, about 6 s, while each of the three servers is killed and started again
     // in turn (whichever one event-ingest is connected to, and the streams' leaders, go too).
-    let sender = std::thread::spawn(move || {
-        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        for i in 0..DIALOGS {
-            let datagram = json!({"jsonrpc": "2.0", "method": "E_DLG_STATE_CHANGED", "params": {
-                "id": format!("3.{i}"), "db_id": "9", "callid": format!("cluster-{i}@example"),
-                "from_tag": "a", "to_tag": "", "old_state": 1, "new_state": 5}})
-            .to_string();
-            socket.send_to(datagram.as_bytes(), &to).unwrap();
-            std::thread::sleep(Duration::from_millis(4));
-        }
-    });
+    let sender = inject(&stack, "cluster", DIALOGS, Duration::from_millis(4));
     for n in 0..3 {
         tokio::time::sleep(Duration::from_millis(700)).await;
         let server = if n == 0 {
@@ -505,41 +483,7 @@ async fn a_three_node_jetstream_cluster_loses_no_event_while_each_node_restarts_
         .unwrap();
 
     // Every dialog's two events are in the replicated stream, once each, with no gap.
-    let mut events = Vec::new();
-    for _ in 0..60 {
-        if let Ok(consumer) =
-            tokio::time::timeout(Duration::from_secs(5), consumer(&stack, "default")).await
-        {
-            events = drain(&consumer, Duration::from_millis(500)).await;
-            if events.len() >= 2 * DIALOGS {
-                break;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-    let seqs: Vec<u64> = events.iter().map(|(seq, _, _)| *seq).collect();
-    assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>());
-    let mut per_dialog: std::collections::HashMap<&str, Vec<CallEventKind>> =
-        std::collections::HashMap::new();
-    for (_, _, event) in &events {
-        per_dialog
-            .entry(event.callid.as_str())
-            .or_default()
-            .push(event.kind());
-    }
-    let missing: Vec<String> = (0..DIALOGS)
-        .map(|i| format!("cluster-{i}@example"))
-        .filter(|callid| {
-            per_dialog.get(callid.as_str()).map(Vec::as_slice)
-                != Some(&[CallEventKind::Created, CallEventKind::Ended][..])
-        })
-        .collect();
-    assert!(
-        missing.is_empty(),
-        "{} of {DIALOGS} dialogs without exactly created, ended: {:?}",
-        missing.len(),
-        &missing[..missing.len().min(10)],
-    );
+    assert_stream_holds_every_dialog(&stack, "cluster", DIALOGS).await;
     let logs = stack.ingest.logs();
     eprintln!(
         "event-ingest: {} NATS disconnections, {} rounds of unacknowledged events sent again",

@@ -16,7 +16,7 @@ use crate::gateway_hardening::{client_frame, gateway_addr, upgrade};
 
 /// Sends `count` rejected dialogs `<prefix>-<n>@example` (two call events each: created,
 /// ended) to event-ingest, one every `pace`, from a thread of its own.
-fn inject(
+pub(crate) fn inject(
     stack: &Stack,
     prefix: &str,
     count: usize,
