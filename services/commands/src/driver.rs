@@ -71,6 +71,8 @@ struct Begin {
     /// Inputs to feed before waiting for anything (a resumed flow's losses).
     inputs: VecDeque<Input>,
     fresh: bool,
+    /// The checkpoint's revision this replica wrote last (a resumed flow's: its claim's).
+    revision: Option<u64>,
 }
 
 /// The checkpoint's view of the flow, borrowed (read back as `takeover::FlowState`).
@@ -97,6 +99,7 @@ pub async fn drive(ctx: Context, flow: Flow, deadline: Duration) {
         timers: HashMap::new(),
         inputs: VecDeque::new(),
         fresh: true,
+        revision: None,
     };
     run(ctx, flow, begin).await;
 }
@@ -108,6 +111,7 @@ pub async fn resume(
     ctx: Context,
     state: crate::takeover::FlowState,
     checkpoint: &callapi_proto::v1::FlowCheckpoint,
+    revision: u64,
 ) {
     let now_ms = callapi_kit::unix_ms();
     let at = |unix_ms: u64| Instant::now() + Duration::from_millis(unix_ms.saturating_sub(now_ms));
@@ -133,6 +137,7 @@ pub async fn resume(
             .collect(),
         inputs,
         fresh: false,
+        revision: Some(revision),
     };
     run(ctx, state.flow, begin).await;
 }
@@ -149,6 +154,7 @@ async fn run(ctx: Context, mut flow: Flow, begin: Begin) {
         mut timers,
         mut inputs,
         fresh,
+        mut revision,
     } = begin;
     let hard_stop = deadline_at + GRACE;
     let mut events: SelectAll<async_nats::Subscriber> = SelectAll::new();
@@ -305,7 +311,14 @@ async fn run(ctx: Context, mut flow: Flow, begin: Begin) {
                         watched: watched.clone(),
                         state_json,
                     };
-                    checkpoints.save(&key, &checkpoint).await;
+                    match checkpoints.save(&key, &checkpoint, revision).await {
+                        crate::takeover::Saved::Kept(now) => revision = Some(now),
+                        crate::takeover::Saved::TakenOver => {
+                            tracing::warn!(cmd_id = %ctx.cmd_id, "command taken over by another replica meanwhile; leaving it to it");
+                            return;
+                        }
+                        crate::takeover::Saved::NotNow => {}
+                    }
                 }
                 Err(err) => tracing::warn!(%err, "flow state not serialisable"),
             }
@@ -338,14 +351,7 @@ async fn run(ctx: Context, mut flow: Flow, begin: Begin) {
             Ok(()) = disconnects.changed() => {
                 tracing::warn!(cmd_id = %ctx.cmd_id, "NATS connection lost during the command: events may be missing");
                 // Cut off long enough, this replica may have been taken for dead and the
-                // command taken over: then the other replica runs it, not this one.
-                if kept
-                    && let Some(checkpoints) = &ctx.checkpoints
-                    && !checkpoints.still_owned(&key).await
-                {
-                    tracing::warn!(cmd_id = %ctx.cmd_id, "command taken over by another replica meanwhile; leaving it to it");
-                    return;
-                }
+                // command taken over: its next checkpoint finds out (compare-and-set).
                 Input::ContactLost
             }
             _ = tokio::time::sleep_until(keep_from), if !kept && ctx.checkpoints.is_some() => {

@@ -223,7 +223,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
                     disconnects: disconnects.clone(),
                     checkpoints: checkpoints.clone(),
                 };
-                running.spawn(async move { driver::resume(ctx, state, &checkpoint).await });
+                let revision = taken.revision;
+                running.spawn(async move { driver::resume(ctx, state, &checkpoint, revision).await });
             }
             message = intake.next() => {
                 let Some(message) = message else { break };

@@ -4,7 +4,8 @@
 //! `callapi.v1.replica.<id>.alive` while it lives. Every replica looks at the bucket every
 //! `scan_interval_ms`: a checkpoint whose owner has not answered for three scans in a row (no
 //! responders: its connection is gone) is claimed with a compare-and-set, so one replica only
-//! takes it, and its flow resumes there. The MI requests that were in flight are told lost (the
+//! takes it, and its flow resumes there. The owner writes each checkpoint over the revision it
+//! wrote last: one that was only cut off and comes back finds the command taken and leaves it. The MI requests that were in flight are told lost (the
 //! flows then ask OpenSIPS what became of the dialog, as they do when proxy-connector goes
 //! away) and the events of the gap possibly missed; the command still ends within its deadline.
 
@@ -22,6 +23,8 @@ use crate::flow::{Flow, Step, Timer};
 
 /// The bucket of checkpoints.
 pub const BUCKET: &str = "callapi_flows";
+/// Longest a flow waits to keep its checkpoint (then it is kept at a later step).
+const SAVE_WITHIN: Duration = Duration::from_millis(250);
 /// Scans in a row an owner must miss before its commands are taken over (a replica that only
 /// reconnects to NATS answers again within them).
 const STRIKES: u32 = 3;
@@ -64,6 +67,17 @@ pub struct FlowState {
     pub timers: Vec<(Timer, u64)>,
 }
 
+/// What keeping a checkpoint found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Saved {
+    /// Kept, at this revision.
+    Kept(u64),
+    /// Another replica owns the command now: this one must leave it.
+    TakenOver,
+    /// Not kept (NATS away): tried again at the next step.
+    NotNow,
+}
+
 /// Where this replica keeps its checkpoints. Cheap to clone.
 #[derive(Clone)]
 pub struct Checkpoints {
@@ -86,27 +100,43 @@ impl Checkpoints {
         )
     }
 
-    /// Keeps `checkpoint` (published without waiting: the next step's replaces it).
-    pub async fn save(&self, key: &str, checkpoint: &FlowCheckpoint) {
-        let subject = format!("$KV.{BUCKET}.{key}");
-        if let Err(err) = self
-            .client
-            .publish(subject, checkpoint.encode_to_vec().into())
-            .await
-        {
-            tracing::debug!(%err, "checkpoint not kept");
+    /// Keeps `checkpoint` over the revision this replica wrote last (`None`: the first), so a
+    /// replica that lost the command to another finds out at its next step.
+    pub async fn save(
+        &self,
+        key: &str,
+        checkpoint: &FlowCheckpoint,
+        revision: Option<u64>,
+    ) -> Saved {
+        // The flow never waits for NATS: away, or slow to answer, it is kept at a later step.
+        if self.client.connection_state() != async_nats::connection::State::Connected {
+            return Saved::NotNow;
         }
-    }
-
-    /// Whether the command's checkpoint still names this replica (false if another took the
-    /// command over while this one was cut off from NATS; an unreadable bucket counts as yes).
-    pub async fn still_owned(&self, key: &str) -> bool {
-        match self.store.entry(key).await {
-            Ok(Some(entry)) if entry.operation == kv::Operation::Put => {
-                FlowCheckpoint::decode(entry.value.as_ref())
-                    .map_or(true, |c| c.owner == self.replica)
+        let value: bytes::Bytes = checkpoint.encode_to_vec().into();
+        let write = async {
+            match revision {
+                None => self.store.create(key, value).await.map_err(|e| {
+                    matches!(e.kind(), kv::CreateErrorKind::AlreadyExists)
+                        .then_some(())
+                        .ok_or(e.to_string())
+                }),
+                Some(revision) => self.store.update(key, value, revision).await.map_err(|e| {
+                    matches!(e.kind(), kv::UpdateErrorKind::WrongLastRevision)
+                        .then_some(())
+                        .ok_or(e.to_string())
+                }),
             }
-            _ => true,
+        };
+        let result = tokio::time::timeout(SAVE_WITHIN, write)
+            .await
+            .unwrap_or_else(|_| Err(Err("no answer in time".to_owned())));
+        match result {
+            Ok(revision) => Saved::Kept(revision),
+            Err(Ok(())) => Saved::TakenOver,
+            Err(Err(err)) => {
+                tracing::debug!(%err, "checkpoint not kept; kept at the next step");
+                Saved::NotNow
+            }
         }
     }
 
@@ -178,6 +208,8 @@ pub struct Claimed {
     pub key: String,
     /// What it holds (owner now this replica).
     pub checkpoint: FlowCheckpoint,
+    /// The revision the claim wrote.
+    pub revision: u64,
 }
 
 /// Looks at the checkpoints every `scan_interval` and hands over, through `claimed`, those
@@ -233,9 +265,14 @@ pub async fn watch(
                 .update(&key, checkpoint.encode_to_vec().into(), revision)
                 .await
             {
-                Ok(_) => {
+                Ok(revision) => {
                     tracing::warn!(cmd_id = %checkpoint.cmd_id, tenant = %checkpoint.tenant, from = %previous, "took over a command whose replica is gone");
-                    if claimed.send(Claimed { key, checkpoint }).await.is_err() {
+                    let taken = Claimed {
+                        key,
+                        checkpoint,
+                        revision,
+                    };
+                    if claimed.send(taken).await.is_err() {
                         return;
                     }
                 }
