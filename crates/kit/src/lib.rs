@@ -7,6 +7,7 @@ pub mod calls;
 pub mod config;
 pub mod mi;
 pub mod nats;
+pub mod ops;
 pub mod secret;
 pub mod shutdown;
 pub mod sip_uri;

@@ -59,6 +59,7 @@ pub async fn connect_watched(
         .retry_on_initial_connect()
         .event_callback(move |event| {
             if matches!(event, async_nats::Event::Disconnected) {
+                metrics::counter!("callapi_nats_disconnects_total").increment(1);
                 disconnects.send_modify(|count| *count += 1);
             }
             async move {

@@ -27,7 +27,7 @@ pub fn metrics() -> Option<PrometheusHandle> {
                     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
                     10.0, 30.0, 60.0,
                 ])
-                .and_then(|builder| builder.install_recorder().map_err(Into::into))
+                .and_then(|builder| builder.install_recorder())
             {
                 Ok(handle) => Some(handle),
                 Err(err) => {
@@ -37,6 +37,41 @@ pub fn metrics() -> Option<PrometheusHandle> {
             }
         })
         .clone()
+}
+
+/// Named conditions a service keeps up to date (a node reachable, a node subscribed…), for its
+/// readiness. Cheap to clone.
+#[derive(Clone, Default)]
+pub struct Checks(Arc<std::sync::Mutex<std::collections::BTreeMap<String, bool>>>);
+
+impl Checks {
+    /// Records whether `name` holds.
+    pub fn set(&self, name: &str, holds: bool) {
+        if let Ok(mut checks) = self.0.lock() {
+            checks.insert(name.to_owned(), holds);
+        }
+    }
+
+    /// The names that do not hold now.
+    pub fn failing(&self) -> Vec<String> {
+        self.0.lock().map_or_else(
+            |_| Vec::new(),
+            |checks| {
+                checks
+                    .iter()
+                    .filter(|(_, holds)| !**holds)
+                    .map(|(name, _)| name.clone())
+                    .collect()
+            },
+        )
+    }
+
+    /// Whether at least one holds (false before any was recorded).
+    pub fn any_holds(&self) -> bool {
+        self.0
+            .lock()
+            .is_ok_and(|checks| checks.values().any(|h| *h))
+    }
 }
 
 /// The readiness every service shares: its NATS connection is up.

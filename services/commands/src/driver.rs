@@ -59,6 +59,8 @@ pub struct Context {
     /// Where the flow's progress is kept for another replica to take it over (`None`: not
     /// kept).
     pub checkpoints: Option<crate::takeover::Checkpoints>,
+    /// The command's kind, as its subject names it (a metrics label).
+    pub kind: &'static str,
 }
 
 /// How a flow's run begins: fresh, or resumed from another replica's checkpoint.
@@ -266,10 +268,15 @@ async fn run(ctx: Context, mut flow: Flow, begin: Begin) {
                     publish(&ctx, seq, notification::Kind::Event(event_of(note))).await;
                 }
                 Action::Fail(error) => {
+                    metrics::counter!("callapi_commands_failed_total", "kind" => ctx.kind, "code" => error.code.as_str_name()).increment(1);
                     seq += 1;
                     publish(&ctx, seq, notification::Kind::Error(error_of(error))).await;
                 }
                 Action::Finish => {
+                    metrics::counter!("callapi_commands_ended_total", "kind" => ctx.kind)
+                        .increment(1);
+                    metrics::histogram!("callapi_command_duration_seconds", "kind" => ctx.kind)
+                        .record(started.elapsed().as_secs_f64());
                     seq += 1;
                     publish(&ctx, seq, notification::Kind::Ended(CommandEnded {})).await;
                     if kept && let Some(checkpoints) = &ctx.checkpoints {
@@ -368,6 +375,8 @@ async fn run(ctx: Context, mut flow: Flow, begin: Begin) {
             }
             _ = tokio::time::sleep_until(hard_stop) => {
                 tracing::warn!(cmd_id = %ctx.cmd_id, "flow did not end after its deadline; ending it");
+                metrics::counter!("callapi_commands_failed_total", "kind" => ctx.kind, "code" => ErrorCode::Timeout.as_str_name()).increment(1);
+                metrics::counter!("callapi_commands_ended_total", "kind" => ctx.kind).increment(1);
                 seq += 1;
                 let error = ErrorNote::new(ErrorCode::Timeout, "the command did not complete in time", 0);
                 publish(&ctx, seq, notification::Kind::Error(error_of(error))).await;

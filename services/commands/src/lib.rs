@@ -35,6 +35,8 @@ pub struct Config {
     pub mi: MiSettings,
     /// `[takeover]`: commands of a replica that died finished by another.
     pub takeover: takeover::TakeoverConfig,
+    /// Where `/healthz`, `/readyz` and `/metrics` are served (none: not served).
+    pub ops_listen: Option<String>,
 }
 
 /// How MI requests in flight are watched, so a lost one is noticed within seconds.
@@ -79,6 +81,7 @@ impl Default for Config {
             deadlines: Deadlines::default(),
             mi: MiSettings::default(),
             takeover: takeover::TakeoverConfig::default(),
+            ops_listen: None,
         }
     }
 }
@@ -195,7 +198,17 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         .flush()
         .await
         .map_err(|e| Error::Nats(e.to_string()))?;
-    callapi_kit::announce_ready(&format!("node={} replica={replica}", config.node_id));
+    let mut ready = format!("node={} replica={replica}", config.node_id);
+    if let Some(listen) = &config.ops_listen {
+        let nats = client.clone();
+        let readiness: callapi_kit::ops::Readiness =
+            std::sync::Arc::new(move || callapi_kit::ops::nats_connected(&nats));
+        let bound = callapi_kit::ops::serve(listen, readiness, shutdown.clone())
+            .await
+            .map_err(Error::Config)?;
+        ready.push_str(&format!(" ops={bound}"));
+    }
+    callapi_kit::announce_ready(&ready);
 
     let mut running = tokio::task::JoinSet::new();
     loop {
@@ -222,7 +235,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
                     liveness: config.mi.liveness(),
                     disconnects: disconnects.clone(),
                     checkpoints: checkpoints.clone(),
+                    kind: "resumed",
                 };
+                metrics::counter!("callapi_commands_taken_over_total").increment(1);
                 let revision = taken.revision;
                 running.spawn(async move { driver::resume(ctx, state, &checkpoint, revision).await });
             }
@@ -309,7 +324,9 @@ fn accept(
         liveness: config.mi.liveness(),
         disconnects: disconnects.clone(),
         checkpoints: checkpoints.cloned(),
+        kind: intake::kind_of(&request).map_or("unknown", |k| k.token()),
     };
+    metrics::counter!("callapi_commands_started_total", "kind" => ctx.kind).increment(1);
     tracing::debug!(cmd_id = %request.cmd_id, tenant = %request.tenant, ?deadline, "command accepted");
     let deadline = Duration::from_millis(deadline);
     Ok((driver::drive(ctx, flow, deadline), deadline + driver::GRACE))

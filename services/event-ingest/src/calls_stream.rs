@@ -147,6 +147,7 @@ impl Publisher {
         match self.events.try_send(event) {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(_)) => {
+                metrics::counter!("callapi_call_events_dropped_total").increment(1);
                 let dropped = self
                     .dropped
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
@@ -223,6 +224,7 @@ async fn publish_all(
             acked = front_ack(&mut in_flight) => {
                 match acked {
                     Ok(_) => {
+                        metrics::counter!("callapi_call_events_published_total").increment(1);
                         in_flight.pop_front();
                     }
                     Err(err) => {

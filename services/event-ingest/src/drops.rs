@@ -210,6 +210,8 @@ impl Drops {
 
     /// Counts one drop, logging it now if nothing was logged within the interval.
     pub fn record(&self, why: Why, from: IpAddr, detail: &dyn fmt::Display) {
+        metrics::counter!("callapi_events_dropped_total", "node" => self.node_id.to_string(), "why" => format!("{why:?}"))
+            .increment(1);
         let report = self
             .log
             .lock()

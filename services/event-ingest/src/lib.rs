@@ -60,6 +60,8 @@ pub struct Config {
     /// tenants: each dialog's tenant is found by its SIP domain (`tenancy`), and a node's
     /// `tenant` is not used. Without it, every event of a node is its `tenant`'s.
     pub tenants_file: Option<String>,
+    /// Where `/healthz`, `/readyz` and `/metrics` are served (none: not served).
+    pub ops_listen: Option<String>,
 }
 
 impl Default for Config {
@@ -78,6 +80,7 @@ impl Default for Config {
             sessions: store::StoreConfig::default(),
             calls_stream: calls_stream::CallsStreamConfig::default(),
             tenants_file: None,
+            ops_listen: None,
         }
     }
 }
@@ -190,6 +193,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         None => None,
     };
     let mut tasks = tokio::task::JoinSet::new();
+    // Which nodes have our event subscriptions in place.
+    let subscribed = callapi_kit::ops::Checks::default();
     let publisher = if config.calls_stream.publish {
         if config.calls_stream.enabled {
             let jetstream = async_nats::jetstream::new(client.clone());
@@ -314,8 +319,33 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
                 expire_secs: config.expire_secs,
                 check_interval: Duration::from_millis(config.check_interval_ms.max(100)),
             },
+            subscribed.clone(),
             shutdown.clone(),
         ));
+    }
+    if let Some(listen) = &config.ops_listen {
+        let nats = client.clone();
+        // Ready while NATS is up and at least one node has our subscriptions.
+        let readiness: callapi_kit::ops::Readiness = std::sync::Arc::new(move || {
+            let mut reasons = callapi_kit::ops::nats_connected(&nats);
+            if !subscribed.any_holds() {
+                reasons.push("no OpenSIPS node has our event subscriptions yet".to_owned());
+                reasons.extend(
+                    subscribed
+                        .failing()
+                        .into_iter()
+                        .map(|node| format!("node {node}: subscriptions not checked")),
+                );
+            }
+            reasons
+        });
+        let bound = callapi_kit::ops::serve(listen, readiness, shutdown.clone())
+            .await
+            .map_err(|reason| Error::Node {
+                node: "*".to_owned(),
+                reason,
+            })?;
+        ready.push(format!("ops={bound}"));
     }
     callapi_kit::announce_ready(&ready.join(" "));
     while tasks.join_next().await.is_some() {}
@@ -397,6 +427,8 @@ struct Sink {
 impl Sink {
     async fn publish(&self, bytes: &[u8], from: &SocketAddr) {
         let received_at_ms = callapi_kit::unix_ms();
+        metrics::counter!("callapi_events_received_total", "node" => self.node_id.clone())
+            .increment(1);
         let (tenant, recorder, calls) = match &self.route {
             Route::Fixed {
                 tenant,

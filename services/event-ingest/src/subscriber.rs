@@ -30,11 +30,14 @@ pub struct Subscription {
 pub async fn keep_subscribed(
     client: MiClient,
     subscription: Subscription,
+    subscribed: callapi_kit::ops::Checks,
     shutdown: CancellationToken,
 ) {
     let mut node_was_up = true;
     loop {
-        match check_once(&client, &subscription).await {
+        let checked = check_once(&client, &subscription).await;
+        subscribed.set(&subscription.node_id, checked.is_ok());
+        match checked {
             Ok(renewed) => {
                 if !node_was_up {
                     tracing::info!(node = %subscription.node_id, "node answers again");

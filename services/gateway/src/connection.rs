@@ -162,6 +162,7 @@ pub(crate) async fn serve(socket: WebSocket, shared: Arc<Shared>, access: Access
         .attach(&access.tenant, Arc::new(outbox.clone()));
     // The connection's call event feed (`Subscribe`), if any.
     let feed: Mutex<Option<CancellationToken>> = Mutex::new(None);
+    metrics::gauge!("callapi_websocket_connections").increment(1.0);
     let detach = CancellationToken::new();
     let attached = Mutex::new(std::collections::HashMap::new());
     tracing::debug!(%connection_id, "client connected");
@@ -196,6 +197,7 @@ pub(crate) async fn serve(socket: WebSocket, shared: Arc<Shared>, access: Access
     )
     .await;
     drop(attachment);
+    metrics::gauge!("callapi_websocket_connections").decrement(1.0);
     detach.cancel();
     if let Some(stop) = feed.lock().ok().and_then(|mut f| f.take()) {
         stop.cancel();

@@ -392,10 +392,13 @@ pub async fn run(
             shared.config.trunks.clone(),
         )),
     });
+    let nats = client.clone();
+    let readiness: callapi_kit::ops::Readiness =
+        Arc::new(move || callapi_kit::ops::nats_connected(&nats));
     let mut app = Router::new()
         .route("/call-api", get(upgrade))
-        .route("/healthz", get(|| async { "ok" }))
         .with_state(shared.clone())
+        .merge(callapi_kit::ops::routes(readiness))
         .merge(rest::router(rest).layer(axum::extract::DefaultBodyLimit::max(REST_BODY_LIMIT)));
     if let Some(auth) = &shared.auth {
         app = app.merge(

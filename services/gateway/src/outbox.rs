@@ -84,6 +84,7 @@ struct Inner {
 impl Inner {
     fn too_slow(&self, why: &str) -> PushError {
         if !self.kill.is_cancelled() {
+            metrics::counter!("callapi_slow_clients_total").increment(1);
             tracing::warn!(connection = %self.connection_id, "client too slow ({why}): disconnecting it");
             self.kill.cancel();
         }

@@ -36,6 +36,8 @@ pub struct Config {
     pub nats: NatsSettings,
     /// The OpenSIPS nodes this connector serves.
     pub nodes: Vec<NodeConfig>,
+    /// Where `/healthz`, `/readyz` and `/metrics` are served (none: not served).
+    pub ops_listen: Option<String>,
 }
 
 impl Default for Config {
@@ -43,6 +45,7 @@ impl Default for Config {
         Self {
             nats: NatsSettings::default(),
             nodes: vec![NodeConfig::default()],
+            ops_listen: None,
         }
     }
 }
@@ -146,6 +149,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         .await
         .map_err(|e| Error::Nats(e.to_string()))?;
     let mut tasks = Vec::new();
+    // Which nodes answer the health probe (a node without probes counts as answering).
+    let reachable = callapi_kit::ops::Checks::default();
     // Names this instance in the subjects releasing the slots it keeps.
     let instance = uuid::Uuid::new_v4().simple().to_string();
     for node in &config.nodes {
@@ -209,10 +214,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
                 transport.clone(),
                 node.id.clone(),
                 Duration::from_millis(node.health_interval_ms),
+                reachable.clone(),
                 shutdown.clone(),
             )));
+        } else {
+            reachable.set(&node.id, true);
         }
         tasks.push(tokio::spawn(serve_node(
+            node.id.clone(),
             client.clone(),
             subscriber,
             releases,
@@ -227,7 +236,34 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         .await
         .map_err(|e| Error::Nats(e.to_string()))?;
     let nodes: Vec<&str> = config.nodes.iter().map(|n| n.id.as_str()).collect();
-    callapi_kit::announce_ready(&format!("nodes={}", nodes.join(",")));
+    let mut ready = format!("nodes={}", nodes.join(","));
+    if let Some(listen) = &config.ops_listen {
+        let nats = client.clone();
+        // Ready while NATS is up and at least one OpenSIPS node answers.
+        let readiness: callapi_kit::ops::Readiness = Arc::new(move || {
+            let mut reasons = callapi_kit::ops::nats_connected(&nats);
+            if !reachable.any_holds() {
+                reasons.extend(
+                    reachable
+                        .failing()
+                        .into_iter()
+                        .map(|node| format!("OpenSIPS node {node} does not answer")),
+                );
+                if reasons.is_empty() {
+                    reasons.push("no OpenSIPS node answered yet".to_owned());
+                }
+            }
+            reasons
+        });
+        let bound = callapi_kit::ops::serve(listen, readiness, shutdown.clone())
+            .await
+            .map_err(|reason| Error::Node {
+                node: "*".to_owned(),
+                reason,
+            })?;
+        ready.push_str(&format!(" ops={bound}"));
+    }
+    callapi_kit::announce_ready(&ready);
     shutdown.cancelled().await;
     for task in tasks {
         let _ = task.await;
@@ -236,7 +272,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     Ok(())
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn serve_node(
+    node_id: String,
     client: async_nats::Client,
     mut subscriber: async_nats::Subscriber,
     mut releases: async_nats::Subscriber,
@@ -259,6 +297,7 @@ async fn serve_node(
                 let client = client.clone();
                 let transport = transport.clone();
                 let leases = leases.clone();
+                let node_id = node_id.clone();
                 in_flight.spawn(async move {
                     let Some(reply_to) = message.reply.clone() else {
                         tracing::warn!("MI request without a reply subject dropped");
@@ -266,8 +305,11 @@ async fn serve_node(
                     };
                     let reply = match MiRequest::decode(message.payload.as_ref()) {
                         Ok(request) => {
+                            let begun = std::time::Instant::now();
                             let work = handle(&transport, &leases, &request, default_timeout);
-                            with_progress(&client, &reply_to, &request, work).await
+                            let reply = with_progress(&client, &reply_to, &request, work).await;
+                            record(&node_id, &request, &reply, begun.elapsed());
+                            reply
                         }
                         Err(err) => failure(
                             mi_failure::Kind::BadRequest,
@@ -297,6 +339,7 @@ async fn report_health(
     transport: Arc<MiTransport>,
     node_id: String,
     every: Duration,
+    reachable_nodes: callapi_kit::ops::Checks,
     shutdown: CancellationToken,
 ) {
     let subject = subjects::node_health(&node_id);
@@ -324,6 +367,14 @@ async fn report_health(
             tracing::info!(node = %node_id, reachable, "OpenSIPS node health");
             last = Some(reachable);
         }
+        reachable_nodes.set(&node_id, reachable);
+        metrics::gauge!("callapi_mi_in_flight_limit", "node" => node_id.clone())
+            .set(transport.limit() as f64);
+        metrics::gauge!("callapi_node_reachable", "node" => node_id.clone()).set(if reachable {
+            1.0
+        } else {
+            0.0
+        });
         let report = callapi_proto::v1::NodeHealth {
             node_id: node_id.clone(),
             reachable,
@@ -440,6 +491,20 @@ async fn handle(
             release_subject,
         },
     }
+}
+
+/// Counts an MI request by node, method and outcome, and its time.
+fn record(node_id: &str, request: &MiRequest, reply: &MiReply, took: Duration) {
+    let outcome = match &reply.outcome {
+        Some(mi_reply::Outcome::ResultJson(_)) => "result",
+        Some(mi_reply::Outcome::Error(_)) => "error",
+        Some(mi_reply::Outcome::Failure(failure)) => failure.kind().as_str_name(),
+        Some(mi_reply::Outcome::Progress(_)) | None => "none",
+    };
+    let node = node_id.to_owned();
+    metrics::counter!("callapi_mi_requests_total", "node" => node.clone(), "method" => request.method.clone(), "outcome" => outcome).increment(1);
+    metrics::histogram!("callapi_mi_duration_seconds", "node" => node, "method" => request.method.clone())
+        .record(took.as_secs_f64());
 }
 
 fn failure(kind: mi_failure::Kind, message: String) -> MiReply {

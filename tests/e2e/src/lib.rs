@@ -188,7 +188,7 @@ impl Stack {
             ),
         };
         stack.connector_config = format!(
-            "{}\n[nats]\nurl = \"{}\"\n[[nodes]]\nid = \"opensips1\"\n{mi}\ndefault_timeout_ms = 5000\n{}\n",
+            "ops_listen = \"127.0.0.1:0\"\n{}\n[nats]\nurl = \"{}\"\n[[nodes]]\nid = \"opensips1\"\n{mi}\ndefault_timeout_ms = 5000\n{}\n",
             options.connector_toml, stack.nats.url, options.connector_node_toml
         );
         stack.connector = stack
@@ -227,7 +227,7 @@ impl Stack {
         self.service(
             "commands",
             &format!(
-                "node_id = \"opensips1\"\n{}\n[nats]\nurl = \"{}\"\n[deadlines]\ncall_start_ms = {start}\ntransfer_ms = {transfer}\nhold_ms = {hold}\nend_ms = {end}\n{}\n",
+                "node_id = \"opensips1\"\nops_listen = \"127.0.0.1:0\"\n{}\n[nats]\nurl = \"{}\"\n[deadlines]\ncall_start_ms = {start}\ntransfer_ms = {transfer}\nhold_ms = {hold}\nend_ms = {end}\n{}\n",
                 self.options.commands_toml, self.nats.url, self.options.commands_deadlines_toml
             ),
         )
@@ -239,7 +239,7 @@ impl Stack {
             .service(
                 "event-ingest",
                 &format!(
-                    "expire_secs = {}\ncheck_interval_ms = {}\n{}\n[nats]\nurl = \"{}\"\n[[nodes]]\nid = \"opensips1\"\ntenant = \"{}\"\nlisten = \"127.0.0.1:0\"\n{}\n",
+                    "expire_secs = {}\ncheck_interval_ms = {}\nops_listen = \"127.0.0.1:0\"\n{}\n[nats]\nurl = \"{}\"\n[[nodes]]\nid = \"opensips1\"\ntenant = \"{}\"\nlisten = \"127.0.0.1:0\"\n{}\n",
                     self.options.expire_secs,
                     self.options.check_interval_ms,
                     self.options.ingest_toml,

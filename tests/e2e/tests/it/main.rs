@@ -14,6 +14,7 @@ mod mi_client;
 mod nats_boundary;
 mod nodes;
 mod openapi;
+mod ops;
 mod overload;
 mod protocol;
 mod resilience;

@@ -1,0 +1,126 @@
+//! Every service's operations endpoint (issue 13): `/healthz`, `/readyz` (ready only while it
+//! can do its job) and `/metrics` in Prometheus text, read as Kubernetes and Prometheus would.
+
+use std::time::Duration;
+
+use callapi_e2e::Stack;
+use callapi_e2e::client::shape;
+use callapi_e2e::http::request;
+use serde_json::json;
+
+use crate::commands::call;
+
+/// The operations address of each service: connector, ingest, commands (from their READY
+/// lines), gateway (its own listener).
+fn ops_addrs(stack: &Stack) -> Vec<(&'static str, String)> {
+    vec![
+        (
+            "proxy-connector",
+            stack.connector.ready_field("ops").expect("connector ops"),
+        ),
+        (
+            "event-ingest",
+            stack.ingest.ready_field("ops").expect("ingest ops"),
+        ),
+        (
+            "commands",
+            stack.commands[0].ready_field("ops").expect("commands ops"),
+        ),
+        ("gateway", stack.http_addr()),
+    ]
+}
+
+/// `/readyz`'s status once it is `want`, or the last one seen after 10 s.
+async fn readiness_becomes(addr: &str, want: u16) -> (u16, String) {
+    let mut last = (0, String::new());
+    for _ in 0..100 {
+        let answer = request(addr, "GET", "/readyz", None).await;
+        last = (answer.status, answer.body);
+        if last.0 == want {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    last
+}
+
+#[tokio::test]
+async fn every_service_says_it_is_alive_ready_and_what_it_did() {
+    let mut stack = Stack::start().await;
+    let addrs = ops_addrs(&stack);
+    for (service, addr) in &addrs {
+        let alive = request(addr, "GET", "/healthz", None).await;
+        assert_eq!((alive.status, alive.body.trim()), (200, "ok"), "{service}");
+        let (status, body) = readiness_becomes(addr, 200).await;
+        assert_eq!(status, 200, "{service}: {body}");
+    }
+
+    // A call, held and ended: each service counts its part.
+    let mut client = stack.client().await;
+    let callid = call(&mut client, "alice", "bob").await;
+    let notes = client.run("CallEnd", json!({"callid": callid})).await;
+    assert_eq!(shape(&notes), ["Ended"], "{notes:#?}");
+    for (service, metric) in [
+        (
+            "commands",
+            "callapi_commands_ended_total{kind=\"call_start\"}",
+        ),
+        (
+            "commands",
+            "callapi_command_duration_seconds_bucket{kind=\"end\"",
+        ),
+        ("proxy-connector", "callapi_mi_requests_total{"),
+        (
+            "proxy-connector",
+            "callapi_node_reachable{node=\"opensips1\"} 1",
+        ),
+        (
+            "event-ingest",
+            "callapi_events_received_total{node=\"opensips1\"}",
+        ),
+        ("event-ingest", "callapi_call_events_published_total"),
+        ("gateway", "callapi_websocket_connections 1"),
+    ] {
+        let addr = &addrs.iter().find(|(s, _)| *s == service).unwrap().1;
+        let mut body = String::new();
+        for _ in 0..30 {
+            let scraped = request(addr, "GET", "/metrics", None).await;
+            assert_eq!(scraped.status, 200, "{service}");
+            body = scraped.body;
+            if body.contains(metric) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(body.contains(metric), "{service} has no {metric}:\n{body}");
+    }
+
+    // The OpenSIPS node stops answering: proxy-connector is not ready, and says why.
+    stack.emulator.kill().await;
+    let connector = &addrs[0].1;
+    let (status, body) = readiness_becomes(connector, 503).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body.contains("OpenSIPS node opensips1 does not answer"),
+        "{body}"
+    );
+    // It answers again: ready again, by itself.
+    stack.restart_emulator().await;
+    let (status, body) = readiness_becomes(connector, 200).await;
+    assert_eq!(status, 200, "{body}");
+
+    // NATS goes away: no service is ready, though all are alive; back, all are ready again.
+    stack.nats.stop().await;
+    for (service, addr) in &addrs {
+        let (status, body) = readiness_becomes(addr, 503).await;
+        assert_eq!(status, 503, "{service}: {body}");
+        assert!(body.contains("not connected to NATS"), "{service}: {body}");
+        let alive = request(addr, "GET", "/healthz", None).await;
+        assert_eq!(alive.status, 200, "{service}");
+    }
+    stack.nats.restart().await;
+    for (service, addr) in &addrs {
+        let (status, body) = readiness_becomes(addr, 200).await;
+        assert_eq!(status, 200, "{service}: {body}");
+    }
+}
