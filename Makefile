@@ -17,8 +17,19 @@ lint:
 # into .tools/ when the system's is older (deploy/local/nats-server.sh).
 # The REST API's OpenAPI document is checked by schemathesis on a live stack (e2e test
 # `openapi::schemathesis_finds_nothing_wrong`), installed the same way (deploy/local/schemathesis.sh).
+# The Kubernetes manifests (deploy/k8s) are rendered with kustomize (or kubectl kustomize) and
+# validated with kubernetes-validate --strict, offline (deploy/k8s/validate.sh).
 test: lint build
+	./deploy/k8s/validate.sh
 	NATS_SERVER_BIN="$$(./deploy/local/nats-server.sh)" SCHEMATHESIS_BIN="$$(./deploy/local/schemathesis.sh)" $(CARGO) test --workspace
+
+# The container image (Dockerfile): the four services in one image. Needs a Docker engine (or
+# `make image DOCKER=podman`); CI does not build it.
+DOCKER ?= docker
+IMAGE ?= ghcr.io/callapi/callapi:0.1.0
+.PHONY: image
+image:
+	$(DOCKER) build -t $(IMAGE) .
 
 fmt:
 	$(CARGO) fmt --all
