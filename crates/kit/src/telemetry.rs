@@ -1,4 +1,5 @@
-//! Tracing set-up: human-readable logs on stderr, filtered by `RUST_LOG` (default `info`).
+//! Tracing set-up: logs on stderr, human-readable or, with `CALLAPI_LOG_FORMAT=json`, one JSON
+//! object per line (for a log collector), filtered by `RUST_LOG` (default `info`).
 //!
 //! Some libraries print credentials below INFO: async-nats its server URLs (with any user
 //! information) at DEBUG and its `CONNECT` message (with the password or token) at TRACE;
@@ -20,11 +21,19 @@ pub fn init(service: &str) {
     let asked = std::env::var("RUST_LOG").ok();
     let filter = EnvFilter::try_new(filter_directives(asked.as_deref()))
         .unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER));
-    let _ = tracing_subscriber::fmt()
+    let json = std::env::var("CALLAPI_LOG_FORMAT").is_ok_and(|f| f.eq_ignore_ascii_case("json"));
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .try_init();
+        .with_writer(std::io::stderr);
+    let _ = if json {
+        builder
+            .json()
+            .with_current_span(true)
+            .with_span_list(false)
+            .try_init()
+    } else {
+        builder.with_target(false).try_init()
+    };
     tracing::info!(service, version = env!("CARGO_PKG_VERSION"), "starting");
 }
 

@@ -124,3 +124,32 @@ async fn every_service_says_it_is_alive_ready_and_what_it_did() {
         assert_eq!(status, 200, "{service}: {body}");
     }
 }
+
+#[tokio::test]
+async fn with_log_format_json_every_line_a_service_logs_is_a_json_object() {
+    let stack = Stack::with(callapi_e2e::StackOptions {
+        service_env: vec![("CALLAPI_LOG_FORMAT".into(), "json".into())],
+        ..callapi_e2e::StackOptions::default()
+    })
+    .await;
+    let mut client = stack.client().await;
+    let callid = call(&mut client, "alice", "bob").await;
+    let notes = client.run("CallEnd", json!({"callid": callid})).await;
+    assert_eq!(shape(&notes), ["Ended"], "{notes:#?}");
+    for (service, logs) in [
+        ("gateway", stack.gateways[0].logs()),
+        ("commands", stack.commands[0].logs()),
+        ("proxy-connector", stack.connector.logs()),
+        ("event-ingest", stack.ingest.logs()),
+    ] {
+        let lines: Vec<&str> = logs.lines().filter(|l| !l.trim().is_empty()).collect();
+        assert!(lines.len() > 2, "{service}: {logs}");
+        for line in lines {
+            let entry: serde_json::Value = serde_json::from_str(line)
+                .unwrap_or_else(|e| panic!("{service}: not JSON ({e}): {line}"));
+            assert!(entry["level"].is_string(), "{service}: {line}");
+            assert!(entry["timestamp"].is_string(), "{service}: {line}");
+            assert!(entry["fields"]["message"].is_string(), "{service}: {line}");
+        }
+    }
+}
