@@ -124,6 +124,20 @@ pub fn routes(readiness: Readiness) -> axum::Router {
         )
 }
 
+/// Serves the routes on `listen`, if one is configured, until `shutdown`; returns the READY
+/// line's field for it (`ops=<address bound>`), or nothing.
+pub async fn serve_configured(
+    listen: Option<&str>,
+    readiness: impl FnOnce() -> Readiness,
+    shutdown: &CancellationToken,
+) -> Result<Option<String>, String> {
+    let Some(listen) = listen else {
+        return Ok(None);
+    };
+    let bound = serve(listen, readiness(), shutdown.clone()).await?;
+    Ok(Some(format!("ops={bound}")))
+}
+
 /// Serves the routes on `listen` until `shutdown`; returns the address bound.
 pub async fn serve(
     listen: &str,

@@ -199,14 +199,16 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         .await
         .map_err(|e| Error::Nats(e.to_string()))?;
     let mut ready = format!("node={} replica={replica}", config.node_id);
-    if let Some(listen) = &config.ops_listen {
-        let nats = client.clone();
-        let readiness: callapi_kit::ops::Readiness =
-            std::sync::Arc::new(move || callapi_kit::ops::nats_connected(&nats));
-        let bound = callapi_kit::ops::serve(listen, readiness, shutdown.clone())
-            .await
-            .map_err(Error::Config)?;
-        ready.push_str(&format!(" ops={bound}"));
+    let nats = client.clone();
+    let ops = callapi_kit::ops::serve_configured(
+        config.ops_listen.as_deref(),
+        || std::sync::Arc::new(move || callapi_kit::ops::nats_connected(&nats)),
+        &shutdown,
+    )
+    .await
+    .map_err(Error::Config)?;
+    if let Some(ops) = ops {
+        ready.push_str(&format!(" {ops}"));
     }
     callapi_kit::announce_ready(&ready);
 

@@ -251,9 +251,11 @@ async fn publish_all(
 /// The subject, headers and payload of `event`.
 fn message(event: &CallEvent) -> (String, async_nats::HeaderMap, bytes::Bytes) {
     let subject = callapi_kit::subjects::calls(&event.tenant, event.kind().protocol_name());
-    let mut headers = async_nats::HeaderMap::new();
-    headers.insert("Nats-Msg-Id", event.event_id.as_str());
-    (subject, headers, event.encode_to_vec().into())
+    (
+        subject,
+        id_header(&event.event_id),
+        event.encode_to_vec().into(),
+    )
 }
 
 async fn send(

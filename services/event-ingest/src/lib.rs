@@ -323,10 +323,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
             shutdown.clone(),
         ));
     }
-    if let Some(listen) = &config.ops_listen {
-        let nats = client.clone();
-        // Ready while NATS is up and at least one node has our subscriptions.
-        let readiness: callapi_kit::ops::Readiness = std::sync::Arc::new(move || {
+    let nats = client.clone();
+    // Ready while NATS is up and at least one node has our subscriptions.
+    let readiness = || -> callapi_kit::ops::Readiness {
+        std::sync::Arc::new(move || {
             let mut reasons = callapi_kit::ops::nats_connected(&nats);
             if !subscribed.any_holds() {
                 reasons.push("no OpenSIPS node has our event subscriptions yet".to_owned());
@@ -338,15 +338,16 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
                 );
             }
             reasons
-        });
-        let bound = callapi_kit::ops::serve(listen, readiness, shutdown.clone())
+        })
+    };
+    let ops =
+        callapi_kit::ops::serve_configured(config.ops_listen.as_deref(), readiness, &shutdown)
             .await
             .map_err(|reason| Error::Node {
                 node: "*".to_owned(),
                 reason,
             })?;
-        ready.push(format!("ops={bound}"));
-    }
+    ready.extend(ops);
     callapi_kit::announce_ready(&ready.join(" "));
     while tasks.join_next().await.is_some() {}
     let _ = client.drain().await;

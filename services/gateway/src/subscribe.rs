@@ -232,22 +232,11 @@ impl Opened {
         view: Option<&SessionView>,
     ) -> Option<(u64, CallEvent)> {
         loop {
-            let Some(Ok(message)) = self.messages.next().await else {
+            let Some((seq, event)) = self.next_raw().await else {
                 tracing::debug!("call events feed ended");
                 return None;
             };
-            let seq = message.info().map(|i| i.stream_sequence).unwrap_or(0);
-            let Ok(event) = CallEvent::decode(message.payload.as_ref()) else {
-                continue;
-            };
-            if !wanted(filter, &event) {
-                continue;
-            }
-            let of_extension = match &filter.extension {
-                None => true,
-                Some(extension) => involves(view, &event, extension, true).await,
-            };
-            if of_extension {
+            if picks(filter, &event, view, true).await {
                 return Some((seq, event));
             }
         }
@@ -322,16 +311,10 @@ pub(crate) async fn run(feed: Feed) {
                 break;
             }
             done = item.seq;
-            let picked = wanted(&filter, &item.event)
-                && match &filter.extension {
-                    None => true,
-                    // Behind the feed, a subscriber does not wait for parties: it would fall
-                    // further behind.
-                    Some(extension) => {
-                        let may_wait = receiver.len() < 64;
-                        involves(view.as_ref(), &item.event, extension, may_wait).await
-                    }
-                };
+            // Behind the feed, a subscriber does not wait for parties: it would fall further
+            // behind.
+            let may_wait = receiver.len() < 64;
+            let picked = picks(&filter, &item.event, view.as_ref(), may_wait).await;
             if picked && !reply(item.text.clone()) {
                 return;
             }
@@ -431,7 +414,22 @@ async fn involves(
     }
 }
 
-/// Whether `event` is one the filter picks.
+/// Whether the filter picks `event`, its extension (if any) as the session store knows the
+/// call's parties (waited for at the call's creation if `may_wait`).
+async fn picks(
+    filter: &EventFilter,
+    event: &CallEvent,
+    view: Option<&SessionView>,
+    may_wait: bool,
+) -> bool {
+    wanted(filter, event)
+        && match &filter.extension {
+            None => true,
+            Some(extension) => involves(view, event, extension, may_wait).await,
+        }
+}
+
+/// Whether `event` is one the filter picks (all but the extension).
 fn wanted(filter: &EventFilter, event: &CallEvent) -> bool {
     filter.session_id.is_none_or(|id| event.session_id == id)
         && filter

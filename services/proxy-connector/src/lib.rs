@@ -237,10 +237,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         .map_err(|e| Error::Nats(e.to_string()))?;
     let nodes: Vec<&str> = config.nodes.iter().map(|n| n.id.as_str()).collect();
     let mut ready = format!("nodes={}", nodes.join(","));
-    if let Some(listen) = &config.ops_listen {
-        let nats = client.clone();
-        // Ready while NATS is up and at least one OpenSIPS node answers.
-        let readiness: callapi_kit::ops::Readiness = Arc::new(move || {
+    let nats = client.clone();
+    // Ready while NATS is up and at least one OpenSIPS node answers.
+    let readiness = || -> callapi_kit::ops::Readiness {
+        Arc::new(move || {
             let mut reasons = callapi_kit::ops::nats_connected(&nats);
             if !reachable.any_holds() {
                 reasons.extend(
@@ -254,14 +254,17 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
                 }
             }
             reasons
-        });
-        let bound = callapi_kit::ops::serve(listen, readiness, shutdown.clone())
+        })
+    };
+    let ops =
+        callapi_kit::ops::serve_configured(config.ops_listen.as_deref(), readiness, &shutdown)
             .await
             .map_err(|reason| Error::Node {
                 node: "*".to_owned(),
                 reason,
             })?;
-        ready.push_str(&format!(" ops={bound}"));
+    if let Some(ops) = ops {
+        ready.push_str(&format!(" {ops}"));
     }
     callapi_kit::announce_ready(&ready);
     shutdown.cancelled().await;
