@@ -61,6 +61,10 @@ pub struct Context {
     pub checkpoints: Option<crate::takeover::Checkpoints>,
     /// The command's kind, as its subject names it (a metrics label).
     pub kind: &'static str,
+    /// Cancelled when this replica stops and its shutdown grace is over: the flow is handed to
+    /// another replica (released checkpoint) or, without checkpoints, ended with
+    /// `COMMAND_LOST`.
+    pub hand_over: tokio_util::sync::CancellationToken,
 }
 
 /// How a flow's run begins: fresh, or resumed from another replica's checkpoint.
@@ -291,43 +295,23 @@ async fn run(ctx: Context, mut flow: Flow, begin: Begin) {
             && Instant::now() >= keep_from
         {
             kept = true;
-            let state = FlowStateRef {
+            let at = Snapshot {
                 flow: &flow,
                 pending: &pending,
-                timers: timers
-                    .iter()
-                    .map(|(timer, at)| {
-                        let left = at.saturating_duration_since(Instant::now());
-                        let left_ms = u64::try_from(left.as_millis()).unwrap_or(u64::MAX);
-                        (*timer, callapi_kit::unix_ms().saturating_add(left_ms))
-                    })
-                    .collect(),
+                timers: &timers,
+                deadline_at_ms,
+                seq,
+                watched: &watched,
             };
-            match serde_json::to_string(&state) {
-                Ok(state_json) => {
-                    let checkpoint = callapi_proto::v1::FlowCheckpoint {
-                        owner: checkpoints.replica.clone(),
-                        tenant: ctx.tenant.clone(),
-                        cmd_id: ctx.cmd_id.clone(),
-                        connection_id: ctx.connection_id.clone(),
-                        attempt: ctx.attempt,
-                        notify_subject: ctx.notify_subject.clone(),
-                        node_id: ctx.node_id.clone(),
-                        deadline_at_ms,
-                        seq,
-                        watched: watched.clone(),
-                        state_json,
-                    };
-                    match checkpoints.save(&key, &checkpoint, revision).await {
-                        crate::takeover::Saved::Kept(now) => revision = Some(now),
-                        crate::takeover::Saved::TakenOver => {
-                            tracing::warn!(cmd_id = %ctx.cmd_id, "command taken over by another replica meanwhile; leaving it to it");
-                            return;
-                        }
-                        crate::takeover::Saved::NotNow => {}
+            if let Some(checkpoint) = at.checkpoint(&ctx, &checkpoints.replica) {
+                match checkpoints.save(&key, &checkpoint, revision).await {
+                    crate::takeover::Saved::Kept(now) => revision = Some(now),
+                    crate::takeover::Saved::TakenOver => {
+                        tracing::warn!(cmd_id = %ctx.cmd_id, "command taken over by another replica meanwhile; leaving it to it");
+                        return;
                     }
+                    crate::takeover::Saved::NotNow => {}
                 }
-                Err(err) => tracing::warn!(%err, "flow state not serialisable"),
             }
         }
         if let Some(input) = inputs.pop_front() {
@@ -369,6 +353,20 @@ async fn run(ctx: Context, mut flow: Flow, begin: Begin) {
                 timers.remove(&timer);
                 Input::Timer(timer)
             }
+            // Handed over between steps only: an MI answer in flight would reach this
+            // replica, not the next.
+            _ = ctx.hand_over.cancelled(), if pending.is_empty() => {
+                let at = Snapshot {
+                    flow: &flow,
+                    pending: &pending,
+                    timers: &timers,
+                    deadline_at_ms,
+                    seq,
+                    watched: &watched,
+                };
+                hand_over(&ctx, &key, at, revision, seq).await;
+                return;
+            }
             _ = tokio::time::sleep_until(deadline_at), if !deadline_told => {
                 deadline_told = true;
                 Input::Deadline
@@ -390,6 +388,86 @@ async fn run(ctx: Context, mut flow: Flow, begin: Begin) {
         };
         actions = flow.handle(input);
     }
+}
+
+/// Where a flow is, borrowed: what a checkpoint is made of.
+struct Snapshot<'a> {
+    flow: &'a Flow,
+    pending: &'a [Step],
+    timers: &'a HashMap<Timer, Instant>,
+    deadline_at_ms: u64,
+    seq: u64,
+    watched: &'a [String],
+}
+
+impl Snapshot<'_> {
+    /// The checkpoint of this flow, owned by `owner` ("": released, for any replica to take).
+    fn checkpoint(&self, ctx: &Context, owner: &str) -> Option<callapi_proto::v1::FlowCheckpoint> {
+        let now = Instant::now();
+        let state = FlowStateRef {
+            flow: self.flow,
+            pending: self.pending,
+            timers: self
+                .timers
+                .iter()
+                .map(|(timer, at)| {
+                    let left = at.saturating_duration_since(now);
+                    let left_ms = u64::try_from(left.as_millis()).unwrap_or(u64::MAX);
+                    (*timer, callapi_kit::unix_ms().saturating_add(left_ms))
+                })
+                .collect(),
+        };
+        match serde_json::to_string(&state) {
+            Ok(state_json) => Some(callapi_proto::v1::FlowCheckpoint {
+                owner: owner.to_owned(),
+                tenant: ctx.tenant.clone(),
+                cmd_id: ctx.cmd_id.clone(),
+                connection_id: ctx.connection_id.clone(),
+                attempt: ctx.attempt,
+                notify_subject: ctx.notify_subject.clone(),
+                node_id: ctx.node_id.clone(),
+                deadline_at_ms: self.deadline_at_ms,
+                seq: self.seq,
+                watched: self.watched.to_vec(),
+                state_json,
+            }),
+            Err(err) => {
+                tracing::warn!(%err, "flow state not serialisable");
+                None
+            }
+        }
+    }
+}
+
+/// This replica is stopping: the flow is released for another replica to resume (its
+/// checkpoint written with no owner), or, when checkpoints are off or cannot be written, ended
+/// with `COMMAND_LOST` so the client is told now rather than at the deadline.
+async fn hand_over(ctx: &Context, key: &str, at: Snapshot<'_>, revision: Option<u64>, seq: u64) {
+    if let Some(checkpoints) = &ctx.checkpoints
+        && let Some(checkpoint) = at.checkpoint(ctx, "")
+    {
+        match checkpoints.save(key, &checkpoint, revision).await {
+            crate::takeover::Saved::Kept(_) => {
+                metrics::counter!("callapi_commands_handed_over_total", "kind" => ctx.kind)
+                    .increment(1);
+                tracing::info!(cmd_id = %ctx.cmd_id, "replica stopping: command handed over");
+                return;
+            }
+            crate::takeover::Saved::TakenOver => return,
+            crate::takeover::Saved::NotNow => {
+                tracing::warn!(cmd_id = %ctx.cmd_id, "replica stopping: the command's checkpoint could not be written");
+            }
+        }
+    }
+    metrics::counter!("callapi_commands_failed_total", "kind" => ctx.kind, "code" => ErrorCode::CommandLost.as_str_name()).increment(1);
+    metrics::counter!("callapi_commands_ended_total", "kind" => ctx.kind).increment(1);
+    let error = ErrorNote::new(
+        ErrorCode::CommandLost,
+        "the commands replica running this command stopped before it ended (no other replica could take it over); the call may be in any state: look it up",
+        0,
+    );
+    publish(ctx, seq + 1, notification::Kind::Error(error_of(error))).await;
+    publish(ctx, seq + 2, notification::Kind::Ended(CommandEnded {})).await;
 }
 
 /// Waits for the earliest timer; never, if there is none.

@@ -37,6 +37,10 @@ pub struct Config {
     pub takeover: takeover::TakeoverConfig,
     /// Where `/healthz`, `/readyz` and `/metrics` are served (none: not served).
     pub ops_listen: Option<String>,
+    /// On SIGTERM, how long the commands in flight may go on here, milliseconds; those still
+    /// running then are handed to another replica (or, without `[takeover]`, ended with
+    /// `COMMAND_LOST`). Keep it below Kubernetes' `terminationGracePeriodSeconds`.
+    pub shutdown_grace_ms: u64,
 }
 
 /// How MI requests in flight are watched, so a lost one is noticed within seconds.
@@ -82,6 +86,7 @@ impl Default for Config {
             mi: MiSettings::default(),
             takeover: takeover::TakeoverConfig::default(),
             ops_listen: None,
+            shutdown_grace_ms: 20_000,
         }
     }
 }
@@ -127,6 +132,9 @@ impl Default for Deadlines {
     }
 }
 
+/// After the shutdown grace, how long the commands still running have to be handed over.
+const HAND_OVER_WITHIN: Duration = Duration::from_secs(5);
+
 /// Errors that stop the service.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -138,8 +146,8 @@ pub enum Error {
     Config(String),
 }
 
-/// Runs the commands service until `shutdown` is cancelled; then finishes the commands in
-/// flight (each ends by its deadline) before returning.
+/// Runs the commands service until `shutdown` is cancelled; then lets the commands in flight
+/// finish within `shutdown_grace_ms` and hands the rest to another replica before returning.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Error> {
     if !subjects::is_token(&config.node_id) {
         return Err(Error::Config(format!(
@@ -213,6 +221,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     callapi_kit::announce_ready(&ready);
 
     let mut running = tokio::task::JoinSet::new();
+    let hand_over = CancellationToken::new();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -238,6 +247,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
                     disconnects: disconnects.clone(),
                     checkpoints: checkpoints.clone(),
                     kind: "resumed",
+                    hand_over: hand_over.clone(),
                 };
                 metrics::counter!("callapi_commands_taken_over_total").increment(1);
                 let revision = taken.revision;
@@ -245,7 +255,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
             }
             message = intake.next() => {
                 let Some(message) = message else { break };
-                let ack = match accept(&config, &mi, &disconnects, checkpoints.as_ref(), &message) {
+                let ack = match accept(&config, &mi, &disconnects, checkpoints.as_ref(), &hand_over, &message) {
                     Ok((work, ends_within)) => {
                         running.spawn(work);
                         CommandAck {
@@ -268,9 +278,32 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
             Some(_) = running.join_next(), if !running.is_empty() => {}
         }
     }
+    // New commands go to the other replicas of the queue group from now on.
     let _ = intake.unsubscribe().await;
-    tracing::info!(in_flight = running.len(), "draining commands in flight");
-    while running.join_next().await.is_some() {}
+    let grace = Duration::from_millis(config.shutdown_grace_ms);
+    tracing::info!(
+        in_flight = running.len(),
+        ?grace,
+        "stopping: finishing the commands in flight"
+    );
+    let finished = tokio::time::timeout(grace, async {
+        while running.join_next().await.is_some() {}
+    })
+    .await;
+    if finished.is_err() {
+        tracing::info!(
+            in_flight = running.len(),
+            "shutdown grace over: handing the commands still running to another replica"
+        );
+        hand_over.cancel();
+        // A flow is handed over once no MI answer is due to it (one checkpoint, at most
+        // 250 ms); one still waiting after this is left to the other replicas' takeover of
+        // a replica gone, from its last checkpoint.
+        let _ = tokio::time::timeout(HAND_OVER_WITHIN, async {
+            while running.join_next().await.is_some() {}
+        })
+        .await;
+    }
     let _ = client.drain().await;
     Ok(())
 }
@@ -282,6 +315,7 @@ fn accept(
     mi: &callapi_kit::mi::MiClient,
     disconnects: &tokio::sync::watch::Receiver<u64>,
     checkpoints: Option<&takeover::Checkpoints>,
+    hand_over: &CancellationToken,
     message: &async_nats::Message,
 ) -> Result<
     (
@@ -327,6 +361,7 @@ fn accept(
         disconnects: disconnects.clone(),
         checkpoints: checkpoints.cloned(),
         kind: intake::kind_of(&request).map_or("unknown", |k| k.token()),
+        hand_over: hand_over.clone(),
     };
     metrics::counter!("callapi_commands_started_total", "kind" => ctx.kind).increment(1);
     tracing::debug!(cmd_id = %request.cmd_id, tenant = %request.tenant, ?deadline, "command accepted");

@@ -236,14 +236,16 @@ pub async fn watch(
                 continue;
             }
         };
+        // A released checkpoint (no owner: its replica stopped and handed it over) is taken
+        // at once.
         let mut owners: Vec<String> = entries
             .iter()
             .map(|(_, _, c)| c.owner.clone())
-            .filter(|owner| *owner != checkpoints.replica)
+            .filter(|owner| *owner != checkpoints.replica && !owner.is_empty())
             .collect();
         owners.sort();
         owners.dedup();
-        let mut gone = Vec::new();
+        let mut gone = vec![String::new()];
         for owner in &owners {
             if answers(&checkpoints.client, owner).await {
                 strikes.remove(owner);
@@ -266,7 +268,11 @@ pub async fn watch(
                 .await
             {
                 Ok(revision) => {
-                    tracing::warn!(cmd_id = %checkpoint.cmd_id, tenant = %checkpoint.tenant, from = %previous, "took over a command whose replica is gone");
+                    if previous.is_empty() {
+                        tracing::info!(cmd_id = %checkpoint.cmd_id, tenant = %checkpoint.tenant, "took over a command handed over by a stopping replica");
+                    } else {
+                        tracing::warn!(cmd_id = %checkpoint.cmd_id, tenant = %checkpoint.tenant, from = %previous, "took over a command whose replica is gone");
+                    }
                     let taken = Claimed {
                         key,
                         checkpoint,

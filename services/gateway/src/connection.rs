@@ -309,7 +309,7 @@ async fn read_loop(incoming: Incoming, client: &Client<'_>, limits: Limits) -> E
             _ = kill.cancelled() => return Ending::Drop,
             Ok(()) = ping_written.changed(), if ping_sent.is_some() => continue,
             _ = shared.shutdown.cancelled() => {
-                return Ending::Close(close_frame(close_code::AWAY, "the gateway is shutting down"));
+                return Ending::Close(close_frame(close_code::AWAY, SHUTDOWN_REASON));
             }
             _ = sleep_until(expiry) => {
                 tracing::info!(%connection_id, "access token expired: closing the connection");
@@ -767,6 +767,10 @@ fn overdue_frames(cmd_id: &str) -> [Message; 2] {
     tracing::warn!(%cmd_id, "no end from the commands service in time; ending the command");
     lost_command().map(|kind| Message::Text(rpc::notification(cmd_id, &kind).into()))
 }
+
+/// The close reason a client gets when its gateway stops (at most 123 bytes).
+pub const SHUTDOWN_REASON: &str =
+    "gateway shutting down: connect again and CommandAttach to your commands in flight";
 
 /// The end of a command whose commands replica never ended it: `COMMAND_LOST`, `Ended`.
 pub(crate) fn lost_command() -> [notification::Kind; 2] {

@@ -58,6 +58,10 @@ pub struct Config {
     pub connection_queue_bytes: usize,
     /// A write the client does not take within this long drops it, milliseconds.
     pub write_timeout_ms: u64,
+    /// On SIGTERM, how long the gateway goes on serving while `/readyz` answers 503, so load
+    /// balancers stop sending it new clients, milliseconds; then it closes every WebSocket
+    /// (1001, "connect again") and stops.
+    pub drain_delay_ms: u64,
     /// Commands in flight per connection; past it a request gets -32003.
     pub max_commands_per_connection: usize,
     /// Time from accepting a TCP connection until the WebSocket upgrade is done (or the HTTP
@@ -165,6 +169,7 @@ impl Default for Config {
             connection_queue: 1024,
             connection_queue_bytes: 1024 * 1024,
             write_timeout_ms: 10_000,
+            drain_delay_ms: 0,
             max_commands_per_connection: 32,
             handshake_timeout_ms: 5_000,
             ping_interval_ms: 20_000,
@@ -262,13 +267,35 @@ pub(crate) struct Shared {
 /// below it, messages over `max_message_bytes` get a JSON-RPC error and the connection stays.
 const HARD_FRAME_LIMIT: usize = 1024 * 1024;
 
-/// Runs the gateway until `shutdown`; `listener` lets tests pass a pre-bound socket.
+/// Runs the gateway until `stop`; `listener` lets tests pass a pre-bound socket.
+///
+/// On `stop`, `/readyz` answers 503 at once and the gateway serves on for `drain_delay_ms`;
+/// then it accepts nothing more, closes every WebSocket with 1001 and a reason (the client
+/// connects again, to another gateway, and re-attaches to its commands with `CommandAttach`),
+/// and lets HTTP exchanges in flight finish.
 pub async fn run(
     config: Config,
-    shutdown: CancellationToken,
+    stop: CancellationToken,
     listener: Option<TcpListener>,
 ) -> Result<(), Error> {
     config.check()?;
+    let shutdown = CancellationToken::new();
+    let draining = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    {
+        let shutdown = shutdown.clone();
+        let draining = draining.clone();
+        let delay = Duration::from_millis(config.drain_delay_ms);
+        tokio::spawn(async move {
+            stop.cancelled().await;
+            draining.store(true, std::sync::atomic::Ordering::Relaxed);
+            tracing::info!(
+                ?delay,
+                "stopping: not ready; closing connections after the drain delay"
+            );
+            tokio::time::sleep(delay).await;
+            shutdown.cancel();
+        });
+    }
     let gateway_id = config
         .gateway_id
         .clone()
@@ -393,8 +420,13 @@ pub async fn run(
         )),
     });
     let nats = client.clone();
-    let readiness: callapi_kit::ops::Readiness =
-        Arc::new(move || callapi_kit::ops::nats_connected(&nats));
+    let readiness: callapi_kit::ops::Readiness = Arc::new(move || {
+        let mut reasons = callapi_kit::ops::nats_connected(&nats);
+        if draining.load(std::sync::atomic::Ordering::Relaxed) {
+            reasons.push("shutting down".to_owned());
+        }
+        reasons
+    });
     let mut app = Router::new()
         .route("/call-api", get(upgrade))
         .with_state(shared.clone())

@@ -38,6 +38,10 @@ pub struct Config {
     pub nodes: Vec<NodeConfig>,
     /// Where `/healthz`, `/readyz` and `/metrics` are served (none: not served).
     pub ops_listen: Option<String>,
+    /// On SIGTERM, how long the MI requests in flight may take to be answered, milliseconds
+    /// (new ones go to the other replicas of the queue group); those still unanswered then are
+    /// left to the commands' loss handling.
+    pub shutdown_grace_ms: u64,
 }
 
 impl Default for Config {
@@ -46,6 +50,7 @@ impl Default for Config {
             nats: NatsSettings::default(),
             nodes: vec![NodeConfig::default()],
             ops_listen: None,
+            shutdown_grace_ms: 20_000,
         }
     }
 }
@@ -228,6 +233,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
             leases,
             transport,
             Duration::from_millis(node.default_timeout_ms),
+            Duration::from_millis(config.shutdown_grace_ms),
             shutdown.clone(),
         )));
     }
@@ -284,6 +290,7 @@ async fn serve_node(
     leases: Arc<Leases>,
     transport: Arc<MiTransport>,
     default_timeout: Duration,
+    grace: Duration,
     shutdown: CancellationToken,
 ) {
     let mut in_flight = tokio::task::JoinSet::new();
@@ -328,8 +335,14 @@ async fn serve_node(
         }
     }
     let _ = subscriber.unsubscribe().await;
-    // Answer what is already in flight before going away.
-    while in_flight.join_next().await.is_some() {}
+    // Answer what is already in flight before going away, within the grace.
+    let answered = tokio::time::timeout(grace, async {
+        while in_flight.join_next().await.is_some() {}
+    })
+    .await;
+    if answered.is_err() {
+        tracing::warn!(node = %node_id, unanswered = in_flight.len(), "shutdown grace over with MI requests unanswered; their commands find them lost");
+    }
 }
 
 /// Longest wait for the node's answer to a health probe.

@@ -90,6 +90,18 @@ impl Client {
         id
     }
 
+    /// Sends a request and returns its id, or `None` if the connection is gone.
+    pub async fn try_request(&mut self, method: &str, params: Value) -> Option<Value> {
+        let id = json!(format!("req-{}", self.next_id));
+        self.next_id += 1;
+        let request = json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params});
+        self.socket
+            .send(Message::Text(request.to_string().into()))
+            .await
+            .ok()
+            .map(|()| id)
+    }
+
     /// Reads the next message (from the backlog first).
     pub async fn next(&mut self) -> Value {
         if let Some(value) = self.backlog.pop_front() {
@@ -111,6 +123,30 @@ impl Client {
                 }
                 Message::Close(frame) => panic!("gateway closed the connection: {frame:?}"),
                 _ => continue,
+            }
+        }
+    }
+
+    /// The next message (from the backlog first), or the close frame's code and reason if the
+    /// gateway closes the connection (`(0, "")` without one); panics if nothing comes within
+    /// [`WAIT`].
+    pub async fn next_or_closed(&mut self) -> Result<Value, (u16, String)> {
+        if let Some(value) = self.backlog.pop_front() {
+            return Ok(value);
+        }
+        loop {
+            let message = tokio::time::timeout(WAIT, self.socket.next())
+                .await
+                .expect("no message from the gateway in time");
+            match message {
+                Some(Ok(Message::Text(text))) => {
+                    return Ok(serde_json::from_str(&text).expect("gateway sent JSON"));
+                }
+                Some(Ok(Message::Close(Some(frame)))) => {
+                    return Err((u16::from(frame.code), frame.reason.to_string()));
+                }
+                Some(Ok(Message::Close(None)) | Err(_)) | None => return Err((0, String::new())),
+                Some(Ok(_)) => continue,
             }
         }
     }

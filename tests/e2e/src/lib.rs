@@ -252,6 +252,19 @@ impl Stack {
         self.event_socket = self.ingest.ready_field("opensips1").expect("ingest socket");
     }
 
+    /// Starts another proxy-connector with the stack's configuration (it joins the queue group
+    /// of the running one); the caller keeps it.
+    pub async fn start_connector(&self) -> Service {
+        self.service("proxy-connector", &self.connector_config)
+            .await
+    }
+
+    /// Starts event-ingest again (after `ingest.terminate()`), as `restart_ingest` does.
+    pub async fn start_ingest_again(&mut self) {
+        self.start_ingest().await;
+        self.wait_subscribed(Duration::from_secs(10));
+    }
+
     /// Starts proxy-connector again with the same configuration (after `connector.kill()`).
     pub async fn restart_connector(&mut self) {
         self.connector.kill().await;
@@ -313,7 +326,9 @@ impl Stack {
         (gateway, format!("ws://{listen}/call-api"))
     }
 
-    async fn start_gateway(&mut self) {
+    /// Starts one more gateway with the stack's gateway options; it joins `gateways` and
+    /// `gateway_urls`.
+    pub async fn start_gateway(&mut self) {
         let gateway = self
             .service(
                 "gateway",

@@ -19,6 +19,7 @@ mod overload;
 mod protocol;
 mod resilience;
 mod rest;
+mod rolling;
 mod sessions;
 mod tenants;
 mod webhooks;

@@ -153,3 +153,33 @@ async fn with_log_format_json_every_line_a_service_logs_is_a_json_object() {
         }
     }
 }
+
+#[tokio::test]
+async fn a_stopping_gateway_is_not_ready_then_tells_its_clients_to_connect_again() {
+    let mut stack = callapi_e2e::Stack::with(callapi_e2e::StackOptions {
+        gateway_toml: "drain_delay_ms = 1500".to_owned(),
+        ..callapi_e2e::StackOptions::default()
+    })
+    .await;
+    let addr = stack.http_addr();
+    let mut client = stack.client().await;
+    let pid = stack.gateways[0].pid().expect("gateway runs");
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status();
+    // During the drain delay: still serving, but not ready.
+    let (status, body) = readiness_becomes(&addr, 503).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("shutting down"), "{body}");
+    let alive = request(&addr, "GET", "/healthz", None).await;
+    assert_eq!(alive.status, 200);
+    // Then every WebSocket is closed with 1001 and what to do.
+    let (code, reason) = client.closed().await;
+    assert_eq!(code, 1001, "{reason}");
+    assert_eq!(
+        reason,
+        "gateway shutting down: connect again and CommandAttach to your commands in flight"
+    );
+    let status = stack.gateways[0].terminate(Duration::from_secs(10)).await;
+    assert!(status.is_some_and(|s| s.success()), "{status:?}");
+}

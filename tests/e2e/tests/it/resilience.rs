@@ -267,3 +267,65 @@ async fn a_command_whose_replica_is_killed_mid_transfer_is_finished_by_another()
     let notes = client.run("CallEnd", json!({"callid": callid})).await;
     assert_eq!(shape(&notes), ["Ended"], "{notes:#?}");
 }
+
+#[tokio::test]
+async fn a_command_running_when_its_replica_is_stopped_is_handed_over_and_finished() {
+    // The callee rings 3 s; the replica running the CallStart gets SIGTERM with a 200 ms grace.
+    let mut stack = Stack::with(StackOptions {
+        answer_delay_ms: 3_000,
+        commands_toml: "shutdown_grace_ms = 200\n[takeover]\nscan_interval_ms = 300".to_owned(),
+        ..StackOptions::default()
+    })
+    .await;
+    let mut client = stack.client().await;
+    let cmd_id = client
+        .start(
+            "CallStart",
+            json!({"caller": "sip:alice@127.0.0.1", "callee": "sip:bob@127.0.0.1"}),
+        )
+        .await;
+    let started = client
+        .take(|m| m["params"]["cmd_id"] == cmd_id.as_str() && m["params"]["data"] == "CALL_START")
+        .await;
+    assert_eq!(started["method"], "Event");
+    let spare = stack.start_commands().await;
+    let stopping = std::time::Instant::now();
+    let status = stack.commands[0].terminate(Duration::from_secs(10)).await;
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "{status:?}\n{}",
+        stack.commands[0].logs()
+    );
+    // Stopped within its grace and the hand-over, not at the command's end.
+    assert!(
+        stopping.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        stopping.elapsed()
+    );
+    assert!(
+        stack.commands[0].logs().contains("command handed over"),
+        "{}",
+        stack.commands[0].logs()
+    );
+    let rest = client.until_ended(&cmd_id).await;
+    assert_eq!(
+        shape(&rest),
+        [
+            "Event:CALL_ANSWER",
+            "Event:TRANSFER_ACCEPT",
+            "Event:CALL_ANSWER",
+            "Ended"
+        ],
+        "{rest:#?}"
+    );
+    assert!(
+        spare
+            .logs()
+            .contains("took over a command handed over by a stopping replica"),
+        "{}",
+        spare.logs()
+    );
+    let callid = rest[2]["params"]["callid"].as_str().unwrap().to_owned();
+    let notes = client.run("CallEnd", json!({"callid": callid})).await;
+    assert_eq!(shape(&notes), ["Ended"], "{notes:#?}");
+}
