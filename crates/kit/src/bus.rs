@@ -1,6 +1,6 @@
 //! Typed NATS messaging: every service publishes and requests protobuf messages through these
-//! few functions, so NATS failures map to one error type (and trace headers, later, are added in
-//! one place).
+//! few functions, so NATS failures map to one error type and the current span's trace context
+//! goes with each message in one place (`traceparent` header, when traces are exported).
 
 use std::time::Duration;
 
@@ -51,16 +51,21 @@ pub async fn publish_encoded(
     subject: impl async_nats::subject::ToSubject,
     payload: bytes::Bytes,
 ) -> Result<(), BusError> {
-    client.publish(subject, payload).await.map_err(nats_error)
+    match crate::telemetry::current_headers() {
+        Some(headers) => client.publish_with_headers(subject, headers, payload).await,
+        None => client.publish(subject, payload).await,
+    }
+    .map_err(nats_error)
 }
 
 /// Publishes `payload` with `headers` (e.g. a key-value bucket's removal marker).
 pub async fn publish_with_headers(
     client: &async_nats::Client,
     subject: impl async_nats::subject::ToSubject,
-    headers: async_nats::HeaderMap,
+    mut headers: async_nats::HeaderMap,
     payload: bytes::Bytes,
 ) -> Result<(), BusError> {
+    crate::telemetry::inject_current(&mut headers);
     client
         .publish_with_headers(subject, headers, payload)
         .await
@@ -81,9 +86,12 @@ pub async fn request<R: Message + Default>(
     if !connected(client) {
         return Err(BusError::NatsDown);
     }
-    let request = async_nats::Request::new()
+    let mut request = async_nats::Request::new()
         .payload(message.encode_to_vec().into())
         .timeout(Some(timeout));
+    if let Some(headers) = crate::telemetry::current_headers() {
+        request = request.headers(headers);
+    }
     match client.send_request(subject.clone(), request).await {
         Ok(reply) => R::decode(reply.payload.as_ref()).map_err(|_| BusError::Undecodable(subject)),
         Err(_) if !connected(client) => Err(BusError::NatsDown),

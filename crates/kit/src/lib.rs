@@ -65,6 +65,8 @@ where
     Fut: std::future::Future<Output = Result<(), E>>,
     E: std::fmt::Display,
 {
+    // Outside the runtime: the trace exporter's HTTP client blocks, when made and when dropped.
+    let _telemetry = telemetry::init(service);
     match runtime(default_workers) {
         Ok(runtime) => runtime.block_on(service_main(service, run)),
         Err(err) => {
@@ -74,8 +76,9 @@ where
     }
 }
 
-/// The whole `main` of a service: tracing, configuration (defaults < `--config` file < env),
-/// then `run(config, shutdown)` until SIGTERM/SIGINT. Returns the process exit code.
+/// The whole `main` of a service after [`telemetry::init`]: configuration (defaults <
+/// `--config` file < env), then `run(config, shutdown)` until SIGTERM/SIGINT. Returns the
+/// process exit code.
 pub async fn service_main<C, F, Fut, E>(service: &str, run: F) -> std::process::ExitCode
 where
     C: serde::de::DeserializeOwned,
@@ -83,7 +86,6 @@ where
     Fut: std::future::Future<Output = Result<(), E>>,
     E: std::fmt::Display,
 {
-    telemetry::init(service);
     let config =
         match config::config_path_from_args().and_then(|path| config::load::<C>(path.as_deref())) {
             Ok(config) => config,

@@ -296,15 +296,24 @@ impl MiClient {
         let (sender, replies) = mpsc::unbounded_channel();
         lock(&inner.routes).insert(id, sender);
         let mut route = Route { inner, id, replies };
-        inner
-            .nats
-            .publish_with_reply(
-                subjects::mi(&call.node_id),
-                format!("{}.{id}", inner.prefix),
-                request.encode_to_vec().into(),
-            )
-            .await
-            .map_err(|e| MiCallError::Transport(format!("NATS: {e}")))?;
+        let subject = subjects::mi(&call.node_id);
+        let reply_to = format!("{}.{id}", inner.prefix);
+        let payload: bytes::Bytes = request.encode_to_vec().into();
+        match crate::telemetry::current_headers() {
+            Some(headers) => {
+                inner
+                    .nats
+                    .publish_with_reply_and_headers(subject, reply_to, headers, payload)
+                    .await
+            }
+            None => {
+                inner
+                    .nats
+                    .publish_with_reply(subject, reply_to, payload)
+                    .await
+            }
+        }
+        .map_err(|e| MiCallError::Transport(format!("NATS: {e}")))?;
         let give_up = Instant::now() + call.timeout;
         let mut last_heard = Instant::now();
         loop {

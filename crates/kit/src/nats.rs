@@ -45,6 +45,14 @@ pub async fn connect(
     Ok(connect_watched(settings, service).await?.0)
 }
 
+/// Closes `client` at shutdown: what was published is flushed to the server first (a drain
+/// alone was seen to lose a reply published just before it), then its subscriptions drained;
+/// each step waits at most `within`.
+pub async fn close(client: &async_nats::Client, within: std::time::Duration) {
+    let _ = tokio::time::timeout(within, client.flush()).await;
+    let _ = tokio::time::timeout(within, client.drain()).await;
+}
+
 /// Like [`connect`], also giving the number of times the connection was lost so far: messages
 /// published meanwhile (replies, events) may be gone, and whoever waits for one should know.
 pub async fn connect_watched(
@@ -58,9 +66,15 @@ pub async fn connect_watched(
         .name(name)
         .retry_on_initial_connect()
         .event_callback(move |event| {
-            if matches!(event, async_nats::Event::Disconnected) {
-                metrics::counter!("callapi_nats_disconnects_total").increment(1);
-                disconnects.send_modify(|count| *count += 1);
+            match event {
+                async_nats::Event::Disconnected => {
+                    metrics::counter!("callapi_nats_disconnects_total").increment(1);
+                    disconnects.send_modify(|count| *count += 1);
+                }
+                async_nats::Event::Connected if *disconnects.borrow() > 0 => {
+                    metrics::counter!("callapi_nats_reconnects_total").increment(1);
+                }
+                _ => {}
             }
             async move {
                 match event {

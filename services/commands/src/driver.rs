@@ -148,7 +148,24 @@ pub async fn resume(
     run(ctx, state.flow, begin).await;
 }
 
+/// Counts a command in `callapi_commands_in_flight` while it lives.
+struct InFlight;
+
+impl InFlight {
+    fn new() -> Self {
+        metrics::gauge!("callapi_commands_in_flight").increment(1.0);
+        Self
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        metrics::gauge!("callapi_commands_in_flight").decrement(1.0);
+    }
+}
+
 async fn run(ctx: Context, mut flow: Flow, begin: Begin) {
+    let _in_flight = InFlight::new();
     let mut disconnects = ctx.disconnects.clone();
     disconnects.borrow_and_update();
     let started = Instant::now();
@@ -194,6 +211,15 @@ async fn run(ctx: Context, mut flow: Flow, begin: Begin) {
         for action in actions.drain(..) {
             match action {
                 Action::Watch(callid) => {
+                    if watched.is_empty() {
+                        // The command's call: its span names it.
+                        let span = tracing::Span::current();
+                        span.record("callid", callid.as_str());
+                        span.record(
+                            "session_id",
+                            callapi_kit::calls::session_id(&ctx.tenant, &callid),
+                        );
+                    }
                     let subject = subjects::events_for_callid(&ctx.tenant, &callid);
                     match ctx.client.subscribe(subject).await {
                         Ok(subscriber) => events.push(subscriber),
@@ -334,6 +360,8 @@ async fn run(ctx: Context, mut flow: Flow, begin: Begin) {
                 Input::Mi(step, result)
             }
             Some(message) = events.next(), if !events.is_empty() => {
+                // The event's own trace (event-ingest's) is linked to this command's.
+                callapi_kit::telemetry::link(&tracing::Span::current(), message.headers.as_ref());
                 match decode_event(&message.payload) {
                     Some(event) => Input::Event(event),
                     None => continue,

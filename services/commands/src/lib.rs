@@ -20,6 +20,7 @@ use callapi_proto::v1::{CommandAck, CommandRequest};
 use futures::StreamExt as _;
 use prost::Message as _;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 
 /// The commands configuration.
 #[derive(Debug, Clone, serde::Deserialize)]
@@ -132,6 +133,9 @@ impl Default for Deadlines {
     }
 }
 
+/// Longest wait, at shutdown, for the commands already delivered to the draining intake.
+const DRAIN_WITHIN: Duration = Duration::from_secs(2);
+
 /// After the shutdown grace, how long the commands still running have to be handed over.
 const HAND_OVER_WITHIN: Duration = Duration::from_secs(5);
 
@@ -222,9 +226,18 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
 
     let mut running = tokio::task::JoinSet::new();
     let hand_over = CancellationToken::new();
+    // On shutdown the intake is drained: commands NATS delivered here already are still taken,
+    // new ones go to the other replicas.
+    let mut drain_until: Option<tokio::time::Instant> = None;
     loop {
         tokio::select! {
-            _ = shutdown.cancelled() => break,
+            _ = shutdown.cancelled(), if drain_until.is_none() => {
+                drain_until = Some(tokio::time::Instant::now() + DRAIN_WITHIN);
+                if intake.drain().await.is_err() {
+                    break;
+                }
+            }
+            _ = callapi_kit::shutdown::sleep_until_some(drain_until) => break,
             Some(taken) = claimed.recv() => {
                 let state = match serde_json::from_str::<takeover::FlowState>(&taken.checkpoint.state_json) {
                     Ok(state) => state,
@@ -251,7 +264,17 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
                 };
                 metrics::counter!("callapi_commands_taken_over_total").increment(1);
                 let revision = taken.revision;
-                running.spawn(async move { driver::resume(ctx, state, &checkpoint, revision).await });
+                let span = tracing::info_span!(
+                    "commands.resume",
+                    cmd_id = %checkpoint.cmd_id,
+                    tenant = %checkpoint.tenant,
+                    node = %checkpoint.node_id,
+                    callid = tracing::field::Empty,
+                    session_id = tracing::field::Empty,
+                    trace_id = tracing::field::Empty,
+                );
+                callapi_kit::telemetry::record_trace_id(&span);
+                running.spawn(async move { driver::resume(ctx, state, &checkpoint, revision).await }.instrument(span));
             }
             message = intake.next() => {
                 let Some(message) = message else { break };
@@ -278,8 +301,6 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
             Some(_) = running.join_next(), if !running.is_empty() => {}
         }
     }
-    // New commands go to the other replicas of the queue group from now on.
-    let _ = intake.unsubscribe().await;
     let grace = Duration::from_millis(config.shutdown_grace_ms);
     tracing::info!(
         in_flight = running.len(),
@@ -304,7 +325,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         })
         .await;
     }
-    let _ = client.drain().await;
+    callapi_kit::nats::close(&client, Duration::from_secs(5)).await;
     Ok(())
 }
 
@@ -366,5 +387,20 @@ fn accept(
     metrics::counter!("callapi_commands_started_total", "kind" => ctx.kind).increment(1);
     tracing::debug!(cmd_id = %request.cmd_id, tenant = %request.tenant, ?deadline, "command accepted");
     let deadline = Duration::from_millis(deadline);
-    Ok((driver::drive(ctx, flow, deadline), deadline + driver::GRACE))
+    // A child of the gateway's span, when the request carries its trace context.
+    let span = tracing::info_span!(
+        "commands.run",
+        cmd_id = %request.cmd_id,
+        tenant = %request.tenant,
+        kind = ctx.kind,
+        node = %ctx.node_id,
+        callid = tracing::field::Empty,
+        session_id = tracing::field::Empty,
+        trace_id = tracing::field::Empty,
+    );
+    callapi_kit::telemetry::follow(&span, message.headers.as_ref());
+    Ok((
+        driver::drive(ctx, flow, deadline).instrument(span),
+        deadline + driver::GRACE,
+    ))
 }

@@ -25,6 +25,7 @@ pub mod tenancy;
 
 use std::net::SocketAddr;
 use std::time::Duration;
+use tracing::Instrument as _;
 
 use callapi_kit::bus;
 use callapi_kit::config::NatsSettings;
@@ -350,7 +351,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     ready.extend(ops);
     callapi_kit::announce_ready(&ready.join(" "));
     while tasks.join_next().await.is_some() {}
-    let _ = client.drain().await;
+    callapi_kit::nats::close(&client, Duration::from_secs(5)).await;
     Ok(())
 }
 
@@ -464,7 +465,10 @@ impl Sink {
             }
         };
         tracing::debug!(%subject, name = %event.name, callid = %event.callid, "event");
-        if let Err(err) = bus::publish(&self.client, subject, &event).await {
+        if let Err(err) = bus::publish(&self.client, subject, &event)
+            .instrument(event_span(&event))
+            .await
+        {
             tracing::warn!(%err, "could not publish an event");
         }
         calls.on_event(&event).await;
@@ -478,6 +482,24 @@ impl Sink {
             );
         }
     }
+}
+
+/// The span of one OpenSIPS event published (the root of a trace of its own, which the
+/// commands it drives link to); none unless spans are exported.
+pub(crate) fn event_span(event: &OpensipsEvent) -> tracing::Span {
+    if !callapi_kit::telemetry::exporting() {
+        return tracing::Span::none();
+    }
+    let span = tracing::info_span!(
+        "opensips.event",
+        node = %event.node_id,
+        event = %event.name,
+        tenant = %event.tenant,
+        callid = %event.callid,
+        trace_id = tracing::field::Empty,
+    );
+    callapi_kit::telemetry::record_trace_id(&span);
+    span
 }
 
 async fn receive_datagrams(socket: UdpSocket, sink: Sink, shutdown: CancellationToken) {

@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 use std::time::Duration;
+use tracing::Instrument as _;
 
 use callapi_kit::bus;
 use callapi_kit::mi::MiClient;
@@ -147,7 +148,10 @@ impl Router {
                 }
             };
         tracing::debug!(%subject, name = %event.name, callid = %event.callid, "event");
-        if let Err(err) = bus::publish(&self.ctx.client, subject, &event).await {
+        if let Err(err) = bus::publish(&self.ctx.client, subject, &event)
+            .instrument(crate::event_span(&event))
+            .await
+        {
             tracing::warn!(%err, "could not publish an event");
         }
         self.ctx.calls.on_event(&event).await;

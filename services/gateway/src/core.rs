@@ -13,6 +13,7 @@ use callapi_kit::subjects::{self, CommandKind};
 use callapi_proto::v1::{CommandAck, CommandRequest, Notification, command_request, notification};
 use futures::StreamExt as _;
 use prost::Message as _;
+use tracing::Instrument as _;
 
 /// Where the notifications of one client's commands go.
 pub trait NotificationSink: Send + Sync {
@@ -194,12 +195,52 @@ impl CommandClient {
         kind: CommandKind,
         command: command_request::Command,
     ) -> Result<Duration, SubmitError> {
+        let callid = match &command {
+            command_request::Command::CallStart(start) => start.callid.as_str(),
+            other => callids_of(other).first().copied().unwrap_or_default(),
+        };
+        // The root of the request's trace: commands, proxy-connector and the MI call follow
+        // it through the NATS headers.
+        let span = tracing::info_span!(
+            "gateway.command",
+            cmd_id,
+            tenant = %origin.tenant,
+            kind = kind.token(),
+            callid = tracing::field::Empty,
+            session_id = tracing::field::Empty,
+            node = tracing::field::Empty,
+            trace_id = tracing::field::Empty,
+        );
+        if !callid.is_empty() {
+            span.record("callid", callid);
+            span.record(
+                "session_id",
+                callapi_kit::calls::session_id(&origin.tenant, callid),
+            );
+        }
+        callapi_kit::telemetry::record_trace_id(&span);
+        self.submit_traced(origin, cmd_id, attempt, kind, command)
+            .instrument(span)
+            .await
+    }
+
+    async fn submit_traced(
+        &self,
+        origin: &Origin,
+        cmd_id: &str,
+        attempt: u64,
+        kind: CommandKind,
+        command: command_request::Command,
+    ) -> Result<Duration, SubmitError> {
         let node_id = match &self.nodes {
             Some(nodes) => nodes
                 .node_for(&origin.tenant, &command)
                 .map_err(SubmitError::Unavailable)?,
             None => String::new(),
         };
+        if !node_id.is_empty() {
+            tracing::Span::current().record("node", node_id.as_str());
+        }
         let request = CommandRequest {
             tenant: origin.tenant.clone(),
             cmd_id: cmd_id.to_owned(),

@@ -452,7 +452,7 @@ pub async fn run(
         tracing::warn!("some connections did not close in time");
     }
     dispatcher.abort();
-    let _ = tokio::time::timeout(Duration::from_secs(5), client.drain()).await;
+    callapi_kit::nats::close(&client, Duration::from_secs(5)).await;
     Ok(())
 }
 

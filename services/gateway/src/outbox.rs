@@ -105,6 +105,7 @@ pub(crate) struct Charge {
 
 impl Drop for Charge {
     fn drop(&mut self) {
+        metrics::gauge!("callapi_websocket_queued_messages").decrement(1.0);
         self.inner
             .queued_bytes
             .fetch_sub(self.bytes, Ordering::AcqRel);
@@ -151,6 +152,7 @@ impl Outbox {
         }
         let bytes = outgoing.weight();
         let before = self.inner.queued_bytes.fetch_add(bytes, Ordering::AcqRel);
+        metrics::gauge!("callapi_websocket_queued_messages").increment(1.0);
         let charge = Charge {
             inner: self.inner.clone(),
             bytes,

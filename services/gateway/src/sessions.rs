@@ -96,10 +96,18 @@ pub(crate) async fn follow<T: prost::Message + Default + Send + Sync + 'static>(
                         let _ = done.send(());
                     }
                 }
-                Some(Err(err)) => tracing::warn!(%err, bucket = name, "key-value watch error"),
-                None => {
-                    tracing::warn!(bucket = name, "key-value watch ended; following it again");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
+                // After an error the watch may be finished: polling it again would panic
+                // (async-nats), so it is made again, as when it ends.
+                Some(Err(_)) | None => {
+                    if let Some(Err(err)) = entry {
+                        tracing::warn!(%err, bucket = name, "key-value watch error; following it again");
+                    } else {
+                        tracing::warn!(bucket = name, "key-value watch ended; following it again");
+                    }
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    }
                     match kv.watch_with_history(">").await {
                         Ok(again) => {
                             if let Ok(mut map) = entries.write() {

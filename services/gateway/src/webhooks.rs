@@ -475,12 +475,16 @@ impl Delivery {
         }
         match outcome {
             Ok(()) => {
+                metrics::counter!("callapi_webhook_deliveries_total", "outcome" => "delivered")
+                    .increment(1);
                 let _ = message.ack().await;
             }
             Err(failure) => {
                 let gone = failure.status == Some(404);
                 if gone || attempt >= u64::from(self.webhook.max_attempts) {
                     tracing::warn!(tenant = %self.tenant, seq, attempt, %failure, "webhook event given up: dead letter");
+                    metrics::counter!("callapi_webhook_deliveries_total", "outcome" => "dead")
+                        .increment(1);
                     if self
                         .dead_letter(&event, seq, attempt, &failure, &bodies)
                         .await
@@ -494,6 +498,8 @@ impl Delivery {
                 } else {
                     let delay = delay_after(&self.webhook, attempt);
                     tracing::info!(tenant = %self.tenant, seq, attempt, %failure, ?delay, "webhook event not taken; trying again");
+                    metrics::counter!("callapi_webhook_deliveries_total", "outcome" => "retry")
+                        .increment(1);
                     let _ = message.ack_with(AckKind::Nak(Some(delay))).await;
                 }
             }

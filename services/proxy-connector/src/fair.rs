@@ -502,6 +502,14 @@ impl FairLimiter {
         self.lock().map_or(0, |shared| shared.slots.limits.total)
     }
 
+    /// Requests holding a slot (on the wire, or kept after their reply) and requests waiting
+    /// for one, now.
+    pub fn load(&self) -> (usize, usize) {
+        self.lock().map_or((0, 0), |shared| {
+            (shared.slots.in_use(), shared.slots.waiting)
+        })
+    }
+
     /// Waits for a slot for a request of `client` of `class`; refused at once when the
     /// node's queue is full.
     pub async fn acquire(&self, client: &str, class: Class) -> Result<Permit, QueueFull> {

@@ -13,6 +13,7 @@ mod transport;
 
 use std::sync::Arc;
 use std::time::Duration;
+use tracing::Instrument as _;
 
 use callapi_kit::bus;
 use callapi_kit::config::NatsSettings;
@@ -277,7 +278,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     for task in tasks {
         let _ = task.await;
     }
-    let _ = client.drain().await;
+    callapi_kit::nats::close(&client, Duration::from_secs(5)).await;
     Ok(())
 }
 
@@ -294,9 +295,18 @@ async fn serve_node(
     shutdown: CancellationToken,
 ) {
     let mut in_flight = tokio::task::JoinSet::new();
+    // On shutdown the subscription is drained: requests NATS delivered here already are still
+    // served, new ones go to the other replicas.
+    let mut drain_until: Option<tokio::time::Instant> = None;
     loop {
         tokio::select! {
-            _ = shutdown.cancelled() => break,
+            _ = shutdown.cancelled(), if drain_until.is_none() => {
+                drain_until = Some(tokio::time::Instant::now() + DRAIN_WITHIN);
+                if subscriber.drain().await.is_err() {
+                    break;
+                }
+            }
+            _ = callapi_kit::shutdown::sleep_until_some(drain_until) => break,
             Some(release) = releases.next() => {
                 if !leases.release(release.subject.as_str()) {
                     tracing::debug!(subject = %release.subject, "release of a slot no longer kept");
@@ -308,6 +318,17 @@ async fn serve_node(
                 let transport = transport.clone();
                 let leases = leases.clone();
                 let node_id = node_id.clone();
+                // A child of the command's span when the request carries its trace context.
+                let span = tracing::info_span!(
+                    "mi.request",
+                    node = %node_id,
+                    method = tracing::field::Empty,
+                    tenant = tracing::field::Empty,
+                    callid = tracing::field::Empty,
+                    outcome = tracing::field::Empty,
+                    trace_id = tracing::field::Empty,
+                );
+                callapi_kit::telemetry::follow(&span, message.headers.as_ref());
                 in_flight.spawn(async move {
                     let Some(reply_to) = message.reply.clone() else {
                         tracing::warn!("MI request without a reply subject dropped");
@@ -315,6 +336,12 @@ async fn serve_node(
                     };
                     let reply = match MiRequest::decode(message.payload.as_ref()) {
                         Ok(request) => {
+                            let span = tracing::Span::current();
+                            span.record("method", request.method.as_str());
+                            span.record("tenant", request.tenant.as_str());
+                            if let Some(callid) = callid_param(&request.params_json) {
+                                span.record("callid", callid.as_str());
+                            }
                             let begun = std::time::Instant::now();
                             let work = handle(&transport, &leases, &request, default_timeout);
                             let reply = with_progress(&client, &reply_to, &request, work).await;
@@ -329,12 +356,11 @@ async fn serve_node(
                     if let Err(err) = bus::publish(&client, reply_to, &reply).await {
                         tracing::warn!(%err, "could not publish MI reply");
                     }
-                });
+                }.instrument(span));
             }
             Some(_) = in_flight.join_next(), if !in_flight.is_empty() => {}
         }
     }
-    let _ = subscriber.unsubscribe().await;
     // Answer what is already in flight before going away, within the grace.
     let answered = tokio::time::timeout(grace, async {
         while in_flight.join_next().await.is_some() {}
@@ -343,6 +369,19 @@ async fn serve_node(
     if answered.is_err() {
         tracing::warn!(node = %node_id, unanswered = in_flight.len(), "shutdown grace over with MI requests unanswered; their commands find them lost");
     }
+}
+
+/// Longest wait, at shutdown, for the requests already delivered to a draining subscription.
+const DRAIN_WITHIN: Duration = Duration::from_secs(2);
+
+/// The SIP Call-ID an MI request is about (`callid`, `dialog_id` or the first `DID`), if any.
+fn callid_param(params_json: &str) -> Option<String> {
+    let params: serde_json::Value = serde_json::from_str(params_json).ok()?;
+    let value = params
+        .get("callid")
+        .or_else(|| params.get("dialog_id"))
+        .or_else(|| params.get("DID").and_then(|d| d.get(0)))?;
+    value.as_str().map(str::to_owned)
 }
 
 /// Longest wait for the node's answer to a health probe.
@@ -386,6 +425,9 @@ async fn report_health(
         reachable_nodes.set(&node_id, reachable);
         metrics::gauge!("callapi_mi_in_flight_limit", "node" => node_id.clone())
             .set(transport.limit() as f64);
+        let (in_flight, queued) = transport.load();
+        metrics::gauge!("callapi_mi_in_flight", "node" => node_id.clone()).set(in_flight as f64);
+        metrics::gauge!("callapi_mi_queued", "node" => node_id.clone()).set(queued as f64);
         metrics::gauge!("callapi_node_reachable", "node" => node_id.clone()).set(if reachable {
             1.0
         } else {
@@ -517,6 +559,7 @@ fn record(node_id: &str, request: &MiRequest, reply: &MiReply, took: Duration) {
         Some(mi_reply::Outcome::Failure(failure)) => failure.kind().as_str_name(),
         Some(mi_reply::Outcome::Progress(_)) | None => "none",
     };
+    tracing::Span::current().record("outcome", outcome);
     let node = node_id.to_owned();
     metrics::counter!("callapi_mi_requests_total", "node" => node.clone(), "method" => request.method.clone(), "outcome" => outcome).increment(1);
     metrics::histogram!("callapi_mi_duration_seconds", "node" => node, "method" => request.method.clone())

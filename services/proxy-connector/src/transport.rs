@@ -513,6 +513,11 @@ impl MiTransport {
     pub fn limit(&self) -> usize {
         self.limit.limit()
     }
+
+    /// MI requests holding a slot and MI requests waiting for one, now.
+    pub fn load(&self) -> (usize, usize) {
+        self.limit.load()
+    }
 }
 
 #[cfg(test)]

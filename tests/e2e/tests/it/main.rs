@@ -22,4 +22,5 @@ mod rest;
 mod rolling;
 mod sessions;
 mod tenants;
+mod traces;
 mod webhooks;
