@@ -21,6 +21,9 @@ lint:
 # validated with kubernetes-validate --strict, offline (deploy/k8s/validate.sh).
 test: lint build
 	./deploy/k8s/validate.sh
+	python3 deploy/grafana/check.py
+	python3 deploy/opensips/check.py
+	CALLAPI_BIN_DIR=target/debug CLUSTER_DEMO_ONLY=1 ./deploy/local/cluster.sh
 	NATS_SERVER_BIN="$$(./deploy/local/nats-server.sh)" SCHEMATHESIS_BIN="$$(./deploy/local/schemathesis.sh)" $(CARGO) test --workspace
 
 # The container image (Dockerfile): the four services in one image. Needs a Docker engine (or
@@ -44,3 +47,12 @@ clean:
 bench:
 	$(CARGO) build --release --workspace --bins
 	NATS_SERVER_BIN="$$(./deploy/local/nats-server.sh)" ./target/release/callapi-bench $(BENCH_ARGS)
+
+# A cluster on this machine (deploy/local/cluster.sh): 3 nats-servers (one JetStream cluster), the
+# OpenSIPS emulator, 2 gateways, 2 commands replicas, proxy-connector and event-ingest, each a
+# process on free ports; prints them, runs a demo call through both gateways, stays up until
+# Ctrl-C. CLUSTER_DEMO_ONLY=1 stops after the demo (its exit status says whether it worked).
+.PHONY: cluster
+cluster:
+	$(CARGO) build --release --workspace --bins
+	./deploy/local/cluster.sh
