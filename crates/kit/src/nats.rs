@@ -74,6 +74,9 @@ pub async fn connect_watched(
                 async_nats::Event::Connected if *disconnects.borrow() > 0 => {
                     metrics::counter!("callapi_nats_reconnects_total").increment(1);
                 }
+                async_nats::Event::SlowConsumer(_) => {
+                    metrics::counter!("callapi_nats_slow_consumers_total").increment(1);
+                }
                 _ => {}
             }
             async move {

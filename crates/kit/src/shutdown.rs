@@ -45,3 +45,43 @@ pub async fn sleep_until_some(at: Option<tokio::time::Instant>) {
         None => std::future::pending().await,
     }
 }
+
+/// A service that keeps serving a while after it is told to stop, not ready meanwhile (so
+/// Kubernetes takes it out of its Service's endpoints first).
+#[derive(Clone)]
+pub struct Draining {
+    stopping: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Cancelled `delay` after the stop: when the service really stops.
+    pub shutdown: CancellationToken,
+}
+
+impl Draining {
+    /// Watches `stop` (the signal); `shutdown` is cancelled `delay` after it.
+    pub fn after(stop: CancellationToken, delay: std::time::Duration) -> Self {
+        let draining = Self {
+            stopping: std::sync::Arc::default(),
+            shutdown: CancellationToken::new(),
+        };
+        let this = draining.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = stop.cancelled() => {}
+                _ = this.shutdown.cancelled() => return,
+            }
+            this.stopping
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+            tracing::info!(
+                ?delay,
+                "stopping: not ready; serving on for the drain delay"
+            );
+            tokio::time::sleep(delay).await;
+            this.shutdown.cancel();
+        });
+        draining
+    }
+
+    /// Whether the stop was asked (readiness then says "shutting down").
+    pub fn stopping(&self) -> bool {
+        self.stopping.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}

@@ -63,6 +63,9 @@ pub struct Config {
     pub tenants_file: Option<String>,
     /// Where `/healthz`, `/readyz` and `/metrics` are served (none: not served).
     pub ops_listen: Option<String>,
+    /// On SIGTERM, how long event-ingest goes on receiving while `/readyz` answers 503, so its
+    /// Service sends the node's events to its replacement first, milliseconds.
+    pub drain_delay_ms: u64,
 }
 
 impl Default for Config {
@@ -82,6 +85,7 @@ impl Default for Config {
             calls_stream: calls_stream::CallsStreamConfig::default(),
             tenants_file: None,
             ops_listen: None,
+            drain_delay_ms: 0,
         }
     }
 }
@@ -152,8 +156,13 @@ pub enum Error {
     },
 }
 
-/// Runs event-ingest until `shutdown` is cancelled.
-pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Error> {
+/// Runs event-ingest until `stop` is cancelled, then `drain_delay_ms` more while not ready;
+/// then the datagrams the kernel holds already are taken, published and flushed before the
+/// sockets close (a replacement bound to the same address gets the rest).
+pub async fn run(config: Config, stop: CancellationToken) -> Result<(), Error> {
+    let draining =
+        callapi_kit::shutdown::Draining::after(stop, Duration::from_millis(config.drain_delay_ms));
+    let shutdown = draining.shutdown.clone();
     // Configuration mistakes are reported at once, not after NATS answers.
     let node_senders = config
         .nodes
@@ -329,6 +338,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     let readiness = || -> callapi_kit::ops::Readiness {
         std::sync::Arc::new(move || {
             let mut reasons = callapi_kit::ops::nats_connected(&nats);
+            if draining.stopping() {
+                reasons.push("shutting down".to_owned());
+            }
             if !subscribed.any_holds() {
                 reasons.push("no OpenSIPS node has our event subscriptions yet".to_owned());
                 reasons.extend(
@@ -388,6 +400,10 @@ async fn bind_udp(listen: &str) -> std::io::Result<UdpSocket> {
         tracing::warn!(%err, "cannot enlarge the event socket's receive buffer");
     }
     socket.set_nonblocking(true)?;
+    // A replacement may bind the same address while this one drains (the kernel gives each
+    // sender's datagrams to one of them; to the replacement once this one closes).
+    #[cfg(unix)]
+    socket.set_reuse_port(true)?;
     socket.bind(&addr.into())?;
     UdpSocket::from_std(socket.into())
 }
@@ -506,7 +522,16 @@ async fn receive_datagrams(socket: UdpSocket, sink: Sink, shutdown: Cancellation
     let mut buf = vec![0u8; MAX_DATAGRAM];
     loop {
         let (len, from): (usize, SocketAddr) = tokio::select! {
-            _ = shutdown.cancelled() => return,
+            _ = shutdown.cancelled() => {
+                // What the kernel holds already is taken before the socket closes.
+                while let Ok((len, from)) = socket.try_recv_from(&mut buf) {
+                    if sink.senders.allows(from.ip()) {
+                        sink.publish(&buf[..len], &from).await;
+                    }
+                }
+                let _ = sink.client.flush().await;
+                return;
+            }
             received = socket.recv_from(&mut buf) => match received {
                 Ok(received) => received,
                 Err(err) => {

@@ -279,23 +279,9 @@ pub async fn run(
     listener: Option<TcpListener>,
 ) -> Result<(), Error> {
     config.check()?;
-    let shutdown = CancellationToken::new();
-    let draining = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    {
-        let shutdown = shutdown.clone();
-        let draining = draining.clone();
-        let delay = Duration::from_millis(config.drain_delay_ms);
-        tokio::spawn(async move {
-            stop.cancelled().await;
-            draining.store(true, std::sync::atomic::Ordering::Relaxed);
-            tracing::info!(
-                ?delay,
-                "stopping: not ready; closing connections after the drain delay"
-            );
-            tokio::time::sleep(delay).await;
-            shutdown.cancel();
-        });
-    }
+    let draining =
+        callapi_kit::shutdown::Draining::after(stop, Duration::from_millis(config.drain_delay_ms));
+    let shutdown = draining.shutdown.clone();
     let gateway_id = config
         .gateway_id
         .clone()
@@ -422,7 +408,7 @@ pub async fn run(
     let nats = client.clone();
     let readiness: callapi_kit::ops::Readiness = Arc::new(move || {
         let mut reasons = callapi_kit::ops::nats_connected(&nats);
-        if draining.load(std::sync::atomic::Ordering::Relaxed) {
+        if draining.stopping() {
             reasons.push("shutting down".to_owned());
         }
         reasons

@@ -234,22 +234,34 @@ impl Stack {
         .await
     }
 
+    fn ingest_config(&self, listen: &str) -> String {
+        format!(
+            "expire_secs = {}\ncheck_interval_ms = {}\nops_listen = \"127.0.0.1:0\"\n{}\n[nats]\nurl = \"{}\"\n[[nodes]]\nid = \"opensips1\"\ntenant = \"{}\"\nlisten = \"{listen}\"\n{}\n",
+            self.options.expire_secs,
+            self.options.check_interval_ms,
+            self.options.ingest_toml,
+            self.nats.url,
+            self.options.node_tenant,
+            self.options.ingest_node_toml
+        )
+    }
+
     async fn start_ingest(&mut self) {
         self.ingest = self
-            .service(
-                "event-ingest",
-                &format!(
-                    "expire_secs = {}\ncheck_interval_ms = {}\nops_listen = \"127.0.0.1:0\"\n{}\n[nats]\nurl = \"{}\"\n[[nodes]]\nid = \"opensips1\"\ntenant = \"{}\"\nlisten = \"127.0.0.1:0\"\n{}\n",
-                    self.options.expire_secs,
-                    self.options.check_interval_ms,
-                    self.options.ingest_toml,
-                    self.nats.url,
-                    self.options.node_tenant,
-                    self.options.ingest_node_toml
-                ),
-            )
+            .service("event-ingest", &self.ingest_config("127.0.0.1:0"))
             .await;
         self.event_socket = self.ingest.ready_field("opensips1").expect("ingest socket");
+    }
+
+    /// Starts a second event-ingest bound to the same address as the running one (as a
+    /// replacement behind the same Service), and returns it; the caller keeps it.
+    pub async fn start_ingest_beside(&self) -> Service {
+        let listen = self
+            .event_socket
+            .strip_prefix("udp:")
+            .expect("the ingest listens on UDP");
+        self.service("event-ingest", &self.ingest_config(listen))
+            .await
     }
 
     /// Starts another proxy-connector with the stack's configuration (it joins the queue group

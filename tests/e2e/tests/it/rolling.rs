@@ -1,6 +1,7 @@
 //! Rolling restarts under steady load, as Kubernetes does them: each replica of each service
 //! is replaced (a new one started, the old one sent SIGTERM) while clients keep starting and
-//! ending calls. Clients whose gateway goes away connect to another one and re-attach to their
+//! ending calls; event-ingest's replacement binds the same address, as it would sit behind the
+//! same Service. Clients whose gateway goes away connect to another one and re-attach to their
 //! commands (`CommandAttach`), as the close frame tells them. Every command must end, and end
 //! well: none lost, none failed.
 
@@ -180,6 +181,7 @@ async fn a_rolling_restart_of_every_service_under_load_loses_no_command() {
         answer_delay_ms: 1_000,
         commands_toml: "shutdown_grace_ms = 5000\n[takeover]\nscan_interval_ms = 300".to_owned(),
         gateway_toml: "drain_delay_ms = 300".to_owned(),
+        ingest_toml: "drain_delay_ms = 300".to_owned(),
         ..StackOptions::default()
     })
     .await;
@@ -237,7 +239,29 @@ async fn a_rolling_restart_of_every_service_under_load_loses_no_command() {
         stack.connector.logs()
     );
     stack.connector = fresh;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    // event-ingest: a replacement binds the same address (as behind its Service), the old one
+    // is stopped: it drains what the kernel holds, and the node's events go on to the new one.
+    let fresh = stack.start_ingest_beside().await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let status = stack.ingest.terminate(Duration::from_secs(15)).await;
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "ingest exit: {status:?}\n{}",
+        stack.ingest.logs()
+    );
+    let old_log = plain(&stack.ingest.logs());
+    let events_after_stop = old_log
+        .split("stopping: not ready")
+        .nth(1)
+        .map_or(0, |after| after.matches(" event ").count());
+    stack.ingest = fresh;
     tokio::time::sleep(Duration::from_secs(2)).await;
+    let new_events = plain(&stack.ingest.logs()).matches(" event ").count();
+    println!(
+        "event-ingest: the stopping one published {events_after_stop} events after SIGTERM, its replacement {new_events} by the end"
+    );
+    assert!(new_events > 0, "the replacement got no event");
 
     stop.store(true, Ordering::Relaxed);
     let mut outcomes = Vec::new();
@@ -283,8 +307,8 @@ async fn a_rolling_restart_of_every_service_under_load_loses_no_command() {
     }
 }
 
-/// The commands in flight when a commands replica was told to stop, from its log line.
-fn in_flight_at_stop(log: &str) -> usize {
+/// A log without its colours.
+fn plain(log: &str) -> String {
     let mut plain = String::new();
     let mut chars = log.chars();
     while let Some(c) = chars.next() {
@@ -299,6 +323,11 @@ fn in_flight_at_stop(log: &str) -> usize {
         }
     }
     plain
+}
+
+/// The commands in flight when a commands replica was told to stop, from its log line.
+fn in_flight_at_stop(log: &str) -> usize {
+    plain(log)
         .lines()
         .filter(|line| line.contains("stopping: finishing the commands in flight"))
         .filter_map(|line| line.split("in_flight=").nth(1))
