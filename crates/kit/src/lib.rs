@@ -24,9 +24,13 @@ pub fn unix_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// Set once the service announced it is ready: before that, a stop signal ends it at once.
+static STARTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 /// Prints the one-line readiness report (`READY key=value ...`) that scripts and tests wait for.
 pub fn announce_ready(details: &str) {
     use std::io::Write;
+    STARTED.store(true, std::sync::atomic::Ordering::Relaxed);
     let mut out = std::io::stdout().lock();
     // A closed stdout must not take the service down.
     let _ = writeln!(out, "READY {details}");
@@ -94,7 +98,23 @@ where
                 return std::process::ExitCode::FAILURE;
             }
         };
-    match run(config, shutdown::on_signal()).await {
+    let stop = shutdown::on_signal();
+    // A service still starting (e.g. waiting for NATS) has nothing in flight: a stop signal
+    // then ends it at once rather than after the connection it may never get.
+    let stopped_while_starting = async {
+        stop.cancelled().await;
+        if STARTED.load(std::sync::atomic::Ordering::Relaxed) {
+            std::future::pending::<()>().await;
+        }
+    };
+    let outcome = tokio::select! {
+        outcome = run(config, stop.clone()) => outcome,
+        () = stopped_while_starting => {
+            tracing::info!("stopped while starting");
+            return std::process::ExitCode::SUCCESS;
+        }
+    };
+    match outcome {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(err) => {
             tracing::error!(%err, "{service} failed");

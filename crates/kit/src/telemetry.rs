@@ -21,6 +21,7 @@ use tracing_subscriber::EnvFilter;
 use tracing_subscriber::filter::LevelFilter;
 use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::util::SubscriberInitExt as _;
+use tracing_subscriber::{Layer, Registry};
 
 /// The filter used when `RUST_LOG` is unset, empty or invalid.
 pub const DEFAULT_FILTER: &str = "info";
@@ -41,7 +42,8 @@ pub struct Telemetry {
 impl Drop for Telemetry {
     fn drop(&mut self) {
         if let Some(provider) = self.provider.take() {
-            let _ = provider.shutdown();
+            // Bounded: a collector that is down must not hold the process past its grace.
+            let _ = provider.shutdown_with_timeout(std::time::Duration::from_secs(3));
         }
     }
 }
@@ -53,18 +55,19 @@ pub fn init(service: &str) -> Telemetry {
     let filter = EnvFilter::try_new(filter_directives(asked.as_deref()))
         .unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER));
     let json = std::env::var("CALLAPI_LOG_FORMAT").is_ok_and(|f| f.eq_ignore_ascii_case("json"));
-    let json_logs = json.then(|| {
+    let logs: Box<dyn Layer<Registry> + Send + Sync> = if json {
         tracing_subscriber::fmt::layer()
             .json()
             .with_current_span(true)
             .with_span_list(false)
             .with_writer(std::io::stderr)
-    });
-    let text_logs = (!json).then(|| {
+            .boxed()
+    } else {
         tracing_subscriber::fmt::layer()
             .with_target(false)
             .with_writer(std::io::stderr)
-    });
+            .boxed()
+    };
     let (provider, trace_error) = if traces_wanted(|name| std::env::var(name).ok()) {
         match tracer_provider(service) {
             Ok(provider) => (Some(provider), None),
@@ -73,16 +76,16 @@ pub fn init(service: &str) -> Telemetry {
     } else {
         (None, None)
     };
+    // Spans are exported at INFO whatever RUST_LOG keeps of the logs.
     let traces = provider.as_ref().map(|provider| {
         tracing_opentelemetry::layer()
             .with_tracer(provider.tracer("callapi"))
             .with_tracked_inactivity(false)
+            .with_filter(LevelFilter::INFO)
     });
     let installed = tracing_subscriber::registry()
-        .with(filter)
+        .with(logs.with_filter(filter))
         .with(traces)
-        .with(json_logs)
-        .with(text_logs)
         .try_init()
         .is_ok();
     if installed && provider.is_some() {

@@ -468,35 +468,46 @@ impl Snapshot<'_> {
 }
 
 /// This replica is stopping: the flow is released for another replica to resume (its
-/// checkpoint written with no owner), or, when checkpoints are off or cannot be written, ended
-/// with `COMMAND_LOST` so the client is told now rather than at the deadline.
+/// checkpoint written with no owner). When checkpoints are off, the command is ended with
+/// `COMMAND_LOST` so the client is told now rather than at the deadline. When the release
+/// cannot be written (NATS away), nothing is published: a checkpoint of it may exist (this
+/// replica's, taken over once it is gone) and its notifications would then go on from the same
+/// `seq`; if none does, the gateway ends the command with `COMMAND_LOST` at its deadline.
 async fn hand_over(ctx: &Context, key: &str, at: Snapshot<'_>, revision: Option<u64>, seq: u64) {
-    if let Some(checkpoints) = &ctx.checkpoints
-        && let Some(checkpoint) = at.checkpoint(ctx, "")
-    {
-        match checkpoints.save(key, &checkpoint, revision).await {
-            crate::takeover::Saved::Kept(_) => {
-                metrics::counter!("callapi_commands_handed_over_total", "kind" => ctx.kind)
-                    .increment(1);
-                tracing::info!(cmd_id = %ctx.cmd_id, "replica stopping: command handed over");
-                return;
-            }
-            crate::takeover::Saved::TakenOver => return,
-            crate::takeover::Saved::NotNow => {
-                tracing::warn!(cmd_id = %ctx.cmd_id, "replica stopping: the command's checkpoint could not be written");
+    if let Some(checkpoints) = &ctx.checkpoints {
+        let Some(checkpoint) = at.checkpoint(ctx, "") else {
+            return;
+        };
+        for _ in 0..HAND_OVER_TRIES {
+            match checkpoints.save(key, &checkpoint, revision).await {
+                crate::takeover::Saved::Kept(_) => {
+                    metrics::counter!("callapi_commands_handed_over_total", "kind" => ctx.kind)
+                        .increment(1);
+                    tracing::info!(cmd_id = %ctx.cmd_id, "replica stopping: command handed over");
+                    return;
+                }
+                crate::takeover::Saved::TakenOver => return,
+                crate::takeover::Saved::NotNow => {
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
             }
         }
+        tracing::warn!(cmd_id = %ctx.cmd_id, "replica stopping: the command's release could not be written; it is taken over from its last checkpoint, if it has one, or ended by the gateway at its deadline");
+        return;
     }
     metrics::counter!("callapi_commands_failed_total", "kind" => ctx.kind, "code" => ErrorCode::CommandLost.as_str_name()).increment(1);
     metrics::counter!("callapi_commands_ended_total", "kind" => ctx.kind).increment(1);
     let error = ErrorNote::new(
         ErrorCode::CommandLost,
-        "the commands replica running this command stopped before it ended (no other replica could take it over); the call may be in any state: look it up",
+        "the commands replica running this command stopped before it ended (takeover is off); the call may be in any state: look it up",
         0,
     );
     publish(ctx, seq + 1, notification::Kind::Error(error_of(error))).await;
     publish(ctx, seq + 2, notification::Kind::Ended(CommandEnded {})).await;
 }
+
+/// Attempts at writing a released checkpoint, 250 ms apart.
+const HAND_OVER_TRIES: u32 = 4;
 
 /// Waits for the earliest timer; never, if there is none.
 async fn fire(next: Option<(Timer, Instant)>) -> Option<Timer> {

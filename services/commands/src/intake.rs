@@ -27,6 +27,7 @@ pub fn kind_of(request: &pb::CommandRequest) -> Option<CommandKind> {
 pub fn flow_for(
     request: &pb::CommandRequest,
     deadlines: &Deadlines,
+    invite_next_hop: Option<&str>,
 ) -> Result<(Flow, u64), String> {
     if request.cmd_id.is_empty() || request.cmd_id.len() > 128 {
         return Err("cmd_id must be 1 to 128 characters".to_owned());
@@ -55,13 +56,16 @@ pub fn flow_for(
                 return Err("target_instance_id needs a sip: or sips: callee".to_owned());
             }
             (
-                Flow::Start(StartFlow::new(
-                    c.caller.clone(),
-                    c.callee.clone(),
-                    callid,
-                    &options,
-                    timings,
-                )),
+                Flow::Start(
+                    StartFlow::new(
+                        c.caller.clone(),
+                        c.callee.clone(),
+                        callid,
+                        &options,
+                        timings,
+                    )
+                    .via(invite_next_hop.map(str::to_owned)),
+                ),
                 deadlines.call_start_ms,
             )
         }
@@ -123,6 +127,11 @@ pub fn flow_for(
             (Flow::End(EndFlow::new(c.callid.clone())), deadlines.end_ms)
         }
     })
+}
+
+/// Checks `invite_next_hop` (a SIP URI).
+pub fn check_next_hop(value: &str) -> Result<(), String> {
+    uri("invite_next_hop", value)
 }
 
 fn uri(field: &str, value: &str) -> Result<(), String> {

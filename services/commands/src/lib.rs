@@ -42,6 +42,10 @@ pub struct Config {
     /// running then are handed to another replica (or, without `[takeover]`, ended with
     /// `COMMAND_LOST`). Keep it below Kubernetes' `terminationGracePeriodSeconds`.
     pub shutdown_grace_ms: u64,
+    /// Where the caller's INVITE of a CallStart is sent first (`t_uac_dlg`'s `next_hop`), e.g.
+    /// `sip:127.0.0.1:5060`, the node's own loopback socket: then OpenSIPS need not resolve the
+    /// caller's SIP domain (deploy/opensips/README.md). None: OpenSIPS resolves it.
+    pub invite_next_hop: Option<String>,
 }
 
 /// How MI requests in flight are watched, so a lost one is noticed within seconds.
@@ -88,6 +92,7 @@ impl Default for Config {
             takeover: takeover::TakeoverConfig::default(),
             ops_listen: None,
             shutdown_grace_ms: 20_000,
+            invite_next_hop: None,
         }
     }
 }
@@ -158,6 +163,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
             "node_id {:?} is not a valid id",
             config.node_id
         )));
+    }
+    if let Some(next_hop) = &config.invite_next_hop {
+        intake::check_next_hop(next_hop).map_err(Error::Config)?;
     }
     if config.deadlines.transfer_start_ms == 0 {
         return Err(Error::Config(
@@ -317,13 +325,21 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
             "shutdown grace over: handing the commands still running to another replica"
         );
         hand_over.cancel();
-        // A flow is handed over once no MI answer is due to it (one checkpoint, at most
-        // 250 ms); one still waiting after this is left to the other replicas' takeover of
-        // a replica gone, from its last checkpoint.
+        // A flow is handed over once no MI answer is due to it; one still waiting for one
+        // after this (a caller's phone still ringing) is stopped here and left to the other
+        // replicas' takeover of a replica gone, from its last checkpoint (its MI request then
+        // counts as lost).
         let _ = tokio::time::timeout(HAND_OVER_WITHIN, async {
             while running.join_next().await.is_some() {}
         })
         .await;
+        if !running.is_empty() {
+            tracing::warn!(
+                in_flight = running.len(),
+                "commands still waiting for OpenSIPS stopped here; the other replicas take them over from their checkpoints"
+            );
+        }
+        running.abort_all();
     }
     callapi_kit::nats::close(&client, Duration::from_secs(5)).await;
     Ok(())
@@ -368,7 +384,11 @@ fn accept(
     } else {
         return Err("node_id is not a node id".to_owned());
     };
-    let (flow, deadline) = intake::flow_for(&request, &config.deadlines)?;
+    let (flow, deadline) = intake::flow_for(
+        &request,
+        &config.deadlines,
+        config.invite_next_hop.as_deref(),
+    )?;
     let ctx = driver::Context {
         client: mi.nats().clone(),
         mi: mi.clone(),

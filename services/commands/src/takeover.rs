@@ -259,6 +259,10 @@ pub async fn watch(
         }
         strikes.retain(|owner, _| owners.contains(owner));
         for (key, revision, mut checkpoint) in entries {
+            // A replica that is stopping claims nothing more.
+            if shutdown.is_cancelled() {
+                return;
+            }
             if !gone.contains(&checkpoint.owner) {
                 continue;
             }

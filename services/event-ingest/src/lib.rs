@@ -163,6 +163,18 @@ pub async fn run(config: Config, stop: CancellationToken) -> Result<(), Error> {
     let draining =
         callapi_kit::shutdown::Draining::after(stop, Duration::from_millis(config.drain_delay_ms));
     let shutdown = draining.shutdown.clone();
+    // What the receivers hand on (the router, the call-events publisher, the session store)
+    // outlives them: they stop at `shutdown` after taking what their sockets hold, and these go
+    // on until their queues close, or DOWNSTREAM_WITHIN after `shutdown` at the latest.
+    let downstream = CancellationToken::new();
+    {
+        let (shutdown, downstream) = (shutdown.clone(), downstream.clone());
+        tokio::spawn(async move {
+            shutdown.cancelled().await;
+            tokio::time::sleep(DOWNSTREAM_WITHIN).await;
+            downstream.cancel();
+        });
+    }
     // Configuration mistakes are reported at once, not after NATS answers.
     let node_senders = config
         .nodes
@@ -233,7 +245,7 @@ pub async fn run(config: Config, stop: CancellationToken) -> Result<(), Error> {
         let (publisher, task) = calls_stream::Publisher::start(
             client.clone(),
             config.calls_stream.clone(),
-            shutdown.clone(),
+            downstream.clone(),
         );
         tasks.spawn(async move {
             let _ = task.await;
@@ -261,7 +273,7 @@ pub async fn run(config: Config, stop: CancellationToken) -> Result<(), Error> {
                         &node.id,
                         &config.sessions,
                         None,
-                        shutdown.clone(),
+                        downstream.clone(),
                     );
                     tasks.spawn(async move {
                         let _ = task.await;
@@ -285,7 +297,7 @@ pub async fn run(config: Config, stop: CancellationToken) -> Result<(), Error> {
                     store: config.sessions.clone(),
                     drops: drops.clone(),
                     calls: calls_stream::CallEvents::new(publisher.clone()),
-                    shutdown: shutdown.clone(),
+                    shutdown: downstream.clone(),
                 });
                 tasks.spawn(router.run(queue));
                 Route::ByDomain(events)
@@ -380,6 +392,13 @@ fn check_node(node: &NodeConfig) -> Result<Senders, Error> {
     }
     Senders::parse(&node.senders).map_err(|e| node_error(e.to_string()))
 }
+
+/// At shutdown, longest time the router, the call-events publisher and the session store get
+/// after the receivers stopped, to pass on what they were handed.
+const DOWNSTREAM_WITHIN: Duration = Duration::from_secs(3);
+/// At shutdown, longest time spent taking what a socket still holds (a socket that keeps
+/// receiving as fast as it is read would otherwise never be empty).
+const DRAIN_SOCKET_WITHIN: Duration = Duration::from_secs(1);
 
 /// Receive buffer asked of the kernel for event datagrams, so bursts are not dropped.
 const UDP_RECEIVE_BUFFER: usize = 4 * 1024 * 1024;
@@ -523,13 +542,19 @@ async fn receive_datagrams(socket: UdpSocket, sink: Sink, shutdown: Cancellation
     loop {
         let (len, from): (usize, SocketAddr) = tokio::select! {
             _ = shutdown.cancelled() => {
-                // What the kernel holds already is taken before the socket closes.
-                while let Ok((len, from)) = socket.try_recv_from(&mut buf) {
-                    if sink.senders.allows(from.ip()) {
-                        sink.publish(&buf[..len], &from).await;
+                // What the kernel holds already is taken before the socket closes (within
+                // DRAIN_SOCKET_WITHIN, and never waiting for NATS longer than that).
+                let drain = async {
+                    while let Ok((len, from)) = socket.try_recv_from(&mut buf) {
+                        if sink.senders.allows(from.ip()) {
+                            sink.publish(&buf[..len], &from).await;
+                        } else {
+                            sink.drops.record(Why::DatagramSenderNotAllowed, from.ip(), &"");
+                        }
                     }
-                }
-                let _ = sink.client.flush().await;
+                    let _ = sink.client.flush().await;
+                };
+                let _ = tokio::time::timeout(DRAIN_SOCKET_WITHIN, drain).await;
                 return;
             }
             received = socket.recv_from(&mut buf) => match received {

@@ -104,19 +104,22 @@ pub(crate) async fn follow<T: prost::Message + Default + Send + Sync + 'static>(
                     } else {
                         tracing::warn!(bucket = name, "key-value watch ended; following it again");
                     }
-                    tokio::select! {
-                        _ = shutdown.cancelled() => break,
-                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                    }
-                    match kv.watch_with_history(">").await {
-                        Ok(again) => {
-                            if let Ok(mut map) = entries.write() {
-                                map.clear();
-                            }
-                            watch = again;
+                    // Never the finished watch again: made anew, every second until it is.
+                    let again = loop {
+                        tokio::select! {
+                            _ = shutdown.cancelled() => break None,
+                            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                         }
-                        Err(err) => tracing::warn!(%err, bucket = name, "cannot watch"),
+                        match kv.watch_with_history(">").await {
+                            Ok(again) => break Some(again),
+                            Err(err) => tracing::warn!(%err, bucket = name, "cannot watch"),
+                        }
+                    };
+                    let Some(again) = again else { break };
+                    if let Ok(mut map) = entries.write() {
+                        map.clear();
                     }
+                    watch = again;
                 }
             }
         }

@@ -58,6 +58,10 @@ pub struct StartFlow {
     transfer_answer_lost: bool,
     /// NATS was lost for a while: events may be missing, so silence proves nothing.
     contact_lost: bool,
+    /// Where the caller's INVITE is sent first (`t_uac_dlg`'s `next_hop`): the node's own SIP
+    /// socket, so OpenSIPS need not resolve the caller's domain; none: OpenSIPS resolves it.
+    #[serde(default)]
+    next_hop: Option<String>,
 }
 
 impl StartFlow {
@@ -83,7 +87,14 @@ impl StartFlow {
             loss_reported: false,
             transfer_answer_lost: false,
             contact_lost: false,
+            next_hop: None,
         }
+    }
+
+    /// The caller's INVITE goes to `next_hop` first (`t_uac_dlg`'s `next_hop`).
+    pub fn via(mut self, next_hop: Option<String>) -> Self {
+        self.next_hop = next_hop;
+        self
     }
 
     /// First actions: watch X, INVITE the caller.
@@ -108,6 +119,9 @@ impl StartFlow {
         });
         if self.shaped.offer {
             params["body"] = json!(OFFER);
+        }
+        if let Some(next_hop) = &self.next_hop {
+            params["next_hop"] = json!(next_hop);
         }
         vec![
             Action::Watch(self.callid.clone()),
@@ -480,6 +494,26 @@ mod tests {
             &pb::CallOptions::default(),
             Timings::default(),
         )
+    }
+
+    #[test]
+    fn the_callers_invite_goes_to_the_next_hop_when_one_is_set() {
+        let invite = |flow: &mut StartFlow| {
+            flow.start()
+                .into_iter()
+                .find_map(|action| match action {
+                    Action::Mi {
+                        method: "t_uac_dlg",
+                        params,
+                        ..
+                    } => Some(params),
+                    _ => None,
+                })
+                .expect("an INVITE")
+        };
+        assert!(invite(&mut flow()).get("next_hop").is_none());
+        let mut via = flow().via(Some("sip:127.0.0.1:5060".into()));
+        assert_eq!(invite(&mut via)["next_hop"], "sip:127.0.0.1:5060");
     }
 
     /// A CallStart whose callee's INVITE goes through a trunk, with a late offer.

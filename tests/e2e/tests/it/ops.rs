@@ -164,17 +164,26 @@ async fn a_stopping_gateway_is_not_ready_then_tells_its_clients_to_connect_again
     let addr = stack.http_addr();
     let mut client = stack.client().await;
     let pid = stack.gateways[0].pid().expect("gateway runs");
+    let signalled = std::time::Instant::now();
     let _ = std::process::Command::new("kill")
         .args(["-TERM", &pid.to_string()])
         .status();
-    // During the drain delay: still serving, but not ready.
+    // During the drain delay: still serving, its WebSockets too, but not ready.
     let (status, body) = readiness_becomes(&addr, 503).await;
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("shutting down"), "{body}");
     let alive = request(&addr, "GET", "/healthz", None).await;
     assert_eq!(alive.status, 200);
-    // Then every WebSocket is closed with 1001 and what to do.
+    let id = client.request("CallList", json!({})).await;
+    let listed = client.reply(&id).await;
+    assert!(listed.get("result").is_some(), "{listed}");
+    // Then every WebSocket is closed with 1001 and what to do, after the delay.
     let (code, reason) = client.closed().await;
+    assert!(
+        signalled.elapsed() >= Duration::from_millis(1_200),
+        "closed {:?} after SIGTERM, before the drain delay",
+        signalled.elapsed()
+    );
     assert_eq!(code, 1001, "{reason}");
     assert_eq!(
         reason,
@@ -182,4 +191,40 @@ async fn a_stopping_gateway_is_not_ready_then_tells_its_clients_to_connect_again
     );
     let status = stack.gateways[0].terminate(Duration::from_secs(10)).await;
     assert!(status.is_some_and(|s| s.success()), "{status:?}");
+}
+
+#[tokio::test]
+async fn a_service_still_waiting_for_nats_stops_at_once_on_sigterm() {
+    // Nothing listens on this port: the service keeps trying to connect, with nothing in flight.
+    let port = callapi_e2e::free_port();
+    let mut child = tokio::process::Command::new(callapi_e2e::bin_path("commands"))
+        .env("CALLAPI_NATS__URL", format!("nats://127.0.0.1:{port}"))
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn commands");
+    // Its signal handler is in place once it tries NATS.
+    let stderr = child.stderr.take().expect("stderr");
+    let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(stderr));
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while let Ok(Some(line)) = lines.next_line().await {
+            if line.contains("connecting to NATS") {
+                return;
+            }
+        }
+    })
+    .await
+    .expect("commands tries NATS");
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    let pid = child.id().expect("running");
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status();
+    let status = tokio::time::timeout(Duration::from_secs(5), child.wait())
+        .await
+        .expect("it stops within seconds, not at the end of its NATS retries")
+        .expect("exit status");
+    assert!(status.success(), "{status:?}");
 }

@@ -1054,3 +1054,31 @@ async fn oversized_request_heads_get_431() {
     .await;
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
 }
+
+#[tokio::test]
+async fn the_callers_invite_goes_to_the_configured_next_hop() {
+    // OpenSIPS then need not resolve the caller's domain (deploy/opensips/README.md).
+    let stack = Stack::with(StackOptions {
+        commands_toml: "invite_next_hop = \"sip:127.0.0.1:5060\"".to_owned(),
+        ..StackOptions::default()
+    })
+    .await;
+    let mut client = stack.client().await;
+    let notes = client
+        .run(
+            "CallStart",
+            json!({"caller": "sip:alice@127.0.0.1", "callee": "sip:bob@127.0.0.1"}),
+        )
+        .await;
+    assert_eq!(
+        callapi_e2e::client::shape(&notes),
+        crate::commands::CALL_START_OK
+    );
+    let first = notes[0]["params"]["callid"].as_str().expect("callid");
+    let sent = sent_sip(&stack).await;
+    let invite = sent
+        .iter()
+        .find(|r| r["method"] == "INVITE" && r["callid"] == first)
+        .unwrap_or_else(|| panic!("no INVITE of {first}: {sent:#?}"));
+    assert_eq!(invite["destination"], "sip:127.0.0.1:5060", "{invite:#?}");
+}

@@ -59,15 +59,19 @@ impl Worker {
     }
 
     /// Runs `method` with our own `cmd_id` to its `Ended`, re-attaching on another gateway
-    /// whenever the connection closes.
+    /// whenever the connection closes. A request whose answer the close cut off is looked up
+    /// with `CommandAttach` before it is sent again (-32004: it never started); a command that
+    /// started and then is unknown to `CommandAttach` is lost (shape `LOST`).
     async fn run(&mut self, method: &str, mut params: Value, cmd_id: &str) -> Outcome {
         params["cmd_id"] = json!(cmd_id);
         let mut reattached = 0;
-        let mut started = false;
+        // Sent (its answer maybe cut off), and started (answered `Started`).
+        let (mut sent, mut started) = (false, false);
         let mut notes: Vec<Value> = Vec::new();
         loop {
             let client = self.connected().await;
-            let request = if started {
+            let attaching = sent || started;
+            let request = if attaching {
                 client
                     .try_request("CommandAttach", json!({"cmd_id": cmd_id}))
                     .await
@@ -78,21 +82,30 @@ impl Worker {
                 self.client = None;
                 continue;
             };
+            sent = true;
             notes.clear();
             let closed = loop {
                 let message = match client.next_or_closed().await {
                     Ok(message) => message,
-                    Err(close) => break close,
+                    Err(close) => break Some(close),
                 };
                 if message.get("id") == Some(&id) {
                     if let Some(error) = message.get("error") {
-                        // Never started: the gateway went before it took the command.
                         assert!(
-                            started && error["code"] == -32004,
+                            attaching && error["code"] == -32004,
                             "{method} {cmd_id}: {message}"
                         );
-                        started = false;
-                        break (0, "not started".to_owned());
+                        if started {
+                            return Outcome {
+                                cmd_id: cmd_id.to_owned(),
+                                shape: vec!["LOST".to_owned()],
+                                reattached,
+                                callid: None,
+                            };
+                        }
+                        // It never started: sent again, below.
+                        sent = false;
+                        break None;
                     }
                     started = true;
                     continue;
@@ -116,12 +129,12 @@ impl Worker {
                     };
                 }
             };
-            if closed.1 != "not started" {
-                self.closes.push(closed);
+            if let Some(close) = closed {
+                self.closes.push(close);
                 self.client = None;
-            }
-            if started {
-                reattached += 1;
+                if started {
+                    reattached += 1;
+                }
             }
         }
     }
@@ -182,6 +195,11 @@ async fn a_rolling_restart_of_every_service_under_load_loses_no_command() {
         commands_toml: "shutdown_grace_ms = 5000\n[takeover]\nscan_interval_ms = 300".to_owned(),
         gateway_toml: "drain_delay_ms = 300".to_owned(),
         ingest_toml: "drain_delay_ms = 300".to_owned(),
+        // The event-ingest hand-over is read off its debug lines.
+        service_env: vec![(
+            "RUST_LOG".to_owned(),
+            "debug,async_nats=info,hyper=info".to_owned(),
+        )],
         ..StackOptions::default()
     })
     .await;

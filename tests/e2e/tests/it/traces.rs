@@ -195,6 +195,8 @@ async fn one_client_request_is_one_trace_across_the_services_to_the_mi_call() {
         ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json"),
         ("OTEL_BSP_SCHEDULE_DELAY", "100"),
         ("CALLAPI_LOG_FORMAT", "json"),
+        // Whatever the environment says: the commands' debug lines carry the trace id.
+        ("RUST_LOG", "debug,async_nats=info,hyper=info"),
     ];
     let stack = Stack::with(StackOptions {
         service_env: env
