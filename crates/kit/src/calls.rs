@@ -97,18 +97,61 @@ pub async fn open_or_create(
     config: async_nats::jetstream::kv::Config,
 ) -> Result<async_nats::jetstream::kv::Store, String> {
     let bucket = config.bucket.clone();
-    if let Ok(kv) = jetstream.get_key_value(&bucket).await {
-        return Ok(kv);
+    let mut last = String::new();
+    for attempt in 0..JETSTREAM_ATTEMPTS {
+        if attempt > 0 {
+            tokio::time::sleep(JETSTREAM_RETRY).await;
+        }
+        if let Ok(kv) = jetstream.get_key_value(&bucket).await {
+            return Ok(kv);
+        }
+        match jetstream.create_key_value(config.clone()).await {
+            Ok(kv) => return Ok(kv),
+            // Made meanwhile by someone else (or it existed and the first look failed).
+            Err(create) => match jetstream.get_key_value(&bucket).await {
+                Ok(kv) => return Ok(kv),
+                Err(get) => {
+                    last = format!("cannot create it ({create}) nor open it ({get})");
+                    tracing::debug!(%bucket, attempt, %last, "key-value bucket not ready yet");
+                }
+            },
+        }
     }
-    match jetstream.create_key_value(config).await {
-        Ok(kv) => Ok(kv),
-        // Made meanwhile by someone else (or it existed and the first look failed).
-        Err(_) => jetstream
-            .get_key_value(&bucket)
-            .await
-            .map_err(|e| format!("key-value bucket {bucket}: {e}")),
-    }
+    Err(format!("key-value bucket {bucket}: {last}"))
 }
+
+/// Creates the stream `config` describes, or finds it made already (by another replica, or
+/// before), in up to `attempts` tries a second apart ([`STARTUP_ATTEMPTS`] at start-up: a
+/// JetStream cluster that has just formed may not place it yet).
+pub async fn ensure_stream(
+    jetstream: &async_nats::jetstream::Context,
+    config: async_nats::jetstream::stream::Config,
+    attempts: u32,
+) -> Result<(), String> {
+    let name = config.name.clone();
+    let mut last = String::new();
+    for attempt in 0..attempts.max(1) {
+        if attempt > 0 {
+            tokio::time::sleep(JETSTREAM_RETRY).await;
+        }
+        match jetstream.create_stream(config.clone()).await {
+            Ok(_) => return Ok(()),
+            Err(_) if jetstream.get_stream(&name).await.is_ok() => return Ok(()),
+            Err(err) => {
+                last = err.to_string();
+                tracing::debug!(stream = %name, attempt, %last, "stream not ready yet");
+            }
+        }
+    }
+    Err(format!("stream {name}: {last}"))
+}
+
+/// A JetStream cluster that has just formed may refuse to place a new stream for a few
+/// seconds: at start-up a stream or bucket is tried this many times, `JETSTREAM_RETRY` apart.
+pub const STARTUP_ATTEMPTS: u32 = 15;
+const JETSTREAM_ATTEMPTS: u32 = STARTUP_ATTEMPTS;
+/// Between two attempts at opening or creating a bucket.
+const JETSTREAM_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Opens the bucket for reading: as it is if it exists (its settings untouched), else creates
 /// it with one replica (event-ingest sets the replicas it is configured with).
@@ -123,10 +166,20 @@ pub async fn open(
     jetstream: &async_nats::jetstream::Context,
     replicas: usize,
 ) -> Result<async_nats::jetstream::kv::Store, String> {
-    jetstream
-        .create_or_update_key_value(config(replicas))
-        .await
-        .map_err(|e| format!("key-value bucket {BUCKET}: {e}"))
+    let mut last = String::new();
+    for attempt in 0..JETSTREAM_ATTEMPTS {
+        if attempt > 0 {
+            tokio::time::sleep(JETSTREAM_RETRY).await;
+        }
+        match jetstream.create_or_update_key_value(config(replicas)).await {
+            Ok(kv) => return Ok(kv),
+            Err(err) => {
+                last = err.to_string();
+                tracing::debug!(bucket = BUCKET, attempt, %last, "key-value bucket not ready yet");
+            }
+        }
+    }
+    Err(format!("key-value bucket {BUCKET}: {last}"))
 }
 
 /// The bucket of what clients said about the sessions they created (`SessionMeta`).

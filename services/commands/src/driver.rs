@@ -207,6 +207,19 @@ async fn run(ctx: Context, mut flow: Flow, begin: Begin) {
     // Checkpointed yet (a resumed flow is); when it is first due.
     let mut kept = !fresh;
     let keep_from = started + ctx.checkpoints.as_ref().map_or(Duration::ZERO, |c| c.after);
+    // Where the flow is now, for a checkpoint.
+    macro_rules! snapshot {
+        () => {
+            Snapshot {
+                flow: &flow,
+                pending: &pending,
+                timers: &timers,
+                deadline_at_ms,
+                seq,
+                watched: &watched,
+            }
+        };
+    }
     loop {
         for action in actions.drain(..) {
             match action {
@@ -321,14 +334,7 @@ async fn run(ctx: Context, mut flow: Flow, begin: Begin) {
             && Instant::now() >= keep_from
         {
             kept = true;
-            let at = Snapshot {
-                flow: &flow,
-                pending: &pending,
-                timers: &timers,
-                deadline_at_ms,
-                seq,
-                watched: &watched,
-            };
+            let at = snapshot!();
             if let Some(checkpoint) = at.checkpoint(&ctx, &checkpoints.replica) {
                 match checkpoints.save(&key, &checkpoint, revision).await {
                     crate::takeover::Saved::Kept(now) => revision = Some(now),
@@ -384,14 +390,7 @@ async fn run(ctx: Context, mut flow: Flow, begin: Begin) {
             // Handed over between steps only: an MI answer in flight would reach this
             // replica, not the next.
             _ = ctx.hand_over.cancelled(), if pending.is_empty() => {
-                let at = Snapshot {
-                    flow: &flow,
-                    pending: &pending,
-                    timers: &timers,
-                    deadline_at_ms,
-                    seq,
-                    watched: &watched,
-                };
+                let at = snapshot!();
                 hand_over(&ctx, &key, at, revision, seq).await;
                 return;
             }

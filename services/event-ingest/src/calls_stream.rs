@@ -52,11 +52,12 @@ impl Default for CallsStreamConfig {
     }
 }
 
-/// Creates `tenant`'s stream if it is missing.
+/// Creates `tenant`'s stream if it is missing, in up to `attempts` tries a second apart.
 pub async fn ensure(
     jetstream: &async_nats::jetstream::Context,
     config: &CallsStreamConfig,
     tenant: &str,
+    attempts: u32,
 ) -> Result<(), String> {
     let name = callapi_kit::calls::calls_stream(tenant);
     if jetstream.get_stream(&name).await.is_ok() {
@@ -75,12 +76,7 @@ pub async fn ensure(
         storage: async_nats::jetstream::stream::StorageType::File,
         ..Default::default()
     };
-    match jetstream.create_stream(stream).await {
-        Ok(_) => Ok(()),
-        // Another replica made it meanwhile.
-        Err(_) if jetstream.get_stream(&name).await.is_ok() => Ok(()),
-        Err(err) => Err(format!("stream {name}: {err}")),
-    }
+    callapi_kit::calls::ensure_stream(jetstream, stream, attempts).await
 }
 
 /// Creates the stream of each tenant the tenants file gains when it is read again.
@@ -335,7 +331,7 @@ async fn resend_all(
         tenants.dedup();
         let tenants: Vec<String> = tenants.into_iter().map(str::to_owned).collect();
         for tenant in &tenants {
-            if let Err(err) = ensure(jetstream, config, tenant).await {
+            if let Err(err) = ensure(jetstream, config, tenant, 1).await {
                 tracing::warn!(%err, %tenant, "cannot make the call events stream again");
             }
         }
@@ -403,7 +399,7 @@ async fn ensure_until_done(
     shutdown: &CancellationToken,
 ) {
     let mut pause = Duration::from_millis(200);
-    while let Err(err) = ensure(jetstream, config, tenant).await {
+    while let Err(err) = ensure(jetstream, config, tenant, 1).await {
         tracing::warn!(%err, "cannot create a call events stream; trying again");
         tokio::select! {
             _ = shutdown.cancelled() => return,

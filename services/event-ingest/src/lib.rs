@@ -225,7 +225,12 @@ pub async fn run(config: Config, stop: CancellationToken) -> Result<(), Error> {
                 None => config.nodes.iter().map(|n| n.tenant.clone()).collect(),
             };
             for tenant in &known {
-                calls_stream::ensure(&jetstream, &config.calls_stream, tenant)
+                calls_stream::ensure(
+                    &jetstream,
+                    &config.calls_stream,
+                    tenant,
+                    callapi_kit::calls::STARTUP_ATTEMPTS,
+                )
                     .await
                     .map_err(|e| {
                         Error::Nats(format!(

@@ -53,11 +53,7 @@ pub(crate) async fn ensure_stream(
         },
         ..Default::default()
     };
-    match jetstream.create_stream(stream).await {
-        Ok(_) => Ok(()),
-        Err(_) if jetstream.get_stream(name).await.is_ok() => Ok(()),
-        Err(err) => Err(format!("stream {name}: {err}")),
-    }
+    callapi_kit::calls::ensure_stream(jetstream, stream, callapi_kit::calls::STARTUP_ATTEMPTS).await
 }
 
 /// One re-attachment.

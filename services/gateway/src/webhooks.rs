@@ -655,11 +655,7 @@ async fn ensure_dead_stream(jetstream: &jetstream::Context) -> Result<(), String
         storage: jetstream::stream::StorageType::File,
         ..Default::default()
     };
-    match jetstream.create_stream(config).await {
-        Ok(_) => Ok(()),
-        Err(_) if jetstream.get_stream(DEAD_STREAM).await.is_ok() => Ok(()),
-        Err(err) => Err(format!("stream {DEAD_STREAM}: {err}")),
-    }
+    callapi_kit::calls::ensure_stream(jetstream, config, callapi_kit::calls::STARTUP_ATTEMPTS).await
 }
 
 /// `tenant`'s last `limit` dead letters, oldest first, each with its `seq` in the dead-letter

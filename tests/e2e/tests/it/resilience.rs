@@ -216,12 +216,13 @@ async fn a_command_whose_commands_replica_dies_still_ends() {
     assert!(started.elapsed() < Duration::from_secs(9));
 }
 
-#[tokio::test]
-async fn a_command_whose_replica_is_killed_mid_transfer_is_finished_by_another() {
-    // Phones answer after 3 s: the callee rings while the replica running the CallStart dies.
-    let mut stack = Stack::with(StackOptions {
+/// A stack whose phones answer after 3 s (commands replicas configured with `commands_toml`,
+/// scanning for checkpoints every 300 ms), and a CallStart whose callee rings: the caller
+/// answered and the REFER's call started, so the flow is mid-transfer.
+async fn callee_ringing(commands_toml: &str) -> (Stack, callapi_e2e::Client, String) {
+    let stack = Stack::with(StackOptions {
         answer_delay_ms: 3_000,
-        commands_toml: "[takeover]\nscan_interval_ms = 300".to_owned(),
+        commands_toml: format!("{commands_toml}\n[takeover]\nscan_interval_ms = 300"),
         ..StackOptions::default()
     })
     .await;
@@ -232,11 +233,17 @@ async fn a_command_whose_replica_is_killed_mid_transfer_is_finished_by_another()
             json!({"caller": "sip:alice@127.0.0.1", "callee": "sip:bob@127.0.0.1"}),
         )
         .await;
-    // The caller answered and the REFER's call to the callee started: the flow is mid-transfer.
     let started = client
         .take(|m| m["params"]["cmd_id"] == cmd_id.as_str() && m["params"]["data"] == "CALL_START")
         .await;
     assert_eq!(started["method"], "Event");
+    (stack, client, cmd_id)
+}
+
+#[tokio::test]
+async fn a_command_whose_replica_is_killed_mid_transfer_is_finished_by_another() {
+    // Phones answer after 3 s: the callee rings while the replica running the CallStart dies.
+    let (mut stack, mut client, cmd_id) = callee_ringing("").await;
     // A second replica joins; the one running the command is killed (SIGKILL).
     let spare = stack.start_commands().await;
     stack.commands[0].kill().await;
@@ -271,23 +278,7 @@ async fn a_command_whose_replica_is_killed_mid_transfer_is_finished_by_another()
 #[tokio::test]
 async fn a_command_running_when_its_replica_is_stopped_is_handed_over_and_finished() {
     // The callee rings 3 s; the replica running the CallStart gets SIGTERM with a 200 ms grace.
-    let mut stack = Stack::with(StackOptions {
-        answer_delay_ms: 3_000,
-        commands_toml: "shutdown_grace_ms = 200\n[takeover]\nscan_interval_ms = 300".to_owned(),
-        ..StackOptions::default()
-    })
-    .await;
-    let mut client = stack.client().await;
-    let cmd_id = client
-        .start(
-            "CallStart",
-            json!({"caller": "sip:alice@127.0.0.1", "callee": "sip:bob@127.0.0.1"}),
-        )
-        .await;
-    let started = client
-        .take(|m| m["params"]["cmd_id"] == cmd_id.as_str() && m["params"]["data"] == "CALL_START")
-        .await;
-    assert_eq!(started["method"], "Event");
+    let (mut stack, mut client, cmd_id) = callee_ringing("shutdown_grace_ms = 200").await;
     let spare = stack.start_commands().await;
     let stopping = std::time::Instant::now();
     let status = stack.commands[0].terminate(Duration::from_secs(10)).await;
