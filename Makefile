@@ -27,7 +27,7 @@ test: lint build
 	NATS_SERVER_BIN="$$(./deploy/local/nats-server.sh)" SCHEMATHESIS_BIN="$$(./deploy/local/schemathesis.sh)" $(CARGO) test --workspace
 
 # The container image (Dockerfile): the four services in one image. Needs a Docker engine (or
-# `make image DOCKER=podman`); CI does not build it.
+# `make image DOCKER=podman`); CI builds it when a container engine answers (`docker info`).
 DOCKER ?= docker
 IMAGE ?= ghcr.io/callapi/callapi:0.1.0
 .PHONY: image
