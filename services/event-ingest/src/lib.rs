@@ -379,7 +379,19 @@ pub async fn run(config: Config, stop: CancellationToken) -> Result<(), Error> {
             })?;
     ready.extend(ops);
     callapi_kit::announce_ready(&ready.join(" "));
-    while tasks.join_next().await.is_some() {}
+    // Bounded: a task waiting for NATS (away at shutdown) must not hold the process.
+    let finished = async { while tasks.join_next().await.is_some() {} };
+    let limit = async {
+        shutdown.cancelled().await;
+        tokio::time::sleep(DOWNSTREAM_WITHIN + Duration::from_secs(2)).await;
+    };
+    tokio::select! {
+        () = finished => {}
+        () = limit => {
+            tracing::warn!(tasks = tasks.len(), "tasks still running at shutdown were stopped (NATS away?)");
+        }
+    }
+    tasks.abort_all();
     callapi_kit::nats::close(&client, Duration::from_secs(5)).await;
     Ok(())
 }

@@ -104,10 +104,15 @@ impl StartFlow {
         } else {
             ""
         };
+        // With a next hop, callapi's side of the first call is that socket: requests to it
+        // (the BYE that ends the call) reach OpenSIPS with no DNS lookup of the caller's domain.
+        let contact = match &self.next_hop {
+            Some(next_hop) => contact_via(&self.caller, next_hop),
+            None => self.caller.clone(),
+        };
         let headers = format!(
-            "From: {from}\r\nTo: <{callee}>\r\nContact: <{caller}>\r\n{content_type}CSeq: 1 INVITE\r\nCall-Id: {callid}\r\n{extra}",
+            "From: {from}\r\nTo: <{callee}>\r\nContact: <{contact}>\r\n{content_type}CSeq: 1 INVITE\r\nCall-Id: {callid}\r\n{extra}",
             from = self.shaped.from,
-            caller = self.caller,
             callee = self.callee,
             callid = self.callid,
             extra = self.shaped.caller_headers,
@@ -481,6 +486,26 @@ impl StartFlow {
     }
 }
 
+/// The Contact of callapi's side of the first call when its INVITE goes through `next_hop`:
+/// the caller's user part at the next hop's host and port (`sip:1001@127.0.0.1:5060`).
+fn contact_via(caller: &str, next_hop: &str) -> String {
+    let without_scheme = |uri: &str| -> String {
+        uri.split_once(':')
+            .map_or(uri, |(_, rest)| rest)
+            .split([';', '?'])
+            .next()
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let hop = without_scheme(next_hop);
+    let hostport = hop.rsplit_once('@').map_or(hop.as_str(), |(_, h)| h);
+    let caller_rest = without_scheme(caller);
+    match caller_rest.split_once('@') {
+        Some((user, _)) if caller.starts_with("sip") => format!("sip:{user}@{hostport}"),
+        _ => format!("sip:{hostport}"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::test_support::*;
@@ -511,9 +536,33 @@ mod tests {
                 })
                 .expect("an INVITE")
         };
-        assert!(invite(&mut flow()).get("next_hop").is_none());
+        let direct = invite(&mut flow());
+        assert!(direct.get("next_hop").is_none());
+        assert!(
+            direct["headers"]
+                .as_str()
+                .unwrap()
+                .contains("Contact: <sip:alice@127.0.0.1>\r\n")
+        );
         let mut via = flow().via(Some("sip:127.0.0.1:5060".into()));
-        assert_eq!(invite(&mut via)["next_hop"], "sip:127.0.0.1:5060");
+        let invite = invite(&mut via);
+        assert_eq!(invite["next_hop"], "sip:127.0.0.1:5060");
+        // callapi's side of the call is that socket (its BYE needs no DNS).
+        assert!(
+            invite["headers"]
+                .as_str()
+                .unwrap()
+                .contains("Contact: <sip:alice@127.0.0.1:5060>\r\n"),
+            "{invite}"
+        );
+        assert_eq!(
+            contact_via("sip:1001@acme.example;user=phone", "sip:10.0.0.5:5070;lr"),
+            "sip:1001@10.0.0.5:5070"
+        );
+        assert_eq!(
+            contact_via("tel:+4930123", "sip:127.0.0.1:5060"),
+            "sip:127.0.0.1:5060"
+        );
     }
 
     /// A CallStart whose callee's INVITE goes through a trunk, with a late offer.

@@ -1081,4 +1081,10 @@ async fn the_callers_invite_goes_to_the_configured_next_hop() {
         .find(|r| r["method"] == "INVITE" && r["callid"] == first)
         .unwrap_or_else(|| panic!("no INVITE of {first}: {sent:#?}"));
     assert_eq!(invite["destination"], "sip:127.0.0.1:5060", "{invite:#?}");
+    // callapi's side of the call is that socket too (the BYE ending it needs no DNS).
+    assert_eq!(
+        header(invite, "Contact"),
+        Some("<sip:alice@127.0.0.1:5060>"),
+        "{invite:#?}"
+    );
 }
