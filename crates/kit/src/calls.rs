@@ -97,27 +97,24 @@ pub async fn open_or_create(
     config: async_nats::jetstream::kv::Config,
 ) -> Result<async_nats::jetstream::kv::Store, String> {
     let bucket = config.bucket.clone();
-    let mut last = String::new();
-    for attempt in 0..JETSTREAM_ATTEMPTS {
-        if attempt > 0 {
-            tokio::time::sleep(JETSTREAM_RETRY).await;
-        }
-        if let Ok(kv) = jetstream.get_key_value(&bucket).await {
-            return Ok(kv);
-        }
-        match jetstream.create_key_value(config.clone()).await {
-            Ok(kv) => return Ok(kv),
-            // Made meanwhile by someone else (or it existed and the first look failed).
-            Err(create) => match jetstream.get_key_value(&bucket).await {
-                Ok(kv) => return Ok(kv),
-                Err(get) => {
-                    last = format!("cannot create it ({create}) nor open it ({get})");
-                    tracing::debug!(%bucket, attempt, %last, "key-value bucket not ready yet");
-                }
-            },
-        }
-    }
-    Err(format!("key-value bucket {bucket}: {last}"))
+    retrying(
+        STARTUP_ATTEMPTS,
+        &format!("key-value bucket {bucket}"),
+        || async {
+            if let Ok(kv) = jetstream.get_key_value(&bucket).await {
+                return Ok(kv);
+            }
+            match jetstream.create_key_value(config.clone()).await {
+                Ok(kv) => Ok(kv),
+                // Made meanwhile by someone else (or it existed and the first look failed).
+                Err(create) => jetstream
+                    .get_key_value(&bucket)
+                    .await
+                    .map_err(|get| format!("cannot create it ({create}) nor open it ({get})")),
+            }
+        },
+    )
+    .await
 }
 
 /// Creates the stream `config` describes, or finds it made already (by another replica, or
@@ -129,29 +126,42 @@ pub async fn ensure_stream(
     attempts: u32,
 ) -> Result<(), String> {
     let name = config.name.clone();
-    let mut last = String::new();
-    for attempt in 0..attempts.max(1) {
-        if attempt > 0 {
-            tokio::time::sleep(JETSTREAM_RETRY).await;
-        }
+    retrying(attempts, &format!("stream {name}"), || async {
         match jetstream.create_stream(config.clone()).await {
-            Ok(_) => return Ok(()),
-            Err(_) if jetstream.get_stream(&name).await.is_ok() => return Ok(()),
-            Err(err) => {
-                last = err.to_string();
-                tracing::debug!(stream = %name, attempt, %last, "stream not ready yet");
-            }
+            Ok(_) => Ok(()),
+            Err(_) if jetstream.get_stream(&name).await.is_ok() => Ok(()),
+            Err(err) => Err(err.to_string()),
         }
-    }
-    Err(format!("stream {name}: {last}"))
+    })
+    .await
 }
 
 /// A JetStream cluster that has just formed may refuse to place a new stream for a few
-/// seconds: at start-up a stream or bucket is tried this many times, `JETSTREAM_RETRY` apart.
+/// seconds: at start-up a stream or bucket is tried this many times, a second apart.
 pub const STARTUP_ATTEMPTS: u32 = 15;
-const JETSTREAM_ATTEMPTS: u32 = STARTUP_ATTEMPTS;
-/// Between two attempts at opening or creating a bucket.
-const JETSTREAM_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Runs `attempt` up to `attempts` times, a second apart, until it succeeds; the last error,
+/// prefixed by `what`, otherwise.
+async fn retrying<T, F, Fut>(attempts: u32, what: &str, mut attempt: F) -> Result<T, String>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, String>>,
+{
+    let mut last = String::new();
+    for n in 0..attempts.max(1) {
+        if n > 0 {
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        }
+        match attempt().await {
+            Ok(value) => return Ok(value),
+            Err(err) => {
+                tracing::debug!(what, attempt = n, %err, "not ready yet");
+                last = err;
+            }
+        }
+    }
+    Err(format!("{what}: {last}"))
+}
 
 /// Opens the bucket for reading: as it is if it exists (its settings untouched), else creates
 /// it with one replica (event-ingest sets the replicas it is configured with).
@@ -166,20 +176,17 @@ pub async fn open(
     jetstream: &async_nats::jetstream::Context,
     replicas: usize,
 ) -> Result<async_nats::jetstream::kv::Store, String> {
-    let mut last = String::new();
-    for attempt in 0..JETSTREAM_ATTEMPTS {
-        if attempt > 0 {
-            tokio::time::sleep(JETSTREAM_RETRY).await;
-        }
-        match jetstream.create_or_update_key_value(config(replicas)).await {
-            Ok(kv) => return Ok(kv),
-            Err(err) => {
-                last = err.to_string();
-                tracing::debug!(bucket = BUCKET, attempt, %last, "key-value bucket not ready yet");
-            }
-        }
-    }
-    Err(format!("key-value bucket {BUCKET}: {last}"))
+    retrying(
+        STARTUP_ATTEMPTS,
+        &format!("key-value bucket {BUCKET}"),
+        || async {
+            jetstream
+                .create_or_update_key_value(config(replicas))
+                .await
+                .map_err(|e| e.to_string())
+        },
+    )
+    .await
 }
 
 /// The bucket of what clients said about the sessions they created (`SessionMeta`).

@@ -154,7 +154,6 @@ fn tracer_provider(service: &str) -> Result<SdkTracerProvider, String> {
     if std::env::var("OTEL_SERVICE_NAME").map_or(true, |name| name.trim().is_empty()) {
         resource = resource.with_service_name(service.to_owned());
     }
-    opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
     Ok(SdkTracerProvider::builder()
         .with_batch_exporter(exporter)
         .with_resource(resource.build())
@@ -165,7 +164,6 @@ fn tracer_provider(service: &str) -> Result<SdkTracerProvider, String> {
 /// tracing-opentelemetry layer (tests with an in-memory exporter); [`init`] does it for the
 /// services.
 pub fn start_exporting() {
-    opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
     EXPORTING.store(true, Ordering::Relaxed);
 }
 

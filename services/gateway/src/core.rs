@@ -219,19 +219,6 @@ impl CommandClient {
             );
         }
         callapi_kit::telemetry::record_trace_id(&span);
-        self.submit_traced(origin, cmd_id, attempt, kind, command)
-            .instrument(span)
-            .await
-    }
-
-    async fn submit_traced(
-        &self,
-        origin: &Origin,
-        cmd_id: &str,
-        attempt: u64,
-        kind: CommandKind,
-        command: command_request::Command,
-    ) -> Result<Duration, SubmitError> {
         let node_id = match &self.nodes {
             Some(nodes) => nodes
                 .node_for(&origin.tenant, &command)
@@ -239,7 +226,7 @@ impl CommandClient {
             None => String::new(),
         };
         if !node_id.is_empty() {
-            tracing::Span::current().record("node", node_id.as_str());
+            span.record("node", node_id.as_str());
         }
         let request = CommandRequest {
             tenant: origin.tenant.clone(),
@@ -251,10 +238,12 @@ impl CommandClient {
             command: Some(command),
         };
         let subject = subjects::command(&origin.tenant, kind);
-        match bus::request::<CommandAck>(&self.nats, subject, &request, self.ack_timeout).await {
+        let answer = bus::request::<CommandAck>(&self.nats, subject, &request, self.ack_timeout);
+        match answer.instrument(span.clone()).await {
             Ok(ack) if ack.accepted => {
                 if self.command_log {
                     self.log_started(origin, cmd_id, attempt, ack.deadline_ms)
+                        .instrument(span)
                         .await;
                 }
                 Ok(Duration::from_millis(ack.deadline_ms))

@@ -349,6 +349,7 @@ async fn supervise(
             }
             let stop = shutdown.child_token();
             let delivery = Delivery {
+                secrets: Secrets::read(&tenant, &webhook),
                 tenant: tenant.clone(),
                 webhook: webhook.clone(),
                 jetstream: jetstream.clone(),
@@ -365,10 +366,38 @@ async fn supervise(
     }
 }
 
+/// The secrets a tenant's webhook names, read from the environment once when its deliveries
+/// start ("" for an unset one: the receiver then refuses, which shows).
+struct Secrets {
+    password: String,
+    token: String,
+    signing: Option<String>,
+}
+
+impl Secrets {
+    /// Reads them, and logs (by name, never value) the variables named but unset.
+    fn read(tenant: &str, webhook: &Webhook) -> Self {
+        let read = |name: Option<&str>| -> Option<String> {
+            let name = name?;
+            let value = std::env::var(name).unwrap_or_default();
+            if value.is_empty() {
+                tracing::error!(%tenant, variable = name, "the webhook names an environment variable this gateway does not have: its requests go without it");
+            }
+            Some(value)
+        };
+        Self {
+            password: read(webhook.password_env.as_deref()).unwrap_or_default(),
+            token: read(webhook.token_env.as_deref()).unwrap_or_default(),
+            signing: read(webhook.secret_env.as_deref()),
+        }
+    }
+}
+
 /// One tenant's deliveries on this gateway.
 struct Delivery {
     tenant: String,
     webhook: Webhook,
+    secrets: Secrets,
     jetstream: jetstream::Context,
     http: reqwest::Client,
     view: Option<SessionView>,
@@ -378,7 +407,6 @@ impl Delivery {
     /// Takes the tenant's events from the shared consumer until `stop`, opening it again
     /// after an error.
     async fn run(self, stop: CancellationToken) {
-        self.check_secrets();
         let mut pause = Duration::from_millis(500);
         loop {
             match self.follow(&stop).await {
@@ -392,20 +420,6 @@ impl Delivery {
                 _ = tokio::time::sleep(pause) => {}
             }
             pause = (pause * 2).min(Duration::from_secs(10));
-        }
-    }
-
-    /// Logs (by name, never value) the variables the tenant's webhook names that are unset.
-    fn check_secrets(&self) {
-        let named = [
-            self.webhook.password_env.as_deref(),
-            self.webhook.token_env.as_deref(),
-            self.webhook.secret_env.as_deref(),
-        ];
-        for name in named.into_iter().flatten() {
-            if std::env::var(name).map_or(true, |v| v.is_empty()) {
-                tracing::error!(tenant = %self.tenant, variable = name, "the webhook names an environment variable this gateway does not have: its requests go without it");
-            }
         }
     }
 
@@ -551,15 +565,13 @@ impl Delivery {
             WebhookAuth::None => {}
             WebhookAuth::Basic => {
                 let user = self.webhook.username.clone().unwrap_or_default();
-                let password = secret(self.webhook.password_env.as_deref());
-                request = request.basic_auth(user, Some(password));
+                request = request.basic_auth(user, Some(&self.secrets.password));
             }
             WebhookAuth::Bearer => {
-                request = request.bearer_auth(secret(self.webhook.token_env.as_deref()));
+                request = request.bearer_auth(&self.secrets.token);
             }
         }
-        if let Some(env) = &self.webhook.secret_env {
-            let key = secret(Some(env));
+        if let Some(key) = &self.secrets.signing {
             let at = callapi_kit::unix_ms() / 1000;
             request = request.header("x-callapi-signature", signature(key.as_bytes(), at, &bytes));
         }
@@ -621,12 +633,6 @@ fn without_userinfo(url: &str) -> String {
         Some(at) => format!("{scheme}://{}", &rest[at + 1..]),
         None => url.to_owned(),
     }
-}
-
-/// A secret from the environment ("" if unset: the receiver then refuses, which shows).
-fn secret(env: Option<&str>) -> String {
-    env.and_then(|name| std::env::var(name).ok())
-        .unwrap_or_default()
 }
 
 /// A request error without the URL (it may hold credentials).
